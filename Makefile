@@ -1,0 +1,34 @@
+# DynaMix: `make demo` runs the main job on embedded defaults, `make test` runs the test suite.
+# Both create .venv and install the pinned dependencies (requirements.lock) on first use.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+
+.PHONY: demo test bench install clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade "pip>=24"
+	# one pip command so the resolver sees every pin at once (../shared/STACK.md)
+	$(VPY) -m pip install -q -r requirements.lock
+	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the pinned dependencies
+
+demo: $(STAMP)  ## synthesize SynthReID, ingest it, train + evaluate DynaMix on local Ray
+	$(VENV)/bin/dynamix demo --out $(DEMO_DIR)
+
+test: $(STAMP)  ## run the whole test suite (CPU)
+	$(VPY) -m pytest -q
+
+bench: $(STAMP)  ## run every benchmark; each prints its ratio against a reference measured in the same run
+	$(VPY) benchmarks/run_all.py
+
+clean:  ## remove generated runs and caches (keeps .venv)
+	rm -rf runs .pytest_cache

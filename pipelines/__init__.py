@@ -1,0 +1,1 @@
+"""Ray Data / Ray Train pipelines and the ``dynamix`` command line."""
