@@ -6,7 +6,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test bench install clean help
+.PHONY: demo test bench install clean help manifests
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -29,6 +29,9 @@ test: $(STAMP)  ## run the whole test suite (CPU)
 
 bench: $(STAMP)  ## run every benchmark; each prints its ratio against a reference measured in the same run
 	$(VPY) benchmarks/run_all.py
+
+manifests: $(STAMP)  ## render the Helm chart into plain manifests under deploy/manifests/
+	$(VPY) -c "import helm_python as h, pathlib; out = h.Chart.load('helm/dynamix').render(None, name='dynamix', namespace='dynamix', is_install=True); d = pathlib.Path('deploy/manifests'); d.mkdir(exist_ok=True); [(d / pathlib.Path(k).name).write_text(v) for k, v in out.items() if v.strip()]; print('wrote', sorted(p.name for p in d.iterdir()))"
 
 clean:  ## remove generated runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache

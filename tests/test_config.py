@@ -1,0 +1,81 @@
+"""Typed configuration: YAML loading, unknown-key rejection, coercion, dotted overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+
+from dynamix_core.config import ConfigError, apply_override, dump_yaml, field, field_help, from_dict, load_config
+
+
+@dataclass(kw_only=True)
+class Inner:
+    batch_size: int = field(32, help="images per batch")
+    lr: float = field(1e-3, help="learning rate")
+    img_size: tuple[int, int] = field((256, 128), help="input H, W")
+
+    def __post_init__(self):
+        if self.batch_size % 4:
+            raise ConfigError(f"data.batch_size={self.batch_size} must be a multiple of 4; change data.batch_size")
+
+
+@dataclass(kw_only=True)
+class Outer:
+    name: str = field("run", help="run name")
+    mode: Literal["all", "sampled"] = field("all", help="loss mode")
+    data: Inner = field(default_factory=Inner, help="data settings")
+    tags: list[str] = field(default_factory=list, help="free tags")
+    weights: str | None = field(None, help="optional path")
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: x\ndata:\n  batch_size: 8\n  img_size: [64, 32]\n")
+    cfg = load_config(Outer, p, ["data.lr=0.5", "mode=sampled", "tags=[a, b]"])
+    assert cfg.name == "x" and cfg.mode == "sampled" and cfg.tags == ["a", "b"]
+    assert cfg.data.batch_size == 8 and cfg.data.lr == 0.5 and cfg.data.img_size == (64, 32)
+    assert cfg.weights is None
+
+
+def test_unknown_key_lists_valid_ones(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        from_dict(Outer, {"data": {"batch_sise": 8}})
+    msg = str(e.value)
+    assert "batch_sise" in msg and "batch_size" in msg and "lr" in msg and "data" in msg
+
+
+def test_unknown_override_key_is_rejected():
+    with pytest.raises(ConfigError, match="no key 'bach'"):
+        apply_override({}, "data.bach=3", Outer)
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_override({}, "data.batch_size", Outer)
+
+
+def test_type_errors_name_the_field():
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        from_dict(Outer, {"data": {"batch_size": "many"}})
+    with pytest.raises(ConfigError, match="mode"):
+        from_dict(Outer, {"mode": "none"})
+    with pytest.raises(ConfigError, match=r"data.img_size.*2 items"):
+        from_dict(Outer, {"data": {"img_size": [1, 2, 3]}})
+
+
+def test_cross_field_check_names_field():
+    with pytest.raises(ConfigError, match="change data.batch_size"):
+        load_config(Outer, None, ["data.batch_size=6"])
+
+
+def test_round_trip_and_help(tmp_path):
+    cfg = load_config(Outer, None, ["data.batch_size=16"])
+    p = tmp_path / "dump.yaml"
+    p.write_text(dump_yaml(cfg))
+    assert load_config(Outer, p) == cfg
+    rows = {k: (h, d) for k, h, d in field_help(Outer)}
+    assert rows["data.lr"] == ("learning rate", 1e-3)
+
+
+def test_missing_file_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Outer, tmp_path / "nope.yaml")
