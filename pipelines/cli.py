@@ -19,6 +19,10 @@ COMMANDS: dict[str, str] = {
     "synth": "generate the SynthReID data set in the real on-disk formats (Market folders, LUPerson-NL LMDB)",
     "ingest": "convert a source data set into WebDataset shards + parquet manifests (Ray Data)",
     "inspect": "summarise an ingested shard set (images, identities, cameras, videos, shards)",
+    "submit": "submit a dynamix command as a job to a Ray cluster (KubeRay or any Ray head)",
+    "status": "status of a submitted job",
+    "logs": "logs of a submitted job (--follow to stream)",
+    "stop": "stop a submitted job",
 }
 
 
@@ -26,7 +30,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
     pass
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (the others' summaries come from COMMANDS)."""
     parser = argparse.ArgumentParser(
         prog="dynamix",
         description="DynaMix: distributed training of generalizable person re-identification models on Ray.",
@@ -35,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, summary in COMMANDS.items():
+        if name != command:
+            sub.add_parser(name, help=summary, add_help=False)
+            continue
         module = importlib.import_module(f"pipelines.commands.{name}")
         p = sub.add_parser(
             name, help=summary, description=(module.__doc__ or summary).strip(), formatter_class=_Formatter
@@ -48,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     from dynamix_core.config import ConfigError
     from dynamix_core.data.records import BadInputError
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)

@@ -190,6 +190,11 @@ class InputReport:
             raise BadInputError(f"{problem.path}: {reason} (strict mode; drop --strict to skip and report instead)")
         self.problems.append(problem)
 
+    def note(self, path: str | Path, reason: str) -> None:
+        """Count a drop that the dataset's own rules require (Market-1501 junk, pid -1): reported
+        like a rejection, but never fatal in strict mode, since every real copy contains such images."""
+        self.problems.append(Problem(str(path), reason))
+
     def extend(self, other: "InputReport") -> None:
         self.problems.extend(other.problems)
 

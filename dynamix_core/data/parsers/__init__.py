@@ -1,0 +1,69 @@
+"""Dataset parsers for the real on-disk formats (SPEC 1.2).
+
+    report = InputReport(strict=False)
+    samples = parse_source("market1501", "/data/Market-1501-v15.09.15", report)
+    print(report.summary())
+
+A parser lists and validates names, list files and keys; it never decodes an image (ingest does).
+It returns :class:`RawSample` rows sorted by key, with unique dot-free keys, carrying the dataset's
+own identity and camera names; bad input is rejected into the :class:`InputReport` (or raises in
+strict mode) and a root without the expected folders/files raises :class:`BadInputError`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Callable
+
+from dynamix_core.data.parsers._common import unique_sorted
+from dynamix_core.data.parsers.detect import detect_format
+from dynamix_core.data.parsers.luperson import parse_luperson, parse_luperson_nl
+from dynamix_core.data.parsers.manifest import parse_manifest
+from dynamix_core.data.parsers.market import parse_cuhk03np, parse_dukemtmc, parse_market1501
+from dynamix_core.data.parsers.msmt17 import parse_msmt17
+from dynamix_core.data.parsers.randperson import parse_randperson
+from dynamix_core.data.records import BadInputError, InputReport, RawSample
+
+#: ``parser(root: Path, report: InputReport, *, dataset: str, **options) -> list[RawSample]``
+ParserFn = Callable[..., list[RawSample]]
+
+#: format name -> parser. The format name is also the default dataset name.
+FORMATS: dict[str, ParserFn] = {
+    "market1501": parse_market1501,
+    "dukemtmc": parse_dukemtmc,
+    "msmt17": parse_msmt17,
+    "cuhk03np": parse_cuhk03np,
+    "luperson": parse_luperson,
+    "luperson_nl": parse_luperson_nl,
+    "randperson": parse_randperson,
+    "manifest": parse_manifest,
+}
+
+__all__ = ["FORMATS", "ParserFn", "detect_format", "format_options", "parse_source"]
+
+
+def format_options(fmt: str) -> list[str]:
+    """The option names ``fmt``'s parser accepts (e.g. ``["variant"]`` for cuhk03np)."""
+    params = inspect.signature(FORMATS[fmt]).parameters
+    return [name for name in params if name not in ("root", "report", "dataset")]
+
+
+def parse_source(fmt: str, root: str | Path, report: InputReport, *, dataset: str | None = None,
+                 **options) -> list[RawSample]:
+    """The samples of the ``fmt`` data set at ``root``, sorted by key.
+
+    ``dataset`` names the set (default: the format name); ``options`` are the format's own
+    (cuhk03np ``variant``, msmt17 ``version``, manifest ``domain``). Raises :class:`BadInputError`
+    when ``root`` lacks the expected layout or no usable image is left."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {sorted(FORMATS)} "
+                         f"(detect_format(root) recognises them)")
+    unknown = sorted(set(options) - set(format_options(fmt)))
+    if unknown:
+        raise ValueError(f"format {fmt!r} has no option(s) {unknown}; its options are {format_options(fmt)}")
+    root = Path(root)
+    samples = unique_sorted(FORMATS[fmt](root, report, dataset=dataset or fmt, **options), report)
+    if not samples:
+        raise BadInputError(f"{root}: no usable image found as {fmt}\n{report.summary(limit=5)}")
+    return samples

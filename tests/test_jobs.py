@@ -1,0 +1,116 @@
+"""Job submission against a real Ray head started on loopback (`ray start --head`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.ray
+VENV_BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    if shutil.which("ray", path=str(VENV_BIN)) is None:
+        pytest.skip("ray CLI not installed in this environment")
+    temp_dir = f"/tmp/ray_jobs_{os.getpid()}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    gcs, dash = _free_port(), _free_port()
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
+           f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    # --block + a new session: teardown kills exactly this head's processes (`ray stop` would kill
+    # every Ray instance on the machine, including the test session's own).
+    log = open(f"{temp_dir}.log", "w")
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + 120
+    while True:  # the dashboard and its job agent come up a little after the head
+        assert head.poll() is None, Path(f"{temp_dir}.log").read_text()[-3000:]
+        try:
+            JobSubmissionClient(address).list_jobs()
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    yield address, env
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+    log.close()
+
+
+def dynamix(args, env, timeout=300):
+    return subprocess.run([str(VENV_BIN / "dynamix"), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO_ROOT)
+
+
+def test_submit_wait_status_logs(ray_head, tmp_path):
+    address, env = ray_head
+    out = dynamix(["submit", "--address", address, "--working-dir", str(REPO_ROOT), "--env", "DX_MARK=hello-job",
+                   "--wait", "--", "status", "--help"], env)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.splitlines()[0].strip()
+    assert "the id printed by dynamix submit" in out.stdout  # the job's own output, streamed back
+    st = dynamix(["status", "--address", address, job_id], env)
+    assert st.returncode == 0 and "SUCCEEDED" in st.stdout and "dynamix status --help" in st.stdout
+    logs = dynamix(["logs", "--address", address, job_id], env)
+    assert "show the status of a submitted job" in logs.stdout.lower()
+
+
+def test_failing_job_reports_failed(ray_head):
+    address, env = ray_head
+    out = dynamix(["submit", "--address", address, "--wait", "--", "status", "--address", "http://127.0.0.1:9", "nojob"], env)
+    assert out.returncode == 1
+    assert "FAILED" in out.stderr
+
+
+def test_stop_a_running_job(ray_head):
+    address, env = ray_head
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(entrypoint=f"{sys.executable} -c 'import time; print(\"started\", flush=True); time.sleep(600)'")
+    deadline = time.monotonic() + 60
+    while "started" not in client.get_job_logs(job_id):
+        assert time.monotonic() < deadline, client.get_job_info(job_id)
+        time.sleep(0.5)
+    out = dynamix(["stop", "--address", address, job_id], env)
+    assert out.returncode == 0 and "stop requested" in out.stdout
+    deadline = time.monotonic() + 60
+    while str(client.get_job_status(job_id)) not in ("STOPPED", "JobStatus.STOPPED"):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+
+
+def test_bad_input_is_a_clear_error(ray_head, tmp_path):
+    address, env = ray_head
+    unpinned = tmp_path / "req.txt"
+    unpinned.write_text("numpy\n")
+    out = dynamix(["submit", "--address", address, "--requirements", str(unpinned), "--", "status", "x"], env)
+    assert out.returncode == 2 and "pin every package" in out.stderr
+    out = dynamix(["submit", "--address", address, "--", "rm", "-rf", "/"], env)
+    assert out.returncode == 2 and "dynamix subcommand" in out.stderr
+    out = dynamix(["status", "--address", "http://127.0.0.1:9", "raysubmit_x"], env)
+    assert out.returncode == 2 and "127.0.0.1:9" in out.stderr
