@@ -1,0 +1,26 @@
+"""Re-ID retrieval evaluation (SPEC 3): exact CMC / mAP / mINP, chunked and memory-bounded.
+
+- :func:`evaluate_rank` - from a query x gallery distance matrix (``rank.py``);
+- :func:`evaluate_features` / :func:`evaluate` - from features, distances chunk by chunk
+  (``features.py``), optionally k-reciprocal re-ranked (``rerank.py``).
+"""
+
+from dynamix_core.evaluation.features import (
+    EvalConfig,
+    evaluate,
+    evaluate_features,
+    pairwise_distance,
+)
+from dynamix_core.evaluation.rank import RankAccumulator, evaluate_rank
+from dynamix_core.evaluation.rerank import RerankConfig, k_reciprocal_rerank
+
+__all__ = [
+    "EvalConfig",
+    "RankAccumulator",
+    "RerankConfig",
+    "evaluate",
+    "evaluate_features",
+    "evaluate_rank",
+    "k_reciprocal_rerank",
+    "pairwise_distance",
+]
