@@ -1,0 +1,101 @@
+"""The re-ID encoder ``f``: a timm backbone (never forked, only wrapped) followed by a BNNeck.
+
+Shape legend: B batch, C image channels, H/W image height/width, D embedding dim.
+"""
+
+from __future__ import annotations
+
+import dynamix_core  # noqa: F401  (installs the torchvision shim before timm imports torchvision)
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from dynamix_core.model.config import ModelConfig
+from dynamix_core.model.weights import WeightsError, load_state_dict_checked, load_weights, read_state_dict, strip_key_prefixes
+
+
+def create_backbone(name: str, img_size: tuple[int, int], drop_path_rate: float) -> nn.Module:
+    """A timm backbone without classifier (``num_classes=0``: it returns pooled features).
+
+    ViTs are built for ``img_size`` (their patch grid and position embeddings depend on it); CNNs
+    take any input size and their constructors reject the argument, so it is dropped for them."""
+    kwargs = dict(pretrained=False, num_classes=0, drop_path_rate=drop_path_rate)
+    try:
+        return timm.create_model(name, img_size=img_size, **kwargs)
+    except TypeError as exc:
+        if "img_size" not in str(exc):
+            raise
+    return timm.create_model(name, **kwargs)
+
+
+class BNNeck(nn.Module):
+    """BatchNorm1d whose bias is frozen at 0 (the BNNeck of Luo et al., "Bag of Tricks", 2019):
+    a scale-only normalisation, so the embedding stays centred for cosine similarity."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim)
+        self.bn.bias.requires_grad_(False)
+
+    def forward(self, feat_BD: torch.Tensor) -> torch.Tensor:
+        return self.bn(feat_BD)
+
+
+class ReIDEncoder(nn.Module):
+    """Backbone + BNNeck. ``forward`` returns the neck output; ``embed`` its L2-normalised form."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.embed_dim: int = backbone.num_features
+        self.neck = BNNeck(self.embed_dim)
+
+    def forward(self, img_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.neck(self.backbone(img_BCHW))
+
+    def embed(self, img_BCHW: torch.Tensor) -> torch.Tensor:
+        """Unit-norm embeddings, as used by the losses and for retrieval."""
+        return F.normalize(self(img_BCHW), dim=1)
+
+
+def load_backbone_weights(backbone: nn.Module, path: str, *, strict: bool = True, strip_prefixes: tuple[str, ...] = ()) -> None:
+    """Load backbone-only pre-trained weights (e.g. a timm ImageNet or LUPerson checkpoint).
+
+    Such files carry the pre-training classifier (``head.*``/``fc.*``), which a ``num_classes=0``
+    backbone does not have: it is dropped. A ViT's absolute position embedding is resampled from
+    the file's (square) patch grid to this model's grid, as is standard when moving a 224x224
+    ViT to 256x128 person crops."""
+    state = strip_key_prefixes(read_state_dict(path), strip_prefixes)
+    classifier = backbone.pretrained_cfg.get("classifier")
+    if classifier:
+        state = {k: v for k, v in state.items() if not k.startswith(f"{classifier}.")}
+    pos_embed = getattr(backbone, "pos_embed", None)
+    if pos_embed is not None and "pos_embed" in state and state["pos_embed"].shape != pos_embed.shape:
+        # ViTs built with no_embed_class keep no position embedding for the class token
+        num_prefix = 0 if getattr(backbone, "no_embed_class", False) else backbone.num_prefix_tokens
+        old_tokens = state["pos_embed"].shape[1] - num_prefix
+        side = round(old_tokens**0.5)
+        if side * side != old_tokens:
+            raise WeightsError(
+                f"weights {path}: pos_embed of {old_tokens} patch tokens is not a square grid, so it cannot be "
+                f"resampled to {tuple(backbone.patch_embed.grid_size)}; use weights trained at this img_size"
+            )
+        state["pos_embed"] = resample_abs_pos_embed(
+            state["pos_embed"], new_size=list(backbone.patch_embed.grid_size), old_size=[side, side],
+            num_prefix_tokens=num_prefix,
+        )
+    load_state_dict_checked(backbone, state, source=str(path), strict=strict)
+
+
+def build_encoder(cfg: ModelConfig) -> ReIDEncoder:
+    """The encoder described by ``cfg``, with its initial weights loaded when ``cfg.weights`` is set."""
+    encoder = ReIDEncoder(create_backbone(cfg.backbone, cfg.img_size, cfg.drop_path_rate))
+    if cfg.weights is not None:
+        if cfg.weights_scope == "backbone":
+            load_backbone_weights(encoder.backbone, cfg.weights, strict=cfg.strict_weights, strip_prefixes=cfg.strip_prefixes)
+        else:
+            load_weights(encoder, cfg.weights, strict=cfg.strict_weights, strip_prefixes=cfg.strip_prefixes)
+    return encoder

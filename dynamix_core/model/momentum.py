@@ -1,0 +1,73 @@
+"""The momentum encoder ``f~``: an exponential moving average of the online encoder ``f`` (SPEC 2.1).
+
+``f~`` produces the keys of the Instance and Augmentation losses, the centroids and the pseudo-labels,
+and it is the model that is deployed (ReMix keeps only the momentum encoder).
+
+Mode choice: ``f~`` always runs in **eval mode**. Its keys then do not depend on which other images
+share the batch (BNNeck normalises with running statistics, not batch statistics), dropout and
+stochastic depth are off, and training keys are computed exactly as deployment embeddings. The
+running statistics themselves are *copied* from ``f`` at every update (they are already a moving
+average of batch statistics; averaging them a second time would only make them lag).
+
+Shape legend: B batch, C image channels, H/W image height/width.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@torch.no_grad()
+def ema_update(online: nn.Module, momentum_model: nn.Module, m: float = 0.999) -> None:
+    """``theta~ <- m * theta~ + (1 - m) * theta`` for every parameter; buffers copied from ``online``.
+
+    Call after every optimizer step. Both modules must have the same parameter and buffer names
+    (pass the bare model, not a DistributedDataParallel wrapper)."""
+    online_params = dict(online.named_parameters())
+    ema_params = dict(momentum_model.named_parameters())
+    online_buffers = dict(online.named_buffers())
+    ema_buffers = dict(momentum_model.named_buffers())
+    if online_params.keys() != ema_params.keys() or online_buffers.keys() != ema_buffers.keys():
+        differ = sorted((online_params.keys() ^ ema_params.keys()) | (online_buffers.keys() ^ ema_buffers.keys()))
+        raise ValueError(
+            f"ema_update: online and momentum models differ in names {differ[:10]}; "
+            "pass the unwrapped online model (model.module under DistributedDataParallel)"
+        )
+    names = list(ema_params)
+    # One fused multi-tensor kernel for all parameters: lerp(a, b, w) = a + w (b - a) = m a + (1 - m) b.
+    torch._foreach_lerp_([ema_params[n] for n in names], [online_params[n].detach() for n in names], 1.0 - m)
+    for name, buf in ema_buffers.items():
+        buf.copy_(online_buffers[name])
+
+
+class MomentumEncoder(nn.Module):
+    """A frozen, always-eval copy of an encoder, updated by :func:`ema_update`."""
+
+    def __init__(self, online: nn.Module, momentum: float = 0.999):
+        super().__init__()
+        self.momentum = momentum
+        self.model = copy.deepcopy(online)
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    def train(self, mode: bool = True) -> MomentumEncoder:
+        """Record ``mode`` but keep the wrapped model in eval mode (see the module docstring)."""
+        self.training = mode
+        return self
+
+    def update(self, online: nn.Module) -> None:
+        """One EMA step towards ``online`` (after the optimizer step)."""
+        ema_update(online, self.model, self.momentum)
+
+    @torch.no_grad()
+    def forward(self, img_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.model(img_BCHW)
+
+    @torch.no_grad()
+    def embed(self, img_BCHW: torch.Tensor) -> torch.Tensor:
+        """Unit-norm keys ``z~``."""
+        return F.normalize(self.model(img_BCHW), dim=1)

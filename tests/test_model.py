@@ -1,0 +1,201 @@
+"""Encoder, momentum encoder and weight loading on tiny backbones (CPU, a few seconds)."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+import dynamix_core  # noqa: F401  (torchvision shim before timm)
+import timm
+from dynamix_core.config import ConfigError
+from dynamix_core.model import (
+    ModelConfig,
+    MomentumEncoder,
+    ReIDEncoder,
+    WeightsError,
+    build_encoder,
+    create_backbone,
+    ema_update,
+    load_weights,
+    save_weights,
+)
+
+IMG = (32, 16)
+
+
+def tiny_vit(img_size=IMG) -> ReIDEncoder:
+    return build_encoder(ModelConfig(backbone="vit_tiny_patch16_224", img_size=img_size, drop_path_rate=0.0))
+
+
+def images(n: int, seed: int = 0, size=IMG) -> torch.Tensor:
+    return torch.randn(n, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- encoder
+
+
+def test_vit_encoder_shapes_and_normalised_embeddings():
+    enc = tiny_vit()
+    assert enc.backbone.patch_embed.grid_size == (2, 1)
+    assert enc.embed_dim == 192
+    assert enc(images(3)).shape == (3, 192)
+    norms = enc.embed(images(3)).norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones(3))
+
+
+def test_cnn_backbone_takes_no_img_size():
+    enc = build_encoder(ModelConfig(backbone="resnet18", img_size=IMG, drop_path_rate=0.0))
+    assert enc(images(2)).shape == (2, 512)
+
+
+def test_create_backbone_reraises_unrelated_type_errors(monkeypatch):
+    def broken_builder(name, **kwargs):
+        raise TypeError("bad depth")
+
+    monkeypatch.setattr(timm, "create_model", broken_builder)
+    with pytest.raises(TypeError, match="bad depth"):
+        create_backbone("vit_tiny_patch16_224", IMG, drop_path_rate=0.0)
+
+
+def test_bnneck_bias_is_frozen_at_zero():
+    enc = tiny_vit()
+    assert not enc.neck.bn.bias.requires_grad and enc.neck.bn.weight.requires_grad
+    opt = torch.optim.SGD([p for p in enc.parameters() if p.requires_grad], lr=1.0)
+    enc.embed(images(4)).sum().backward()
+    opt.step()
+    assert enc.neck.bn.bias.grad is None
+    assert (enc.neck.bn.bias == 0).all()
+
+
+def test_model_config_validation():
+    with pytest.raises(ConfigError, match="model.ema_momentum"):
+        ModelConfig(ema_momentum=1.0)
+    with pytest.raises(ConfigError, match="model.img_size"):
+        ModelConfig(img_size=(0, 128))
+
+
+# ---------------------------------------------------------------- momentum encoder
+
+
+def test_ema_matches_closed_form_and_copies_buffers():
+    online = tiny_vit()
+    momentum = MomentumEncoder(online, momentum=0.9)
+    start = {k: v.clone() for k, v in momentum.model.named_parameters()}
+    with torch.no_grad():  # move the online model away from the copy, then keep it fixed
+        for p in online.parameters():
+            p.add_(torch.randn_like(p))
+        online.neck.bn.running_mean.fill_(3.0)
+        online.neck.bn.running_var.fill_(2.0)
+    for _ in range(3):
+        momentum.update(online)
+    # constant target: theta~_k = m^k theta~_0 + (1 - m^k) theta
+    for name, p in online.named_parameters():
+        expected = 0.9**3 * start[name] + (1 - 0.9**3) * p
+        torch.testing.assert_close(dict(momentum.model.named_parameters())[name], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(momentum.model.neck.bn.running_mean, torch.full((192,), 3.0))
+    torch.testing.assert_close(momentum.model.neck.bn.running_var, torch.full((192,), 2.0))
+
+
+def test_momentum_encoder_is_frozen_eval_and_batch_independent():
+    online = tiny_vit()
+    momentum = MomentumEncoder(online)
+    momentum.train()
+    assert not momentum.model.training
+    assert not any(p.requires_grad for p in momentum.parameters())
+    x = images(5)
+    keys = momentum.embed(x)
+    assert not keys.requires_grad
+    # eval-mode BNNeck: a key does not depend on the rest of the batch
+    torch.testing.assert_close(momentum.embed(x[:1]), keys[:1], rtol=1e-5, atol=1e-6)
+
+
+def test_ema_update_rejects_a_wrapped_model():
+    online = tiny_vit()
+    wrapped = torch.nn.Sequential(collections.OrderedDict(module=online))
+    with pytest.raises(ValueError, match="unwrapped online model"):
+        ema_update(wrapped, MomentumEncoder(online).model)
+
+
+# ---------------------------------------------------------------- weights
+
+
+def test_weights_round_trip(tmp_path):
+    enc = tiny_vit()
+    with torch.no_grad():
+        enc.neck.bn.running_mean.uniform_()
+    path = tmp_path / "sub" / "enc.safetensors"
+    save_weights(enc, path)
+    assert [p.name for p in path.parent.iterdir()] == ["enc.safetensors"]  # no temporary left behind
+    other = tiny_vit()
+    load_weights(other, path)
+    for (k, v), (k2, v2) in zip(enc.state_dict().items(), other.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    enc.eval(), other.eval()
+    torch.testing.assert_close(enc(images(2)), other(images(2)), rtol=0, atol=0)
+
+
+def test_torch_checkpoint_with_prefix_and_nesting(tmp_path):
+    enc = tiny_vit()
+    path = tmp_path / "ckpt.pth"
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in enc.state_dict().items()}}, path)
+    other = tiny_vit()
+    with pytest.raises(WeightsError, match="strip_prefixes"):
+        load_weights(other, path)
+    load_weights(other, path, strip_prefixes=["module."])
+    assert torch.equal(other.backbone.pos_embed, enc.backbone.pos_embed)
+
+
+def test_missing_and_unexpected_keys_are_listed_with_counts(tmp_path):
+    enc = tiny_vit()
+    state = enc.state_dict()
+    dropped = sorted(k for k in state if k.startswith("backbone.blocks."))
+    kept = {k: v for k, v in state.items() if k not in dropped}
+    kept["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "partial.pth"
+    torch.save(kept, path)
+    with pytest.raises(WeightsError) as err:
+        load_weights(tiny_vit(), path)
+    msg = str(err.value)
+    assert f"missing from the file {len(dropped)}: [{dropped[0]}" in msg
+    assert f"and {len(dropped) - 10} more" in msg
+    assert "unexpected in the file 1: [extra.weight]" in msg
+    assert "To fix" in msg
+    load_weights(tiny_vit(), path, strict=False)  # non-strict loads what matches
+
+
+def test_shape_mismatch_is_named(tmp_path):
+    path = tmp_path / "wide.safetensors"
+    save_weights(tiny_vit(img_size=(48, 16)), path)
+    with pytest.raises(WeightsError, match=r"backbone.pos_embed \(file \(1, 4, 192\) vs model \(1, 3, 192\)\)"):
+        load_weights(tiny_vit(), path, strict=False)
+
+
+def test_missing_file_and_non_state_dict_files(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_weights(tiny_vit(), tmp_path / "nope.safetensors")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="not a readable torch state dict"):
+        load_weights(tiny_vit(), garbage)
+    bad_safetensors = tmp_path / "garbage.safetensors"
+    bad_safetensors.write_bytes(b"junk")
+    with pytest.raises(WeightsError, match="not a readable safetensors file"):
+        load_weights(tiny_vit(), bad_safetensors)
+    listing = tmp_path / "list.pth"
+    torch.save({"epoch": 1, "lr": 0.1}, listing)
+    with pytest.raises(WeightsError, match=r"no flat \{name: tensor\} state dict \(top level: \['epoch', 'lr'\]\)"):
+        load_weights(tiny_vit(), listing)
+
+
+def test_backbone_weights_drop_head_and_resample_pos_embed(tmp_path):
+    # an "ImageNet-style" checkpoint: square 32x32 input (2x2 grid), a 10-class head
+    src = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=(32, 32))
+    path = tmp_path / "imagenet.pth"
+    torch.save(src.state_dict(), path)
+    enc = build_encoder(ModelConfig(backbone="vit_tiny_patch16_224", img_size=IMG, drop_path_rate=0.0,
+                                    weights=str(path), weights_scope="backbone"))
+    assert enc.backbone.pos_embed.shape == (1, 3, 192)
+    torch.testing.assert_close(enc.backbone.pos_embed[:, 0], src.pos_embed[:, 0])  # class token untouched
+    assert torch.equal(enc.backbone.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
