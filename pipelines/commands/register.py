@@ -1,0 +1,80 @@
+"""Register a trained momentum encoder as a new version of an MLflow pyfunc embedding model.
+
+    dynamix register --weights runs/r1/momentum.safetensors --config runs/r1/config.yaml --name dynamix-reid
+    dynamix register --weights W --config C --name dynamix-reid --run-id 3f2c... --eval-metric mAP=0.412 --tag recipe=dynamix
+
+The version holds the weights (safetensors), the model config, an ONNX export checked against
+PyTorch, a tensor signature and an input example; load it with
+mlflow.pyfunc.load_model("models:/NAME/VERSION"). Registering the same weights and config again
+prints the existing version instead of creating a duplicate. Promote it with `dynamix promote`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+#: the embedded default store: a SQLite file in the working directory (artifacts under ./mlruns)
+LOCAL_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def add_tracking_uri(parser: argparse.ArgumentParser) -> None:
+    """``--tracking-uri``, shared with ``dynamix promote``."""
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", LOCAL_TRACKING_URI),
+                        help="MLflow tracking/registry URI (http://mlflow:5000, sqlite:///path/mlflow.db); "
+                             "$MLFLOW_TRACKING_URI sets the default")
+
+
+def _key_values(items: list[str], flag: str) -> dict[str, str]:
+    from dynamix_core.config import ConfigError
+
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE")
+        pairs[key] = value
+    return pairs
+
+
+def _metrics(items: list[str]) -> dict[str, float]:
+    from dynamix_core.config import ConfigError
+
+    metrics = {}
+    for key, value in _key_values(items, "--eval-metric").items():
+        try:
+            metrics[key] = float(value)
+        except ValueError:
+            raise ConfigError(f"--eval-metric {key}={value}: the value must be a number") from None
+    return metrics
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", required=True,
+                        help="the momentum encoder's weights (.safetensors or torch state dict: backbone + neck)")
+    parser.add_argument("--config", required=True,
+                        help="YAML/JSON model config (the ModelConfig fields, or a training config with a model: section)")
+    parser.add_argument("--name", required=True, help="registered model name, e.g. dynamix-reid")
+    add_tracking_uri(parser)
+    parser.add_argument("--run-id", default=None,
+                        help="MLflow run to log the model into (the training run); default a new run in --experiment")
+    parser.add_argument("--experiment", default="dynamix-registry", help="experiment of the registration run when no --run-id")
+    parser.add_argument("--artifact-location", default=None,
+                        help="artifact root of --experiment when this command creates it (e.g. s3://bucket/mlflow)")
+    parser.add_argument("--eval-metric", action="append", default=[], metavar="NAME=VALUE",
+                        help="an evaluation result to log with the version (repeatable), e.g. mAP=0.412")
+    parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="a version tag (repeatable)")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.registry import register_model
+
+    version = register_model(
+        args.weights, args.config, args.name, args.tracking_uri, run_id=args.run_id,
+        tags=_key_values(args.tag, "--tag"), eval_metrics=_metrics(args.eval_metric), experiment=args.experiment,
+        artifact_location=args.artifact_location, export_onnx=not args.no_onnx,
+    )
+    state = "registered" if version.created else "already registered (same weights and config)"
+    print(f"{state}: {version.uri} (run {version.run_id}, weights sha256 {version.weights_sha256[:12]})")
+    return 0
