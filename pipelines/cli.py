@@ -19,6 +19,9 @@ COMMANDS: dict[str, str] = {
     "synth": "generate the SynthReID data set in the real on-disk formats (Market folders, LUPerson-NL LMDB)",
     "ingest": "convert a source data set into WebDataset shards + parquet manifests (Ray Data)",
     "inspect": "summarise an ingested shard set (images, identities, cameras, videos, shards)",
+    "train": "train DynaMix / ReMix / the multi-camera baseline on Ray Train (resumes a run of the same name)",
+    "register": "register a trained momentum encoder as an MLflow pyfunc embedding model (with ONNX export)",
+    "promote": "evaluate a registered version against the champion; move the champion alias if it wins",
     "submit": "submit a dynamix command as a job to a Ray cluster (KubeRay or any Ray head)",
     "status": "status of a submitted job",
     "logs": "logs of a submitted job (--follow to stream)",
@@ -55,6 +58,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from dynamix_core.config import ConfigError
     from dynamix_core.data.records import BadInputError
+    from dynamix_core.model import WeightsError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ConfigError, BadInputError, FileNotFoundError) as exc:
+    except (ConfigError, BadInputError, WeightsError, FileNotFoundError) as exc:
         print(f"dynamix {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -238,3 +238,26 @@ def test_state_dict_round_trip_and_nbytes():
     assert bank.nbytes == 5 * DIM * 2 + 5 * 8 * 2
     with pytest.raises(ValueError, match="storage_dtype"):
         CentroidBank(1, DIM, CentroidBankConfig(storage_dtype="float32")).load_state_dict(bank.state_dict())
+
+
+@pytest.mark.parametrize("mode", ["all", "sampled"])
+def test_never_written_rows_are_left_out_of_the_softmax(mode):
+    """Rows never written are zero vectors; they must not enter any denominator (their logit 0
+    would otherwise count once per unknown identity), except an anchor's own (unwritten) row."""
+    num, written = 10, [0, 1, 2, 3, 4, 5]
+    bank = CentroidBank(num, DIM, CentroidBankConfig(mask_same_video=False, loss_mode=mode, num_negatives=64))
+    rows = unit(num, seed=5)
+    bank.load_rows(torch.tensor(written), rows[written], step=0)
+    feat = unit(4, seed=6)
+    pid = torch.tensor([0, 3, 5, 8])  # the last anchor's own identity has no centroid yet
+    tau = torch.full((4,), 0.1)
+    stored = bank.centroids.float()
+    ref_loss, ref_grad = 0.0, []
+    for i in range(4):  # reference: the written rows plus the anchor's own row (zero if unwritten)
+        ids = sorted(set(written) | {int(pid[i])})
+        loss, grad = reference_loss_and_grad(feat[i:i + 1], pid[i:i + 1], tau[i:i + 1], stored, ids)
+        ref_loss += float(loss) / 4
+        ref_grad.append(grad / 4)
+    loss, grad = loss_and_grad(bank, feat, pid, tau)
+    assert float(loss) == pytest.approx(ref_loss, abs=1e-5)
+    torch.testing.assert_close(grad, torch.cat(ref_grad), atol=1e-5, rtol=1e-4)

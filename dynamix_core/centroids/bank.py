@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dynamix_core.centroids.config import CentroidBankConfig
-from dynamix_core.centroids.softmax import SameVideoMask, cross_entropy_over_rows, hardest_rows
+from dynamix_core.centroids.softmax import RowMask, cross_entropy_over_rows, hardest_rows
 from dynamix_core.config import ConfigError
 
 
@@ -183,13 +183,17 @@ class CentroidBank:
         random_K = order_N[~excluded_N[order_N]][: num_negatives - num_hard]
         return torch.cat([hard_K, random_K])
 
-    def _mask(self, pid_B: Tensor, video_B: Tensor | None, row_id_N: Tensor | None) -> SameVideoMask | None:
-        """Same-video mask over the given rows (``None`` = every row held here, in order)."""
-        if video_B is None:
-            return None
+    def _mask(self, pid_B: Tensor, video_B: Tensor | None, row_id_N: Tensor | None) -> RowMask | None:
+        """Mask over the given rows (``None`` = every row held here, in order): never-written rows,
+        and the anchor's own video when ``video_B`` is given. ``None`` when nothing is masked."""
+        unwritten_N = self.last_updated_step < 0
         if row_id_N is None:
-            return SameVideoMask(pid_B, video_B, self.global_ids(), self.row_video)
-        return SameVideoMask(pid_B, video_B, row_id_N, self.row_video[row_id_N])
+            row_id_N, row_video_N = self.global_ids(), self.row_video
+        else:
+            unwritten_N, row_video_N = unwritten_N[row_id_N], self.row_video[row_id_N]
+        if video_B is None and not bool(unwritten_N.any()):
+            return None
+        return RowMask(pid_B, video_B, row_id_N, row_video_N, unwritten_N)
 
     def _check_video(self, video_B: Tensor | None) -> Tensor | None:
         """The anchors' videos when masking is on (required then), else ``None``."""

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from dynamix_core.centroids.bank import CentroidBank
 from dynamix_core.centroids.config import CentroidBankConfig
-from dynamix_core.centroids.softmax import SameVideoMask, cross_entropy_from_stats, softmax_stats
+from dynamix_core.centroids.softmax import RowMask, cross_entropy_from_stats, softmax_stats
 from dynamix_core.config import ConfigError
 
 
@@ -109,8 +109,9 @@ class ShardedCentroidBank(CentroidBank):
             meta_G3 = _all_gather_cat(meta_B3, self.group)
             pid_G = meta_G3[:, 0].long()
             inv_tau_G = 1.0 / meta_G3[:, 1].float()
-            mask = None if video_B is None else SameVideoMask(pid_G, meta_G3[:, 2].long(), self.global_ids(),
-                                                              self.row_video)
+            # never-written rows are masked on every shard (a shard may hold none: no collective depends on it)
+            mask = RowMask(pid_G, None if video_B is None else meta_G3[:, 2].long(), self.global_ids(),
+                           self.row_video, self.last_updated_step < 0)
 
             max_G, sumexp_G, weighted_GD = softmax_stats(feat_GD, inv_tau_G, self.centroids, self.cfg.chunk_rows, mask)
             global_max_G = max_G.clone()

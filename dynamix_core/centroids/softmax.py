@@ -23,28 +23,36 @@ from torch import Tensor
 
 
 @dataclass
-class SameVideoMask:
-    """Excludes, for every anchor of a video, the other identities of that video from its softmax.
+class RowMask:
+    """Rows excluded from an anchor's softmax (its own identity's row never is):
 
-    Multi-camera anchors (video -1) mask nothing. ``row_id_N``/``row_video_N`` describe the rows
-    the softmax runs over (global identity id and video id, -1 for multi-camera identities)."""
+    * rows never written (all-zero centroids: a logit of 0 for every anchor would otherwise flood
+      the denominator with identities the bank knows nothing about yet);
+    * with ``video_B``, the other identities of the anchor's own video (possible unmerged
+      duplicates; SPEC 2.3b). Multi-camera anchors (video -1) mask no video.
+
+    ``row_id_N``/``row_video_N``/``row_unwritten_N`` describe the rows the softmax runs over
+    (global identity id, video id or -1, never-written flag)."""
 
     pid_B: Tensor
-    video_B: Tensor
+    video_B: Tensor | None
     row_id_N: Tensor
     row_video_N: Tensor
+    row_unwritten_N: Tensor
 
     def apply_(self, logit_BC: Tensor, start: int, stop: int) -> None:
         """Set the masked logits of rows ``start:stop`` to -inf, in place."""
-        row_video_C = self.row_video_N[start:stop]
         row_id_C = self.row_id_N[start:stop]
-        masked_BC = (row_video_C[None, :] == self.video_B[:, None]) & (self.video_B[:, None] >= 0)
+        masked_BC = self.row_unwritten_N[start:stop][None, :].expand(logit_BC.shape[0], -1).clone()
+        if self.video_B is not None:
+            row_video_C = self.row_video_N[start:stop]
+            masked_BC |= (row_video_C[None, :] == self.video_B[:, None]) & (self.video_B[:, None] >= 0)
         masked_BC &= row_id_C[None, :] != self.pid_B[:, None]
         logit_BC.masked_fill_(masked_BC, float("-inf"))
 
 
 def chunk_logits(feat_BD: Tensor, inv_tau_B: Tensor, rows_ND: Tensor, start: int, stop: int,
-                 mask: SameVideoMask | None) -> tuple[Tensor, Tensor]:
+                 mask: RowMask | None) -> tuple[Tensor, Tensor]:
     """fp32 logits of the anchors against rows ``start:stop`` (masked), and those rows in fp32."""
     rows_CD = rows_ND[start:stop].float()
     # the training step runs under autocast; this matmul must stay fp32 (SPEC 2.3b: fp16 storage only)
@@ -57,7 +65,7 @@ def chunk_logits(feat_BD: Tensor, inv_tau_B: Tensor, rows_ND: Tensor, start: int
 
 @torch.no_grad()
 def softmax_stats(feat_BD: Tensor, inv_tau_B: Tensor, rows_ND: Tensor, chunk_rows: int,
-                  mask: SameVideoMask | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                  mask: RowMask | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Running softmax statistics of fp32 ``feat_BD`` against ``rows_ND``.
 
     Returns ``(max_B, sumexp_B, weighted_BD)`` with ``sumexp = sum_j exp(l_ij - max_i)`` and
@@ -110,7 +118,7 @@ def cross_entropy_from_stats(feat_BD: Tensor, inv_tau_B: Tensor, max_B: Tensor, 
 
 
 def cross_entropy_over_rows(feat_BD: Tensor, inv_tau_B: Tensor, rows_ND: Tensor, positive_row_B: Tensor,
-                            chunk_rows: int, mask: SameVideoMask | None = None) -> Tensor:
+                            chunk_rows: int, mask: RowMask | None = None) -> Tensor:
     """Per-anchor softmax cross-entropy of ``feat_BD`` over all of ``rows_ND``, positive ``positive_row_B``."""
     feat32_BD = feat_BD.detach().float()
     max_B, sumexp_B, weighted_BD = softmax_stats(feat32_BD, inv_tau_B, rows_ND, chunk_rows, mask)
@@ -120,7 +128,7 @@ def cross_entropy_over_rows(feat_BD: Tensor, inv_tau_B: Tensor, rows_ND: Tensor,
 
 @torch.no_grad()
 def hardest_rows(feat_BD: Tensor, inv_tau_B: Tensor, rows_ND: Tensor, num_rows: int, excluded_N: Tensor,
-                 chunk_rows: int, mask: SameVideoMask | None = None) -> Tensor:
+                 chunk_rows: int, mask: RowMask | None = None) -> Tensor:
     """Indices of the ``num_rows`` rows with the highest logit for any anchor (masked rows and
     ``excluded_N`` rows never count), hardest first."""
     score_N = torch.empty(rows_ND.shape[0], device=feat_BD.device)
