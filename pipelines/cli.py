@@ -16,10 +16,12 @@ import sys
 
 #: name -> one-line summary. The module ``pipelines.commands.<name>`` implements it.
 COMMANDS: dict[str, str] = {
+    "demo": "the main job on embedded defaults: SynthReID -> ingest -> train DynaMix -> evaluate -> register -> report",
     "synth": "generate the SynthReID data set in the real on-disk formats (Market folders, LUPerson-NL LMDB)",
     "ingest": "convert a source data set into WebDataset shards + parquet manifests (Ray Data)",
     "inspect": "summarise an ingested shard set (images, identities, cameras, videos, shards)",
     "train": "train DynaMix / ReMix / the multi-camera baseline on Ray Train (resumes a run of the same name)",
+    "evaluate": "evaluate a trained encoder on target query/gallery sets (cross-dataset), table + JSON",
     "register": "register a trained momentum encoder as an MLflow pyfunc embedding model (with ONNX export)",
     "promote": "evaluate a registered version against the champion; move the champion alias if it wins",
     "submit": "submit a dynamix command as a job to a Ray cluster (KubeRay or any Ray head)",

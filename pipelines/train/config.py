@@ -1,0 +1,117 @@
+"""The configuration tree of a training run (``dynamix train --config RECIPE --set key=value``).
+
+Each section belongs to the component it builds; this module only assembles them and checks
+what spans sections. Recipes in ``recipes/`` are YAML files of this tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from dynamix_core.centroids import CentroidBankConfig
+from dynamix_core.config import ConfigError, field
+from dynamix_core.data.transforms import TransformConfig
+from dynamix_core.evaluation import EvalConfig
+from dynamix_core.labeling.config import ClusterConfig, RelabelConfig
+from dynamix_core.losses import LossConfig
+from dynamix_core.model import ModelConfig
+from dynamix_core.sampling import SamplerConfig
+from dynamix_core.training.optim import OptimConfig
+
+Method = Literal["dynamix", "remix", "multicam"]
+
+
+@dataclass(kw_only=True)
+class RunSection:
+    name: str = field("dynamix", help="run name: re-running with the same name and storage resumes it")
+    storage: str = field("runs", help="root folder or object-store URI of runs (checkpoints under STORAGE/NAME)")
+    seed: int = field(0, help="global seed (each rank adds its rank)")
+    max_steps: int = field(1000, help="optimizer steps of the whole run")
+    log_every: int = field(10, help="steps between metric reports (loss terms, lr, images/s, wait fractions)")
+    checkpoint_every: int = field(200, help="steps between checkpoints")
+    keep_checkpoints: int = field(2, help="checkpoints kept (the newest ones)")
+    eval_every: int = field(0, help="steps between target-domain evaluations during training (0: only at the end)")
+
+
+@dataclass(kw_only=True)
+class DataSection:
+    multi: list[str] = field(default_factory=list, help="ingested multi-camera shard sets (train split is used)")
+    single: list[str] = field(default_factory=list, help="ingested single-camera shard sets (streamed as whole videos)")
+    target: str | None = field(None, help="ingested shard set with the target domain's query/gallery")
+    transform: TransformConfig = field(default_factory=TransformConfig, help="augmentation views")
+    prefetch_batches: int = field(2, help="batches decoded ahead of the step in a background thread")
+    decode_threads: int = field(2, help="threads decoding and augmenting images of the next batch")
+    camera_centroid_every: int = field(0, help="steps between recomputing (identity, camera) centroids with f~ (0: once per pass over the multi-camera set)")
+
+
+@dataclass(kw_only=True)
+class LabelingSection:
+    pool_size: int = field(1, help="labeling actors (GPU actors when GPUs exist)")
+    cpus_per_actor: float = field(0.5, help="CPUs reserved by each labeling actor")
+    publish_every: int = field(20, help="steps between publishing momentum-encoder weights to the pool")
+    max_staleness: int = field(100, help="labels computed from weights more than this many steps old are discarded")
+    queue_size: int = field(4, help="labeling requests queued at most (older ones are dropped: backpressure)")
+    embed_batch_size: int = field(128, help="images embedded at once by a labeling actor")
+    quota: int | None = field(None, help="ReMix: single-camera images pseudo-labelled per round (default: size of the multi-camera train set)")
+    ground_truth: list[str] = field(default_factory=list, help="SynthReID ground_truth.parquet files: pseudo-label quality (pairwise F, purity) is measured against them")
+    cluster: ClusterConfig = field(default_factory=ClusterConfig, help="ReMix: DBSCAN inside each video")
+    relabel: RelabelConfig = field(default_factory=RelabelConfig, help="DynaMix: the Relabeling Module")
+
+
+@dataclass(kw_only=True)
+class ScalingSection:
+    num_workers: int = field(2, help="Ray Train workers (one per GPU in production)")
+    use_gpu: bool = field(False, help="one GPU per worker")
+    cpus_per_worker: float = field(0.5, help="CPUs reserved per worker (0.5 on a 2-core box: Ray Data needs the rest)")
+    precision: Literal["fp32", "bf16"] = field("fp32", help="bf16 autocast on GPU")
+    compile: bool = field(False, help="torch.compile the encoder (GPU)")
+    max_failures: int = field(2, help="worker-group restarts from the last checkpoint before the run fails")
+    address: str | None = field(None, help="Ray address to join (default: start a local instance)")
+
+
+@dataclass(kw_only=True)
+class TrackingSection:
+    uri: str | None = field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite under the run folder)")
+    experiment: str = field("dynamix", help="MLflow experiment")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    method: Method = field("dynamix", help="dynamix: relabel tracker labels; remix: DBSCAN pseudo-labels; multicam: no single-camera data")
+    run: RunSection = field(default_factory=RunSection, help="run identity, length and cadences")
+    data: DataSection = field(default_factory=DataSection, help="shard sets and augmentation")
+    model: ModelConfig = field(default_factory=ModelConfig, help="encoder and momentum encoder")
+    loss: LossConfig = field(default_factory=LossConfig, help="loss weights and temperatures")
+    centroids: CentroidBankConfig = field(default_factory=CentroidBankConfig, help="Efficient Centroids Module")
+    sampler: SamplerConfig = field(default_factory=SamplerConfig, help="Data Sampling Module")
+    optim: OptimConfig = field(default_factory=OptimConfig, help="optimizer and learning-rate schedule")
+    labeling: LabelingSection = field(default_factory=LabelingSection, help="labeling actor pool")
+    scaling: ScalingSection = field(default_factory=ScalingSection, help="Ray Train workers and precision")
+    tracking: TrackingSection = field(default_factory=TrackingSection, help="MLflow tracking")
+    eval: EvalConfig = field(default_factory=EvalConfig, help="target-domain evaluation")
+
+    def __post_init__(self) -> None:
+        if not self.data.multi:
+            raise ConfigError("data.multi: at least one multi-camera shard set is required")
+        if self.method != "multicam" and not self.data.single:
+            raise ConfigError(f"data.single: method={self.method} needs single-camera shard sets "
+                              "(or set method=multicam)")
+        if (self.data.transform.height, self.data.transform.width) != tuple(self.model.img_size):
+            raise ConfigError(
+                f"data.transform size ({self.data.transform.height}, {self.data.transform.width}) must equal "
+                f"model.img_size {tuple(self.model.img_size)}; change data.transform.height/width"
+            )
+        if self.run.checkpoint_every % self.run.log_every:
+            raise ConfigError(f"run.checkpoint_every={self.run.checkpoint_every} must be a multiple of "
+                              f"run.log_every={self.run.log_every} (checkpoints ride on metric reports)")
+        if self.run.eval_every and self.run.eval_every % self.run.log_every:
+            raise ConfigError(f"run.eval_every={self.run.eval_every} must be a multiple of run.log_every={self.run.log_every}")
+        if self.scaling.precision == "bf16" and not self.scaling.use_gpu:
+            raise ConfigError("scaling.precision=bf16 needs scaling.use_gpu=true (CPU runs in fp32)")
+        if self.centroids.loss_mode == "sharded" and self.scaling.num_workers < 2:
+            raise ConfigError("centroids.loss_mode=sharded needs scaling.num_workers >= 2")
+
+    @property
+    def uses_single(self) -> bool:
+        return self.method != "multicam"

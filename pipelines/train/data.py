@@ -1,0 +1,288 @@
+"""Training data on one worker: the multi-camera set in memory, the single-camera stream of whole
+videos, the identity space of the centroid bank, and a background thread that turns sampler plans
+into augmented tensors.
+
+Identity space (rows of the centroid bank): multi-camera identities ``0 .. M-1`` (sorted
+``(dataset, source_pid)`` of every multi-camera train set), then single-camera identities
+``M + label`` where ``label`` is the pid of the current label table (tracker ids at version 0 for
+DynaMix, DBSCAN pseudo-labels for ReMix).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from dynamix_core.data.images import decode_image
+from dynamix_core.data.reader import read_dataset_manifest
+from dynamix_core.data.records import IdentityMap
+from dynamix_core.data.transforms import TransformConfig, ViewTransform, sample_generator
+from dynamix_core.sampling import BatchPlan, VideoSamples
+from dynamix_core.training import StepBatch
+
+
+def read_member(tar_path: str | Path, offset: int, size: int) -> bytes:
+    """The bytes of one tar member, by the offset and size the shard manifest recorded."""
+    with open(tar_path, "rb") as fh:
+        fh.seek(offset)
+        data = fh.read(size)
+    if len(data) != size:
+        raise OSError(f"{tar_path}: truncated at offset {offset} (wanted {size} bytes, got {len(data)})")
+    return data
+
+
+def read_members(tar_path: str | Path, offsets: Iterable[int], sizes: Iterable[int]) -> list[bytes]:
+    out = []
+    with open(tar_path, "rb") as fh:
+        for offset, size in zip(offsets, sizes):
+            fh.seek(offset)
+            data = fh.read(size)
+            if len(data) != size:
+                raise OSError(f"{tar_path}: truncated at offset {offset}")
+            out.append(data)
+    return out
+
+
+@dataclass
+class MultiCameraSet:
+    """Every multi-camera train image in memory (encoded bytes) with global bank ids and cameras."""
+
+    keys: list[str]
+    data: list[bytes]
+    pid: np.ndarray  # bank id 0..M-1
+    camid: np.ndarray  # global camera id
+    dataset: np.ndarray  # dataset name per image
+    num_identities: int
+
+    @classmethod
+    def load(cls, roots: list[str]) -> "MultiCameraSet":
+        tables = []
+        for root in roots:
+            t = read_dataset_manifest(root).filter(pc.equal(pc.field("split"), "train"))
+            if t.num_rows == 0:
+                raise FileNotFoundError(f"{root}: no train-split images in this shard set (data.multi needs a train split)")
+            tables.append(t.append_column("root", pa.array([str(root)] * t.num_rows)))
+        table = pa.concat_tables(tables)
+        rows = table.select(["key", "dataset", "source_pid", "source_camid", "shard", "offset", "size", "root"]).to_pylist()
+        pid_map = IdentityMap((r["dataset"], r["source_pid"]) for r in rows)
+        cam_map = IdentityMap((r["dataset"], r["source_camid"]) for r in rows)
+        data: list[bytes] = []
+        by_shard: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            by_shard.setdefault(str(Path(r["root"]) / r["shard"]), []).append(i)
+        data = [b""] * len(rows)
+        for tar, idx in by_shard.items():
+            for i, blob in zip(idx, read_members(tar, [rows[i]["offset"] for i in idx], [rows[i]["size"] for i in idx])):
+                data[i] = blob
+        return cls(
+            keys=[r["key"] for r in rows], data=data,
+            pid=np.array([pid_map[(r["dataset"], r["source_pid"])] for r in rows], dtype=np.int64),
+            camid=np.array([cam_map[(r["dataset"], r["source_camid"])] for r in rows], dtype=np.int64),
+            dataset=np.array([r["dataset"] for r in rows]),
+            num_identities=len(pid_map),
+        )
+
+
+def single_camera_index(roots: list[str]) -> pa.Table:
+    """One row per single-camera image of every set in ``roots``: key, global ``video`` (sorted
+    ``(dataset, video_id)``), initial ``label`` (sorted ``(dataset, source_pid)``; -1 unlabeled),
+    frame, and where its bytes are (``tar``, ``offset``, ``size``). Rows are grouped by video."""
+    tables = []
+    for root in roots:
+        t = read_dataset_manifest(root)
+        t = t.filter(pc.equal(pc.field("domain"), "single"))
+        if t.num_rows == 0:
+            raise FileNotFoundError(f"{root}: no single-camera images (domain=single) in this shard set")
+        tar = pc.binary_join_element_wise(pa.array([str(Path(root).resolve())] * t.num_rows), t["shard"], "/")
+        tables.append(t.append_column("tar", tar))
+    t = pa.concat_tables(tables)
+    cols = t.select(["key", "dataset", "video_id", "source_pid", "frame", "tar", "offset", "size"]).to_pydict()
+    video_map = IdentityMap(zip(cols["dataset"], map(str, cols["video_id"])))
+    labeled = [(d, p) for d, p in zip(cols["dataset"], cols["source_pid"]) if p]
+    label_map = IdentityMap(labeled)
+    video = np.array([video_map[(d, str(v))] for d, v in zip(cols["dataset"], cols["video_id"])], dtype=np.int64)
+    label = np.array([label_map.get((d, p)) if p else -1 for d, p in zip(cols["dataset"], cols["source_pid"])],
+                     dtype=np.int64)
+    out = pa.table({"key": cols["key"], "video": video, "label": label, "frame": cols["frame"],
+                    "tar": cols["tar"], "offset": cols["offset"], "size": cols["size"]})
+    return out.take(pc.sort_indices(out, [("video", "ascending"), ("frame", "ascending"), ("key", "ascending")]))
+
+
+def video_rows(index: pa.Table) -> list[dict]:
+    """Group the index into one row per video (the unit the stream hands out)."""
+    video = index["video"].to_numpy()
+    bounds = np.flatnonzero(np.diff(video)) + 1
+    starts, ends = np.r_[0, bounds], np.r_[bounds, len(video)]
+    cols = index.to_pydict()
+    rows = []
+    for s, e in zip(starts, ends):
+        rows.append({"video": int(video[s]), "keys": cols["key"][s:e], "frames": cols["frame"][s:e],
+                     "tar": cols["tar"][s], "offsets": cols["offset"][s:e], "sizes": cols["size"][s:e],
+                     "tars": cols["tar"][s:e]})
+    return rows
+
+
+def load_video_images(row: dict) -> dict:
+    """Ray Data map: add the encoded images of one video (read by offset from its shard)."""
+    tars = row["tars"]
+    if len(set(tars)) == 1:
+        images = read_members(tars[0], row["offsets"], row["sizes"])
+    else:  # a video spanning shard sets cannot happen (ingest keeps videos whole); stay correct anyway
+        images = [read_member(t, o, s) for t, o, s in zip(tars, row["offsets"], row["sizes"])]
+    return {"video": row["video"], "keys": row["keys"], "frames": row["frames"], "images": images}
+
+
+class VideoFeed:
+    """The sampler's ``VideoStream`` over this rank's video rows, cycling over passes.
+
+    ``open_pass()`` returns an iterator over the rows of one pass (a Ray Data shard iterator in
+    training, a plain list in tests). Labels come from ``labels`` (key -> single identity, -1 =
+    none) at the time a video enters the stream; images are kept for videos recently handed out."""
+
+    def __init__(self, open_pass: Callable[[], Iterable[dict]], labels: dict[str, int], bank_offset: int,
+                 cache_videos: int = 256):
+        self.open_pass = open_pass
+        self.labels = labels
+        self.bank_offset = bank_offset
+        self.images: OrderedDict[int, dict[str, bytes]] = OrderedDict()
+        self.frames: dict[int, dict[str, int]] = {}
+        self.cache_videos = cache_videos
+        self.passes = 0
+
+    def _rows(self) -> Iterator[dict]:
+        while True:
+            empty = True
+            for row in self.open_pass():
+                empty = False
+                yield row
+            self.passes += 1
+            if empty:
+                return
+
+    def __call__(self, position: int) -> Iterator[VideoSamples]:
+        for i, row in enumerate(self._rows()):
+            if i < position:
+                continue
+            vid = int(row["video"])
+            keys = list(row["keys"])
+            self.images[vid] = dict(zip(keys, row["images"]))
+            self.frames[vid] = dict(zip(keys, (int(f) for f in row["frames"])))
+            self.images.move_to_end(vid)
+            while len(self.images) > self.cache_videos:
+                old, _ = self.images.popitem(last=False)
+                self.frames.pop(old, None)
+            labels = np.array([self.labels.get(k, -1) for k in keys], dtype=np.int64)
+            pids = np.where(labels >= 0, labels + self.bank_offset, -1)
+            yield VideoSamples(video_id=vid, refs=np.array(keys), pids=pids)
+
+    def video_keys(self, video: int) -> list[str] | None:
+        """Keys of a cached video in stream order (None once it left the cache)."""
+        images = self.images.get(video)
+        return None if images is None else list(images)
+
+    def image(self, video: int, key: str) -> bytes:
+        return self.images[video][key]
+
+
+class BatchProducer:
+    """A background thread that asks the sampler for the next plan and decodes + augments it, so
+    the training step does not wait for JPEG decoding; ``get()`` reports the time it blocked."""
+
+    def __init__(self, sampler, multi: MultiCameraSet, feed: VideoFeed | None, transform: TransformConfig,
+                 seed: int, prefetch: int = 2, threads: int = 2, snapshot_at: Callable[[int], bool] = lambda s: False):
+        self.sampler = sampler  # a MixedBatchSampler (or anything with next_batch/state_dict/step)
+        self.snapshot_at = snapshot_at
+        self.snapshots: dict[int, dict] = {}
+        self.multi = multi
+        self.multi_index = {k: i for i, k in enumerate(multi.keys)}
+        self.feed = feed
+        self.standard = ViewTransform(transform, "standard")
+        self.strong = ViewTransform(transform, "strong")
+        self.size = (transform.height, transform.width)
+        self.seed = seed
+        self.lock = threading.Lock()  # guards the sampler (label updates arrive from the main thread)
+        self.pool = ThreadPoolExecutor(threads)
+        self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="batch-producer", daemon=True)
+        self.thread.start()
+
+    def _decode_one(self, item: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        data, key, step_seed = item
+        img = decode_image(data, self.size)
+        return (self.standard(img, sample_generator(step_seed, key, "standard")),
+                self.strong(img, sample_generator(step_seed, key, "strong")))
+
+    def _materialise(self, plan: BatchPlan, step: int) -> StepBatch:
+        """Decode + augment; views are seeded by (seed, step, key), so a resumed run sees the same."""
+        items, camid = [], []
+        step_seed = self.seed + 7919 * step
+        for ref in plan.multi_refs:
+            i = self.multi_index[ref]
+            items.append((self.multi.data[i], ref, step_seed))
+            camid.append(int(self.multi.camid[i]))
+        for ref, vid in zip(plan.single_refs, plan.single_video_ids):
+            items.append((self.feed.image(int(vid), ref), ref, step_seed))
+            camid.append(-1 - int(vid))  # single-camera images: one camera per video, never a multi camera
+        views = list(self.pool.map(self._decode_one, items))
+        num_multi = len(plan.multi_refs)
+        video = np.concatenate([np.full(num_multi, -1), np.asarray(plan.single_video_ids, dtype=np.int64)])
+        return StepBatch(
+            standard_BCHW=torch.stack([v[0] for v in views]),
+            strong_BCHW=torch.stack([v[1] for v in views]),
+            pid_B=torch.as_tensor(np.concatenate([plan.multi_pids, plan.single_pids]).astype(np.int64)),
+            camid_B=torch.as_tensor(camid, dtype=torch.int64),
+            is_single_B=torch.as_tensor(video >= 0),
+            video_B=torch.as_tensor(video),
+        )
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                with self.lock:
+                    if self.snapshot_at(self.sampler.step):
+                        # prefetching runs ahead of training: keep the sampler state as it was before
+                        # planning this step, so a checkpoint at this step resumes exactly here
+                        self.snapshots[self.sampler.step] = self.sampler.state_dict()
+                    plan = self.sampler.next_batch()
+                batch = self._materialise(plan, plan.step)
+                while not self._stop.is_set():
+                    try:
+                        self.queue.put(batch, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:  # surfaced to the training loop by get()
+            self.error = exc
+            self.queue.put(None)
+
+    def state_at(self, step: int) -> dict:
+        """Sampler state from just before ``step``'s batch was planned (a checkpoint step)."""
+        state = self.snapshots.pop(step)
+        for old in [s for s in self.snapshots if s < step]:
+            del self.snapshots[old]
+        return state
+
+    def get(self) -> tuple[StepBatch, float]:
+        t0 = time.perf_counter()
+        batch = self.queue.get()
+        if batch is None:
+            raise RuntimeError(f"batch producer failed: {self.error!r}") from self.error
+        return batch, time.perf_counter() - t0
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=5)
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,233 @@
+"""The training job: local Ray (or ``--address``), label store + labeling pool, Ray Data video
+streams, a ``TorchTrainer``, MLflow tracking, the final weights and evaluation.
+
+Re-running the same command (same run name and storage) resumes: Ray Train restores the newest
+checkpoint under ``STORAGE/NAME``, the label store recovers its newest version from
+``STORAGE/NAME/labels``, and the MLflow run with the same ``dynamix.run_name`` tag is continued.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dynamix_core.config import dump_yaml, to_dict
+from dynamix_core.data.records import make_key
+from pipelines.train.config import TrainConfig
+
+log = logging.getLogger("dynamix.train")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict
+    history: list[dict]
+    weights_path: Path | None
+    mlflow_run_id: str | None
+    labeling: dict = field(default_factory=dict)
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local default; a cluster brings its token
+    if address:
+        ray.init(address=address, namespace="dynamix", log_to_driver=True)
+    else:
+        # 4 logical CPUs on small boxes: workers at 0.5 CPU each leave room for Ray Data and the pool
+        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), namespace="dynamix", include_dashboard=False,
+                 log_to_driver=True, configure_logging=False)
+
+
+def _ground_truth(index: pa.Table, paths: list[str]) -> np.ndarray | None:
+    """True identity per index row from SynthReID-style ``ground_truth.parquet`` files (key, true_pid)."""
+    if not paths:
+        return None
+    truth: dict[str, int] = {}
+    # shard keys are make_key(dataset, "train", source key) (the LUPerson-NL parser's rule)
+    shard_datasets = {k.split("_train_", 1)[0] for k in index["key"].to_pylist()[:1000]}
+    offset = 0
+    for path in paths:
+        t = pq.read_table(path, columns=["key", "true_pid"]).to_pydict()
+        for ds in shard_datasets:
+            for k, p in zip(t["key"], t["true_pid"]):
+                truth[make_key(ds, "train", k)] = int(p) + offset
+        offset += int(max(t["true_pid"], default=-1)) + 1
+    keys = index["key"].to_pylist()
+    missing = [k for k in keys if k not in truth]
+    if missing:
+        raise FileNotFoundError(f"labeling.ground_truth {paths}: no ground truth for {len(missing)} keys, e.g. {missing[:3]}")
+    return np.array([truth[k] for k in keys], dtype=np.int64)
+
+
+def _multi_train_size(roots: list[str]) -> int:
+    import pyarrow.compute as pc
+
+    from dynamix_core.data.reader import read_dataset_manifest
+
+    return sum(read_dataset_manifest(r).filter(pc.equal(pc.field("split"), "train")).num_rows for r in roots)
+
+
+def _labeling_cfg(cfg: TrainConfig, run_dir: Path, index_path: Path, quota: int) -> dict:
+    return {
+        "mode": cfg.method, "run_name": cfg.run.name, "label_root": str(run_dir / "labels"),
+        "index_path": str(index_path), "total_steps": cfg.run.max_steps, "seed": cfg.run.seed,
+        "quota": quota, "pool_size": cfg.labeling.pool_size, "cpus_per_actor": cfg.labeling.cpus_per_actor,
+        "use_gpu": cfg.scaling.use_gpu, "queue_size": cfg.labeling.queue_size,
+        "max_staleness": cfg.labeling.max_staleness, "embed_batch_size": cfg.labeling.embed_batch_size,
+        "model": to_dict(cfg.model), "transform": to_dict(cfg.data.transform),
+        "relabel": to_dict(cfg.labeling.relabel), "cluster": to_dict(cfg.labeling.cluster),
+    }
+
+
+def _initial_momentum_state(cfg: TrainConfig) -> dict:
+    import torch
+
+    from dynamix_core.model import build_encoder
+
+    torch.manual_seed(cfg.run.seed)
+    return build_encoder(cfg.model).state_dict()
+
+
+def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+    """Absolute data paths (Ray workers run elsewhere), each checked to be a finished ingest, so a
+    typo fails here with the path named instead of inside every worker."""
+    import dataclasses
+
+    from dynamix_core.data.reader import read_dataset_manifest
+
+    def check(root: str, field_name: str) -> str:
+        if "://" in root:
+            return root
+        path = Path(root).resolve()
+        try:
+            read_dataset_manifest(path)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{field_name}: {exc}") from None
+        return str(path)
+
+    data = dataclasses.replace(
+        cfg.data,
+        multi=[check(r, "data.multi") for r in cfg.data.multi],
+        single=[check(r, "data.single") for r in cfg.data.single],
+        target=check(cfg.data.target, "data.target") if cfg.data.target else None,
+    )
+    truth = []
+    for p in cfg.labeling.ground_truth:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"labeling.ground_truth: {p} does not exist")
+        truth.append(str(Path(p).resolve()))
+    return dataclasses.replace(cfg, data=data, labeling=dataclasses.replace(cfg.labeling, ground_truth=truth))
+
+
+def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.tracking import ResilientTracker
+    from pipelines.train.data import load_video_images, single_camera_index, video_rows
+    from pipelines.train.worker import train_loop_per_worker
+    from services.label_store import get_or_create_store, store_actor_name
+    from services.labeling_pool import coordinator_name, start_coordinator
+
+    cfg = resolve_paths(cfg)
+    init_ray(cfg.scaling.address)
+    storage = Path(cfg.run.storage).resolve() if "://" not in cfg.run.storage else cfg.run.storage
+    run_dir = Path(storage) / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    tracking_uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir / 'mlflow.db'}"
+    tracker = ResilientTracker(tracking_uri, cfg.tracking.experiment, cfg.run.name, str(run_dir / "spool_driver"))
+    tracker.log_params(to_dict(cfg))
+    tracker.set_tags({"dynamix.method": cfg.method})
+    tracker.log_artifact(str(run_dir / "config.yaml"))
+
+    datasets = {}
+    loop_config = {"train": to_dict(cfg), "num_single_identities": 0, "run_dir": str(run_dir),
+                   "tracking_uri": tracking_uri}
+    coordinator = None
+    if cfg.uses_single:
+        index = single_camera_index(cfg.data.single)
+        truth = _ground_truth(index, cfg.labeling.ground_truth)
+        if truth is not None:
+            index = index.append_column("truth", pa.array(truth))
+        index_path = run_dir / "labels" / "index.parquet"
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(index, index_path)
+        store = get_or_create_store(cfg.run.name, str(run_dir / "labels"))
+        initial = index["label"].to_numpy() if cfg.method == "dynamix" else np.full(index.num_rows, -1)
+        ray.get(store.initialise.remote(index["key"].to_pylist(), initial))
+        quota = cfg.labeling.quota or _multi_train_size(cfg.data.multi)  # SPEC 2.2: default = |multi train|
+        coordinator = start_coordinator(_labeling_cfg(cfg, run_dir, index_path, quota))
+        num_single = int(index["label"].to_numpy().max()) + 1 if cfg.method == "dynamix" else 0
+        loop_config.update({"num_single_identities": num_single, "store_name": store_actor_name(cfg.run.name),
+                            "coordinator_name": coordinator_name(cfg.run.name)})
+        version, _ = ray.get(store.latest.remote())
+        if cfg.method == "remix" and version == 0:
+            # ReMix: the first pseudo-labels come from the initial momentum encoder before training
+            ray.get(coordinator.publish_weights.remote(0, [ray.put(_initial_momentum_state(cfg))]))
+            ray.get(coordinator.request.remote(0, 0, []))
+            ray.get(coordinator.wait_idle.remote())
+        rows = video_rows(index)
+        for r in range(cfg.scaling.num_workers):
+            mine = [row for row in rows if row["video"] % cfg.scaling.num_workers == r]
+            if not mine:
+                raise ValueError(f"data.single: {len(rows)} videos cannot feed {cfg.scaling.num_workers} workers")
+            datasets[f"videos_{r}"] = ray.data.from_items(mine).map(load_video_images)
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.run.name, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
+        datasets=datasets or None,
+        dataset_config=DataConfig(datasets_to_split=[]),  # each rank reads only its own videos_<rank>
+    )
+    result = trainer.fit()
+    history = list(_read_history(run_dir))
+    metrics = dict(result.metrics or {})
+    labeling = ray.get(coordinator.stats.remote()) if coordinator is not None else {}
+    weights_path = None
+    if result.checkpoint is not None:
+        weights_path = _export_momentum(result.checkpoint, run_dir)
+        tracker.log_artifact(str(weights_path))
+    tracker.close()
+    (run_dir / "result.json").write_text(json.dumps({"metrics": metrics, "labeling": labeling}, indent=2, default=float))
+    return TrainResult(run_dir, metrics, history, weights_path, tracker.run_id, labeling)
+
+
+def _read_history(run_dir: Path):
+    path = run_dir / "history.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                yield json.loads(line)
+
+
+def _export_momentum(checkpoint, run_dir: Path) -> Path:
+    """The deployable model: the momentum encoder's weights as safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / "trainer.pt", map_location="cpu", weights_only=False)["trainer"]["momentum"]
+    out = run_dir / "momentum_encoder.safetensors"
+    tmp = out.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, out)
+    return out

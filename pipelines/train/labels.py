@@ -1,0 +1,70 @@
+"""The trainers' side of the labeling service: publish momentum weights, request the videos about to
+be sampled, and switch to newer label versions between steps without ever waiting for a round."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import ray
+import torch
+
+from dynamix_core.centroids import CentroidBank
+
+
+class LabelClient:
+    """Polls the label store with ``ray.wait(timeout=0)``; applies deltas to the local label map,
+    the sampler's buffered videos and this rank's centroid rows."""
+
+    def __init__(self, store, coordinator, *, rank: int, world_size: int, sharded: bool, bank_offset: int,
+                 version: int | None):
+        self.store, self.coordinator = store, coordinator
+        self.rank, self.world_size, self.sharded = rank, world_size, sharded
+        self.bank_offset = bank_offset
+        self.version = version
+        self._pending: ray.ObjectRef | None = None
+        self.wait_s = 0.0  # time spent fetching deltas (the only blocking part)
+        self.switches = 0
+
+    def initial_labels(self) -> dict[str, int]:
+        delta = ray.get(self.store.changes_since.remote(None))
+        self.version = delta.version
+        return dict(zip(delta.keys.tolist(), delta.pids.tolist()))
+
+    def publish(self, step: int, momentum_state: dict, video_ids: list[int]) -> None:
+        if self.rank == 0:
+            cpu_state = {k: v.detach().cpu() for k, v in momentum_state.items()}
+            self.coordinator.publish_weights.remote(step, [ray.put(cpu_state)])
+        self.coordinator.request.remote(self.rank, step, [int(v) for v in video_ids])
+
+    def poll(self, labels: dict[str, int], sampler, feed, bank: CentroidBank, lock, step: int) -> bool:
+        """Apply a newer version if the store has one; never blocks on the store otherwise."""
+        if self._pending is None:
+            self._pending = self.store.latest.remote()
+        ready, _ = ray.wait([self._pending], timeout=0)
+        if not ready:
+            return False
+        version, _ = ray.get(self._pending)
+        self._pending = None
+        if version is None or (self.version is not None and version <= self.version):
+            return False
+        t0 = time.perf_counter()
+        delta = ray.get(self.store.changes_since.remote(self.version, self.rank, self.world_size, self.sharded))
+        for key, pid in zip(delta.keys.tolist(), delta.pids.tolist()):
+            labels[key] = pid
+        with lock:
+            for vid in sampler.buffered_video_ids():
+                keys = feed.video_keys(vid)
+                if keys is None:
+                    continue
+                pids = np.array([labels.get(k, -1) for k in keys], dtype=np.int64)
+                sampler.update_labels(vid, np.where(pids >= 0, pids + self.bank_offset, -1))
+            if len(delta.centroid_ids):
+                device = bank.centroids.device
+                bank.load_rows(torch.as_tensor(delta.centroid_ids + self.bank_offset, device=device),
+                               torch.as_tensor(delta.centroids, device=device), step=step,
+                               video_M=torch.as_tensor(delta.centroid_videos, device=device))
+        self.version = delta.version
+        self.switches += 1
+        self.wait_s += time.perf_counter() - t0
+        return True

@@ -1,0 +1,248 @@
+"""The Ray Train worker loop. Plain PyTorch in the middle; Ray only for the dataset shard, the
+checkpoint/report barrier, and the labeling service handles.
+
+Per step: pull a newer label version if one is ready (never wait), take the prefetched batch,
+run :class:`~dynamix_core.training.TrainStep`, and at the configured cadences publish momentum
+weights + the videos about to be sampled to the labeling pool, report metrics (rank 0 logs them to
+MLflow), evaluate on the target domain, and checkpoint (every rank writes its own part).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("dynamix.train")
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    import dynamix_core  # noqa: F401
+    from dynamix_core.centroids import build_centroid_bank
+    from dynamix_core.config import from_dict
+    from dynamix_core.model import build_encoder
+    from dynamix_core.sampling import MixedBatchSampler
+    from dynamix_core.training import TrainStep
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.data import BatchProducer, MultiCameraSet, VideoFeed
+    from pipelines.train.evaluate import TargetSet, evaluate_target
+    from pipelines.train.labels import LabelClient
+
+    cfg = from_dict(TrainConfig, config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(os.environ.get("DYNAMIX_TORCH_THREADS", "1"))))
+    _seed_all(cfg.run.seed + rank)
+
+    multi = MultiCameraSet.load(cfg.data.multi)
+    bank_offset = multi.num_identities
+    model = build_encoder(cfg.model)
+    if cfg.scaling.compile:
+        model = torch.compile(model)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}) \
+        if world > 1 else model.to(device)
+    dim = (model.module if hasattr(model, "module") else model).embed_dim
+    num_identities = bank_offset + int(config["num_single_identities"])
+    group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    bank = build_centroid_bank(cfg.centroids, num_identities, dim, device=device, group=group)
+    trainer = TrainStep(model, bank, loss_cfg=cfg.loss, optim_cfg=cfg.optim, ema_momentum=cfg.model.ema_momentum,
+                        total_steps=cfg.run.max_steps, device=device, bf16=cfg.scaling.precision == "bf16",
+                        replicate_bank_updates=world > 1 and cfg.centroids.loss_mode != "sharded")
+
+    labels: dict[str, int] = {}
+    client = None
+    if cfg.uses_single:
+        import ray as _ray
+
+        store = _ray.get_actor(config["store_name"], namespace="dynamix")
+        coordinator = _ray.get_actor(config["coordinator_name"], namespace="dynamix")
+        client = LabelClient(store, coordinator, rank=rank, world_size=world,
+                             sharded=cfg.centroids.loss_mode == "sharded", bank_offset=bank_offset, version=None)
+        labels = client.initial_labels()
+        shard = ray.train.get_dataset_shard(f"videos_{rank}")
+        feed = VideoFeed(lambda: shard.iter_rows(), labels, bank_offset,
+                         cache_videos=4 * cfg.sampler.video_buffer_size)
+    else:
+        feed = VideoFeed(lambda: iter(()), labels, bank_offset)
+    sampler = MixedBatchSampler(cfg.sampler, refs=multi.keys, pids=multi.pid, camids=multi.camid,
+                                datasets=multi.dataset, video_stream=feed, total_steps=cfg.run.max_steps,
+                                rank=rank, world_size=world)
+
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            shared = torch.load(Path(ckpt_dir) / "trainer.pt", map_location=device, weights_only=False)
+            trainer.load_state_dict(shared["trainer"])
+            mine = torch.load(Path(ckpt_dir) / f"rank{rank}.pt", map_location=device, weights_only=False)
+            bank.load_state_dict(mine["bank"])
+            sampler.load_state_dict(json.loads((Path(ckpt_dir) / f"sampler_rank{rank}.json").read_text()))
+            _set_rng_state(mine["rng"])
+            start_step = int(shared["step"])
+            if client is not None:
+                # labels of the checkpoint's version, then newer versions are pulled as usual
+                delta = ray.get(store.changes_since.remote(None))
+                labels.clear()
+                labels.update(zip(delta.keys.tolist(), delta.pids.tolist()))
+                client.version = delta.version
+        log.info("rank %d resumed at step %d", rank, start_step)
+
+    target = TargetSet.load(cfg.data.target, cfg.data.transform) if (cfg.data.target and rank == 0) else None
+    refresh_every = cfg.data.camera_centroid_every or max(1, len(multi.keys) // max(1, cfg.sampler.batch_size))
+    def is_checkpoint_step(s: int) -> bool:
+        return s % cfg.run.checkpoint_every == 0 or s == cfg.run.max_steps
+
+    producer = BatchProducer(sampler, multi, feed, cfg.data.transform, seed=cfg.run.seed * 1000003 + rank,
+                             prefetch=cfg.data.prefetch_batches, threads=cfg.data.decode_threads,
+                             snapshot_at=is_checkpoint_step)
+    tracker, history, stats_ref, rounds_logged = None, None, None, 0
+    if rank == 0:
+        from pipelines.tracking import ResilientTracker
+
+        run_dir = Path(config["run_dir"])
+        tracker = ResilientTracker(config["tracking_uri"], cfg.tracking.experiment, cfg.run.name,
+                                   str(run_dir / "spool_rank0"))
+        history_path = run_dir / "history.jsonl"
+        if history_path.is_file():  # a restart replays the steps after its checkpoint: drop their rows
+            kept = [ln for ln in history_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["step"] <= start_step]
+            history_path.write_text("".join(ln + "\n" for ln in kept))
+        history = history_path.open("a")
+    window = {"data_wait": 0.0, "compute": 0.0, "label_wait": 0.0, "images": 0, "t0": time.perf_counter()}
+    terms_sum: dict[str, float] = {}
+    try:
+        for step in range(start_step, cfg.run.max_steps):
+            if step == start_step or step % refresh_every == 0:
+                _refresh_multi_centroids(trainer, bank, multi, cfg, device, step)
+            if client is not None:
+                label_t0 = client.wait_s
+                client.poll(labels, sampler, feed, bank, producer.lock, step)
+                window["label_wait"] += client.wait_s - label_t0
+                if step % cfg.labeling.publish_every == 0:
+                    with producer.lock:
+                        upcoming = sampler.buffered_video_ids()
+                    client.publish(step, trainer.momentum.model.state_dict(), upcoming)
+            batch, waited = producer.get()
+            out = trainer(batch.to(device), step)
+            window["data_wait"] += waited
+            window["compute"] += out.compute_s
+            window["images"] += batch.pid_B.shape[0]
+            for k, v in out.terms.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + v
+            done = step + 1
+            if done % cfg.run.log_every and done != cfg.run.max_steps:
+                continue
+            n_steps = cfg.run.log_every if done % cfg.run.log_every == 0 else done % cfg.run.log_every
+            elapsed = time.perf_counter() - window["t0"]
+            metrics = {f"loss/{k}": v / n_steps for k, v in terms_sum.items()}
+            metrics.update({
+                "step": done, "lr": out.lr, "grad_norm": out.grad_norm,
+                "images_per_s": window["images"] * world / elapsed,
+                "data_wait_fraction": window["data_wait"] / elapsed,
+                "label_wait_fraction": window["label_wait"] / elapsed,
+                "compute_fraction": window["compute"] / elapsed,
+                "label_version": float(client.version if client and client.version is not None else 0),
+                "bank_stale_rows": float(bank.staleness_counts(done).get("stale", 0)),
+            })
+            if target is not None and (done == cfg.run.max_steps or (cfg.run.eval_every and done % cfg.run.eval_every == 0)):
+                metrics.update({f"eval/{k}": v for k, v in evaluate_target(trainer.momentum, target, cfg.eval, device).items()})
+            ckpt = None
+            if done % cfg.run.checkpoint_every == 0 or done == cfg.run.max_steps:
+                ckpt = _write_checkpoint(trainer, bank, sampler, producer, done, rank, client)
+            if rank == 0 and client is not None:
+                # relabel quality of finished rounds, fetched without waiting
+                if stats_ref is None:
+                    stats_ref = client.coordinator.stats.remote()
+                if ray.wait([stats_ref], timeout=0)[0]:
+                    reports = ray.get(stats_ref)["reports"]
+                    stats_ref = None
+                    for rep in reports[rounds_logged:]:
+                        metrics.update({f"relabel/{k}": float(v) for k, v in rep.items()})
+                    rounds_logged = len(reports)
+            if rank == 0:
+                tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=done)
+                history.write(json.dumps(metrics) + "\n")
+                history.flush()
+            ray.train.report(metrics, checkpoint=ckpt)
+            if ckpt is not None:
+                # the checkpoint was copied to storage by report(); drop the local temp copy
+                import shutil
+
+                shutil.rmtree(ckpt.path, ignore_errors=True)
+            terms_sum.clear()
+            window.update({"data_wait": 0.0, "compute": 0.0, "label_wait": 0.0, "images": 0, "t0": time.perf_counter()})
+    finally:
+        producer.close()
+        if tracker is not None:
+            tracker.close()
+            history.close()
+
+
+def _write_checkpoint(trainer, bank, sampler, producer, step: int, rank: int, client):
+    """Every rank writes its own files into one checkpoint (Ray merges the workers' directories)."""
+    from ray.train import Checkpoint
+
+    ckpt_dir = Path(tempfile.mkdtemp(prefix=f"dynamix-ckpt-{step}-r{rank}-"))
+    # The producer prefetches: the sampler has already planned batches beyond `step`. Rewind its
+    # state to what it was right after planning step-1's batch so no batch is lost or repeated.
+    with producer.lock:
+        sampler_state = producer.state_at(step)
+    if rank == 0:
+        torch.save({"trainer": trainer.state_dict(), "step": step,
+                    "label_version": None if client is None else client.version}, ckpt_dir / "trainer.pt")
+    torch.save({"bank": bank.state_dict(), "rng": _rng_state()}, ckpt_dir / f"rank{rank}.pt")
+    (ckpt_dir / f"sampler_rank{rank}.json").write_text(json.dumps(sampler_state))
+    return Checkpoint.from_directory(str(ckpt_dir))
+
+
+@torch.no_grad()
+def _refresh_multi_centroids(trainer, bank, multi, cfg, device, step: int) -> None:
+    """(Re)initialise the multi-camera identities' centroids and the (identity, camera) centroids of
+    the Camera-centroids loss from f~ features of every multi-camera train image (SPEC 2.2 step 1)."""
+    from dynamix_core.data.images import decode_image
+    from dynamix_core.data.transforms import ViewTransform
+
+    view = ViewTransform(cfg.data.transform, "test")
+    size = (cfg.data.transform.height, cfg.data.transform.width)
+    feats = []
+    for start in range(0, len(multi.data), 128):
+        imgs = torch.stack([view(decode_image(b, size)) for b in multi.data[start:start + 128]]).to(device)
+        feats.append(trainer.momentum.embed(imgs).float())
+    feat_ND = torch.cat(feats)
+    pid_N = torch.as_tensor(multi.pid, device=device)
+    cam_N = torch.as_tensor(multi.camid, device=device)
+    bank.reinit(feat_ND, pid_N, step=step, video_M=torch.full_like(pid_N, -1))
+    pair_N = pid_N * (int(cam_N.max()) + 1) + cam_N
+    pair_U, inverse_N = torch.unique(pair_N, return_inverse=True)
+    sums_UD = torch.zeros(len(pair_U), feat_ND.shape[1], device=device).index_add_(0, inverse_N, feat_ND)
+    first_N = torch.zeros(len(pair_U), dtype=torch.long, device=device).scatter_(
+        0, inverse_N, torch.arange(len(pair_N), device=device))
+    trainer.set_camera_centroids(sums_UD, pid_N[first_N], cam_N[first_N])

@@ -1,0 +1,154 @@
+"""The label store: a named Ray actor that knows the latest label version and hands trainers what
+changed since the version they hold, plus the published centroids of their shard of identities.
+
+Storage is :class:`dynamix_core.labeling.label_table.LabelStore` (one parquet per version, written
+to a temporary name and renamed; an audit log); centroids of each version are an ``.npz`` beside it,
+also written atomically. The actor keeps no state that storage does not have: after a restart
+(``max_restarts=-1``) it re-reads the newest readable version, and a corrupt or missing newest
+file is reported while the previous version stays in force.
+
+Trainers never block on it: they poll ``latest()`` with ``ray.wait(timeout=0)`` and only fetch
+``changes_since()`` when a newer version exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from dynamix_core.labeling.label_table import LabelStore, LabelStoreError, LabelTable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LabelDelta:
+    """What a trainer applies to move from ``since`` to ``version``."""
+
+    version: int
+    step: int
+    keys: np.ndarray  # keys whose label changed (object array)
+    pids: np.ndarray  # their new labels (-1 = not used)
+    centroid_ids: np.ndarray  # identities with published centroids owned by the asking rank
+    centroids: np.ndarray  # (M, D) float32
+    centroid_videos: np.ndarray  # (M,) video of each identity
+    full: bool  # True when the delta is the whole table (trainer too far behind)
+
+
+def _centroid_path(store: LabelStore, version: int) -> Path:
+    return store.root / f"centroids-v{version:08d}.npz"
+
+
+def _save_npz_atomic(path: Path, **arrays) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class LabelStoreService:
+    """The actor's logic (plain class: unit-testable without Ray)."""
+
+    def __init__(self, root: str):
+        self.store = LabelStore(root)
+        self.version: int | None = None
+        self.table: LabelTable | None = None
+        self.step = 0
+        self._recover()
+
+    def _recover(self) -> None:
+        version = self.store.latest_version()  # warns about newer unreadable versions
+        if version is None:
+            return
+        self.version, self.table = version, self.store.read(version)
+        history = {r["version"]: r for r in self.store.history()}
+        self.step = int(history.get(version, {}).get("step", 0))
+        log.info("label store %s: recovered version %d (step %d)", self.store.root, version, self.step)
+
+    def latest(self) -> tuple[int | None, int]:
+        return self.version, self.step
+
+    def initialise(self, keys: list[str], pids: np.ndarray) -> int:
+        """Version 0 (tracker labels, or all -1 for ReMix); a no-op when a version exists already."""
+        if self.version is not None:
+            return self.version
+        table = LabelTable.initial(np.asarray(keys, dtype=object), np.asarray(pids, dtype=np.int64))
+        self.store.write(table, parent=None, step=0)
+        self.version, self.table, self.step = table.version, table, 0
+        return table.version
+
+    def commit(self, keys, pids, *, step: int, centroid_ids, centroids, centroid_videos, videos=(),
+               num_splits: int = 0, num_merges: int = 0) -> int:
+        """A new version: ``keys`` get ``pids``; centroids published for ``centroid_ids``."""
+        if self.table is None:
+            raise LabelStoreError("commit before initialise: the store holds no version yet")
+        table = self.table.updated(np.asarray(keys, dtype=object), np.asarray(pids, dtype=np.int64))
+        _save_npz_atomic(_centroid_path(self.store, table.version), ids=np.asarray(centroid_ids, dtype=np.int64),
+                         centroids=np.asarray(centroids, dtype=np.float32),
+                         videos=np.asarray(centroid_videos, dtype=np.int64))
+        self.store.write(table, parent=self.version, step=step, videos_relabeled=videos,
+                         num_splits=num_splits, num_merges=num_merges)
+        self.version, self.table, self.step = table.version, table, step
+        return table.version
+
+    def changes_since(self, since: int | None, rank: int = 0, world_size: int = 1, sharded: bool = False) -> LabelDelta:
+        """Labels changed after ``since`` and the centroids published since then (only the rows
+        ``rank`` owns when the bank is sharded: identity ``g`` lives on rank ``g % world_size``)."""
+        if self.table is None:
+            raise LabelStoreError("no label version yet")
+        full = since is None or since > self.version or not self.store.path_of(since).is_file()
+        if full:
+            keys, pids = self.table.keys, self.table.pids
+        else:
+            old = self.store.read(since)
+            changed = old.pids != self.table.pids  # tables of one run share key order (updated() keeps it)
+            keys, pids = self.table.keys[changed], self.table.pids[changed]
+        ids, rows, videos = [], [], []
+        first = 1 if full else since + 1
+        for version in range(first, self.version + 1):  # newer versions overwrite older rows
+            path = _centroid_path(self.store, version)
+            if not path.is_file():
+                continue
+            with np.load(path) as z:
+                ids.append(z["ids"]), rows.append(z["centroids"]), videos.append(z["videos"])
+        if ids:
+            ids_M, rows_MD, videos_M = np.concatenate(ids), np.concatenate(rows), np.concatenate(videos)
+            _, last = np.unique(ids_M[::-1], return_index=True)  # newest publication of each identity
+            keep = len(ids_M) - 1 - last
+            ids_M, rows_MD, videos_M = ids_M[keep], rows_MD[keep], videos_M[keep]
+            if sharded:
+                own = ids_M % world_size == rank
+                ids_M, rows_MD, videos_M = ids_M[own], rows_MD[own], videos_M[own]
+        else:
+            ids_M, rows_MD, videos_M = np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+        return LabelDelta(self.version, self.step, keys, pids, ids_M, rows_MD, videos_M, full)
+
+    def history(self) -> list[dict]:
+        return self.store.history()
+
+
+# max_restarts=-1: a killed store comes back and recovers from storage; max_task_retries=-1: calls
+# made while it restarts are retried instead of failing the trainer.
+LabelStoreActor = ray.remote(max_restarts=-1, max_task_retries=-1, num_cpus=0)(LabelStoreService)
+
+
+def store_actor_name(run_name: str) -> str:
+    return f"dynamix-labels-{run_name}"
+
+
+def get_or_create_store(run_name: str, root: str, namespace: str = "dynamix"):
+    """The run's label store actor (created on first use, found by name afterwards)."""
+    return LabelStoreActor.options(name=store_actor_name(run_name), namespace=namespace, get_if_exists=True,
+                                   lifetime="detached").remote(root)

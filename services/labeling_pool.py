@@ -1,0 +1,375 @@
+"""The labeling service: a pool of Ray actors that embed single-camera videos with the trainers'
+momentum encoder and pseudo-label (ReMix) or relabel (DynaMix) them, and a coordinator that
+queues requests, dispatches chunks of videos to the pool, retries the work of a killed actor on
+another one, and publishes each finished round to the label store as a new version plus
+per-identity centroids.
+
+    trainers --publish_weights(step, weights)--> coordinator --process(chunk)--> LabelingWorker x N
+    trainers --request(rank, step, videos)-----> coordinator --commit(version)--> label store
+    trainers <--changes_since(version, rank)----------------------------------- label store
+
+Identity ids: a worker labels its chunk with ids that are unique inside the chunk (existing ids are
+kept, new ones are numbered from the chunk's ``next_id``); the coordinator, the only writer,
+renumbers every new id to a fresh global id at commit, so concurrent chunks never collide.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+import torch
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# worker
+
+
+class LabelingWorkerService:
+    """Embeds a chunk of videos with the published momentum encoder and labels them."""
+
+    def __init__(self, model_cfg: dict, transform_cfg: dict, embed_batch_size: int = 128):
+        import dynamix_core  # noqa: F401  (torchvision shim before timm)
+        from dynamix_core.config import from_dict
+        from dynamix_core.data.transforms import TransformConfig, ViewTransform
+        from dynamix_core.model import ModelConfig, build_encoder
+
+        model_cfg = {**model_cfg, "weights": None}  # weights always come from the trainers
+        self.model = build_encoder(from_dict(ModelConfig, model_cfg)).eval()
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+        self.view = ViewTransform(from_dict(TransformConfig, transform_cfg), "test")
+        self.size = (self.view.cfg.height, self.view.cfg.width)
+        self.embed_batch_size = embed_batch_size
+        self.weights_step = -1
+
+    def ping(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def embed(self, chunk: dict) -> np.ndarray:
+        from dynamix_core.data.images import decode_image
+        from pipelines.train.data import read_members
+
+        blobs: list[bytes] = []
+        for tar, offsets, sizes in chunk["reads"]:
+            blobs.extend(read_members(tar, offsets, sizes))
+        feats = []
+        for start in range(0, len(blobs), self.embed_batch_size):
+            imgs = [self.view(decode_image(b, self.size)) for b in blobs[start:start + self.embed_batch_size]]
+            out = self.model(torch.stack(imgs).to(self.device))
+            feats.append(torch.nn.functional.normalize(out.float(), dim=1).cpu())
+        return torch.cat(feats).numpy()
+
+    def process(self, chunk: dict, weights_step: int, weights: list) -> dict:
+        """Label one chunk. ``weights`` is ``[state_dict]`` (a list so Ray resolves the object ref)."""
+        from dynamix_core.config import from_dict
+        from dynamix_core.labeling.config import ClusterConfig, RelabelConfig
+        from dynamix_core.labeling.pseudo_labels import assign_pseudo_labels
+        from dynamix_core.labeling.relabel import relabel_videos
+
+        if weights_step != self.weights_step:
+            self.model.load_state_dict(weights[0])
+            self.weights_step = weights_step
+        t0 = time.perf_counter()
+        feat_ND = self.embed(chunk)
+        video = np.asarray(chunk["video"], dtype=np.int64)
+        before = np.asarray(chunk["labels"], dtype=np.int64)
+        next_id = int(before.max()) + 1 if len(before) and before.max() >= 0 else 0
+        report: dict[str, float] = {}
+        if chunk["mode"] == "dynamix":
+            result = relabel_videos(feat_ND, video, before, np.asarray(chunk["frames"]),
+                                    from_dict(RelabelConfig, chunk["relabel"]), next_id)
+            after = result.labels
+            report.update({"num_splits": float(len(result.changes.splits)),
+                           "num_merges": float(len(result.changes.merges)),
+                           "num_dropped": float(result.changes.num_dropped)})
+        else:
+            pseudo = assign_pseudo_labels(feat_ND, video, from_dict(ClusterConfig, chunk["cluster"]), id_offset=next_id)
+            after = pseudo.labels
+        used = after >= 0
+        ids, inverse = np.unique(after[used], return_inverse=True)
+        sums = np.zeros((len(ids), feat_ND.shape[1]), dtype=np.float64)
+        np.add.at(sums, inverse, feat_ND[used])
+        centroids = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+        id_video = np.zeros(len(ids), dtype=np.int64)
+        id_video[inverse] = video[used]
+        report["seconds"] = time.perf_counter() - t0
+        return {"chunk_id": chunk["chunk_id"], "keys": chunk["keys"], "labels": after, "new_from": next_id,
+                "centroid_ids": ids, "centroids": centroids.astype(np.float32), "centroid_videos": id_video,
+                "videos": sorted(set(video.tolist())), "report": report, "weights_step": weights_step}
+
+
+# --------------------------------------------------------------------------------------------------
+# coordinator
+
+
+@dataclass
+class _Round:
+    """One labeling round in flight: chunks out at workers, results back."""
+
+    round_id: int
+    step: int  # training step of the request
+    weights_step: int
+    chunks: dict[int, dict]
+    results: dict[int, dict] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+
+class LabelingCoordinatorService:
+    """Queue, dispatch, retry, staleness and publication of labeling rounds (one writer)."""
+
+    def __init__(self, cfg: dict):
+        from dynamix_core.labeling import quality
+        from dynamix_core.labeling.pseudo_labels import VideoQuotaSampler
+        from dynamix_core.labeling.relabel_schedule import RelabelScheduler
+        from services.label_store import get_or_create_store
+
+        self.cfg = cfg
+        self.quality = quality
+        self.mode = cfg["mode"]
+        self.store = get_or_create_store(cfg["run_name"], cfg["label_root"])
+        index = pq.read_table(cfg["index_path"]).to_pydict()
+        self.keys = np.asarray(index["key"], dtype=object)
+        self.video = np.asarray(index["video"], dtype=np.int64)
+        self.frame = np.asarray(index["frame"], dtype=np.int64)
+        self.tar = np.asarray(index["tar"], dtype=object)
+        self.offset = np.asarray(index["offset"], dtype=np.int64)
+        self.size = np.asarray(index["size"], dtype=np.int64)
+        self.truth = np.asarray(index["truth"], dtype=np.int64) if "truth" in index else None
+        order = np.argsort(self.video, kind="stable")
+        bounds = np.flatnonzero(np.diff(self.video[order])) + 1
+        self.rows_of_video = {int(self.video[r[0]]): r for r in np.split(order, bounds) if len(r)}
+        video_ids = np.array(sorted(self.rows_of_video), dtype=np.int64)
+        self.scheduler = RelabelScheduler(video_ids, cfg["total_steps"], cfg["relabel"]["warmup_fraction"])
+        sizes = np.array([len(self.rows_of_video[v]) for v in video_ids])
+        self.quota = VideoQuotaSampler(video_ids, sizes, cfg["quota"], seed=cfg["seed"])
+        resources = {"num_gpus": 1} if cfg["use_gpu"] else {"num_cpus": cfg["cpus_per_actor"]}
+        self.worker_cls = ray.remote(max_restarts=-1, max_task_retries=0, **resources)(LabelingWorkerService)
+        self.workers = [self.worker_cls.remote(cfg["model"], cfg["transform"], cfg["embed_batch_size"])
+                        for _ in range(cfg["pool_size"])]
+        self.queue: collections.deque = collections.deque()
+        self.lock = threading.Lock()
+        self.weights: tuple[int, ray.ObjectRef] | None = None
+        self.latest_step = 0
+        self.next_global_id: int | None = None
+        self.reports: list[dict] = []
+        self.counters = collections.Counter()
+        self.round: _Round | None = None
+        self.round_counter = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="labeling-dispatch", daemon=True)
+        self.thread.start()
+
+    # --- trainers' side ---------------------------------------------------------------------------
+
+    def publish_weights(self, step: int, weights: list) -> None:
+        """Momentum-encoder weights of training step ``step`` (``[ObjectRef]``: not resolved here)."""
+        with self.lock:
+            if self.weights is None or step >= self.weights[0]:
+                self.weights = (step, weights[0])
+            self.latest_step = max(self.latest_step, step)
+
+    def request(self, rank: int, step: int, video_ids: list[int]) -> bool:
+        """Label/relabel these videos soon. Returns False when the request was dropped because the
+        queue is full (backpressure: the newest requests are kept, they are about to be sampled)."""
+        with self.lock:
+            self.latest_step = max(self.latest_step, step)
+            dropped = len(self.queue) >= self.cfg["queue_size"]
+            if dropped:
+                self.queue.popleft()
+                self.counters["requests_dropped"] += 1
+            self.queue.append((step, list(video_ids)))
+            self.counters["requests"] += 1
+            return not dropped
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"counters": dict(self.counters), "reports": list(self.reports), "errors": list(self.errors[-5:]),
+                    "in_flight": self.round is not None, "queued": len(self.queue)}
+
+    def wait_idle(self, timeout_s: float = 600.0) -> bool:
+        """Block until nothing is queued or in flight (used by the first ReMix round and tests)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.lock:
+                idle = self.round is None and not self.queue
+            if idle:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def workers_for_test(self) -> list:
+        return list(self.workers)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=10)
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+
+    # --- dispatch loop ----------------------------------------------------------------------------
+
+    def _pick_videos(self) -> tuple[int, np.ndarray] | None:
+        with self.lock:
+            if self.weights is None:
+                return None
+            if self.mode == "remix":
+                if not self.queue:
+                    return None
+                step, _ = self.queue.popleft()
+                self.queue.clear()  # one ReMix round covers the next quota of videos
+                return step, self.quota.next_epoch()
+            while self.queue:
+                step, videos = self.queue.pop()  # newest first: those videos are about to be sampled
+                due = self.scheduler.due(step, np.asarray(videos, dtype=np.int64))
+                if len(due):
+                    return step, due
+            return None
+
+    def _chunks(self, videos: np.ndarray, labels: np.ndarray) -> dict[int, dict]:
+        parts = np.array_split(videos, min(len(videos), max(1, len(self.workers))))
+        chunks = {}
+        for i, part in enumerate(parts):
+            rows = np.concatenate([self.rows_of_video[int(v)] for v in part])
+            reads = []
+            for tar in dict.fromkeys(self.tar[rows].tolist()):
+                sel = rows[self.tar[rows] == tar]
+                reads.append((tar, self.offset[sel].tolist(), self.size[sel].tolist()))
+            rows = np.concatenate([rows[self.tar[rows] == t] for t, _, _ in reads])  # read order
+            chunks[i] = {
+                "chunk_id": i, "mode": self.mode, "keys": self.keys[rows].tolist(), "video": self.video[rows],
+                "frames": self.frame[rows], "labels": labels[rows], "reads": reads,
+                "truth": None if self.truth is None else self.truth[rows],
+                "relabel": self.cfg["relabel"], "cluster": self.cfg["cluster"],
+            }
+        return chunks
+
+    def _current_labels(self) -> tuple[np.ndarray, int]:
+        from services.label_store import LabelStoreService  # noqa: F401  (type only)
+
+        delta = ray.get(self.store.changes_since.remote(None))
+        lookup = dict(zip(delta.keys.tolist(), delta.pids.tolist()))
+        labels = np.array([lookup.get(k, -1) for k in self.keys.tolist()], dtype=np.int64)
+        return labels, delta.version
+
+    def _start_round(self) -> bool:
+        picked = self._pick_videos()
+        if picked is None:
+            return False
+        step, videos = picked
+        labels, _ = self._current_labels()
+        if self.next_global_id is None:
+            self.next_global_id = int(labels.max()) + 1 if len(labels) and labels.max() >= 0 else 0
+        with self.lock:
+            weights_step, _ = self.weights
+            self.round_counter += 1
+            self.round = _Round(self.round_counter, step, weights_step, self._chunks(videos, labels))
+        return True
+
+    def _submit(self, rnd: _Round, chunk_id: int, worker_index: int):
+        with self.lock:
+            weights_step, ref = self.weights
+        rnd.weights_step = min(rnd.weights_step, weights_step)
+        worker = self.workers[worker_index % len(self.workers)]
+        return worker.process.remote(rnd.chunks[chunk_id], weights_step, [ref])
+
+    def _run_round(self, rnd: _Round) -> None:
+        pending = {self._submit(rnd, cid, cid): (cid, cid) for cid in rnd.chunks}
+        while pending and not self._stop.is_set():
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            for ref in done:
+                cid, attempt = pending.pop(ref)
+                try:
+                    rnd.results[cid] = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
+                    # the actor died mid-chunk: nothing of this chunk was published; run it on the
+                    # next actor (the dead one restarts by itself, max_restarts=-1)
+                    self.counters["chunk_retries"] += 1
+                    log.warning("labeling chunk %d lost (%s); retrying on another actor", cid, type(exc).__name__)
+                    pending[self._submit(rnd, cid, attempt + 1)] = (cid, attempt + 1)
+
+    def _commit(self, rnd: _Round) -> None:
+        with self.lock:
+            latest = self.latest_step
+        if rnd.weights_step < latest - self.cfg["max_staleness"]:
+            self.counters["rounds_stale"] += 1
+            log.info("labeling round %d discarded: weights of step %d, trainers at %d (max_staleness %d)",
+                     rnd.round_id, rnd.weights_step, latest, self.cfg["max_staleness"])
+            return
+        keys, labels, before, truth, ids, cents, cvideos, videos = [], [], [], [], [], [], [], []
+        counts: collections.Counter = collections.Counter()
+        for cid, res in sorted(rnd.results.items()):
+            lab = np.asarray(res["labels"], dtype=np.int64)
+            remap = {}
+            for old in np.unique(lab[lab >= res["new_from"]]).tolist():
+                remap[old] = self.next_global_id
+                self.next_global_id += 1
+            keys.extend(res["keys"])
+            labels.append(np.array([remap.get(x, x) for x in lab.tolist()], dtype=np.int64))
+            ids.append(np.array([remap.get(x, x) for x in np.asarray(res["centroid_ids"]).tolist()], dtype=np.int64))
+            cents.append(res["centroids"]), cvideos.append(res["centroid_videos"]), videos.extend(res["videos"])
+            before.append(np.asarray(rnd.chunks[cid]["labels"], dtype=np.int64))
+            if rnd.chunks[cid]["truth"] is not None:
+                truth.append(np.asarray(rnd.chunks[cid]["truth"], dtype=np.int64))
+            counts.update({k: v for k, v in res["report"].items() if k.startswith("num_")})
+        after_N, before_N = np.concatenate(labels), np.concatenate(before)
+        quality = self.quality
+        report = {**quality.cluster_stats(after_N), **{k: float(v) for k, v in counts.items()}}
+        if truth:
+            truth_N = np.concatenate(truth)
+            report.update(quality.pairwise_scores(after_N, truth_N))
+            report.update({f"before_{k}": v for k, v in quality.pairwise_scores(before_N, truth_N).items()})
+        version = ray.get(self.store.commit.remote(
+            keys, after_N, step=rnd.step, centroid_ids=np.concatenate(ids),
+            centroids=np.concatenate(cents), centroid_videos=np.concatenate(cvideos), videos=sorted(set(videos)),
+            num_splits=int(report.get("num_splits", 0)), num_merges=int(report.get("num_merges", 0))))
+        if self.mode == "dynamix":
+            self.scheduler.mark_done(np.asarray(sorted(set(videos)), dtype=np.int64))
+        report.update({"version": float(version), "step": float(rnd.step), "weights_step": float(rnd.weights_step),
+                       "num_videos": float(len(set(videos))), "num_images": float(len(after_N)),
+                       "round_seconds": time.perf_counter() - rnd.started})
+        with self.lock:
+            self.reports.append(report)
+            self.counters["rounds"] += 1
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if not self._start_round():
+                    time.sleep(0.05)
+                    continue
+                rnd = self.round
+                self._run_round(rnd)
+                if not self._stop.is_set():
+                    self._commit(rnd)
+            except Exception:  # a bad round must not kill the service: report it and go on
+                self.counters["round_errors"] += 1
+                self.errors.append(traceback.format_exc())
+                log.error("labeling round failed:\n%s", self.errors[-1])
+            finally:
+                with self.lock:
+                    self.round = None
+
+
+def coordinator_name(run_name: str) -> str:
+    return f"dynamix-labeling-{run_name}"
+
+
+def start_coordinator(cfg: dict, namespace: str = "dynamix"):
+    """The run's coordinator actor (threaded: trainers' calls are served while a round runs)."""
+    actor = ray.remote(num_cpus=0, max_concurrency=8, max_restarts=-1, max_task_retries=-1)(
+        LabelingCoordinatorService)
+    return actor.options(name=coordinator_name(cfg["run_name"]), namespace=namespace,
+                         get_if_exists=True).remote(cfg)
