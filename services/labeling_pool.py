@@ -72,14 +72,15 @@ class LabelingWorkerService:
         return torch.cat(feats).numpy()
 
     def process(self, chunk: dict, weights_step: int, weights: list) -> dict:
-        """Label one chunk. ``weights`` is ``[state_dict]`` (a list so Ray resolves the object ref)."""
+        """Label one chunk. ``weights`` is ``[ObjectRef of a state_dict]``: nested in a list, Ray passes
+        the reference through unresolved, so the weights are fetched only when the step changed."""
         from dynamix_core.config import from_dict
         from dynamix_core.labeling.config import ClusterConfig, RelabelConfig
         from dynamix_core.labeling.pseudo_labels import assign_pseudo_labels
         from dynamix_core.labeling.relabel import relabel_videos
 
         if weights_step != self.weights_step:
-            self.model.load_state_dict(weights[0])
+            self.model.load_state_dict(ray.get(weights[0]))
             self.weights_step = weights_step
         t0 = time.perf_counter()
         feat_ND = self.embed(chunk)

@@ -1,0 +1,147 @@
+"""In-process reader over an ingested shard set (no Ray): samples, whole videos, label-table join.
+
+    reader = ShardReader("data/shards/synth_video", labels="labels/v3.parquet")
+    for video in reader.iter_videos():          # single-camera sets: one list per video, in frame order
+        ...
+    batch = to_batch(samples, ViewTransform(TransformConfig(), "standard"), seed=epoch)
+
+The shard set is what ``dynamix ingest`` wrote: ``manifest.parquet`` (one row per image, with its
+``shard``) and the ``shard-NNNNNN.tar`` files, read sequentially. Pseudo-labels are never baked
+into shards (SPEC 1.1): a label table (parquet ``key, pid, version``) is joined at read time and
+its rows override ``pid``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from dynamix_core.data.images import decode_image
+from dynamix_core.data.records import BadInputError, InputReport, Record
+from dynamix_core.data.shards import DATASET_SCHEMA, MANIFEST_NAME, iter_tar_samples
+from dynamix_core.data.transforms import ViewTransform, sample_generator
+
+#: integer record fields stacked into tensors by :func:`to_batch`
+BATCH_FIELDS = ("pid", "camid", "video_id", "tracklet_id", "frame")
+
+
+@dataclass(slots=True)
+class Sample:
+    """One image read from a shard: its record (label-joined ``pid``) and encoded bytes."""
+
+    record: Record
+    data: bytes
+    ext: str
+
+    @property
+    def key(self) -> str:
+        return self.record.key
+
+
+def read_dataset_manifest(root: str | Path) -> pa.Table:
+    """``root/manifest.parquet``, or a :class:`FileNotFoundError` saying the ingest is unfinished."""
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {root} is not a finished ingest (run or re-run `dynamix ingest --out {root}`)"
+        )
+    return pq.read_table(path, schema=DATASET_SCHEMA)
+
+
+def read_label_table(path: str | Path) -> dict[str, int]:
+    """``key -> pid`` from a label table (parquet ``key, pid, version``), the highest version per key."""
+    table = pq.read_table(path, columns=["key", "pid", "version"])
+    if table.num_rows == 0:
+        return {}
+    order = pc.sort_indices(table, sort_keys=[("key", "ascending"), ("version", "ascending")])
+    table = table.take(order)
+    # after sorting, the last row of each key holds its highest version; dict() keeps the last
+    return dict(zip(table.column("key").to_pylist(), table.column("pid").to_pylist()))
+
+
+class ShardReader:
+    """Reads a shard set in manifest order; ``labels`` (a table path or a ``key -> pid`` mapping)
+    overrides ``pid``. Bad shard content (see :func:`~dynamix_core.data.shards.iter_tar_samples`)
+    goes to ``report``: skipped and reported, or raised in strict mode."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        labels: str | Path | Mapping[str, int] | None = None,
+        report: InputReport | None = None,
+    ):
+        self.root = Path(root)
+        self.manifest = read_dataset_manifest(self.root)
+        shard_col = self.manifest.column("shard").to_pylist()
+        self.shards: list[str] = list(dict.fromkeys(shard_col))  # manifest (= write) order
+        self._shard_sizes = Counter(shard_col)
+        self.labels = read_label_table(labels) if isinstance(labels, (str, Path)) else labels
+        self.report = report if report is not None else InputReport()
+
+    def __len__(self) -> int:
+        return self.manifest.num_rows
+
+    def iter_samples(self, shards: Iterable[str] | None = None) -> Iterator[Sample]:
+        """Every valid sample of ``shards`` (default: all), in tar order."""
+        for name in self.shards if shards is None else shards:
+            tar_path = self.root / name
+            before, count = len(self.report), 0
+            for record, data, ext in iter_tar_samples(tar_path, self.report):
+                if self.labels is not None and record.key in self.labels:
+                    record = dataclasses.replace(record, pid=int(self.labels[record.key]))
+                count += 1
+                yield Sample(record, data, ext)
+            # a tar cut exactly at a member boundary reads as a valid, shorter archive
+            if count != self._shard_sizes[name] and len(self.report) == before:
+                self.report.reject(
+                    tar_path, f"truncated tar: {count} valid samples, the manifest lists {self._shard_sizes[name]}"
+                )
+
+    def iter_videos(self, shards: Iterable[str] | None = None) -> Iterator[list[Sample]]:
+        """Whole videos of a single-camera set: ingest keeps each video contiguous inside one shard,
+        so consecutive samples with the same ``(dataset, video_id)`` are the whole video."""
+        video: list[Sample] = []
+        for sample in self.iter_samples(shards):
+            if sample.record.video_id < 0:
+                raise BadInputError(
+                    f"{self.root}: sample {sample.key} has no video (video_id -1); "
+                    "iter_videos reads single-camera sets only, use iter_samples"
+                )
+            if video and _video_of(video[-1]) != _video_of(sample):
+                yield video
+                video = []
+            video.append(sample)
+        if video:
+            yield video
+
+
+def _video_of(sample: Sample) -> tuple[str, int]:
+    return sample.record.dataset, sample.record.video_id
+
+
+def load_image(sample: Sample, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The sample's image, RGB ``uint8`` ``(H, W, 3)``, resized to ``size = (H, W)`` if given."""
+    return decode_image(sample.data, size)
+
+
+def to_batch(samples: list[Sample], transform: ViewTransform, seed: int) -> dict[str, torch.Tensor]:
+    """Decode and transform ``samples`` into ``{"image": float (B, 3, H, W), "pid": int64 (B,), ...}``
+    (the fields of :data:`BATCH_FIELDS`); each view is seeded by ``(seed, key, view)``."""
+    size = (transform.cfg.height, transform.cfg.width)
+    images_BCHW = torch.stack(
+        [transform(load_image(s, size), sample_generator(seed, s.key, transform.view)) for s in samples]
+    )
+    batch = {"image": images_BCHW}
+    for name in BATCH_FIELDS:
+        batch[name] = torch.tensor([getattr(s.record, name) for s in samples], dtype=torch.int64)
+    return batch

@@ -1,0 +1,113 @@
+"""Summarise an ingested shard set: images per dataset/split/domain, identities, cameras, videos,
+shard count and sizes, the ingest's skipped inputs, and any label tables.
+
+    dynamix inspect data/shards/synth_m0
+    dynamix inspect data/shards/synth_video --labels runs/r1/labels.parquet --json
+
+Label tables are read from DIR/labels/*.parquet and from each --labels file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+LABELS_DIR = "labels"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("dir", help="an ingest output folder (holding manifest.parquet)")
+    p.add_argument("--labels", action="append", default=[], metavar="FILE",
+                   help="a label table (parquet key, pid, version) to summarise too; repeatable")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def inspect_shard_set(root: Path, label_files: list[Path]) -> dict:
+    """The summary of the shard set at ``root`` as plain data."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from dynamix_core.data.reader import read_dataset_manifest
+    from dynamix_core.data.shards import SUMMARY_NAME
+
+    manifest = read_dataset_manifest(root)
+
+    def distinct(table, column: str) -> int:  # distinct (dataset, id) pairs, -1 (none) excluded
+        return table.filter(pc.field(column) != -1).group_by(["dataset", column]).aggregate([]).num_rows
+
+    groups = []
+    for key in manifest.group_by(["dataset", "split", "domain"]).aggregate([]).sort_by(
+        [("dataset", "ascending"), ("split", "ascending"), ("domain", "ascending")]
+    ).to_pylist():
+        part = manifest.filter(
+            (pc.field("dataset") == key["dataset"]) & (pc.field("split") == key["split"])
+            & (pc.field("domain") == key["domain"])
+        )
+        groups.append({**key, "images": part.num_rows, "identities": distinct(part, "pid"),
+                       "cameras": distinct(part, "camid"), "videos": distinct(part, "video_id")})
+
+    shard_names = list(dict.fromkeys(manifest.column("shard").to_pylist()))
+    shard_bytes = sorted((root / name).stat().st_size for name in shard_names)
+    summary_path = root / SUMMARY_NAME
+    ingest = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+
+    tables = sorted((root / LABELS_DIR).glob("*.parquet")) + list(label_files)
+    keys = manifest.column("key")
+    labels = []
+    for path in tables:
+        table = pq.read_table(path, columns=["key", "pid", "version"])
+        labels.append({
+            "path": str(path), "rows": table.num_rows,
+            "versions": pc.count_distinct(table.column("version")).as_py(),
+            "latest_version": pc.max(table.column("version")).as_py(),
+            "identities": pc.count_distinct(table.filter(pc.field("pid") != -1).column("pid")).as_py(),
+            "keys_in_set": pc.sum(pc.is_in(keys, value_set=pc.unique(table.column("key")))).as_py() or 0,
+        })
+
+    return {
+        "dir": str(root),
+        "format": ingest.get("format"),
+        "images": manifest.num_rows,
+        "identities": distinct(manifest, "pid"),
+        "cameras": distinct(manifest, "camid"),
+        "videos": distinct(manifest, "video_id"),
+        "groups": groups,
+        "shards": {
+            "count": len(shard_names), "total_bytes": sum(shard_bytes),
+            "min_bytes": shard_bytes[0] if shard_bytes else 0,
+            "median_bytes": shard_bytes[len(shard_bytes) // 2] if shard_bytes else 0,
+            "max_bytes": shard_bytes[-1] if shard_bytes else 0,
+        },
+        "skipped": ingest.get("skipped"),
+        "skipped_by_reason": ingest.get("skipped_by_reason", {}),
+        "label_tables": labels,
+    }
+
+
+def format_summary(s: dict) -> str:
+    mib = 2**20
+    lines = [
+        f"{s['dir']}  ({s['format'] or 'format unknown'})",
+        f"images: {s['images']}  identities: {s['identities']}  cameras: {s['cameras']}  videos: {s['videos']}",
+        "",
+        f"{'dataset':<20} {'split':<8} {'domain':<10} {'images':>9} {'ids':>7} {'cams':>5} {'videos':>7}",
+    ]
+    for g in s["groups"]:
+        lines.append(f"{g['dataset']:<20} {g['split']:<8} {g['domain']:<10} {g['images']:>9} "
+                     f"{g['identities']:>7} {g['cameras']:>5} {g['videos']:>7}")
+    sh = s["shards"]
+    lines += ["", f"shards: {sh['count']}, {sh['total_bytes'] / mib:.1f} MiB (min {sh['min_bytes'] / mib:.1f}, "
+                  f"median {sh['median_bytes'] / mib:.1f}, max {sh['max_bytes'] / mib:.1f} MiB)"]
+    if s["skipped"] is not None:
+        lines.append(f"skipped at ingest: {s['skipped']}")
+        lines += [f"  {n:>7}  {reason}" for reason, n in s["skipped_by_reason"].items()]
+    for t in s["label_tables"]:
+        lines.append(f"label table {t['path']}: {t['rows']} rows, {t['identities']} identities, "
+                     f"versions {t['versions']} (latest {t['latest_version']}), {t['keys_in_set']} images of this set")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    summary = inspect_shard_set(Path(args.dir), [Path(p) for p in args.labels])
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0

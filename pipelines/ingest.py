@@ -1,0 +1,348 @@
+"""Ingest a source data set into WebDataset shards + parquet manifests (SPEC 1.3), with Ray Data.
+
+    summary = run_ingest(IngestConfig(format="auto", root=Path("data/market"), out=Path("shards/market")))
+
+1. The driver parses the source (a cheap listing: no image is read), builds the global
+   :class:`IdentityMaps`, and plans shards deterministically: single-camera videos are packed whole
+   and contiguous (a video never straddles two shards), other images by count and estimated size
+   (file sizes, LMDB value lengths).
+2. Ray Data tasks write the shards (``from_items(plans).map(write)``): each reads the image bytes,
+   validates them by a full decode, and writes ``shard-NNNNNN.tar`` + its parquet manifest
+   atomically. ``workers=0`` runs the same writer in this process, without Ray.
+3. The driver writes ``ingest.json`` (the summary) and, last, ``manifest.parquet`` (one row per
+   image, with its shard), both atomically and only when their content changed.
+
+Resumable and idempotent: a shard whose manifest matches its plan (same samples, nothing rejected)
+is skipped on a re-run, so after a crash, or after fixing rejected inputs, a re-run writes only what
+is missing, and re-running a finished ingest changes no file. One ingest per output folder at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from dynamix_core.config import ConfigError, field
+from dynamix_core.data.images import image_problem, sniff_format
+from dynamix_core.data.lmdb_io import open_lmdb
+from dynamix_core.data.parsers import FORMATS, detect_format, parse_source
+from dynamix_core.data.records import IdentityMaps, ImageRef, InputReport, RawSample, Record
+from dynamix_core.data.shards import (
+    BLOCK,
+    DATASET_SCHEMA,
+    MANIFEST_NAME,
+    SUMMARY_NAME,
+    ShardWriter,
+    read_shard_manifest,
+    read_shard_metadata,
+    record_row,
+    remove_stale_tmp,
+    shard_name,
+    tmp_path,
+    write_table_atomic,
+)
+
+_SHARD_RE = re.compile(r"shard-(\d{6})\.(tar|parquet)")
+#: problems listed one by one in ingest.json (all of them are counted)
+MAX_LISTED_PROBLEMS = 1000
+
+
+@dataclass(kw_only=True)
+class IngestConfig:
+    """One ingest: source, output folder, shard sizes, and how to run it."""
+
+    root: Path = field(help="the source data set: its folder, or the manifest file for --format manifest")
+    out: Path = field(help="output folder for shards and manifests (created; a re-run resumes it)")
+    format: str = field("auto", help=f"source format, one of {sorted(FORMATS)}, or auto (detect from the layout)")
+    dataset: str | None = field(None, help="dataset name written into every record (default: the format's name)")
+    options: dict[str, str] = field(
+        default_factory=dict, help="format-specific parser options (cuhk03np variant, msmt17 version, manifest domain)"
+    )
+    strict: bool = field(False, help="fail at the first bad input instead of skipping and reporting it")
+    shard_max_bytes: int = field(
+        512 * 2**20, help="target shard size in bytes (a single video larger than this gets its own shard)"
+    )
+    shard_max_count: int = field(
+        100_000, help="maximum images per shard (a single video larger than this gets its own shard)"
+    )
+    workers: int = field(2, help="shard writers running at once (Ray tasks); 0 = write in this process without Ray")
+    address: str | None = field(None, help="Ray cluster to join (default: start a local Ray instance)")
+
+    def __post_init__(self) -> None:
+        if self.format != "auto" and self.format not in FORMATS:
+            raise ConfigError(f"format: {self.format!r} is not one of {sorted(FORMATS)} or 'auto'")
+        if self.shard_max_bytes <= 0 or self.shard_max_count <= 0:
+            raise ConfigError(
+                f"shard_max_bytes/shard_max_count: must be positive, got {self.shard_max_bytes}/{self.shard_max_count}"
+            )
+        if self.workers < 0:
+            raise ConfigError(f"workers: must be >= 0 (0 = no Ray), got {self.workers}")
+
+
+# ------------------------------------------------------------------------------------------ planning
+
+
+@dataclass(frozen=True, slots=True)
+class ShardPlan:
+    """The samples of one shard, in write order; ``digest`` identifies the plan across runs."""
+
+    index: int
+    samples: list[tuple[Record, ImageRef, int]]  # (record, image, stored size in bytes)
+
+    def to_rows(self) -> list[dict]:
+        return [{**record_row(r), "container": i.container, "member": i.member, "ext": i.ext, "bytes": n}
+                for r, i, n in self.samples]
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha1(json.dumps(self.to_rows(), sort_keys=True).encode()).hexdigest()
+
+    def to_item(self) -> dict:
+        """A Ray Data row: the plan travels as one JSON string (compact, schema-free)."""
+        return {"index": self.index, "plan": json.dumps(self.to_rows())}
+
+    @classmethod
+    def from_item(cls, item: dict) -> "ShardPlan":
+        samples = []
+        for row in json.loads(item["plan"]):
+            image = ImageRef(row.pop("container"), row.pop("member"), row.pop("ext"))
+            size = row.pop("bytes")
+            samples.append((Record(**row), image, size))
+        return cls(int(item["index"]), samples)
+
+
+def _where(image: ImageRef) -> str:
+    """Where an image lives, for reports: the file path, or ``<lmdb dir>[<key>]``."""
+    return image.container if image.member is None else f"{image.container}[{image.member}]"
+
+
+def _stored_bytes(image: ImageRef) -> int:
+    """Size of the encoded image as stored, without reading it."""
+    if image.member is None:
+        return os.stat(image.container).st_size
+    with open_lmdb(image.container).begin(buffers=True) as txn:
+        value = txn.get(image.member.encode())
+    if value is None:
+        raise KeyError(f"LMDB has no key {image.member!r}")
+    return len(value)
+
+
+def _estimated_tar_bytes(size: int) -> int:
+    # image header + data padded to a block + json header + json (about one block)
+    return 3 * BLOCK + -(-size // BLOCK) * BLOCK
+
+
+def plan_shards(
+    samples: list[RawSample], maps: IdentityMaps, report: InputReport, *, max_bytes: int, max_count: int
+) -> list[ShardPlan]:
+    """Pack ``samples`` (in their given, sorted order) into shard plans.
+
+    Units are whole videos for single-camera samples (all images of a ``(dataset, video)``, in
+    sample order) and single images otherwise; a shard is closed when the next unit would push it
+    past ``max_count`` images or ``max_bytes`` estimated bytes. A sample whose image cannot be found
+    is rejected here. Stored sizes are part of the plan, so replacing an input by a file of another
+    size (a fixed image) makes its shard's plan differ and the shard be rewritten."""
+    units: dict[tuple, list[tuple[Record, ImageRef, int]]] = {}
+    for s in samples:
+        try:
+            size = _stored_bytes(s.image)
+        except (OSError, KeyError) as exc:
+            report.reject(_where(s.image), f"missing file: {exc}")
+            continue
+        unit = ("video", s.dataset, s.source_video) if s.source_video is not None else ("image", s.key)
+        units.setdefault(unit, []).append((maps.record(s), s.image, size))
+    plans: list[ShardPlan] = []
+    current: list[tuple[Record, ImageRef, int]] = []
+    current_bytes = 0
+    for members in units.values():
+        unit_bytes = sum(_estimated_tar_bytes(size) for _, _, size in members)
+        if current and (len(current) + len(members) > max_count or current_bytes + unit_bytes > max_bytes):
+            plans.append(ShardPlan(len(plans), current))
+            current, current_bytes = [], 0
+        current.extend(members)
+        current_bytes += unit_bytes
+    if current:
+        plans.append(ShardPlan(len(plans), current))
+    return plans
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+def write_planned_shard(item: dict, out_dir: str) -> dict:
+    """Write (or skip, when already finished) one planned shard; the Ray Data ``map`` function.
+
+    Returns a row ``{index, written, num_samples, tar_bytes, problems}`` (``problems`` = JSON list of
+    ``[path, reason]``). Inputs that cannot be read or do not fully decode are left out of the shard
+    and reported; the shard then records them (``num_rejected``) so the next run retries it."""
+    plan = ShardPlan.from_item(item)
+    tar_path = Path(out_dir) / shard_name(plan.index)
+    digest = plan.digest
+    meta = read_shard_metadata(tar_path)
+    if meta is not None and meta.get("plan_digest") == digest and meta.get("num_rejected") == "0":
+        return {"index": plan.index, "written": False, "num_samples": int(meta["num_samples"]),
+                "tar_bytes": int(meta["tar_bytes"]), "problems": "[]"}
+    report = InputReport()  # strict mode is applied by the driver, which sees every shard's problems
+    with ShardWriter(tar_path) as writer:
+        for record, image, _ in plan.samples:
+            try:
+                data = image.read_bytes()
+            except (OSError, KeyError) as exc:
+                report.reject(_where(image), f"missing file: {exc}")
+                continue
+            problem = image_problem(data)
+            if problem is not None:
+                report.reject(_where(image), problem)
+                continue
+            writer.add(record, data, sniff_format(data))  # the bytes as stored, whatever the file name says
+        info = writer.commit({"plan_digest": digest, "num_rejected": str(len(report))})
+    return {"index": plan.index, "written": True, "num_samples": info.num_samples, "tar_bytes": info.tar_bytes,
+            "problems": json.dumps([[p.path, p.reason] for p in report.problems])}
+
+
+def _run_local(plans: list[ShardPlan], out_dir: Path) -> Iterator[dict]:
+    for plan in plans:
+        yield write_planned_shard(plan.to_item(), str(out_dir))
+
+
+def _run_ray(plans: list[ShardPlan], out_dir: Path, cfg: IngestConfig) -> Iterator[dict]:
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        if cfg.address:
+            ray.init(address=cfg.address)
+        else:  # 4 logical CPUs: on a 2-core box the defaults starve Ray Data's tasks (../shared/STACK.md)
+            ray.init(num_cpus=4, include_dashboard=False)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False  # the driver shows one bar, in images
+        ds = ray.data.from_items([p.to_item() for p in plans], override_num_blocks=len(plans))
+        ds = ds.map(write_planned_shard, fn_kwargs={"out_dir": str(out_dir.resolve())}, num_cpus=1,
+                    concurrency=cfg.workers)
+        yield from ds.iter_rows()
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------ finishing
+
+
+def _remove_outdated_shards(out_dir: Path, num_shards: int) -> list[Path]:
+    """Delete shards numbered beyond the current plan (left by an earlier plan of this folder)."""
+    removed = []
+    for path in sorted(out_dir.iterdir()):
+        match = _SHARD_RE.fullmatch(path.name)
+        if match and int(match[1]) >= num_shards:
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def _dataset_manifest(out_dir: Path, num_shards: int) -> pa.Table:
+    tables = []
+    for index in range(num_shards):
+        tar_path = out_dir / shard_name(index)
+        table = read_shard_manifest(tar_path)
+        tables.append(table.append_column("shard", pa.array([tar_path.name] * table.num_rows, pa.string())))
+    return pa.concat_tables(tables).cast(DATASET_SCHEMA)
+
+
+def _summary(cfg: IngestConfig, fmt: str, manifest: pa.Table, out_dir: Path, num_shards: int,
+             report: InputReport) -> dict:
+    def distinct(column: str) -> int:  # distinct (dataset, id) pairs, -1 (none) excluded
+        known = manifest.filter(pc.field(column) != -1)
+        return known.group_by(["dataset", column]).aggregate([]).num_rows
+
+    shard_bytes = [(out_dir / shard_name(i)).stat().st_size for i in range(num_shards)]
+    return {
+        "format": fmt,
+        "root": str(cfg.root),
+        "datasets": sorted(set(manifest.column("dataset").to_pylist())),
+        "options": dict(sorted(cfg.options.items())),
+        "images": manifest.num_rows,
+        "identities": distinct("pid"),
+        "cameras": distinct("camid"),
+        "videos": distinct("video_id"),
+        "shards": num_shards,
+        "shard_bytes": sum(shard_bytes),
+        "skipped": len(report),
+        "skipped_by_reason": dict(sorted(report.counts().items())),
+        "problems": [{"path": p.path, "reason": p.reason} for p in report.problems[:MAX_LISTED_PROBLEMS]],
+    }
+
+
+def _write_text_if_changed(text: str, path: Path) -> None:
+    if path.is_file() and path.read_text() == text:
+        return
+    tmp = tmp_path(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What one run did: the persisted summary (also ``ingest.json``), and this run's own counts."""
+
+    summary: dict
+    report: InputReport
+    shards_written: int
+    shards_skipped: int
+    seconds: float
+
+
+def run_ingest(cfg: IngestConfig, *, progress: bool = True) -> IngestResult:
+    """Run (or resume) one ingest; raises :class:`BadInputError` in strict mode at the first bad input."""
+    start = time.perf_counter()
+    report = InputReport(strict=cfg.strict)
+    fmt = detect_format(cfg.root) if cfg.format == "auto" else cfg.format
+    samples = parse_source(fmt, cfg.root, report, dataset=cfg.dataset, **cfg.options)
+    maps = IdentityMaps.build(samples)
+    plans = plan_shards(samples, maps, report, max_bytes=cfg.shard_max_bytes, max_count=cfg.shard_max_count)
+    out_dir = Path(cfg.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out_dir)
+
+    results = _run_local(plans, out_dir) if cfg.workers == 0 else _run_ray(plans, out_dir, cfg)
+    written = 0
+    with tqdm(total=sum(len(p.samples) for p in plans), unit="img", desc="ingest", disable=not progress) as bar:
+        for row in results:
+            for path, reason in json.loads(row["problems"]):
+                report.reject(path, reason)  # raises here in strict mode
+            written += bool(row["written"])
+            bar.update(len(plans[row["index"]].samples))
+
+    _remove_outdated_shards(out_dir, len(plans))
+    manifest = _dataset_manifest(out_dir, len(plans))
+    summary = _summary(cfg, fmt, manifest, out_dir, len(plans), report)
+    _write_text_if_changed(json.dumps(summary, indent=2) + "\n", out_dir / SUMMARY_NAME)
+    manifest_path = out_dir / MANIFEST_NAME
+    if not (manifest_path.is_file() and pq.read_table(manifest_path, schema=DATASET_SCHEMA).equals(manifest)):
+        write_table_atomic(manifest, manifest_path)  # last: its presence marks a finished ingest
+    return IngestResult(summary, report, written, len(plans) - written, time.perf_counter() - start)
+
+
+def format_result(result: IngestResult) -> str:
+    """The final human-readable summary."""
+    s = result.summary
+    rate = s["images"] / result.seconds if result.seconds > 0 else float("nan")
+    return "\n".join([
+        f"ingested {s['images']} images of {', '.join(s['datasets'])} ({s['format']}) in {result.seconds:.1f}s "
+        f"({rate:.0f} images/s)",
+        f"identities: {s['identities']}  cameras: {s['cameras']}  videos: {s['videos']}",
+        f"shards: {s['shards']} ({result.shards_written} written, {result.shards_skipped} already complete), "
+        f"{s['shard_bytes'] / 2**20:.1f} MiB",
+        result.report.summary(),
+    ])
+

@@ -1,0 +1,318 @@
+"""Ingest: round trip, whole videos, resume after a crash or a kill, idempotence, bad input, strict
+mode, the Ray Data path and the CLI. Inputs are tiny real JPEGs written by Pillow."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO_ROOT
+from dynamix_core.data.reader import ShardReader, read_dataset_manifest
+from dynamix_core.data.records import BadInputError, InputReport
+from dynamix_core.data.shards import iter_tar_samples, read_shard_metadata
+from pipelines.ingest import IngestConfig, run_ingest
+
+MARKET_FOLDERS = {"bounding_box_train": "train", "bounding_box_test": "gallery", "query": "query"}
+
+
+# ------------------------------------------------------------------------------------ fabricated inputs
+
+
+def image_bytes(seed: int, fmt: str = "JPEG", size=(32, 16)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def make_market(root: Path, per_folder: int = 12) -> dict[Path, bytes]:
+    """A Market-1501 folder: pids 1..5, cameras 1..6; returns every file's bytes."""
+    files = {}
+    for f, folder in enumerate(MARKET_FOLDERS):
+        (root / folder).mkdir(parents=True)
+        for i in range(per_folder):
+            path = root / folder / f"{i % 5 + 1:04d}_c{i % 6 + 1}s1_{100 * f + i:06d}_01.jpg"
+            files[path] = image_bytes(100 * f + i)
+            path.write_bytes(files[path])
+    return files
+
+
+def make_luperson_nl(root: Path, frames_per_video: dict[int, int]) -> dict[str, bytes]:
+    """An LUPerson-NL store: video v holds ``n`` frames over 2 tracklets; returns key -> bytes."""
+    images, pids = {}, []
+    for video, n in frames_per_video.items():
+        for frame in range(n):
+            tracklet = frame % 2
+            key = f"{video:05d}_{tracklet:06d}_{frame:07d}_00"
+            images[key] = image_bytes(1000 * video + frame)
+            pids.append(10 * video + tracklet)
+    (root / "lmdb").mkdir(parents=True)
+    with lmdb.open(str(root / "lmdb"), map_size=2**26) as env, env.begin(write=True) as txn:
+        for key, data in images.items():
+            txn.put(key.encode(), data)
+    (root / "keys.pkl").write_bytes(pickle.dumps({"keys": list(images), "pids": pids}))
+    return images
+
+
+def ingest(root: Path, out: Path, **kw):
+    cfg = IngestConfig(root=root, out=out, workers=kw.pop("workers", 0), **kw)
+    return run_ingest(cfg, progress=False)
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def same_output(a: Path, b: Path) -> None:
+    """Two ingests produced the same files, byte for byte (ingest.json may name different roots)."""
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        if name != "ingest.json":
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+# ----------------------------------------------------------------------------------------------- tests
+
+
+def test_market_round_trip(tmp_path):
+    files = make_market(tmp_path / "src")
+    result = ingest(tmp_path / "src", tmp_path / "out", shard_max_count=5)
+    assert len(result.report) == 0
+
+    # independent expectations from the file names: sorted (dataset, source id) -> rank
+    stems = {p.stem: (MARKET_FOLDERS[p.parent.name], p) for p in files}
+    pid_names = sorted({s.split("_")[0] for s in stems})
+    cam_names = sorted({"c" + s.split("_")[1][1] for s in stems})
+    expected = {}
+    for stem, (split, path) in stems.items():
+        expected[f"market1501_{split}_{stem}"] = dict(
+            split=split, pid=pid_names.index(stem.split("_")[0]), camid=cam_names.index("c" + stem.split("_")[1][1]),
+            data=files[path],
+        )
+
+    reader = ShardReader(tmp_path / "out")
+    seen = {}
+    for sample in reader.iter_samples():
+        assert sample.key not in seen
+        seen[sample.key] = sample
+    assert set(seen) == set(expected) and len(reader.report) == 0
+    for key, want in expected.items():
+        rec = seen[key].record
+        assert seen[key].data == want["data"] and seen[key].ext == "jpg"
+        assert (rec.dataset, rec.split, rec.pid, rec.camid, rec.video_id, rec.domain) == (
+            "market1501", want["split"], want["pid"], want["camid"], -1, "multi")
+
+    manifest = read_dataset_manifest(tmp_path / "out").to_pylist()
+    assert sorted(r["key"] for r in manifest) == sorted(expected)
+    for row in manifest:  # the manifest alone locates every image's bytes
+        with open(tmp_path / "out" / row["shard"], "rb") as fh:
+            fh.seek(row["offset"])
+            assert fh.read(row["size"]) == expected[row["key"]]["data"]
+        assert (row["pid"], row["camid"]) == (expected[row["key"]]["pid"], expected[row["key"]]["camid"])
+    shard_counts = {}
+    for row in manifest:
+        shard_counts[row["shard"]] = shard_counts.get(row["shard"], 0) + 1
+    assert sorted(shard_counts) == [f"shard-{i:06d}.tar" for i in range(8)]  # 36 images / 5 per shard
+    assert max(shard_counts.values()) == 5
+    summary = json.loads((tmp_path / "out" / "ingest.json").read_text())
+    assert (summary["images"], summary["identities"], summary["cameras"], summary["shards"]) == (36, 5, 6, 8)
+
+
+def test_single_camera_videos_are_whole_and_contiguous(tmp_path):
+    frames = {3: 7, 1: 4, 8: 2, 5: 9, 2: 3}
+    images = make_luperson_nl(tmp_path / "src", frames)
+    result = ingest(tmp_path / "src", tmp_path / "out", shard_max_count=10)
+    assert len(result.report) == 0
+    manifest = read_dataset_manifest(tmp_path / "out").to_pylist()
+    shards_of_video = {}
+    for row in manifest:
+        shards_of_video.setdefault(row["video_id"], set()).add(row["shard"])
+    assert all(len(s) == 1 for s in shards_of_video.values())  # never split across shards
+
+    videos = sorted(frames)  # video ids are ranks of the sorted video names
+    reader = ShardReader(tmp_path / "out")
+    got = list(reader.iter_videos())  # consecutive runs: a split video would come out twice
+    assert len(got) == len(frames)
+    for video in got:
+        (vid,) = {s.record.video_id for s in video}
+        source = videos[vid]
+        assert sorted(s.key for s in video) == sorted(f"luperson_nl_train_{k}" for k in images if int(k[:5]) == source)
+        for s in video:
+            raw_key = s.key.removeprefix("luperson_nl_train_")
+            assert s.data == images[raw_key]
+            assert s.record.tracklet_id == int(raw_key.split("_")[1]) and s.record.frame == int(raw_key.split("_")[2])
+            assert s.record.domain == "single" and s.record.camid == vid
+    assert sum(len(v) for v in got) == len(images)
+
+
+def test_rerun_of_a_finished_ingest_changes_nothing(tmp_path):
+    make_market(tmp_path / "src", per_folder=4)
+    ingest(tmp_path / "src", tmp_path / "out", shard_max_count=3)
+    before = snapshot(tmp_path / "out")
+    result = ingest(tmp_path / "src", tmp_path / "out", shard_max_count=3)
+    assert result.shards_written == 0 and result.shards_skipped == 4
+    assert snapshot(tmp_path / "out") == before  # bytes and modification times
+
+
+def _assert_no_partial_shard(out: Path) -> None:
+    assert not (out / "manifest.parquet").exists()
+    for tar_path in out.glob("shard-*.tar"):  # every tar under a final name is complete
+        report = InputReport()
+        assert len(list(iter_tar_samples(tar_path, report))) > 0 and len(report) == 0
+    for manifest in out.glob("shard-*.parquet"):
+        assert read_shard_metadata(manifest.with_suffix(".tar")) is not None
+
+
+def test_resume_after_a_crash_in_a_writer(tmp_path, monkeypatch):
+    import pipelines.ingest as ingest_mod
+
+    make_market(tmp_path / "src", per_folder=6)
+    ingest(tmp_path / "src", tmp_path / "clean", shard_max_count=4)
+    calls = {"n": 0}
+    real = ingest_mod.image_problem
+
+    def failing(data):
+        calls["n"] += 1
+        if calls["n"] == 10:  # inside the third shard
+            raise RuntimeError("injected writer crash")
+        return real(data)
+
+    monkeypatch.setattr(ingest_mod, "image_problem", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        ingest(tmp_path / "src", tmp_path / "out", shard_max_count=4)
+    _assert_no_partial_shard(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "shard-000000.parquet", "shard-000000.tar", "shard-000001.parquet", "shard-000001.tar"]
+
+    monkeypatch.setattr(ingest_mod, "image_problem", real)
+    result = ingest(tmp_path / "src", tmp_path / "out", shard_max_count=4)
+    assert (result.shards_skipped, result.shards_written) == (2, 3)
+    same_output(tmp_path / "out", tmp_path / "clean")
+
+
+_KILLABLE = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import pipelines.ingest as ingest_mod
+    real = ingest_mod.image_problem
+    def slow(data):  # slow enough for the test to kill it mid-shard
+        time.sleep(0.1)
+        return real(data)
+    ingest_mod.image_problem = slow
+    ingest_mod.run_ingest(ingest_mod.IngestConfig(root=Path(sys.argv[1]), out=Path(sys.argv[2]), workers=0,
+                                                  shard_max_count=3), progress=False)
+""")
+
+
+def test_resume_after_sigkill(tmp_path):
+    make_market(tmp_path / "src", per_folder=6)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(tmp_path / "src"), str(out)], cwd=REPO_ROOT,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("shard-*.parquet"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "ingest ended before it could be killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _assert_no_partial_shard(out)
+    assert 2 <= len(list(out.glob("shard-*.tar"))) < 6
+
+    ingest(tmp_path / "src", tmp_path / "clean", shard_max_count=3)
+    result = ingest(tmp_path / "src", out, shard_max_count=3)
+    assert result.shards_skipped >= 2
+    same_output(out, tmp_path / "clean")  # the killed writer's temporary file is gone too
+
+
+def test_bad_inputs_are_reported_and_skipped(tmp_path):
+    files = make_market(tmp_path / "src", per_folder=6)
+    paths = sorted(files)
+    truncated, garbage, png_named_jpg = paths[1], paths[4], paths[7]
+    truncated.write_bytes(files[truncated][: len(files[truncated]) // 2])
+    garbage.write_bytes(b"\xff\xd8\xff" + os.urandom(200))
+    png = image_bytes(7, "PNG")
+    png_named_jpg.write_bytes(png)  # a valid image: kept, stored as the PNG it is
+    result = ingest(tmp_path / "src", tmp_path / "out", shard_max_count=4)
+
+    problems = {p.path: p.reason for p in result.report.problems}
+    assert set(problems) == {str(truncated), str(garbage)}
+    assert problems[str(truncated)].startswith("truncated image")
+    assert problems[str(garbage)].startswith(("unreadable image", "truncated image"))
+    summary = json.loads((tmp_path / "out" / "ingest.json").read_text())
+    assert summary["skipped"] == 2 and summary["images"] == len(files) - 2
+    kept = {s.key: s for s in ShardReader(tmp_path / "out").iter_samples()}
+    assert len(kept) == len(files) - 2  # nothing valid lost
+    png_sample = kept[f"market1501_{MARKET_FOLDERS[png_named_jpg.parent.name]}_{png_named_jpg.stem}"]
+    assert (png_sample.ext, png_sample.data) == ("png", png)
+
+    # fixing the inputs and re-running rewrites only the shards whose inputs were rejected or changed
+    for path in (truncated, garbage, png_named_jpg):
+        path.write_bytes(files[path])
+    result = ingest(tmp_path / "src", tmp_path / "out", shard_max_count=4)
+    assert len(result.report) == 0
+    ingest(tmp_path / "src", tmp_path / "clean", shard_max_count=4)
+    shard_of = {r["key"]: r["shard"] for r in read_dataset_manifest(tmp_path / "clean").to_pylist()}
+    fixed_keys = {f"market1501_{MARKET_FOLDERS[p.parent.name]}_{p.stem}" for p in (truncated, garbage, png_named_jpg)}
+    assert result.shards_written == len({shard_of[k] for k in fixed_keys})
+    same_output(tmp_path / "out", tmp_path / "clean")
+
+
+def test_duplicate_keys_and_missing_list_entries(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"img{i}.jpg").write_bytes(image_bytes(i))
+    manifest = src / "list.csv"
+    manifest.write_text("path,pid,camid\nimg0.jpg,1,1\nimg1.jpg,2,1\nimg1.jpg,2,2\nimg2.jpg,3,2\nnope.jpg,4,1\n")
+    result = ingest(manifest, tmp_path / "out", format="manifest")
+    reasons = sorted(p.reason.split(":")[0] for p in result.report.problems)
+    assert reasons == ["duplicate key", "missing file"]
+    assert any("nope.jpg" in p.path for p in result.report.problems)
+    assert result.summary["images"] == 3
+
+
+def test_strict_mode_fails_on_the_first_bad_input(tmp_path):
+    files = make_market(tmp_path / "src", per_folder=3)
+    bad = sorted(files)[2]
+    bad.write_bytes(files[bad][:40])
+    with pytest.raises(BadInputError, match=bad.name):
+        ingest(tmp_path / "src", tmp_path / "out", strict=True)
+    assert not (tmp_path / "out" / "manifest.parquet").exists()
+
+
+@pytest.mark.ray
+def test_ray_data_ingest_equals_the_in_process_one(tmp_path, ray_local):
+    make_luperson_nl(tmp_path / "src", {1: 5, 2: 3, 4: 6})
+    ingest(tmp_path / "src", tmp_path / "local", shard_max_count=6)
+    result = ingest(tmp_path / "src", tmp_path / "ray", shard_max_count=6, workers=2)
+    assert result.shards_written == 3
+    same_output(tmp_path / "ray", tmp_path / "local")
+
+
+def test_cli_ingest_and_inspect(tmp_path, capsys):
+    from pipelines.cli import main
+
+    make_market(tmp_path / "src", per_folder=3)
+    out = tmp_path / "out"
+    assert main(["ingest", "--root", str(tmp_path / "src"), "--out", str(out), "--workers", "0",
+                 "--shard-max-count", "4", "--no-progress"]) == 0
+    assert "ingested 9 images" in capsys.readouterr().out
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["images"], info["shards"]["count"], info["skipped"]) == (9, 3, 0)
+    assert {(g["split"], g["images"]) for g in info["groups"]} == {("train", 3), ("gallery", 3), ("query", 3)}
+    assert main(["inspect", str(tmp_path / "src")]) == 2  # not an ingest output: a clear error
