@@ -13,6 +13,9 @@ import numpy as np
 from dynamix_core.config import load_config
 from pipelines.train.config import TrainConfig
 
+#: the demo's SynthReID: more single-camera videos than the generator's test-sized default, so the
+#: single-camera part has data to add (the method's claim) and 2 workers get 32 videos each
+DEMO_SYNTH = ["num_videos=64"]
 SETS = {"multi": ["synth_m0", "synth_m1", "synth_m2"], "single": ["synth_video"], "target": ["synth_target"]}
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +26,7 @@ def prepare_data(out: Path, *, synth_overrides: list[str] = (), progress: bool =
     from pipelines.ingest import IngestConfig, format_result, run_ingest
 
     t0 = time.perf_counter()
-    cfg = load_config(SynthConfig, None, list(synth_overrides))
+    cfg = load_config(SynthConfig, None, DEMO_SYNTH + list(synth_overrides))
     generate(cfg, out / "data", progress=progress)
     print(f"[demo] SynthReID ready in {out / 'data'} ({time.perf_counter() - t0:.0f}s)", flush=True)
     shards = {}

@@ -30,7 +30,9 @@ def ray_head():
     if shutil.which("ray", path=str(VENV_BIN)) is None:
         pytest.skip("ray CLI not installed in this environment")
     temp_dir = f"/tmp/ray_jobs_{os.getpid()}"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    # a loaded 2-core box (another Ray instance of the session alive) can need > the default 60 s
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+           "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "600"}
     gcs, dash = _free_port(), _free_port()
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
@@ -42,7 +44,7 @@ def ray_head():
     address = f"http://127.0.0.1:{dash}"
     from ray.job_submission import JobSubmissionClient
 
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600
     while True:  # the dashboard and its job agent come up a little after the head
         assert head.poll() is None, Path(f"{temp_dir}.log").read_text()[-3000:]
         try:
