@@ -33,7 +33,9 @@ def prepare_data(out: Path, *, synth_overrides: list[str] = (), progress: bool =
     for kind, names in SETS.items():
         for name in names:
             dst = out / "shards" / name
-            result = run_ingest(IngestConfig(root=out / "data" / kind / name, out=dst, format="auto"), progress=progress)
+            # each set under its own dataset name: identities are namespaced by (dataset, source id)
+            result = run_ingest(IngestConfig(root=out / "data" / kind / name, out=dst, format="auto", dataset=name),
+                                progress=progress)
             print(f"[demo] ingest {name}: " + format_result(result).splitlines()[0], flush=True)
             shards[name] = dst
     return shards

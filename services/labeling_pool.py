@@ -211,6 +211,9 @@ class LabelingCoordinatorService:
             time.sleep(0.1)
         return False
 
+    def video_ids(self) -> list[int]:
+        return sorted(self.rows_of_video)
+
     def workers_for_test(self) -> list:
         return list(self.workers)
 
@@ -229,8 +232,10 @@ class LabelingCoordinatorService:
             if self.mode == "remix":
                 if not self.queue:
                     return None
-                step, _ = self.queue.popleft()
+                step, videos = self.queue.popleft()
                 self.queue.clear()  # one ReMix round covers the next quota of videos
+                if videos:  # an explicit list (the first round labels every video)
+                    return step, np.asarray(sorted(set(videos)), dtype=np.int64)
                 return step, self.quota.next_epoch()
             while self.queue:
                 step, videos = self.queue.pop()  # newest first: those videos are about to be sampled

@@ -74,6 +74,13 @@ class MultiCameraSet:
                 raise FileNotFoundError(f"{root}: no train-split images in this shard set (data.multi needs a train split)")
             tables.append(t.append_column("root", pa.array([str(root)] * t.num_rows)))
         table = pa.concat_tables(tables)
+        names: dict[str, str] = {}
+        for root, t in zip(roots, tables):
+            for ds in set(t["dataset"].to_pylist()):
+                if names.setdefault(ds, root) != root:
+                    raise ValueError(
+                        f"data.multi: {names[ds]} and {root} both hold dataset {ds!r}; identities would be merged. "
+                        "Ingest each set under its own name (dynamix ingest --dataset NAME)")
         rows = table.select(["key", "dataset", "source_pid", "source_camid", "shard", "offset", "size", "root"]).to_pylist()
         pid_map = IdentityMap((r["dataset"], r["source_pid"]) for r in rows)
         cam_map = IdentityMap((r["dataset"], r["source_camid"]) for r in rows)
@@ -159,16 +166,34 @@ class VideoFeed:
         self.frames: dict[int, dict[str, int]] = {}
         self.cache_videos = cache_videos
         self.passes = 0
+        self.progress = 0  # batches planned so far (see max_idle_passes)
+
+    #: full passes in one pull without a usable video before the feed gives up: labels cannot change
+    #: meanwhile (they are applied between steps, and the step is waiting for this batch)
+    max_idle_passes = 3
 
     def _rows(self) -> Iterator[dict]:
+        idle, seen_progress = 0, self.progress
         while True:
-            empty = True
+            empty, labeled = True, 0
             for row in self.open_pass():
                 empty = False
+                labeled += any(self.labels.get(k, -1) >= 0 for k in row["keys"])
                 yield row
             self.passes += 1
             if empty:
                 return
+            idle = idle + 1 if self.progress == seen_progress else 0
+            seen_progress = self.progress
+            if idle >= self.max_idle_passes:
+                raise RuntimeError(
+                    f"single-camera stream: {self.max_idle_passes} full passes over this rank's videos "
+                    f"({labeled} of them labelled) did not fill a batch; the sampler needs more labelled videos "
+                    "per rank than exist: lower sampler.num_videos / sampler.ids_per_video, or use fewer workers")
+
+    def note_progress(self) -> None:
+        """Called when a batch was planned: the stream is not stuck."""
+        self.progress += 1
 
     def __call__(self, position: int) -> Iterator[VideoSamples]:
         for i, row in enumerate(self._rows()):
@@ -257,6 +282,8 @@ class BatchProducer:
                         # planning this step, so a checkpoint at this step resumes exactly here
                         self.snapshots[self.sampler.step] = self.sampler.state_dict()
                     plan = self.sampler.next_batch()
+                if self.feed is not None:
+                    self.feed.note_progress()
                 batch = self._materialise(plan, plan.step)
                 while not self._stop.is_set():
                     try:

@@ -178,7 +178,8 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         if cfg.method == "remix" and version == 0:
             # ReMix: the first pseudo-labels come from the initial momentum encoder before training
             ray.get(coordinator.publish_weights.remote(0, [ray.put(_initial_momentum_state(cfg))]))
-            ray.get(coordinator.request.remote(0, 0, []))
+            # every video once, so each rank starts with pseudo-labelled videos; later rounds take the quota
+            ray.get(coordinator.request.remote(0, 0, ray.get(coordinator.video_ids.remote())))
             ray.get(coordinator.wait_idle.remote())
         rows = video_rows(index)
         for r in range(cfg.scaling.num_workers):

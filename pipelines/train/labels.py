@@ -26,10 +26,27 @@ class LabelClient:
         self.wait_s = 0.0  # time spent fetching deltas (the only blocking part)
         self.switches = 0
 
-    def initial_labels(self) -> dict[str, int]:
-        delta = ray.get(self.store.changes_since.remote(None))
+    def initial_labels(self, bank: CentroidBank, step: int) -> dict[str, int]:
+        """The whole current table, and every centroid published so far (for this rank's rows)."""
+        delta = ray.get(self.store.changes_since.remote(None, self.rank, self.world_size, self.sharded))
         self.version = delta.version
+        self._load_centroids(bank, delta, step)
         return dict(zip(delta.keys.tolist(), delta.pids.tolist()))
+
+    def resume(self, checkpoint_version: int | None) -> dict[str, int]:
+        """After a restart: the whole current table, but centroids only from versions newer than the
+        checkpoint's (the restored bank already holds the older ones, updated since); the next
+        :meth:`poll` brings those in."""
+        delta = ray.get(self.store.changes_since.remote(None))
+        self.version = checkpoint_version
+        return dict(zip(delta.keys.tolist(), delta.pids.tolist()))
+
+    def _load_centroids(self, bank: CentroidBank, delta, step: int) -> None:
+        if len(delta.centroid_ids):
+            device = bank.centroids.device
+            bank.load_rows(torch.as_tensor(delta.centroid_ids + self.bank_offset, device=device),
+                           torch.as_tensor(delta.centroids, device=device), step=step,
+                           video_M=torch.as_tensor(delta.centroid_videos, device=device))
 
     def publish(self, step: int, momentum_state: dict, video_ids: list[int]) -> None:
         if self.rank == 0:
@@ -59,11 +76,7 @@ class LabelClient:
                     continue
                 pids = np.array([labels.get(k, -1) for k in keys], dtype=np.int64)
                 sampler.update_labels(vid, np.where(pids >= 0, pids + self.bank_offset, -1))
-            if len(delta.centroid_ids):
-                device = bank.centroids.device
-                bank.load_rows(torch.as_tensor(delta.centroid_ids + self.bank_offset, device=device),
-                               torch.as_tensor(delta.centroids, device=device), step=step,
-                               video_M=torch.as_tensor(delta.centroid_videos, device=device))
+            self._load_centroids(bank, delta, step)
         self.version = delta.version
         self.switches += 1
         self.wait_s += time.perf_counter() - t0

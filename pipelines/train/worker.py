@@ -86,7 +86,7 @@ def train_loop_per_worker(config: dict) -> None:
         coordinator = _ray.get_actor(config["coordinator_name"], namespace="dynamix")
         client = LabelClient(store, coordinator, rank=rank, world_size=world,
                              sharded=cfg.centroids.loss_mode == "sharded", bank_offset=bank_offset, version=None)
-        labels = client.initial_labels()
+        labels = client.initial_labels(bank, step=0)
         shard = ray.train.get_dataset_shard(f"videos_{rank}")
         feed = VideoFeed(lambda: shard.iter_rows(), labels, bank_offset,
                          cache_videos=4 * cfg.sampler.video_buffer_size)
@@ -109,10 +109,8 @@ def train_loop_per_worker(config: dict) -> None:
             start_step = int(shared["step"])
             if client is not None:
                 # labels of the checkpoint's version, then newer versions are pulled as usual
-                delta = ray.get(store.changes_since.remote(None))
                 labels.clear()
-                labels.update(zip(delta.keys.tolist(), delta.pids.tolist()))
-                client.version = delta.version
+                labels.update(client.resume(shared.get("label_version")))
         log.info("rank %d resumed at step %d", rank, start_step)
 
     target = TargetSet.load(cfg.data.target, cfg.data.transform) if (cfg.data.target and rank == 0) else None
