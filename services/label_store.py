@@ -5,7 +5,8 @@ Storage is :class:`dynamix_core.labeling.label_table.LabelStore` (one parquet pe
 to a temporary name and renamed; an audit log); centroids of each version are an ``.npz`` beside it,
 also written atomically. The actor keeps no state that storage does not have: after a restart
 (``max_restarts=-1``) it re-reads the newest readable version, and a corrupt or missing newest
-file is reported while the previous version stays in force.
+file is reported while the previous version stays in force (a corrupt one is moved aside, so the
+next commit can take its number).
 
 Trainers never block on it: they poll ``latest()`` with ``ray.wait(timeout=0)`` and only fetch
 ``changes_since()`` when a newer version exists.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,12 +72,24 @@ class LabelStoreService:
 
     def _recover(self) -> None:
         version = self.store.latest_version()  # warns about newer unreadable versions
+        self._set_aside_newer(-1 if version is None else version)
         if version is None:
             return
         self.version, self.table = version, self.store.read(version)
         history = {r["version"]: r for r in self.store.history()}
         self.step = int(history.get(version, {}).get("step", 0))
         log.info("label store %s: recovered version %d (step %d)", self.store.root, version, self.step)
+
+    def _set_aside_newer(self, version: int) -> None:
+        """Rename the (unreadable) version files newer than ``version`` to ``<name>.corrupt-<time>``:
+        versions are immutable, so left in place they would make every later commit fail; renamed,
+        the next commit reuses their number and the evidence stays on disk."""
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for path in self.store.root.glob("v*.parquet"):
+            if path.stem[1:].isdigit() and int(path.stem[1:]) > version:
+                aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+                os.replace(path, aside)
+                log.warning("label store %s: unreadable %s moved to %s", self.store.root, path.name, aside.name)
 
     def latest(self) -> tuple[int | None, int]:
         return self.version, self.step
@@ -103,21 +117,28 @@ class LabelStoreService:
         self.version, self.table, self.step = table.version, table, step
         return table.version
 
-    def changes_since(self, since: int | None, rank: int = 0, world_size: int = 1, sharded: bool = False) -> LabelDelta:
-        """Labels changed after ``since`` and the centroids published since then (only the rows
-        ``rank`` owns when the bank is sharded: identity ``g`` lives on rank ``g % world_size``)."""
+    def changes_since(self, since: int | None, rank: int = 0, world_size: int = 1, sharded: bool = False,
+                      until: int | None = None) -> LabelDelta:
+        """Labels changed after ``since`` up to version ``until`` (default: the latest), and the
+        centroids published in between (only the rows ``rank`` owns when the bank is sharded:
+        identity ``g`` lives on rank ``g % world_size``). Data-parallel ranks pass the same
+        ``until`` so they switch to the same version at the same step."""
         if self.table is None:
             raise LabelStoreError("no label version yet")
-        full = since is None or since > self.version or not self.store.path_of(since).is_file()
+        until = self.version if until is None else until
+        if until > self.version:
+            raise LabelStoreError(f"label version {until} does not exist yet (latest is {self.version})")
+        target = self.table if until == self.version else self.store.read(until)
+        full = since is None or since > until or not self.store.path_of(since).is_file()
         if full:
-            keys, pids = self.table.keys, self.table.pids
+            keys, pids = target.keys, target.pids
         else:
             old = self.store.read(since)
-            changed = old.pids != self.table.pids  # tables of one run share key order (updated() keeps it)
-            keys, pids = self.table.keys[changed], self.table.pids[changed]
+            changed = old.pids != target.pids  # tables of one run share key order (updated() keeps it)
+            keys, pids = target.keys[changed], target.pids[changed]
         ids, rows, videos = [], [], []
         first = 1 if full else since + 1
-        for version in range(first, self.version + 1):  # newer versions overwrite older rows
+        for version in range(first, until + 1):  # newer versions overwrite older rows
             path = _centroid_path(self.store, version)
             if not path.is_file():
                 continue
@@ -133,7 +154,7 @@ class LabelStoreService:
                 ids_M, rows_MD, videos_M = ids_M[own], rows_MD[own], videos_M[own]
         else:
             ids_M, rows_MD, videos_M = np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-        return LabelDelta(self.version, self.step, keys, pids, ids_M, rows_MD, videos_M, full)
+        return LabelDelta(until, self.step, keys, pids, ids_M, rows_MD, videos_M, full)
 
     def history(self) -> list[dict]:
         return self.store.history()

@@ -167,6 +167,9 @@ class LabelingCoordinatorService:
         self.reports: list[dict] = []
         self.counters = collections.Counter()
         self.round: _Round | None = None
+        # set (under the lock) when requests are taken off the queue, cleared when their round ends:
+        # between the two the queue is empty and ``round`` may still be None (labels being read)
+        self.busy = False
         self.round_counter = 0
         self.errors: list[str] = []
         self._stop = threading.Event()
@@ -198,14 +201,14 @@ class LabelingCoordinatorService:
     def stats(self) -> dict:
         with self.lock:
             return {"counters": dict(self.counters), "reports": list(self.reports), "errors": list(self.errors[-5:]),
-                    "in_flight": self.round is not None, "queued": len(self.queue)}
+                    "in_flight": self.busy, "queued": len(self.queue)}
 
     def wait_idle(self, timeout_s: float = 600.0) -> bool:
         """Block until nothing is queued or in flight (used by the first ReMix round and tests)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self.lock:
-                idle = self.round is None and not self.queue
+                idle = not self.busy and not self.queue
             if idle:
                 return True
             time.sleep(0.1)
@@ -227,22 +230,27 @@ class LabelingCoordinatorService:
 
     def _pick_videos(self) -> tuple[int, np.ndarray] | None:
         with self.lock:
-            if self.weights is None:
-                return None
-            if self.mode == "remix":
-                if not self.queue:
-                    return None
-                step, videos = self.queue.popleft()
-                self.queue.clear()  # one ReMix round covers the next quota of videos
-                if videos:  # an explicit list (the first round labels every video)
-                    return step, np.asarray(sorted(set(videos)), dtype=np.int64)
-                return step, self.quota.next_epoch()
-            while self.queue:
-                step, videos = self.queue.pop()  # newest first: those videos are about to be sampled
-                due = self.scheduler.due(step, np.asarray(videos, dtype=np.int64))
-                if len(due):
-                    return step, due
+            picked = self._pick_videos_locked()
+            self.busy = picked is not None
+            return picked
+
+    def _pick_videos_locked(self) -> tuple[int, np.ndarray] | None:
+        if self.weights is None:
             return None
+        if self.mode == "remix":
+            if not self.queue:
+                return None
+            step, videos = self.queue.popleft()
+            self.queue.clear()  # one ReMix round covers the next quota of videos
+            if videos:  # an explicit list (the first round labels every video)
+                return step, np.asarray(sorted(set(videos)), dtype=np.int64)
+            return step, self.quota.next_epoch()
+        while self.queue:
+            step, videos = self.queue.pop()  # newest first: those videos are about to be sampled
+            due = self.scheduler.due(step, np.asarray(videos, dtype=np.int64))
+            if len(due):
+                return step, due
+        return None
 
     def _chunks(self, videos: np.ndarray, labels: np.ndarray) -> dict[int, dict]:
         parts = np.array_split(videos, min(len(videos), max(1, len(self.workers))))
@@ -366,7 +374,7 @@ class LabelingCoordinatorService:
                 log.error("labeling round failed:\n%s", self.errors[-1])
             finally:
                 with self.lock:
-                    self.round = None
+                    self.round, self.busy = None, False
 
 
 def coordinator_name(run_name: str) -> str:

@@ -72,7 +72,7 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, bank: CentroidBank, *, loss_cfg: LossConfig, optim_cfg: OptimConfig,
                  ema_momentum: float, total_steps: int, device: torch.device, bf16: bool = False,
-                 replicate_bank_updates: bool = False):
+                 data_parallel: bool = False, replicate_bank_updates: bool = False):
         self.model = model  # possibly DDP-wrapped
         self.momentum = MomentumEncoder(unwrap(model), ema_momentum).to(device)
         self.bank = bank
@@ -87,6 +87,10 @@ class TrainStep:
         self.camera_centroids: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # a replicated bank must see every rank's keys, or the replicas drift apart
         self.replicate_bank_updates = replicate_bank_updates
+        # BatchNorm running stats move with each rank's own batch after DDP broadcast them, so the
+        # EMA copies of the buffers differ per rank; rank 0's are broadcast after every EMA step so
+        # f~ (keys, centroids, labeling weights) is the same model on every rank
+        self.data_parallel = data_parallel
 
     def set_camera_centroids(self, centroid_CD: torch.Tensor, pid_C: torch.Tensor, camid_C: torch.Tensor) -> None:
         self.camera_centroids = (F.normalize(centroid_CD.float(), dim=1).to(self.device),
@@ -128,6 +132,11 @@ class TrainStep:
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.momentum.update(unwrap(self.model))
+        if self.data_parallel:
+            import torch.distributed as dist
+
+            for buf in self.momentum.model.buffers():
+                dist.broadcast(buf, src=0)
         key_BD, pid_B = key_BD.detach(), batch.pid_B
         if self.replicate_bank_updates:
             key_BD, pid_B = _all_gather(key_BD), _all_gather(pid_B)

@@ -54,19 +54,33 @@ class LabelClient:
             self.coordinator.publish_weights.remote(step, [ray.put(cpu_state)])
         self.coordinator.request.remote(self.rank, step, [int(v) for v in video_ids])
 
-    def poll(self, labels: dict[str, int], sampler, feed, bank: CentroidBank, lock, step: int) -> bool:
-        """Apply a newer version if the store has one; never blocks on the store otherwise."""
+    def _latest_ready(self) -> int | None:
+        """The store's latest version if its answer is already there (never waits)."""
         if self._pending is None:
             self._pending = self.store.latest.remote()
         ready, _ = ray.wait([self._pending], timeout=0)
         if not ready:
-            return False
+            return None
         version, _ = ray.get(self._pending)
         self._pending = None
-        if version is None or (self.version is not None and version <= self.version):
+        return version
+
+    def poll(self, labels: dict[str, int], sampler, feed, bank: CentroidBank, lock, step: int) -> bool:
+        """Switch to a newer version if one is ready. With several ranks, rank 0 decides and every
+        rank switches to that same version at this same step (one tiny broadcast per step), so the
+        replicated centroid banks stay identical."""
+        target = self._latest_ready() if self.rank == 0 else None
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor([-1 if target is None else target], dtype=torch.int64, device=bank.centroids.device)
+            dist.broadcast(t, src=0)
+            target = None if int(t) < 0 else int(t)
+        if target is None or (self.version is not None and target <= self.version):
             return False
         t0 = time.perf_counter()
-        delta = ray.get(self.store.changes_since.remote(self.version, self.rank, self.world_size, self.sharded))
+        delta = ray.get(self.store.changes_since.remote(self.version, self.rank, self.world_size, self.sharded,
+                                                        until=target))
         for key, pid in zip(delta.keys.tolist(), delta.pids.tolist()):
             labels[key] = pid
         with lock:

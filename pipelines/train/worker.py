@@ -75,6 +75,7 @@ def train_loop_per_worker(config: dict) -> None:
     bank = build_centroid_bank(cfg.centroids, num_identities, dim, device=device, group=group)
     trainer = TrainStep(model, bank, loss_cfg=cfg.loss, optim_cfg=cfg.optim, ema_momentum=cfg.model.ema_momentum,
                         total_steps=cfg.run.max_steps, device=device, bf16=cfg.scaling.precision == "bf16",
+                        data_parallel=world > 1,
                         replicate_bank_updates=world > 1 and cfg.centroids.loss_mode != "sharded")
 
     labels: dict[str, int] = {}

@@ -1,0 +1,303 @@
+"""The labeling service on local Ray (services/labeling_pool.py): DynaMix and ReMix rounds publish
+valid label partitions and centroids as whole versions, a pool actor killed mid-round loses nothing,
+requests beyond the queue are dropped (oldest first) and stale rounds are discarded.
+
+Data: a tiny SynthReID single-camera set (6 videos, ~200 images at 32x16), ingested without Ray;
+encoder: timm ``test_vit``. Each pool is set up the way the training driver does it (its index,
+its coordinator config, its initial momentum weights)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from dynamix_core.config import load_config, to_dict
+from dynamix_core.data.synth import SynthConfig, generate
+from pipelines.ingest import IngestConfig, run_ingest
+from pipelines.train.config import TrainConfig
+from pipelines.train.data import single_camera_index
+from pipelines.train.driver import _initial_momentum_state, _labeling_cfg
+from services.label_store import get_or_create_store
+from services.labeling_pool import LabelingWorkerService, start_coordinator
+
+TINY_VIDEOS = SynthConfig(height=32, width=16, num_multi_sets=0, num_videos=6, min_people_per_video=3,
+                          max_people_per_video=4, video_frames=30, min_track_frames=8, max_track_frames=12,
+                          fragment_rate=0.4, switch_rate=0.3, target_ids=2, target_cameras=2)
+MAX_STALENESS = 5
+#: training steps handed out in increasing order: weights are only ever replaced by newer ones, so
+#: every test publishes at a step above all earlier ones and does not depend on test order
+STEPS = itertools.count(1000, 1000)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("videos")
+    generate(TINY_VIDEOS, root / "data", progress=False)
+    run_ingest(IngestConfig(root=root / "data" / "single" / "synth_video", out=root / "shards",
+                            dataset="synth_video", workers=0), progress=False)
+    return root / "shards"
+
+
+@dataclass
+class Pool:
+    """A label store + coordinator (+ its workers) of one run, as the training driver builds them."""
+
+    cfg: TrainConfig
+    label_dir: Path
+    keys: list[str]
+    video: np.ndarray  # video of each index row
+    store: object
+    coordinator: object
+
+    def publish(self, step: int) -> None:
+        weights = ray.put(_initial_momentum_state(self.cfg))
+        ray.get(self.coordinator.publish_weights.remote(step, [weights]))
+
+    def run_round(self, step: int, videos) -> None:
+        ray.get(self.coordinator.request.remote(0, step, list(videos)))
+        assert ray.get(self.coordinator.wait_idle.remote(timeout_s=180))
+
+    def stats(self) -> dict:
+        return ray.get(self.coordinator.stats.remote())
+
+    def history(self) -> list[dict]:
+        return ray.get(self.store.history.remote())
+
+    def labels(self, version: int) -> dict[str, int]:
+        table = pq.read_table(self.label_dir / f"v{version:08d}.parquet").to_pydict()
+        return dict(zip(table["key"], table["pid"]))
+
+    def close(self) -> None:
+        ray.get(self.coordinator.shutdown.remote())
+        ray.kill(self.coordinator, no_restart=True)
+        ray.kill(self.store, no_restart=True)
+
+
+def start_pool(shards: Path, tmp: Path, method: str, *overrides: str) -> Pool:
+    name = f"pool-{method}-{uuid.uuid4().hex[:8]}"  # named actors outlive a test: never reuse a name
+    cfg = load_config(TrainConfig, None, [
+        f"method={method}", f"run.name={name}", f"run.storage={tmp}", "run.max_steps=100000",
+        f"data.multi=[{shards}]", f"data.single=[{shards}]", "data.transform.height=32", "data.transform.width=16",
+        "model.backbone=test_vit", "model.img_size=[32,16]", "model.drop_path_rate=0.0",
+        "labeling.pool_size=2", "labeling.cpus_per_actor=0.25", "labeling.relabel.warmup_fraction=0.0",
+        f"labeling.max_staleness={MAX_STALENESS}", "labeling.cluster.eps=0.05", *overrides])
+    label_dir = tmp / name / "labels"
+    label_dir.mkdir(parents=True)
+    index = single_camera_index([str(shards)])
+    index_path = label_dir / "index.parquet"
+    pq.write_table(index, index_path)
+    store = get_or_create_store(name, str(label_dir))
+    initial = index["label"].to_numpy() if method == "dynamix" else np.full(index.num_rows, -1)
+    ray.get(store.initialise.remote(index["key"].to_pylist(), initial))
+    coordinator = start_coordinator(_labeling_cfg(cfg, tmp / name, index_path, quota=100))
+    return Pool(cfg, label_dir, index["key"].to_pylist(), index["video"].to_numpy(), store, coordinator)
+
+
+@pytest.fixture(scope="module")
+def dynamix_pool(ray_local, shards, tmp_path_factory):
+    pool = start_pool(shards, tmp_path_factory.mktemp("dynamix"), "dynamix", "labeling.queue_size=1")
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="module")
+def remix_pool(ray_local, shards, tmp_path_factory):
+    pool = start_pool(shards, tmp_path_factory.mktemp("remix"), "remix")
+    yield pool
+    pool.close()
+
+
+def all_videos(pool: Pool) -> list[int]:
+    return sorted(set(pool.video.tolist()))
+
+
+def assert_valid_partition(pool: Pool, labels: dict[str, int]) -> set[int]:
+    """Every index key present; each identity inside one video; returns the identities in use."""
+    assert sorted(labels) == sorted(pool.keys)
+    videos_of = defaultdict(set)
+    for key, video in zip(pool.keys, pool.video.tolist()):
+        if labels[key] >= 0:
+            videos_of[labels[key]].add(video)
+    spanning = {g: v for g, v in videos_of.items() if len(v) > 1}
+    assert not spanning, f"identities spanning videos: {spanning}"
+    assert {v for vs in videos_of.values() for v in vs} == set(all_videos(pool)), "a video lost all its labels"
+    return set(videos_of)
+
+
+def assert_centroids_of_version(pool: Pool, version: int, labels: dict[str, int]) -> None:
+    """The centroids published by ``version`` are exactly its identities, each the unit mean of its
+    members' features computed here independently with the same weights, in its own video."""
+    delta = ray.get(pool.store.changes_since.remote(version - 1))
+    assert delta.version == version
+    in_use = {g for g in labels.values() if g >= 0}
+    assert sorted(delta.centroid_ids.tolist()) == sorted(in_use)
+    np.testing.assert_allclose(np.linalg.norm(delta.centroids, axis=1), 1.0, atol=1e-5)
+
+    index = pq.read_table(pool.label_dir / "index.parquet").to_pydict()
+    assert len(set(index["tar"])) == 1  # one shard: one read covers the whole index, in index order
+    worker = LabelingWorkerService(to_dict(pool.cfg.model), to_dict(pool.cfg.data.transform))
+    worker.model.load_state_dict(_initial_momentum_state(pool.cfg))
+    feat_ND = worker.embed({"reads": [(index["tar"][0], index["offset"], index["size"])]})
+    label_N = np.array([labels[k] for k in index["key"]])
+    for g, row, video in zip(delta.centroid_ids, delta.centroids, delta.centroid_videos):
+        members = label_N == g
+        mean = feat_ND[members].sum(0)
+        np.testing.assert_allclose(row, mean / np.linalg.norm(mean), atol=1e-4)
+        assert set(np.asarray(index["video"])[members].tolist()) == {int(video)}
+
+
+def wait_until(condition, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not reached within {timeout_s} s: {condition}")
+
+
+def partition(labels: dict[str, int]) -> set[frozenset[str]]:
+    groups = defaultdict(set)
+    for key, g in labels.items():
+        if g >= 0:
+            groups[g].add(key)
+    return {frozenset(keys) for keys in groups.values()}
+
+
+def changed_keys(pool: Pool, version: int) -> set[str]:
+    table = pq.read_table(pool.label_dir / f"v{version:08d}.parquet").to_pydict()
+    return {k for k, v in zip(table["key"], table["version"]) if v == version}
+
+
+def test_dynamix_rounds_publish_whole_versions(dynamix_pool):
+    pool = dynamix_pool
+    first = ray.get(pool.store.latest.remote())[0]
+    seen, errors, stop = set(), [], threading.Event()
+
+    def reader():  # what a trainer and an auditor do while rounds commit
+        while not stop.is_set():
+            try:
+                delta = ray.get(pool.store.changes_since.remote(None))
+                assert len(delta.keys) == len(pool.keys), f"v{delta.version}: {len(delta.keys)} rows"
+                seen.add(delta.version)
+                for path in pool.label_dir.glob("v*.parquet"):
+                    rows = pq.read_table(path).num_rows
+                    assert rows == len(pool.keys), f"{path.name}: {rows} rows"
+            except Exception as exc:  # noqa: BLE001  (reported by the main thread)
+                errors.append(repr(exc))
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        step = next(STEPS)
+        pool.publish(step)
+        for _ in range(2):  # all videos each time: a pass ends and the next may relabel them again
+            pool.run_round(step, all_videos(pool))
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    latest = ray.get(pool.store.latest.remote())[0]
+    assert latest == first + 2
+    assert not errors, errors[:3]
+    assert {first, latest} <= seen, f"the reader saw versions {sorted(seen)}, not the rounds' commits"
+    for record in pool.history()[-2:]:
+        assert record["videos_relabeled"] == all_videos(pool) and record["step"] == step
+    labels = pool.labels(latest)
+    assert_valid_partition(pool, labels)
+    assert_centroids_of_version(pool, latest, labels)
+
+
+def test_stale_round_is_discarded(dynamix_pool):
+    pool = dynamix_pool
+    before_history, before = pool.history(), pool.stats()["counters"]
+    weights_step = next(STEPS)
+    pool.publish(weights_step)
+    # trainers have moved past the weights' step by more than max_staleness
+    pool.run_round(weights_step + MAX_STALENESS + 1, all_videos(pool))
+    after = pool.stats()["counters"]
+    assert after.get("rounds_stale", 0) == before.get("rounds_stale", 0) + 1
+    assert after.get("rounds", 0) == before.get("rounds", 0)
+    assert pool.history() == before_history
+
+
+def test_full_queue_drops_the_oldest_requests(dynamix_pool, tmp_path):
+    pool = dynamix_pool
+    step = next(STEPS)
+    pool.publish(step)
+    before = pool.stats()["counters"].get("requests_dropped", 0)
+    first = ray.get(pool.store.latest.remote())[0]
+    # keep a round in flight (worker 0 is held in a call that waits on a FIFO) so the dispatch thread
+    # takes nothing off the queue while three more requests arrive against a queue of one
+    fifo = tmp_path / "held.fifo"
+    os.mkfifo(fifo)
+    held = ray.get(pool.coordinator.workers_for_test.remote())[0].embed.remote({"reads": [(str(fifo), [0], [1])]})
+    ray.get(pool.coordinator.request.remote(0, step, all_videos(pool)))
+    wait_until(lambda: pool.stats()["in_flight"])
+    accepted = [ray.get(pool.coordinator.request.remote(0, step, videos)) for videos in ([0, 1], [2, 3], [4, 5])]
+    assert accepted == [True, False, False]  # False: the queue was full and an older request went
+    stats = pool.stats()
+    assert stats["in_flight"] and stats["queued"] == 1
+    assert stats["counters"]["requests_dropped"] == before + 2
+    with open(fifo, "wb") as fh:  # release worker 0: its held call fails on the byte, the round goes on
+        fh.write(b"x")
+    with pytest.raises(ray.exceptions.RayTaskError):
+        ray.get(held, timeout=60)
+    assert ray.get(pool.coordinator.wait_idle.remote(timeout_s=180))
+    history = pool.history()
+    assert [r["version"] for r in history[-2:]] == [first + 1, first + 2]
+    assert history[-2]["videos_relabeled"] == all_videos(pool)
+    assert history[-1]["videos_relabeled"] == [4, 5]  # of the queued requests, the newest is the one kept
+
+
+def test_remix_round_labels_every_requested_video(remix_pool):
+    pool = remix_pool
+    pool.publish(next(STEPS))
+    pool.run_round(0, all_videos(pool))
+    latest = ray.get(pool.store.latest.remote())[0]
+    labels = pool.labels(latest)
+    in_use = assert_valid_partition(pool, labels)
+    assert len(in_use) > len(all_videos(pool))  # eps 0.05 gives several pseudo-identities per video
+    assert_centroids_of_version(pool, latest, labels)
+
+
+def test_killing_a_pool_actor_mid_round_loses_nothing(remix_pool, tmp_path):
+    pool = remix_pool
+    pool.publish(next(STEPS))
+    videos = all_videos(pool)
+    pool.run_round(0, videos)  # the reference round, nothing killed
+    reference = ray.get(pool.store.latest.remote())[0]
+    retries = pool.stats()["counters"].get("chunk_retries", 0)
+
+    # Hold worker 0 in a call that cannot finish (it opens a FIFO nobody writes to), so the round's
+    # chunk sent to it is surely still in flight when the worker is killed.
+    victim = ray.get(pool.coordinator.workers_for_test.remote())[0]
+    fifo = tmp_path / "never_written.fifo"
+    os.mkfifo(fifo)
+    blocked = victim.embed.remote({"reads": [(str(fifo), [0], [1])]})
+    ray.get(pool.coordinator.request.remote(0, 0, videos))
+    wait_until(lambda: pool.stats()["in_flight"])
+    time.sleep(2.0)  # in flight = picked; the chunks go out once the current labels are read (milliseconds)
+    ray.kill(victim, no_restart=False)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(blocked, timeout=60)
+    assert ray.get(pool.coordinator.wait_idle.remote(timeout_s=180))
+
+    stats = pool.stats()
+    assert stats["counters"]["chunk_retries"] == retries + 1
+    latest = ray.get(pool.store.latest.remote())[0]
+    assert latest == reference + 1
+    history = {r["version"]: r for r in pool.history()}
+    assert history[latest]["videos_relabeled"] == history[reference]["videos_relabeled"] == videos
+    # same relabeled keys, same grouping (ids are fresh each round: compare the partitions)
+    assert partition(pool.labels(latest)) == partition(pool.labels(reference))
+    assert changed_keys(pool, latest) == changed_keys(pool, reference)
