@@ -21,9 +21,11 @@ COMMANDS: dict[str, str] = {
     "ingest": "convert a source data set into WebDataset shards + parquet manifests (Ray Data)",
     "inspect": "summarise an ingested shard set (images, identities, cameras, videos, shards)",
     "train": "train DynaMix / ReMix / the multi-camera baseline on Ray Train (resumes a run of the same name)",
+    "experiment": "train several recipes under one budget on SynthReID and print a mAP / Rank-1 table",
     "evaluate": "evaluate a trained encoder on target query/gallery sets (cross-dataset), table + JSON",
     "register": "register a trained momentum encoder as an MLflow pyfunc embedding model (with ONNX export)",
     "promote": "evaluate a registered version against the champion; move the champion alias if it wins",
+    "retrain": "scheduled retraining cycle: ingest new single-camera data, continue from the champion, evaluate, register, promote",
     "submit": "submit a dynamix command as a job to a Ray cluster (KubeRay or any Ray head)",
     "status": "status of a submitted job",
     "logs": "logs of a submitted job (--follow to stream)",
@@ -58,14 +60,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dynamix_core.config import ConfigError
-    from dynamix_core.data.records import BadInputError
-    from dynamix_core.model import WeightsError
-
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
+    # imported after parsing: `dynamix --help` should not pay for importing torch
+    from dynamix_core.config import ConfigError
+    from dynamix_core.data.records import BadInputError
+    from dynamix_core.model import WeightsError
+
     try:
         return int(args._run(args) or 0)
     except (ConfigError, BadInputError, WeightsError, FileNotFoundError) as exc:

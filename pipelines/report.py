@@ -75,15 +75,27 @@ def _img_tag(fig, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{_png_base64(fig)}">'
 
 
+#: the training curves a person looks at, by plot; other history keys stay in MLflow and history.jsonl
+PLOT_GROUPS: dict[str, tuple[str, ...]] = {
+    "loss terms": ("loss/",),
+    "target-domain retrieval": ("eval/mAP", "eval/rank1", "eval/rank5", "eval/mINP"),
+    "throughput (images/s)": ("images_per_s",),
+    "time fractions": ("data_wait_fraction", "label_wait_fraction", "compute_fraction"),
+    "label version": ("label_version",),
+}
+
+
 def _history_groups(history: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[tuple[float, float]]]]:
-    """group -> key -> [(step, value)] for every numeric key of the history rows (missing values skipped)."""
+    """plot -> key -> [(step, value)] for the keys of :data:`PLOT_GROUPS` (a pattern ending in "/"
+    matches every key with that prefix); missing and non-numeric values are skipped."""
     groups: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for row in history:
         for key, value in row.items():
-            if key == "step" or value is None or not isinstance(value, (int, float, np.integer, np.floating)):
+            if value is None or not isinstance(value, (int, float, np.integer, np.floating)):
                 continue
-            group = key.split("/", 1)[0] if "/" in key else "other"
-            groups.setdefault(group, {}).setdefault(key, []).append((row["step"], float(value)))
+            for group, patterns in PLOT_GROUPS.items():
+                if any(key == p or (p.endswith("/") and key.startswith(p)) for p in patterns):
+                    groups.setdefault(group, {}).setdefault(key, []).append((row["step"], float(value)))
     return groups
 
 
@@ -102,6 +114,10 @@ def _history_figure(group: str, series: Mapping[str, list[tuple[float, float]]])
     return fig
 
 
+RELABEL_COUNTS = ("num_splits", "num_merges", "num_dropped", "num_clusters", "num_videos")
+RELABEL_RATES = ("pair_f_score", "before_pair_f_score", "purity", "before_purity", "noise_rate")
+
+
 def _relabel_figure(relabel_rounds: Sequence[Mapping[str, Any]]):
     """Two panels over rounds: integer columns (splits, merges, ...) and fractional ones (noise rate, F, ...)."""
     from matplotlib.figure import Figure
@@ -109,13 +125,8 @@ def _relabel_figure(relabel_rounds: Sequence[Mapping[str, Any]]):
 
     x = [row.get("round", i + 1) for i, row in enumerate(relabel_rounds)]
     columns = list(dict.fromkeys(key for row in relabel_rounds for key in row if key != "round"))
-    counts, rates = [], []
-    for key in columns:
-        values = [row.get(key) for row in relabel_rounds]
-        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
-            counts.append(key)
-        elif all(isinstance(v, (int, float, np.integer, np.floating)) for v in values):
-            rates.append(key)
+    counts = [k for k in RELABEL_COUNTS if k in columns]
+    rates = [k for k in RELABEL_RATES if k in columns]
     fig = Figure(figsize=(10, 3.4))
     for position, (keys, title) in enumerate(((counts, "counts per round"), (rates, "rates per round")), start=1):
         ax = fig.add_subplot(1, 2, position)

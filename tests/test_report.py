@@ -19,8 +19,8 @@ SUMMARY = {"eval/mAP": 0.4123, "eval/rank1": 0.6345, "pseudo_label_f/before": 0.
 SUMMARY_SHOWN = {"eval/mAP": "0.4123", "eval/rank1": "0.6345", "pseudo_label_f/before": "0.7100",
                  "pseudo_label_f/after": "0.8312", "images_per_s": "812.3", "data_wait_frac": "0.0310",
                  "label_wait_frac": "0.0024", "steps": "12,000", "wall_time_s": "3,605.5", "recipe": "dynamix"}
-RELABEL = [{"round": 1, "splits": 40, "merges": 12, "noise_rate": 0.18, "pairwise_f": 0.81},
-           {"round": 2, "splits": 25, "merges": 9, "noise_rate": 0.12, "pairwise_f": 0.86}]
+RELABEL = [{"round": 1, "num_splits": 40, "num_merges": 12, "noise_rate": 0.18, "pair_f_score": 0.81},
+           {"round": 2, "num_splits": 25, "num_merges": 9, "noise_rate": 0.12, "pair_f_score": 0.86}]
 
 
 def _person(rng: np.random.Generator, colour: tuple[int, int, int]) -> np.ndarray:
@@ -68,7 +68,7 @@ def test_report_holds_the_tables_and_one_image_per_plot(tmp_path):
 
     images = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([^"]+)">', text)
     # loss group, eval group, relabel statistics, retrieval strip
-    assert [alt for alt, _ in images] == ["loss over steps", "eval over steps", "relabel statistics",
+    assert [alt for alt, _ in images] == ["loss terms over steps", "target-domain retrieval over steps", "relabel statistics",
                                           "retrieval examples"]
     assert text.count("<img ") == 4
     for _, data in images:

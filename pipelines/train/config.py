@@ -18,8 +18,9 @@ from dynamix_core.losses import LossConfig
 from dynamix_core.model import ModelConfig
 from dynamix_core.sampling import SamplerConfig
 from dynamix_core.training.optim import OptimConfig
+from pipelines.train.methods_config import CLUSTER_METHODS, ClusterMethodSection
 
-Method = Literal["dynamix", "remix", "multicam"]
+Method = Literal["dynamix", "remix", "multicam", "cluster_contrast", "domainmix", "calr"]
 
 
 @dataclass(kw_only=True)
@@ -78,7 +79,8 @@ class TrackingSection:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    method: Method = field("dynamix", help="dynamix: relabel tracker labels; remix: DBSCAN pseudo-labels; multicam: no single-camera data")
+    method: Method = field("dynamix", help="dynamix: relabel tracker labels; remix: DBSCAN pseudo-labels; multicam: no single-camera data; "
+                           "cluster_contrast / calr: unsupervised on data.multi (labels ignored); domainmix: labeled data.multi + unlabeled data.single")
     run: RunSection = field(default_factory=RunSection, help="run identity, length and cadences")
     data: DataSection = field(default_factory=DataSection, help="shard sets and augmentation")
     model: ModelConfig = field(default_factory=ModelConfig, help="encoder and momentum encoder")
@@ -90,13 +92,21 @@ class TrainConfig:
     scaling: ScalingSection = field(default_factory=ScalingSection, help="Ray Train workers and precision")
     tracking: TrackingSection = field(default_factory=TrackingSection, help="MLflow tracking")
     eval: EvalConfig = field(default_factory=EvalConfig, help="target-domain evaluation")
+    cluster_method: ClusterMethodSection | None = field(
+        None, help="Cluster-Contrast / DomainMix / CALR settings (defaults when one of them is the method)")
 
     def __post_init__(self) -> None:
         if not self.data.multi:
             raise ConfigError("data.multi: at least one multi-camera shard set is required")
-        if self.method != "multicam" and not self.data.single:
+        if self.uses_single and not self.data.single:
             raise ConfigError(f"data.single: method={self.method} needs single-camera shard sets "
                               "(or set method=multicam)")
+        if self.method in CLUSTER_METHODS:
+            self.cluster_method = self.cluster_method or ClusterMethodSection()
+            self.cluster_method.check(self.method, self.run.max_steps)
+        elif self.cluster_method is not None:
+            raise ConfigError(f"cluster_method: read only by method={'|'.join(CLUSTER_METHODS)}; "
+                              f"remove it for method={self.method}")
         if (self.data.transform.height, self.data.transform.width) != tuple(self.model.img_size):
             raise ConfigError(
                 f"data.transform size ({self.data.transform.height}, {self.data.transform.width}) must equal "
@@ -114,4 +124,10 @@ class TrainConfig:
 
     @property
     def uses_single(self) -> bool:
-        return self.method != "multicam"
+        """The run reads data.single (DomainMix: as its unlabeled real domain)."""
+        return self.method in ("dynamix", "remix", "domainmix")
+
+    @property
+    def uses_labeling_pool(self) -> bool:
+        """Single-camera labels come from the label store + labeling pool (DynaMix, ReMix)."""
+        return self.method in ("dynamix", "remix")

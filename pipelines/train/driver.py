@@ -8,6 +8,7 @@ checkpoint under ``STORAGE/NAME``, the label store recovers its newest version f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -138,7 +139,6 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
 
     from pipelines.tracking import ResilientTracker
     from pipelines.train.data import load_video_images, single_camera_index, video_rows
-    from pipelines.train.worker import train_loop_per_worker
     from services.label_store import get_or_create_store, store_actor_name
     from services.labeling_pool import coordinator_name, start_coordinator
 
@@ -158,7 +158,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     loop_config = {"train": to_dict(cfg), "num_single_identities": 0, "run_dir": str(run_dir),
                    "tracking_uri": tracking_uri}
     coordinator = None
-    if cfg.uses_single:
+    if cfg.uses_labeling_pool:
         index = single_camera_index(cfg.data.single)
         truth = _ground_truth(index, cfg.labeling.ground_truth)
         if truth is not None:
@@ -181,6 +181,8 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             # every video once, so each rank starts with pseudo-labelled videos; later rounds take the quota
             ray.get(coordinator.request.remote(0, 0, ray.get(coordinator.video_ids.remote())))
             ray.get(coordinator.wait_idle.remote())
+        # the video streams restart every pass: their per-pass progress bars would flood the console
+        ray.data.DataContext.get_current().enable_progress_bars = False
         rows = video_rows(index)
         for r in range(cfg.scaling.num_workers):
             mine = [row for row in rows if row["video"] % cfg.scaling.num_workers == r]
@@ -188,6 +190,10 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                 raise ValueError(f"data.single: {len(rows)} videos cannot feed {cfg.scaling.num_workers} workers")
             datasets[f"videos_{r}"] = ray.data.from_items(mine).map(load_video_images)
 
+    if cfg.cluster_method is not None:  # Cluster-Contrast / DomainMix / CALR: epoch loop, no labeling pool
+        from pipelines.train.cluster_worker import train_loop_per_worker
+    else:
+        from pipelines.train.worker import train_loop_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -199,10 +205,17 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         datasets=datasets or None,
         dataset_config=DataConfig(datasets_to_split=[]),  # each rank reads only its own videos_<rank>
     )
-    result = trainer.fit()
+    with _ProgressPrinter(run_dir / "history.jsonl", cfg.run.max_steps) if progress else contextlib.nullcontext():
+        result = trainer.fit()
     history = list(_read_history(run_dir))
     metrics = dict(result.metrics or {})
-    labeling = ray.get(coordinator.stats.remote()) if coordinator is not None else {}
+    labeling = {}
+    if coordinator is not None:
+        # the run is over: stop its labeling actors (their state is on disk; a re-run recreates them)
+        labeling = ray.get(coordinator.stats.remote())
+        ray.get(coordinator.shutdown.remote())
+        ray.kill(coordinator, no_restart=True)
+        ray.kill(ray.get_actor(store_actor_name(cfg.run.name), namespace="dynamix"), no_restart=True)
     weights_path = None
     if result.checkpoint is not None:
         weights_path = _export_momentum(result.checkpoint, run_dir)
@@ -210,6 +223,41 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     tracker.close()
     (run_dir / "result.json").write_text(json.dumps({"metrics": metrics, "labeling": labeling}, indent=2, default=float))
     return TrainResult(run_dir, metrics, history, weights_path, tracker.run_id, labeling)
+
+
+class _ProgressPrinter:
+    """Prints one line per metric report (rank 0 appends them to history.jsonl) while training runs."""
+
+    def __init__(self, history: Path, max_steps: int):
+        import threading
+
+        self.history, self.max_steps = history, max_steps
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+    def _run(self) -> None:
+        printed = 0
+        while not self.stop.wait(1.0):
+            if not self.history.is_file():
+                continue
+            lines = [ln for ln in self.history.read_text().splitlines() if ln.strip()]
+            if len(lines) < printed:  # a restart truncated the history to its checkpoint
+                printed = len(lines)
+            for line in lines[printed:]:
+                m = json.loads(line)
+                evals = "".join(f"  {k[5:]} {100 * v:.1f}" for k, v in m.items() if k in ("eval/mAP", "eval/rank1"))
+                print(f"[train] step {m['step']:>6}/{self.max_steps}  loss {m.get('loss/total', float('nan')):.3f}"
+                      f"  lr {m['lr']:.2e}  {m['images_per_s']:.0f} img/s  data-wait {100 * m['data_wait_fraction']:.0f}%"
+                      f"  labels v{int(m['label_version'])}{evals}", flush=True)
+            printed = len(lines)
 
 
 def _read_history(run_dir: Path):
