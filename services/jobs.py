@@ -95,20 +95,28 @@ def build_entrypoint(dynamix_args: list[str]) -> str:
 
 
 def submit_job(address: str, dynamix_args: list[str], runtime: JobRuntime,
-               submission_id: str | None = None, metadata: dict[str, str] | None = None) -> str:
+               submission_id: str | None = None, metadata: dict[str, str] | None = None,
+               agent_wait_s: float = 120.0) -> str:
+    """Submit ``dynamix <dynamix_args>``; returns the job id. Waits up to ``agent_wait_s`` for the
+    cluster's job agent when the head is up but its agent is not yet."""
     client = _client(address)
     kwargs = {}
     if runtime.entrypoint_num_cpus:
         kwargs["entrypoint_num_cpus"] = runtime.entrypoint_num_cpus
     if runtime.entrypoint_num_gpus:
         kwargs["entrypoint_num_gpus"] = runtime.entrypoint_num_gpus
-    try:
-        return client.submit_job(entrypoint=build_entrypoint(dynamix_args), runtime_env=runtime.to_runtime_env(),
-                                 submission_id=submission_id, metadata=metadata or {}, **kwargs)
-    except JobError:
-        raise
-    except Exception as exc:
-        raise JobError(f"submission to {address} failed: {exc}") from None
+    entrypoint, runtime_env = build_entrypoint(dynamix_args), runtime.to_runtime_env()
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
+                                     metadata=metadata or {}, **kwargs)
+        except Exception as exc:
+            # a freshly started head answers before its job agent is up: that one is worth waiting for
+            if "No available agent" in str(exc) and time.monotonic() < deadline:
+                time.sleep(2.0)
+                continue
+            raise JobError(f"submission to {address} failed: {exc}") from None
 
 
 def job_status(address: str, job_id: str) -> JobReport:

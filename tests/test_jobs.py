@@ -93,7 +93,16 @@ def test_stop_a_running_job(ray_head):
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(entrypoint=f"{sys.executable} -c 'import time; print(\"started\", flush=True); time.sleep(600)'")
+    deadline = time.monotonic() + 120
+    while True:  # the job agent may still be starting (see services.jobs.submit_job)
+        try:
+            job_id = client.submit_job(
+                entrypoint=f"{sys.executable} -c 'import time; print(\"started\", flush=True); time.sleep(600)'")
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
     deadline = time.monotonic() + 60
     while "started" not in client.get_job_logs(job_id):
         assert time.monotonic() < deadline, client.get_job_info(job_id)

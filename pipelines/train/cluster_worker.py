@@ -232,7 +232,8 @@ def _open_tracking(config: dict, cfg, start_step: int):
     from pipelines.tracking import ResilientTracker
 
     run_dir = Path(config["run_dir"])
-    tracker = ResilientTracker(config["tracking_uri"], cfg.tracking.experiment, cfg.run.name, str(run_dir / "spool_rank0"))
+    tracker = ResilientTracker(config["tracking_uri"], cfg.tracking.experiment, cfg.run.name,
+                               str(run_dir / "spool_rank0"), run_id=config.get("mlflow_run_id"))
     path = run_dir / "history.jsonl"
     if path.is_file():
         kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]

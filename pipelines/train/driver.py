@@ -153,10 +153,14 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     tracker.log_params(to_dict(cfg))
     tracker.set_tags({"dynamix.method": cfg.method})
     tracker.log_artifact(str(run_dir / "config.yaml"))
+    # resolve the MLflow run before the workers start, so rank 0 logs into this run rather than
+    # racing to create one by name (None when the server is unreachable: both then resolve by name
+    # once it is back, and find the same run)
+    tracker.flush(timeout_s=30)
 
     datasets = {}
     loop_config = {"train": to_dict(cfg), "num_single_identities": 0, "run_dir": str(run_dir),
-                   "tracking_uri": tracking_uri}
+                   "tracking_uri": tracking_uri, "mlflow_run_id": tracker.run_id}
     coordinator = None
     if cfg.uses_labeling_pool:
         index = single_camera_index(cfg.data.single)

@@ -128,7 +128,7 @@ def train_loop_per_worker(config: dict) -> None:
 
         run_dir = Path(config["run_dir"])
         tracker = ResilientTracker(config["tracking_uri"], cfg.tracking.experiment, cfg.run.name,
-                                   str(run_dir / "spool_rank0"))
+                                   str(run_dir / "spool_rank0"), run_id=config.get("mlflow_run_id"))
         history_path = run_dir / "history.jsonl"
         if history_path.is_file():  # a restart replays the steps after its checkpoint: drop their rows
             kept = [ln for ln in history_path.read_text().splitlines()
