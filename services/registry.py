@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -93,6 +94,10 @@ def tracking(tracking_uri: str) -> Iterator[None]:
     import mlflow
 
     previous_tracking, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    # set_tracking_uri() also writes MLFLOW_TRACKING_URI into os.environ; restoring "the previous
+    # URI" that way would pin MLflow's *default* (sqlite:///mlflow.db in the cwd) for the rest of
+    # the process, and every later run would log there. Restore the environment exactly instead.
+    env_before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     try:
@@ -100,6 +105,11 @@ def tracking(tracking_uri: str) -> Iterator[None]:
     finally:
         mlflow.set_tracking_uri(previous_tracking)
         mlflow.set_registry_uri(previous_registry)
+        for key, value in env_before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def load_model_config(source: ModelConfig | str | Path) -> ModelConfig:

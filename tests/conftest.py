@@ -33,3 +33,16 @@ def ray_local(tmp_path_factory):
                  configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _isolate_mlflow_env():
+    """mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI into the process environment; without
+    this, one test's store would become the next test's default tracking URI."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -34,9 +34,13 @@ def ray_head():
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
            "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "600"}
     gcs, dash = _free_port(), _free_port()
+    # the session's other Ray instance holds Ray's default agent ports: give this head its own
+    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                   f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+                   f"--ray-client-server-port={_free_port()}"]
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
-           f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+           f"--temp-dir={temp_dir}", "--disable-usage-stats", *agent_ports]
     # --block + a new session: teardown kills exactly this head's processes (`ray stop` would kill
     # every Ray instance on the machine, including the test session's own).
     log = open(f"{temp_dir}.log", "w")

@@ -53,6 +53,7 @@ def tiny_config(root: Path, name: str, **extra) -> TrainConfig:
         "labeling.relabel.warmup_fraction=0.0", "labeling.embed_batch_size=64",
         f"labeling.ground_truth=[{root / 'data' / 'single' / 'synth_video' / 'ground_truth.parquet'}]",
         "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "eval.max_rank=10",
+        f"tracking.uri=sqlite:///{root / 'runs' / name / 'mlflow.db'}",
     ]
     overrides += [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
     return load_config(TrainConfig, None, overrides)
