@@ -11,27 +11,15 @@ import numpy as np
 import pytest
 
 from dynamix_core.config import ConfigError, load_config
-from dynamix_core.data.synth import SynthConfig, generate
 from dynamix_core.methods.cluster_contrast import cluster_sampler
-from pipelines.ingest import IngestConfig, run_ingest
 from pipelines.train.cluster_worker import draw_batch
+from conftest import make_tiny_reid
 from pipelines.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_SYNTH = ["height=32", "width=16", "num_multi_sets=2", "multi_train_ids=12", "multi_test_ids=6",
-              "num_videos=6", "min_people_per_video=3", "max_people_per_video=4", "video_frames=24",
-              "target_ids=8", "distractors_per_set=2", "junk_per_set=1"]
-
-
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tinyreid_cluster")
-    generate(load_config(SynthConfig, None, TINY_SYNTH), root / "data", progress=False)
-    sets = {"synth_m0": "multi", "synth_m1": "multi", "synth_video": "single", "synth_target": "target"}
-    for name, kind in sets.items():
-        run_ingest(IngestConfig(root=root / "data" / kind / name, out=root / "shards" / name, dataset=name, workers=0),
-                   progress=False)
-    return root
+    return make_tiny_reid(tmp_path_factory.mktemp("tinyreid_cluster"), num_videos=6)
 
 
 def tiny_config(root: Path, recipe: str, name: str, *extra: str) -> TrainConfig:

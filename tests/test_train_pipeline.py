@@ -17,26 +17,14 @@ import pytest
 import torch
 
 from dynamix_core.config import load_config
-from dynamix_core.data.synth import SynthConfig, generate
-from pipelines.ingest import IngestConfig, run_ingest
+from conftest import make_tiny_reid
 from pipelines.train.config import TrainConfig
 
 pytestmark = pytest.mark.ray
 
-TINY_SYNTH = ["height=32", "width=16", "num_multi_sets=2", "multi_train_ids=12", "multi_test_ids=6",
-              "num_videos=8", "min_people_per_video=3", "max_people_per_video=4", "video_frames=24",
-              "target_ids=8", "distractors_per_set=2", "junk_per_set=1"]
-
-
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tinyreid")
-    generate(load_config(SynthConfig, None, TINY_SYNTH), root / "data", progress=False)
-    sets = {"synth_m0": "multi", "synth_m1": "multi", "synth_video": "single", "synth_target": "target"}
-    for name, kind in sets.items():
-        run_ingest(IngestConfig(root=root / "data" / kind / name, out=root / "shards" / name, dataset=name, workers=0),
-                   progress=False)
-    return root
+    return make_tiny_reid(tmp_path_factory.mktemp("tinyreid"), num_videos=8)
 
 
 def tiny_config(root: Path, name: str, **extra) -> TrainConfig:
