@@ -64,7 +64,9 @@ def ray_worker(config: dict) -> None:
     import ray.train
 
     rate = timed_loop(config, report=lambda m: ray.train.report(m))
-    ray.train.report({"steps_per_s": rate, "done": 1})
+    # Ray Train V2 keeps result.metrics only for reports that carry a checkpoint: hand the figure over by file
+    with open(config["result_file"], "w") as fh:
+        fh.write(str(rate))
 
 
 def run_ray(cfg: dict) -> float:
@@ -76,10 +78,13 @@ def run_ray(cfg: dict) -> float:
     try:
         import tempfile
 
-        trainer = TorchTrainer(ray_worker, train_loop_config=cfg,
+        result_file = os.path.join(tempfile.mkdtemp(), "steps_per_s")
+        trainer = TorchTrainer(ray_worker, train_loop_config={**cfg, "result_file": result_file},
                                scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
                                run_config=RunConfig(name="bench_train_loop", storage_path=tempfile.mkdtemp()))
-        return float(trainer.fit().metrics["steps_per_s"])
+        trainer.fit()
+        with open(result_file) as fh:
+            return float(fh.read())
     finally:
         ray.shutdown()
 
