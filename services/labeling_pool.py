@@ -21,12 +21,13 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import ray
 import torch
+
+from dynamix_core.labeling import quality
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +132,11 @@ class LabelingCoordinatorService:
     """Queue, dispatch, retry, staleness and publication of labeling rounds (one writer)."""
 
     def __init__(self, cfg: dict):
-        from dynamix_core.labeling import quality
         from dynamix_core.labeling.pseudo_labels import VideoQuotaSampler
         from dynamix_core.labeling.relabel_schedule import RelabelScheduler
         from services.label_store import get_or_create_store
 
         self.cfg = cfg
-        self.quality = quality
         self.mode = cfg["mode"]
         self.store = get_or_create_store(cfg["run_name"], cfg["label_root"])
         index = pq.read_table(cfg["index_path"]).to_pydict()
@@ -271,8 +270,6 @@ class LabelingCoordinatorService:
         return chunks
 
     def _current_labels(self) -> tuple[np.ndarray, int]:
-        from services.label_store import LabelStoreService  # noqa: F401  (type only)
-
         delta = ray.get(self.store.changes_since.remote(None))
         lookup = dict(zip(delta.keys.tolist(), delta.pids.tolist()))
         labels = np.array([lookup.get(k, -1) for k in self.keys.tolist()], dtype=np.int64)
@@ -339,7 +336,6 @@ class LabelingCoordinatorService:
                 truth.append(np.asarray(rnd.chunks[cid]["truth"], dtype=np.int64))
             counts.update({k: v for k, v in res["report"].items() if k.startswith("num_")})
         after_N, before_N = np.concatenate(labels), np.concatenate(before)
-        quality = self.quality
         report = {**quality.cluster_stats(after_N), **{k: float(v) for k, v in counts.items()}}
         if truth:
             truth_N = np.concatenate(truth)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +32,7 @@ import dynamix_core  # noqa: F401  (the torchvision shim, before anything import
 from dynamix_core.data.images import decode_image
 from dynamix_core.data.transforms import sample_generator
 from dynamix_core.training.step import _all_gather, unwrap
-from pipelines.train.worker import _rng_state, _seed_all, _set_rng_state
+from pipelines.train.worker import _rng_state, _set_rng_state, worker_context
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -53,11 +52,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = from_dict(TrainConfig, config["train"])
     sec = cfg.cluster_method
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, int(os.environ.get("DYNAMIX_TORCH_THREADS", "1"))))
-    _seed_all(cfg.run.seed + rank)
+    rank, world, device = worker_context(cfg.run.seed)
 
     multi = MultiCameraSet.load(cfg.data.multi)
     real = MultiCameraSet.load(cfg.data.single) if cfg.method == "domainmix" else None

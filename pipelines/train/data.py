@@ -135,8 +135,7 @@ def video_rows(index: pa.Table) -> list[dict]:
     rows = []
     for s, e in zip(starts, ends):
         rows.append({"video": int(video[s]), "keys": cols["key"][s:e], "frames": cols["frame"][s:e],
-                     "tar": cols["tar"][s], "offsets": cols["offset"][s:e], "sizes": cols["size"][s:e],
-                     "tars": cols["tar"][s:e]})
+                     "offsets": cols["offset"][s:e], "sizes": cols["size"][s:e], "tars": cols["tar"][s:e]})
     return rows
 
 

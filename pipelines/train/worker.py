@@ -40,6 +40,18 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def worker_context(seed: int) -> tuple[int, int, "torch.device"]:
+    """This Ray Train worker's rank, world size and device; torch threads set and RNGs seeded by rank."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(os.environ.get("DYNAMIX_TORCH_THREADS", "1"))))
+    _seed_all(seed + rank)
+    return rank, world, ray.train.torch.get_device()
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -56,11 +68,7 @@ def train_loop_per_worker(config: dict) -> None:
     from pipelines.train.labels import LabelClient
 
     cfg = from_dict(TrainConfig, config["train"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, int(os.environ.get("DYNAMIX_TORCH_THREADS", "1"))))
-    _seed_all(cfg.run.seed + rank)
+    rank, world, device = worker_context(cfg.run.seed)
 
     multi = MultiCameraSet.load(cfg.data.multi)
     bank_offset = multi.num_identities
