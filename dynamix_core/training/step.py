@@ -109,7 +109,7 @@ class TrainStep:
         with self._autocast():
             # both views in one forward: one pass through the backbone, one DDP gradient sync
             out_2BD = self.model(torch.cat([batch.standard_BCHW, batch.strong_BCHW]))
-            key_BD = self.momentum.embed(batch.standard_BCHW)
+            key_BD = self.momentum.keys(batch.standard_BCHW)
         z_2BD = F.normalize(out_2BD.float(), dim=1)
         z_BD, strong_BD = z_2BD[:B], z_2BD[B:]
         key_BD = key_BD.float()

@@ -28,7 +28,11 @@ _HAIR_COLOURS = np.array([
 ], dtype=float)
 _HAIR_PROBS = np.array([0.38, 0.24, 0.16, 0.1, 0.07, 0.05])
 #: Share of garments in black/white/grey (no hue), as in real street clothing.
-_ACHROMATIC_SHARE = 0.3
+_ACHROMATIC_SHARE = 0.5
+#: Hues most street clothing is dyed in (navy/denim, dark red, khaki/olive, brown), each with a spread:
+#: many people share them, so colour alone does not tell people apart (real re-ID's hard negatives).
+_POPULAR_HUES = ((0.61, 0.04), (0.99, 0.03), (0.13, 0.03), (0.07, 0.02))
+_POPULAR_SHARE = 0.7
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +75,16 @@ def _garment(rng: np.random.Generator, hue: float | None) -> RGB:
     return _hsv(hue, rng.uniform(0.35, 1.0), rng.uniform(0.25, 0.95))
 
 
-def _source_garment(rng: np.random.Generator, band: tuple[float, float]) -> RGB:
-    hue = None if rng.random() < _ACHROMATIC_SHARE else _hue_outside(rng, band)
-    return _garment(rng, hue)
+def _source_garment(rng: np.random.Generator, band: tuple[float, float] | None) -> RGB:
+    """A street-clothing colour (achromatic, a popular dye, or any hue); never in ``band`` if given."""
+    if rng.random() < _ACHROMATIC_SHARE:
+        return _garment(rng, None)
+    if rng.random() < _POPULAR_SHARE:
+        centre, spread = _POPULAR_HUES[rng.choice(len(_POPULAR_HUES))]
+        hue = (centre + rng.uniform(-spread, spread)) % 1.0
+        if band is None or not band[0] <= hue <= band[1]:
+            return _garment(rng, hue)
+    return _garment(rng, rng.uniform() if band is None else _hue_outside(rng, band))
 
 
 def _target_garments(rng: np.random.Generator, band: tuple[float, float]) -> tuple[RGB, RGB]:
@@ -81,11 +92,7 @@ def _target_garments(rng: np.random.Generator, band: tuple[float, float]) -> tup
     where = rng.choice(3)  # 0: top in the band, 1: bottom, 2: both
     garments = []
     for part in (0, 1):
-        if where in (part, 2):
-            hue = rng.uniform(*band)
-        else:
-            hue = None if rng.random() < _ACHROMATIC_SHARE else rng.uniform()
-        garments.append(_garment(rng, hue))
+        garments.append(_garment(rng, rng.uniform(*band)) if where in (part, 2) else _source_garment(rng, None))
     return garments[0], garments[1]
 
 

@@ -9,6 +9,7 @@ distractors (gallery negatives) and ``-1_...`` for junk (dropped at load).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,12 +118,11 @@ def _bad_shot(shot: Shot, kind: str, rng: np.random.Generator) -> tuple[Shot, bo
     Distractors: the person half out of the crop, or only background. Junk: a zoom on a body part."""
     if kind == "junk":
         scale = float(rng.uniform(1.8, 3.0))
-        return Shot(shot.view, shot.facing, shot.phase, scale, shot.dx, float(rng.uniform(0.9, 0.6 + scale)),
-                    shot.bg_x, shot.bg_y, shot.shade), True
+        return dataclasses.replace(shot, scale=scale, feet=float(rng.uniform(0.9, 0.6 + scale))), True
     if rng.random() < 0.4:
         return shot, False
     dx = float(rng.choice([-1.0, 1.0]) * rng.uniform(0.4, 0.6))
-    return Shot(shot.view, shot.facing, shot.phase, shot.scale, dx, shot.feet, shot.bg_x, shot.bg_y, shot.shade), True
+    return dataclasses.replace(shot, dx=dx), True
 
 
 def render_unit(cfg: SynthConfig, mset: MarketSet, unit: list[MarketImage]) -> list[Image.Image]:

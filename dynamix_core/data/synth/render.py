@@ -89,9 +89,9 @@ def draw_person(img: Image.Image, ident: Identity, pose: Pose) -> None:
     shoulder_y = top + head_h + 0.03 * h
     hip_y = feet_y - ident.leg_ratio * h
     leg_len = feet_y - 0.025 * h - hip_y
-    sw = (0.075 if side else 0.12) * h * ident.width  # shoulder half-width
-    hw = (0.07 if side else 0.09) * h * ident.width  # hip half-width
-    arm_w, leg_w = 0.05 * h * ident.width, 0.07 * h * ident.width
+    sw = (0.09 if side else 0.145) * h * ident.width  # shoulder half-width
+    hw = (0.085 if side else 0.11) * h * ident.width  # hip half-width
+    arm_w, leg_w = 0.06 * h * ident.width, 0.08 * h * ident.width
     hair, bag = _fill(ident.hair, shade), _fill(ident.bag_colour, shade)
 
     def skin(f: float = 1.0) -> tuple[int, int, int]:

@@ -34,6 +34,7 @@ class Shot:
     bg_x: float  # background crop offset in [0, 1]
     bg_y: float
     shade: float
+    scene: int = 0  # which of the camera's scenes is behind the person (see cameras.background)
 
 
 def sample_shot(style: CameraStyle, rng: np.random.Generator) -> Shot:
@@ -47,7 +48,8 @@ def sample_shot(style: CameraStyle, rng: np.random.Generator) -> Shot:
         feet=float(np.clip(0.97 + rng.normal(0.0, 0.02), 0.9, 1.06)),
         bg_x=float(rng.uniform()),
         bg_y=float(rng.uniform()),
-        shade=float(rng.uniform(0.9, 1.1)),
+        shade=float(rng.uniform(0.7, 1.3)),  # sun and shadow: light on the person varies per detection
+        scene=int(rng.integers(0, 2**31)),  # every detection of a Market-style set has a scene of its own
     )
 
 
@@ -55,7 +57,7 @@ def render_shot(ident: Identity | None, style: CameraStyle, shot: Shot, rng: np.
                 height: int, width: int) -> Image.Image:
     """The ``height`` x ``width`` RGB crop of ``ident`` (None: background only) in ``shot``."""
     ch, cw = SUPERSAMPLE * height, SUPERSAMPLE * width
-    bg = background(style, round(BACKGROUND_SPAN[0] * cw), round(BACKGROUND_SPAN[1] * ch))
+    bg = background(style, shot.scene, round(BACKGROUND_SPAN[0] * cw), round(BACKGROUND_SPAN[1] * ch))
     y0 = round(shot.bg_y * (bg.shape[0] - ch))
     x0 = round(shot.bg_x * (bg.shape[1] - cw))
     canvas = Image.fromarray(bg[y0:y0 + ch, x0:x0 + cw])
