@@ -5,6 +5,8 @@
 On the in-domain test split of every multi-camera source set and on the held-out target domain, it
 ranks Market-style query/gallery with hand-made features and reports mAP / Rank-1 (%) next to chance:
 
+(features in ``dynamix_core.evaluation.baselines``)
+
 - random ranking: the mean of 50 random feature draws (the reference every other row is read
   against: ``x chance`` = mAP / random mAP);
 - raw pixels: the image at 32x16, mean-centred, cosine;
@@ -25,7 +27,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,10 +36,7 @@ from dynamix_core.config import load_config  # noqa: E402
 from dynamix_core.data.parsers import parse_source  # noqa: E402
 from dynamix_core.data.records import InputReport  # noqa: E402
 from dynamix_core.data.synth import SynthConfig, generate  # noqa: E402
-from dynamix_core.evaluation.features import evaluate_features  # noqa: E402
-
-RANDOM_DRAWS = 50
-
+from dynamix_core.evaluation.baselines import baseline_ladder  # noqa: E402
 
 def load_split(root: Path) -> dict[str, tuple[list[np.ndarray], np.ndarray, np.ndarray]]:
     """query / gallery of a Market-layout folder: (RGB uint8 arrays, pids, camids)."""
@@ -53,48 +51,15 @@ def load_split(root: Path) -> dict[str, tuple[list[np.ndarray], np.ndarray, np.n
     return out
 
 
-def raw_pixels(imgs: list[np.ndarray]) -> np.ndarray:
-    feats = np.stack([np.asarray(Image.fromarray(im).resize((16, 32), Image.BILINEAR), dtype=np.float32).ravel()
-                      for im in imgs])
-    return feats - feats.mean(axis=1, keepdims=True)
-
-
-def colour_histogram(imgs: list[np.ndarray], stripes: int = 6, bins: tuple[int, int, int] = (16, 4, 4)) -> np.ndarray:
-    feats = []
-    for im in imgs:
-        hsv = np.asarray(Image.fromarray(im).convert("HSV"), dtype=np.int64)
-        h, w = hsv.shape[:2]
-        centre = hsv[:, w // 4: w - w // 4]
-        q = (centre[..., 0] * bins[0] // 256) * bins[1] * bins[2] + (centre[..., 1] * bins[1] // 256) * bins[2] \
-            + centre[..., 2] * bins[2] // 256
-        parts = []
-        for s in range(stripes):
-            band = q[s * h // stripes:(s + 1) * h // stripes].ravel()
-            hist = np.bincount(band, minlength=bins[0] * bins[1] * bins[2]).astype(np.float32)
-            parts.append(np.sqrt(hist / max(1.0, hist.sum())))
-        feats.append(np.concatenate(parts))
-    return np.stack(feats)
-
-
-def score(q: np.ndarray, g: np.ndarray, data) -> tuple[float, float]:
-    (_, qp, qc), (_, gp, gc) = data["query"], data["gallery"]
-    m = evaluate_features(torch.from_numpy(q).float(), torch.from_numpy(g).float(), qp, gp, qc, gc)
-    return 100.0 * m["mAP"], 100.0 * float(m["cmc"][0])
-
-
 def calibrate(data_root: Path) -> list[dict]:
     sets = sorted((data_root / "multi").iterdir()) + sorted((data_root / "target").iterdir())
     rows = []
     for root in sets:
         data = load_split(root)
-        qi, gi = data["query"][0], data["gallery"][0]
-        rng = np.random.default_rng(0)
-        rand = np.mean([score(rng.normal(size=(len(qi), 32)), rng.normal(size=(len(gi), 32)), data)
-                        for _ in range(RANDOM_DRAWS)], axis=0)
-        pix = score(raw_pixels(qi), raw_pixels(gi), data)
-        col = score(colour_histogram(qi), colour_histogram(gi), data)
-        rows.append({"set": root.name, "domain": "target" if root.parent.name == "target" else "in-domain",
-                     "random": rand, "pixels": pix, "colour": col})
+        (qi, qp, qc), (gi, gp, gc) = data["query"], data["gallery"]
+        ladder = baseline_ladder(qi, gi, qp, gp, qc, gc)
+        row = {k: (100.0 * v["mAP"], 100.0 * v["rank1"]) for k, v in ladder.items()}
+        rows.append({"set": root.name, "domain": "target" if root.parent.name == "target" else "in-domain", **row})
     return rows
 
 

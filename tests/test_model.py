@@ -79,7 +79,7 @@ def test_model_config_validation():
 # ---------------------------------------------------------------- momentum encoder
 
 
-def test_ema_matches_closed_form_and_copies_buffers():
+def test_ema_matches_closed_form_and_keeps_its_own_buffers():
     online = tiny_vit()
     momentum = MomentumEncoder(online, momentum=0.9)
     start = {k: v.clone() for k, v in momentum.model.named_parameters()}
@@ -94,8 +94,28 @@ def test_ema_matches_closed_form_and_copies_buffers():
     for name, p in online.named_parameters():
         expected = 0.9**3 * start[name] + (1 - 0.9**3) * p
         torch.testing.assert_close(dict(momentum.model.named_parameters())[name], expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(momentum.model.neck.bn.running_mean, torch.full((192,), 3.0))
-    torch.testing.assert_close(momentum.model.neck.bn.running_var, torch.full((192,), 2.0))
+    # f~'s BatchNorm statistics are its own (tracked by its key forwards), never copied from f
+    torch.testing.assert_close(momentum.model.neck.bn.running_mean, torch.zeros(192))
+    torch.testing.assert_close(momentum.model.neck.bn.running_var, torch.ones(192))
+
+
+def test_momentum_keys_use_batch_statistics_and_track_their_own():
+    """Keys normalise the BNNeck with the key batch's statistics (MoCo practice), computed here from
+    the equation on the pre-BN features, and move f~'s running statistics by BatchNorm's momentum."""
+    online = tiny_vit()
+    momentum = MomentumEncoder(online)
+    x = images(6)
+    with torch.no_grad():
+        pre_BD = momentum.model.backbone(x)
+    bn = momentum.model.neck.bn
+    mean, var = pre_BD.mean(0), pre_BD.var(0, unbiased=False)
+    expected = torch.nn.functional.normalize((pre_BD - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias, dim=1)
+    keys = momentum.keys(x)
+    torch.testing.assert_close(keys, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_mean, bn.momentum * mean, rtol=1e-4, atol=1e-6)
+    assert not momentum.model.training and not bn.training  # back to eval for embed()
+    # deployment embeddings use the running statistics: they no longer depend on the batch
+    torch.testing.assert_close(momentum.embed(x[:1]), momentum.embed(x)[:1], rtol=1e-5, atol=1e-6)
 
 
 def test_momentum_encoder_is_frozen_eval_and_batch_independent():
@@ -199,3 +219,26 @@ def test_backbone_weights_drop_head_and_resample_pos_embed(tmp_path):
     assert enc.backbone.pos_embed.shape == (1, 3, 192)
     torch.testing.assert_close(enc.backbone.pos_embed[:, 0], src.pos_embed[:, 0])  # class token untouched
     assert torch.equal(enc.backbone.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+
+
+# ---------------------------------------------------------------- part (stripe) pooling
+
+
+@pytest.mark.parametrize("backbone, size", [("test_resnet", (128, 64)), ("vit_tiny_patch16_224", (64, 32))])
+def test_stripe_pooling_averages_horizontal_bands_of_the_feature_map(backbone, size):
+    cfg = ModelConfig(backbone=backbone, img_size=size, num_stripes=4, drop_path_rate=0.0)
+    enc = build_encoder(cfg).eval()
+    x = images(3, size=size)
+    with torch.no_grad():
+        fmap = enc.backbone.forward_features(x)
+        if fmap.dim() == 3:  # ViT: (B, prefix + h*w, C) -> (B, C, h, w)
+            h, w = enc.backbone.patch_embed.grid_size
+            fmap = fmap[:, -h * w:].transpose(1, 2).reshape(3, -1, h, w)
+        B, C, H, W = fmap.shape
+        # each of the 4 stripes is the mean of H/4 consecutive rows (here H is a multiple of 4)
+        expected = fmap.reshape(B, C, 4, H // 4, W).mean(dim=(3, 4)).reshape(B, C * 4)
+        bn = enc.neck.bn
+        expected = (expected - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+        out = enc(x)
+    assert enc.embed_dim == C * 4 == out.shape[1]
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)

@@ -44,17 +44,35 @@ class BNNeck(nn.Module):
         return self.bn(feat_BD)
 
 
-class ReIDEncoder(nn.Module):
-    """Backbone + BNNeck. ``forward`` returns the neck output; ``embed`` its L2-normalised form."""
+def stripe_pool(backbone: nn.Module, img_BCHW: torch.Tensor, num_stripes: int) -> torch.Tensor:
+    """PCB-style part pooling (Sun et al., "Beyond Part Models", 2018): the backbone's feature map
+    average-pooled in ``num_stripes`` horizontal stripes, concatenated to (B, num_stripes * C).
 
-    def __init__(self, backbone: nn.Module):
+    A person's appearance is laid out top to bottom (hair, top, bottom, shoes); global pooling
+    throws that layout away and a network trained from scratch needs many steps to encode it again.
+    CNN feature maps are (B, C, h, w); ViT tokens (B, prefix + h*w, C) are put back on their grid."""
+    feat = backbone.forward_features(img_BCHW)
+    if feat.dim() == 3:  # ViT tokens
+        grid_h, grid_w = backbone.patch_embed.grid_size
+        feat = feat[:, -grid_h * grid_w:].transpose(1, 2).reshape(feat.shape[0], feat.shape[2], grid_h, grid_w)
+    return F.adaptive_avg_pool2d(feat, (num_stripes, 1)).flatten(1)
+
+
+class ReIDEncoder(nn.Module):
+    """Backbone + (part pooling) + BNNeck. ``forward`` returns the neck output; ``embed`` its
+    L2-normalised form."""
+
+    def __init__(self, backbone: nn.Module, num_stripes: int = 1):
         super().__init__()
         self.backbone = backbone
-        self.embed_dim: int = backbone.num_features
+        self.num_stripes = num_stripes
+        self.embed_dim: int = backbone.num_features * num_stripes
         self.neck = BNNeck(self.embed_dim)
 
     def forward(self, img_BCHW: torch.Tensor) -> torch.Tensor:
-        return self.neck(self.backbone(img_BCHW))
+        if self.num_stripes == 1:
+            return self.neck(self.backbone(img_BCHW))
+        return self.neck(stripe_pool(self.backbone, img_BCHW, self.num_stripes))
 
     def embed(self, img_BCHW: torch.Tensor) -> torch.Tensor:
         """Unit-norm embeddings, as used by the losses and for retrieval."""
@@ -92,7 +110,7 @@ def load_backbone_weights(backbone: nn.Module, path: str, *, strict: bool = True
 
 def build_encoder(cfg: ModelConfig) -> ReIDEncoder:
     """The encoder described by ``cfg``, with its initial weights loaded when ``cfg.weights`` is set."""
-    encoder = ReIDEncoder(create_backbone(cfg.backbone, cfg.img_size, cfg.drop_path_rate))
+    encoder = ReIDEncoder(create_backbone(cfg.backbone, cfg.img_size, cfg.drop_path_rate), cfg.num_stripes)
     if cfg.weights is not None:
         if cfg.weights_scope == "backbone":
             load_backbone_weights(encoder.backbone, cfg.weights, strict=cfg.strict_weights, strip_prefixes=cfg.strip_prefixes)

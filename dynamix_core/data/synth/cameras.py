@@ -69,7 +69,7 @@ def sample_camera_style(rng: np.random.Generator, cast_band: tuple[float, float]
     in every feature, and a colour histogram ranked below chance.)"""
     direction = np.array(_hsv(_hue_in(rng, cast_band, held_out), 1.0, 1.0)) / 255.0
     # the target domain is another site: older cameras, mixed indoor/outdoor light (a domain gap)
-    harsh = 2.2 if held_out else 1.0
+    harsh = 3.0 if held_out else 1.0
     cast = 1.0 + harsh * rng.uniform(0.06, 0.16) * (direction - direction.mean())
     views = rng.dirichlet([1.5, 1.5, 1.5])
     return CameraStyle(
