@@ -178,6 +178,32 @@ def test_msmt17_namespaces_merges_val_and_reports(tmp_path, version, train_dir, 
     assert maps.pid[("msmt17", "train:0")] != maps.pid[("msmt17", "test:0")]
 
 
+# Name forms of the official V1/V2 lists: plain, with the "_ex" suffix, and each time of day.
+# torchreid and fast-reid take the camera from the third "_" field and the label from the list.
+MSMT_REAL_NAMES = {
+    "list_train.txt": ["0000/0000_000_01_0303morning_0008_0.jpg 0", "0000/0000_018_04_0303morning_0022_0_ex.jpg 0",
+                       "0001/0001_011_14_0303noon_0613_1_ex.jpg 1"],
+    "list_val.txt": ["0002/0002_004_11_0302afternoon_0911_0_ex.jpg 2"],
+    "list_query.txt": ["0000/0000_009_05_0303morning_0029_1_ex.jpg 0"],
+    "list_gallery.txt": ["0000/0000_013_05_0303morning_0041_0.jpg 0", "0003/0003_002_15_0113noon_0200_2_ex.jpg 3"],
+}
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_msmt17_accepts_every_official_name_form(tmp_path, version):
+    root = msmt17_tree(tmp_path / "msmt", version, MSMT_REAL_NAMES)
+    samples = parse_source("msmt17", root, InputReport(strict=True))  # strict: the first rejection raises
+    assert sorted((s.split, s.source_pid, s.source_camid, s.key) for s in samples) == [
+        ("gallery", "test:0", "c5", "msmt17_gallery_0000_013_05_0303morning_0041_0"),
+        ("gallery", "test:3", "c15", "msmt17_gallery_0003_002_15_0113noon_0200_2_ex"),
+        ("query", "test:0", "c5", "msmt17_query_0000_009_05_0303morning_0029_1_ex"),
+        ("train", "train:0", "c1", "msmt17_train_0000_000_01_0303morning_0008_0"),
+        ("train", "train:0", "c4", "msmt17_train_0000_018_04_0303morning_0022_0_ex"),
+        ("train", "train:1", "c14", "msmt17_train_0001_011_14_0303noon_0613_1_ex"),
+        ("train", "train:2", "c11", "msmt17_train_0002_004_11_0302afternoon_0911_0_ex"),
+    ]
+
+
 def test_msmt17_version_errors(tmp_path):
     root = msmt17_tree(tmp_path / "both", "v1", {"list_train.txt": ["0000/0000_000_01_0303morning_0015_0.jpg 0"]})
     (root / "mask_train_v2").mkdir()
