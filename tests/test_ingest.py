@@ -310,7 +310,9 @@ def test_cli_ingest_and_inspect(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["ingest", "--root", str(tmp_path / "src"), "--out", str(out), "--workers", "0",
                  "--shard-max-count", "4", "--no-progress"]) == 0
-    assert "ingested 9 images" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ingested 9 images" in printed
+    assert "format: market1501 (auto-detected: Market-style folders" in printed  # says which format was chosen
     assert main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (info["images"], info["shards"]["count"], info["skipped"]) == (9, 3, 0)

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dynamix_core.data.parsers import FORMATS, detect_format, format_options, parse_source
+from dynamix_core.data.parsers import FORMATS, detect_format, detect_format_why, format_options, parse_source
 from dynamix_core.data.records import BadInputError, IdentityMaps, InputReport
 from fabricate import FAKE_JPEG, lmdb_store, market_tree, msmt17_tree, touch
 
@@ -524,6 +524,26 @@ def test_detect_format_recognises_every_layout(tmp_path, market_root, cuhk03_roo
         ("luperson", lup), ("luperson_nl", nl), ("randperson", rand), ("manifest", csv_path)]}
     assert found == {name: name for name in found}
     assert set(found) == set(FORMATS)
+
+
+def test_detect_lmdb_store_by_key_form_not_by_pids(tmp_path):
+    # The LUPerson release saves keys.pkl as {"keys", "pids"} too; all-digit country/city codes then
+    # fit the loose LUPerson-NL parser pattern, so only the exact key forms decide.
+    lup_keys = ["01_02_0003_00000004", "01_02_0003_00000005", "bad.key"]
+    lup = lmdb_store(tmp_path / "lup", {"keys": lup_keys, "pids": [0, 0, 0]}, {})
+    fmt, why = detect_format_why(lup)
+    assert fmt == "luperson" and "CC_TT_VVVV_IIIIIIII" in why
+    nl = lmdb_store(tmp_path / "nl", {"keys": ["00001_000002_0000003_00"], "pids": [5]}, {})
+    assert detect_format_why(nl)[0] == "luperson_nl"
+    mixed = lmdb_store(tmp_path / "mixed", {"keys": ["01_02_0003_00000004", "00001_000002_0000003_00"],
+                                            "pids": [0, 5]}, {})
+    neither = lmdb_store(tmp_path / "neither", {"keys": ["1_2_3_4"], "pids": [0]}, {})
+    for root in (mixed, neither):
+        with pytest.raises(BadInputError, match="cannot tell LUPerson from LUPerson-NL.*pass --format luperson or"):
+            detect_format(root)
+    nl_unlabeled = lmdb_store(tmp_path / "nl_unlabeled", ["00001_000002_0000003_00"], {})
+    with pytest.raises(BadInputError, match="no 'pids' list; pass --format luperson"):
+        detect_format(nl_unlabeled)
 
 
 def test_detect_format_errors(tmp_path):
