@@ -162,3 +162,29 @@ def test_register_command_reads_a_training_config(registry, capsys):
     assert "already registered" in capsys.readouterr().out
     tags = registry_client(uri).get_model_version("reid-cli", "1").tags
     assert (tags["team"], tags["eval.mAP"]) == ("reid", "0.3")
+
+
+def test_register_and_promote_default_to_the_env_or_the_runs_own_store(tmp_path, monkeypatch, capsys):
+    from dynamix_core.config import ConfigError
+    from pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": {"backbone": "test_vit"}, "tracking": {"uri": None}}))
+    resolve = register_cmd.resolve_tracking_uri
+    with pytest.raises(ConfigError, match="no MLflow store.*pass --tracking-uri"):
+        resolve(None, str(run_dir / "config.yaml"))  # the run has not logged anywhere yet
+    (run_dir / "mlflow.db").write_bytes(b"")  # where `dynamix train` logs without a tracking URI
+    assert resolve(None, str(run_dir / "config.yaml")) == f"sqlite:///{run_dir / 'mlflow.db'}"
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"tracking": {"uri": "http://mlflow:5000"}}))
+    assert resolve(None, str(run_dir / "config.yaml")) == "http://mlflow:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////srv/mlflow.db")
+    assert resolve(None, str(run_dir / "config.yaml")) == "sqlite:////srv/mlflow.db"
+    assert resolve("http://given:5000", str(run_dir / "config.yaml")) == "http://given:5000"
+    # promote without any store: one clear error, and no mlflow.db appears in the working directory
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert main(["promote", "--name", "x", "--version", "1", "--suite", str(tmp_path)]) == 2
+    assert "no MLflow store" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
