@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "summarise an ingested shard set (images, identities, cameras, videos, shards)",
     "train": "train DynaMix / ReMix / the multi-camera baseline on Ray Train (resumes a run of the same name)",
     "experiment": "train several recipes under one budget on SynthReID and print a mAP / Rank-1 table",
+    "runs": "list the training runs under a storage root: status, last step, checkpoints, label versions, metrics",
     "evaluate": "evaluate a trained encoder on target query/gallery sets (cross-dataset), table + JSON",
     "register": "register a trained momentum encoder as an MLflow pyfunc embedding model (with ONNX export)",
     "promote": "evaluate a registered version against the champion; move the champion alias if it wins",

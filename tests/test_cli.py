@@ -63,3 +63,49 @@ def test_an_mlflow_failure_ends_the_command_in_one_line(tmp_path, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dynamix register: error: MLflow: ") and "nosuchscheme" in err[0]
+
+
+def _run_folder(root, name, history, *, checkpoints=0, versions=0, result=None):
+    import json
+    import os
+
+    run = root / name
+    (run / "labels").mkdir(parents=True)
+    (run / "config.yaml").write_text("run: {name: %s}\n" % name)
+    (run / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    for i in range(checkpoints):
+        (run / f"checkpoint_2026-11-25_00-00-0{i}.000000").mkdir()
+    for v in range(versions):
+        (run / "labels" / f"v{v:08d}.parquet").write_bytes(b"")
+    (run / "labels" / "index.parquet").write_bytes(b"")  # not a label version
+    if result is not None:
+        (run / "result.json").write_text(json.dumps({"metrics": result, "labeling": {}}))
+        os.utime(run / "history.jsonl", (1000, 1000))  # the result was written after the last report
+    return run
+
+
+def test_runs_lists_status_steps_checkpoints_labels_and_metrics(tmp_path, capsys):
+    import json
+    import os
+
+    reports = [{"step": 10, "images_per_s": 50.0}, {"step": 20, "images_per_s": 70.0, "eval/mAP": 0.25}]
+    _run_folder(tmp_path, "a-finished", reports, checkpoints=2, versions=3,
+                result={"eval/mAP": 0.375, "eval/rank1": 0.5, "images_per_s": 60.0})
+    _run_folder(tmp_path, "b-interrupted", reports[:1], checkpoints=1)
+    resumed = _run_folder(tmp_path, "c-resumed", reports, result={"eval/mAP": 0.1})
+    os.utime(resumed / "result.json", (500, 500))  # an older run's result; training went on after it
+    (tmp_path / "not-a-run").mkdir()
+    assert main(["runs", "--storage", str(tmp_path), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["name"], r["status"], r["last_step"], r["checkpoints"], r["label_versions"]) for r in rows] == [
+        ("a-finished", "finished", 20, 2, 3), ("b-interrupted", "unfinished", 10, 1, 0),
+        ("c-resumed", "unfinished", 20, 0, 0)]
+    assert rows[0]["metrics"] == {"eval/mAP": 0.375, "eval/rank1": 0.5, "images_per_s": 60.0}
+    assert rows[2]["metrics"] == {"eval/mAP": 0.25, "images_per_s": 70.0}  # from its reports, not the old result
+    assert main(["runs", "--storage", str(tmp_path)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["run", "status", "last", "step", "checkpoints", "label", "versions", "mAP", "Rank-1",
+                                "img/s"]
+    assert table[1].split() == ["a-finished", "finished", "20", "2", "3", "37.5", "50.0", "60"]
+    assert main(["runs", "--storage", str(tmp_path / "nowhere")]) == 0
+    assert "no runs under" in capsys.readouterr().out
