@@ -113,7 +113,7 @@ def register_and_promote(weights: Path, cfg: TrainConfig, run_id: str | None, tr
 
     name = "dynamix-demo"
     version = register_model(str(weights), cfg.model, name, tracking_uri, run_id=run_id,
-                             eval_metrics={k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval/")})
+                             preprocessing=cfg.data.transform, eval_metrics={k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval/")})
     suite = ImageSetSuite(str(out / "data" / "target" / "synth_target"))
     decision = promote(name, version.version, suite, tracking_uri=tracking_uri)
     print(decision.table(), flush=True)
