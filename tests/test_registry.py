@@ -181,10 +181,10 @@ def test_register_and_promote_default_to_the_env_or_the_runs_own_store(tmp_path,
         resolve(None, str(run_dir / "config.yaml"))  # the run has not logged anywhere yet
     (run_dir / "mlflow.db").write_bytes(b"")  # where `dynamix train` logs without a tracking URI
     assert resolve(None, str(run_dir / "config.yaml")) == f"sqlite:///{run_dir / 'mlflow.db'}"
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({"tracking": {"uri": "http://mlflow:5000"}}))
-    assert resolve(None, str(run_dir / "config.yaml")) == "http://mlflow:5000"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////srv/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////srv/mlflow.db")  # the run would have logged there
     assert resolve(None, str(run_dir / "config.yaml")) == "sqlite:////srv/mlflow.db"
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"tracking": {"uri": "http://mlflow:5000"}}))
+    assert resolve(None, str(run_dir / "config.yaml")) == "http://mlflow:5000"  # the run's own setting first
     assert resolve("http://given:5000", str(run_dir / "config.yaml")) == "http://given:5000"
     # promote without any store: one clear error, and no mlflow.db appears in the working directory
     monkeypatch.delenv("MLFLOW_TRACKING_URI")

@@ -20,30 +20,31 @@ def add_tracking_uri(parser: argparse.ArgumentParser) -> None:
     """``--tracking-uri``, shared with ``dynamix promote``."""
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking/registry URI (http://mlflow:5000, sqlite:///path/mlflow.db); default: "
-                             "$MLFLOW_TRACKING_URI, else the training run's own store (tracking.uri of the run's "
-                             "config.yaml, or the mlflow.db beside it)")
+                             "the training run's store as `dynamix train` chose it (tracking.uri of --config, else "
+                             "$MLFLOW_TRACKING_URI, else the mlflow.db beside --config)")
 
 
 def resolve_tracking_uri(given: str | None, run_config: str | None = None) -> str:
-    """The store to use: ``given``, $MLFLOW_TRACKING_URI, or the store of the training run whose
-    ``config.yaml`` is ``run_config`` (its ``tracking.uri``, else the ``mlflow.db`` the run wrote beside
-    it: where ``dynamix train`` logged). Never a store silently created in the working directory."""
+    """The store to use, in the order ``dynamix train`` chose it for the run whose ``config.yaml`` is
+    ``run_config``: ``given``, the run's ``tracking.uri``, $MLFLOW_TRACKING_URI, the ``mlflow.db`` the
+    run wrote beside its config. Never a store silently created in the working directory."""
     from dynamix_core.config import ConfigError
 
     if given:
         return given
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    section = None
     if run_config is not None and Path(run_config).is_file():
         import yaml
 
         content = yaml.safe_load(Path(run_config).read_text()) or {}
         section = content.get("tracking") if isinstance(content, dict) else None
-        if isinstance(section, dict) and section.get("uri"):
-            return str(section["uri"])
-        beside = Path(run_config).resolve().parent / "mlflow.db"
-        if beside.is_file():
-            return f"sqlite:///{beside}"
+    if isinstance(section, dict) and section.get("uri"):
+        return str(section["uri"])
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    beside = Path(run_config).resolve().parent / "mlflow.db" if run_config is not None else None
+    if beside is not None and beside.is_file():
+        return f"sqlite:///{beside}"
     where = f" and {run_config} is not a training run's config.yaml with a store" if run_config else ""
     raise ConfigError(f"no MLflow store: --tracking-uri not given, $MLFLOW_TRACKING_URI not set{where}; "
                       f"pass --tracking-uri (e.g. sqlite:///runs/NAME/mlflow.db or http://mlflow:5000)")
