@@ -3,10 +3,50 @@ Ray's own logs kept in files (the Ray session folder) instead of on the terminal
 
 from __future__ import annotations
 
+import logging
 import os
 
 #: where Ray keeps a local session's logs unless RAY_TMPDIR / ray.init(_temp_dir=...) says otherwise
 DEFAULT_RAY_LOGS = "/tmp/ray/session_latest/logs"
+
+
+#: set to 1 to see Ray's worker, actor and controller output on the console again (debugging)
+RAY_LOGS_TO_CONSOLE_ENV = "DYNAMIX_RAY_LOGS_TO_CONSOLE"
+#: loggers of Ray libraries that narrate every execution on the console at INFO
+_CHATTY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
+
+
+def ray_init_kwargs() -> dict:
+    """``ray.init`` arguments for a quiet console: the output of Ray's workers and actors (Ray Train's
+    controller and placement-group cleaner, Ray Data operators, our workers) stays in the session's
+    log files instead of being copied to the driver's terminal; the driver shows our own progress."""
+    return {"log_to_driver": os.environ.get(RAY_LOGS_TO_CONSOLE_ENV) == "1", "logging_level": logging.WARNING}
+
+
+def quiet_ray_libraries() -> None:
+    """Ray Data / Ray Train progress bars and INFO narration off (warnings and errors still show)."""
+    if os.environ.get(RAY_LOGS_TO_CONSOLE_ENV) == "1":
+        return
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+    except (ImportError, AttributeError):  # Ray Data absent or a version without the knob
+        pass
+
+
+def where_lines(report: str | None, tracking_uri: str | None) -> list[str]:
+    """Where to look next: the report, the MLflow store, and Ray's log files."""
+    lines = [f"report: {report}"] if report else []
+    if tracking_uri:
+        lines.append(f"MLflow: {tracking_uri}" + (f"  (mlflow ui --backend-store-uri {tracking_uri})"
+                                                  if tracking_uri.startswith("sqlite") else ""))
+    lines.append(f"Ray logs: {ray_logs_dir()}  (set {RAY_LOGS_TO_CONSOLE_ENV}=1 to see them on the console)")
+    return lines
 
 
 def ray_logs_dir() -> str:

@@ -219,17 +219,19 @@ def _run_local(plans: list[ShardPlan], out_dir: Path) -> Iterator[dict]:
 def _run_ray(plans: list[ShardPlan], out_dir: Path, cfg: IngestConfig) -> Iterator[dict]:
     import ray
 
+    from pipelines.console import quiet_ray_libraries, ray_init_kwargs
+
     started_here = not ray.is_initialized()
     if started_here:
         if cfg.address:
-            ray.init(address=cfg.address)
+            ray.init(address=cfg.address, **ray_init_kwargs())
         else:  # 4 logical CPUs: on a 2-core box the defaults starve Ray Data's tasks (../shared/STACK.md)
-            ray.init(num_cpus=4, include_dashboard=False)
+            ray.init(num_cpus=4, include_dashboard=False, **ray_init_kwargs())
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = False  # the driver shows one bar, in images
+        quiet_ray_libraries()  # the driver shows one bar, in images
         ds = ray.data.from_items([p.to_item() for p in plans], override_num_blocks=len(plans))
         ds = ds.map(write_planned_shard, fn_kwargs={"out_dir": str(out_dir.resolve())}, num_cpus=1,
-                    concurrency=cfg.workers)
+                    compute=ray.data.TaskPoolStrategy(size=cfg.workers))
         yield from ds.iter_rows()
     finally:
         if started_here:

@@ -141,7 +141,42 @@ def job_logs(address: str, job_id: str) -> str:
 
 
 def follow_logs(address: str, job_id: str, poll_s: float = 1.0) -> Iterator[str]:
-    """Yield new log text until the job ends (polling: works without websockets through proxies)."""
+    """Yield the job's log text as it is written, until the job ends.
+
+    Streams over the dashboard's log-tail websocket, so each new line is sent once (the whole log is
+    never fetched again). Where websockets do not get through (some proxies), it falls back to polling
+    the full log every ``poll_s`` seconds and yielding only the part not yet seen."""
+    client = _client(address)
+    streamed = False
+    try:
+        for chunk in _tail(client, job_id):
+            streamed = True
+            yield chunk
+        return
+    except Exception:  # noqa: BLE001 - the websocket is unavailable: poll instead
+        if streamed:
+            raise
+    yield from _poll_logs(address, job_id, poll_s)
+
+
+def _tail(client, job_id: str) -> Iterator[str]:
+    """``client.tail_job_logs`` (an async iterator over the websocket) as a plain iterator."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    chunks = client.tail_job_logs(job_id)
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(chunks.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.run_until_complete(chunks.aclose())
+        loop.close()
+
+
+def _poll_logs(address: str, job_id: str, poll_s: float) -> Iterator[str]:
     seen = 0
     while True:
         text = job_logs(address, job_id)

@@ -205,3 +205,5 @@ def test_every_rendered_dynamix_command_loads_its_config(variant, monkeypatch, c
         printed = capsys.readouterr().out
         if variant == "production" and " train " in f" {command} ":
             assert "max_steps: 120000" in printed and "loss_mode: sharded" in printed
+        if " train " in f" {command} ":  # the chart's training run registers its encoder
+            assert "registered_model: dynamix-reid" in printed

@@ -59,4 +59,6 @@ def run(args) -> int:
     summary = {k: v for k, v in result.metrics.items() if k.startswith(("eval/", "images_per_s", "data_wait", "label_wait"))}
     print(print_summary_table(summary))
     print(f"run folder: {result.run_dir}   momentum encoder: {result.weights_path}   MLflow run: {result.mlflow_run_id}")
+    if result.registered:
+        print(result.registered)
     return 0
