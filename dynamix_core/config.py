@@ -208,18 +208,58 @@ def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def _section_class(tp: Any) -> type | None:
+    """The dataclass of a field typed ``SomeConfig`` or ``SomeConfig | None``, else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
+
+
 def field_help(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
-    """Flattened ``(dotted.key, help, default)`` rows of a config tree, for ``--help`` output."""
+    """Flattened ``(dotted.key, help, default)`` rows of a config tree, for ``--help`` output.
+    Optional sections (``SomeConfig | None``) are listed with their keys."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows.extend(field_help(tp, key + "."))
+        section = _section_class(hints[f.name])
+        if section is not None:
+            rows.extend(field_help(section, key + "."))
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "<required>"
         )
         rows.append((key, f.metadata.get("help", ""), default))
     return rows
+
+
+def format_field_help(cls: type, section: str = "") -> str:
+    """The keys of ``cls`` under ``section`` (a dotted prefix; "" = all), one per line with its default
+    and help; a :class:`ConfigError` listing the sections when ``section`` matches no key."""
+    rows = [r for r in field_help(cls) if not section or r[0] == section or r[0].startswith(section + ".")]
+    if not rows:
+        sections = sorted({key.split(".")[0] for key, _, _ in field_help(cls)})
+        raise ConfigError(f"no config key under {section!r}; sections are {sections}")
+    width = max(len(key) for key, _, _ in rows)
+    return "\n".join(f"{key:<{width}}  {_flow(to_dict(default))}  # {help}" for key, help, default in rows)
+
+
+def _flow(value: Any) -> str:
+    """``value`` as one line of YAML (flow style)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=2**31).strip()
+    return text[:-3].strip() if text.endswith("...") else text
+
+
+def dump_yaml_with_help(cfg: Any, indent: int = 0) -> str:
+    """``cfg`` as YAML with each key's help as a comment beside it; loads back to ``to_dict(cfg)``."""
+    lines, pad = [], " " * indent
+    for f in dataclasses.fields(cfg):
+        value, help = getattr(cfg, f.name), f.metadata.get("help", "")
+        comment = f"  # {help}" if help else ""
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{pad}{f.name}:{comment}")
+            lines.append(dump_yaml_with_help(value, indent + 2))
+        else:
+            lines.append(f"{pad}{f.name}: {_flow(to_dict(value))}{comment}")
+    return "\n".join(lines)

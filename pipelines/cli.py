@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 #: name -> one-line summary. The module ``pipelines.commands.<name>`` implements it.
@@ -22,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "summarise an ingested shard set (images, identities, cameras, videos, shards)",
     "train": "train DynaMix / ReMix / the multi-camera baseline on Ray Train (resumes a run of the same name)",
     "experiment": "train several recipes under one budget on SynthReID and print a mAP / Rank-1 table",
+    "runs": "list the training runs under a storage root: status, last step, checkpoints, label versions, metrics",
     "evaluate": "evaluate a trained encoder on target query/gallery sets (cross-dataset), table + JSON",
     "register": "register a trained momentum encoder as an MLflow pyfunc embedding model (with ONNX export)",
     "promote": "evaluate a registered version against the champion; move the champion alias if it wins",
@@ -33,8 +35,16 @@ COMMANDS: dict[str, str] = {
 }
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Raw descriptions; "(default: X)" only where it tells something: not for None, False or an
+    empty list, and not when the help already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        silent = action.default in (None, False, [], "", argparse.SUPPRESS) or "default" in text
+        if silent or action.option_strings == [] or action.nargs == 0:
+            return text
+        return text + " (default: %(default)s)"
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -69,11 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     from dynamix_core.data.records import BadInputError
     from dynamix_core.model import WeightsError
 
+    from pipelines.console import describe_failure
+
     try:
         return int(args._run(args) or 0)
     except (ConfigError, BadInputError, WeightsError, FileNotFoundError) as exc:
         print(f"dynamix {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # Ray and MLflow failures end in one line; anything else keeps its traceback
+        line = describe_failure(exc)
+        if line is None or os.environ.get("DYNAMIX_TRACEBACK"):
+            raise
+        print(f"dynamix {args.command}: error: {line}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"dynamix {args.command}: interrupted; re-run the same command to continue", file=sys.stderr)
         return 130

@@ -113,7 +113,7 @@ def register_and_promote(weights: Path, cfg: TrainConfig, run_id: str | None, tr
 
     name = "dynamix-demo"
     version = register_model(str(weights), cfg.model, name, tracking_uri, run_id=run_id,
-                             eval_metrics={k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval/")})
+                             preprocessing=cfg.data.transform, eval_metrics={k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval/")})
     suite = ImageSetSuite(str(out / "data" / "target" / "synth_target"))
     decision = promote(name, version.version, suite, tracking_uri=tracking_uri)
     print(decision.table(), flush=True)
@@ -156,9 +156,11 @@ def run_demo(out: Path, *, recipe: str | None = None, overrides: list[str] = (),
                  title=f"DynaMix demo: {cfg.method} on SynthReID")
     (result.run_dir / "summary.json").write_text(json.dumps({"summary": summary, "registry": registry}, indent=2,
                                                             default=str))
-    print(print_summary_table(summary))
-    print(f"[demo] report: {report_path}")
-    print(f"[demo] MLflow: {tracking_uri}  (mlflow ui --backend-store-uri {tracking_uri})")
     if registry:
         print(f"[demo] registered {registry['uri']}: {registry['decision'].get('promotion.decision')}")
+    print(print_summary_table(summary))
+    from pipelines.console import where_lines
+
+    for line in where_lines(str(report_path), tracking_uri):  # last: where to look next
+        print(f"[demo] {line}")
     return {"summary": summary, "registry": registry, "report": str(report_path)}

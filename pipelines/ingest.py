@@ -36,7 +36,7 @@ from tqdm import tqdm
 from dynamix_core.config import ConfigError, field
 from dynamix_core.data.images import image_problem, sniff_format
 from dynamix_core.data.lmdb_io import open_lmdb
-from dynamix_core.data.parsers import FORMATS, detect_format, parse_source
+from dynamix_core.data.parsers import FORMATS, detect_format_why, parse_source
 from dynamix_core.data.records import IdentityMaps, ImageRef, InputReport, RawSample, Record
 from dynamix_core.data.shards import (
     BLOCK,
@@ -219,17 +219,19 @@ def _run_local(plans: list[ShardPlan], out_dir: Path) -> Iterator[dict]:
 def _run_ray(plans: list[ShardPlan], out_dir: Path, cfg: IngestConfig) -> Iterator[dict]:
     import ray
 
+    from pipelines.console import quiet_ray_libraries, ray_init_kwargs
+
     started_here = not ray.is_initialized()
     if started_here:
         if cfg.address:
-            ray.init(address=cfg.address)
+            ray.init(address=cfg.address, **ray_init_kwargs())
         else:  # 4 logical CPUs: on a 2-core box the defaults starve Ray Data's tasks (../shared/STACK.md)
-            ray.init(num_cpus=4, include_dashboard=False)
+            ray.init(num_cpus=4, include_dashboard=False, **ray_init_kwargs())
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = False  # the driver shows one bar, in images
+        quiet_ray_libraries()  # the driver shows one bar, in images
         ds = ray.data.from_items([p.to_item() for p in plans], override_num_blocks=len(plans))
         ds = ds.map(write_planned_shard, fn_kwargs={"out_dir": str(out_dir.resolve())}, num_cpus=1,
-                    concurrency=cfg.workers)
+                    compute=ray.data.TaskPoolStrategy(size=cfg.workers))
         yield from ds.iter_rows()
     finally:
         if started_here:
@@ -300,13 +302,14 @@ class IngestResult:
     shards_written: int
     shards_skipped: int
     seconds: float
+    format_why: str = "given with --format"  # or "auto-detected: <what in the layout decided it>"
 
 
 def run_ingest(cfg: IngestConfig, *, progress: bool = True) -> IngestResult:
     """Run (or resume) one ingest; raises :class:`BadInputError` in strict mode at the first bad input."""
     start = time.perf_counter()
     report = InputReport(strict=cfg.strict)
-    fmt = detect_format(cfg.root) if cfg.format == "auto" else cfg.format
+    fmt, why = (cfg.format, "given with --format") if cfg.format != "auto" else detect_format_why(cfg.root)
     samples = parse_source(fmt, cfg.root, report, dataset=cfg.dataset, **cfg.options)
     maps = IdentityMaps.build(samples)
     plans = plan_shards(samples, maps, report, max_bytes=cfg.shard_max_bytes, max_count=cfg.shard_max_count)
@@ -330,7 +333,8 @@ def run_ingest(cfg: IngestConfig, *, progress: bool = True) -> IngestResult:
     manifest_path = out_dir / MANIFEST_NAME
     if not (manifest_path.is_file() and pq.read_table(manifest_path, schema=DATASET_SCHEMA).equals(manifest)):
         write_table_atomic(manifest, manifest_path)  # last: its presence marks a finished ingest
-    return IngestResult(summary, report, written, len(plans) - written, time.perf_counter() - start)
+    return IngestResult(summary, report, written, len(plans) - written, time.perf_counter() - start,
+                        why if cfg.format != "auto" else f"auto-detected: {why}")
 
 
 def format_result(result: IngestResult) -> str:
@@ -338,8 +342,9 @@ def format_result(result: IngestResult) -> str:
     s = result.summary
     rate = s["images"] / result.seconds if result.seconds > 0 else float("nan")
     return "\n".join([
-        f"ingested {s['images']} images of {', '.join(s['datasets'])} ({s['format']}) in {result.seconds:.1f}s "
+        f"ingested {s['images']} images of {', '.join(s['datasets'])} in {result.seconds:.1f}s "
         f"({rate:.0f} images/s)",
+        f"format: {s['format']} ({result.format_why})",
         f"identities: {s['identities']}  cameras: {s['cameras']}  videos: {s['videos']}",
         f"shards: {s['shards']} ({result.shards_written} written, {result.shards_skipped} already complete), "
         f"{s['shard_bytes'] / 2**20:.1f} MiB",

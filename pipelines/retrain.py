@@ -308,7 +308,7 @@ def _register(cfg: RetrainConfig, cycle_dir: Path, journal: Journal) -> dict:
         _trained_weights(journal), tcfg.model, cfg.name, cfg.tracking_uri,
         run_id=journal.outputs("train")["mlflow_run_id"], eval_metrics=journal.outputs("evaluate")["metrics"],
         tags={"dynamix.retrain_cycle": cycle_dir.name, "dynamix.base_version": base or ""},
-        export_onnx=cfg.export_onnx)
+        export_onnx=cfg.export_onnx, preprocessing=tcfg.data.transform)
     return {"version": version.version, "uri": version.uri, "created": version.created,
             "weights_sha256": version.weights_sha256}
 

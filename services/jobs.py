@@ -1,7 +1,8 @@
 """Job submission to a Ray cluster (a KubeRay RayCluster, or any Ray head) over the dashboard's REST API.
 
     job_id = submit_job("http://head:8265", ["train", "--config", "recipes/dynamix.yaml"],
-                        JobRuntime(working_dir=".", env_vars={"MLFLOW_TRACKING_URI": "http://mlflow:5000"}))
+                        JobRuntime(working_dir=".", env_vars={"MLFLOW_TRACKING_URI": "http://mlflow:5000"}),
+                        commands=COMMANDS)  # the CLI's subcommand names (pipelines.cli.COMMANDS)
     job_status("http://head:8265", job_id)  ->  JobReport(status="RUNNING", ...)
 
 The entrypoint is always ``dynamix <subcommand> ...``: the cluster runs the same command line a user
@@ -15,7 +16,7 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator
 
 #: never uploaded with a working_dir (virtual env, generated data and runs, VCS)
 WORKING_DIR_EXCLUDES = [".venv/", ".git/", "runs/", "data/", "bench_results/", ".cache/", "**/__pycache__/",
@@ -85,16 +86,15 @@ def _client(address: str):
                        "Check the address (http://HEAD:8265) and that the cluster is up.") from None
 
 
-def build_entrypoint(dynamix_args: list[str]) -> str:
-    """``dynamix <args>`` with every argument shell-quoted."""
-    from pipelines.cli import COMMANDS
-
-    if not dynamix_args or dynamix_args[0] not in COMMANDS:
-        raise JobError(f"entrypoint must start with a dynamix subcommand {sorted(COMMANDS)}, got {dynamix_args[:1]}")
+def build_entrypoint(dynamix_args: list[str], commands: Collection[str]) -> str:
+    """``dynamix <args>`` with every argument shell-quoted; ``commands`` = the valid subcommand names
+    (the caller's CLI knows them: services never import pipelines)."""
+    if not dynamix_args or dynamix_args[0] not in commands:
+        raise JobError(f"entrypoint must start with a dynamix subcommand {sorted(commands)}, got {dynamix_args[:1]}")
     return "dynamix " + " ".join(shlex.quote(a) for a in dynamix_args)
 
 
-def submit_job(address: str, dynamix_args: list[str], runtime: JobRuntime,
+def submit_job(address: str, dynamix_args: list[str], runtime: JobRuntime, *, commands: Collection[str],
                submission_id: str | None = None, metadata: dict[str, str] | None = None,
                agent_wait_s: float = 120.0) -> str:
     """Submit ``dynamix <dynamix_args>``; returns the job id. Waits up to ``agent_wait_s`` for the
@@ -105,7 +105,7 @@ def submit_job(address: str, dynamix_args: list[str], runtime: JobRuntime,
         kwargs["entrypoint_num_cpus"] = runtime.entrypoint_num_cpus
     if runtime.entrypoint_num_gpus:
         kwargs["entrypoint_num_gpus"] = runtime.entrypoint_num_gpus
-    entrypoint, runtime_env = build_entrypoint(dynamix_args), runtime.to_runtime_env()
+    entrypoint, runtime_env = build_entrypoint(dynamix_args, commands), runtime.to_runtime_env()
     deadline = time.monotonic() + agent_wait_s
     while True:
         try:
@@ -141,7 +141,42 @@ def job_logs(address: str, job_id: str) -> str:
 
 
 def follow_logs(address: str, job_id: str, poll_s: float = 1.0) -> Iterator[str]:
-    """Yield new log text until the job ends (polling: works without websockets through proxies)."""
+    """Yield the job's log text as it is written, until the job ends.
+
+    Streams over the dashboard's log-tail websocket, so each new line is sent once (the whole log is
+    never fetched again). Where websockets do not get through (some proxies), it falls back to polling
+    the full log every ``poll_s`` seconds and yielding only the part not yet seen."""
+    client = _client(address)
+    streamed = False
+    try:
+        for chunk in _tail(client, job_id):
+            streamed = True
+            yield chunk
+        return
+    except Exception:  # noqa: BLE001 - the websocket is unavailable: poll instead
+        if streamed:
+            raise
+    yield from _poll_logs(address, job_id, poll_s)
+
+
+def _tail(client, job_id: str) -> Iterator[str]:
+    """``client.tail_job_logs`` (an async iterator over the websocket) as a plain iterator."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    chunks = client.tail_job_logs(job_id)
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(chunks.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.run_until_complete(chunks.aclose())
+        loop.close()
+
+
+def _poll_logs(address: str, job_id: str, poll_s: float) -> Iterator[str]:
     seen = 0
     while True:
         text = job_logs(address, job_id)

@@ -43,8 +43,9 @@ TAG_PREFIX = "promotion."
 MAX_MESSAGE_CHARS = 1000
 
 Decision = Literal["promoted", "rejected", "error"]
-#: ``embed(img_BCHW float32) -> emb_BD float32``
-EmbedFn = Callable[[np.ndarray], np.ndarray]
+#: ``embed(images) -> emb_BD float32``: the registered model's ``predict``, which takes encoded images
+#: (JPEG/PNG bytes), raw uint8 pixels, or preprocessed float32 ``(B, 3, H, W)`` (services/embedding_model.py)
+EmbedFn = Callable[[object], np.ndarray]
 
 
 class EvaluationSuite(Protocol):
@@ -54,7 +55,7 @@ class EvaluationSuite(Protocol):
 
     name: str
 
-    def __call__(self, embed: EmbedFn, img_size: tuple[int, int]) -> Mapping[str, float]: ...
+    def __call__(self, embed: EmbedFn) -> Mapping[str, float]: ...
 
 
 @dataclass
@@ -62,15 +63,14 @@ class ImageSetSuite:
     """Query/gallery evaluation on a data set on disk, read by one of the project's parsers
     (a Market-layout folder with ``query/`` and ``bounding_box_test/``, e.g. the SynthReID target
     domain). The listing is strict: an unreadable name fails the suite rather than silently
-    changing it. Images are decoded batch by batch and get the test view (resize + normalise) at
-    the model's ``img_size``; metrics are those of :func:`dynamix_core.evaluation.evaluate_features`
+    changing it. The encoded images go to the model batch by batch as they are on disk: the model
+    decodes and preprocesses them with the preprocessing stored with it (the training run's test
+    view), so every version is scored as it will be served; metrics are those of :func:`dynamix_core.evaluation.evaluate_features`
     (SPEC 3). Only the (N, D) features are kept, so memory does not grow with image size."""
 
     root: str | Path
     fmt: str = "market1501"
     batch_size: int = 64
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     _splits: dict = field(default_factory=dict, init=False, repr=False)  # split -> (samples, pids, camids)
 
     @property
@@ -93,19 +93,16 @@ class ImageSetSuite:
                 self._splits[split] = (part, np.array([r.pid for r in records]), np.array([r.camid for r in records]))
         return self._splits
 
-    def __call__(self, embed: EmbedFn, img_size: tuple[int, int]) -> dict[str, float]:
-        from dynamix_core.data.images import decode_image
-        from dynamix_core.data.transforms import TransformConfig, ViewTransform
+    def __call__(self, embed: EmbedFn) -> dict[str, float]:
         from dynamix_core.evaluation import evaluate_features
 
-        view = ViewTransform(TransformConfig(height=img_size[0], width=img_size[1], mean=self.mean, std=self.std), "test")
         splits = self._listing()
         feats = {}
         for split, (samples, _, _) in splits.items():
             chunks_BD = []
             for start in range(0, len(samples), self.batch_size):
                 batch = samples[start:start + self.batch_size]
-                chunks_BD.append(embed(np.stack([view(decode_image(s.image.read_bytes())).numpy() for s in batch])))
+                chunks_BD.append(embed([s.image.read_bytes() for s in batch]))
             feats[split] = np.concatenate(chunks_BD)
         (_, q_pids, q_camids), (_, g_pids, g_camids) = splits["query"], splits["gallery"]
         result = evaluate_features(feats["query"], feats["gallery"], q_pids, g_pids, q_camids, g_camids, max_rank=10)
@@ -164,8 +161,7 @@ def _alias_version(client, name: str, alias: str) -> str | None:
 def _score(name: str, version: str, suite: EvaluationSuite, metric: str, tracking_uri: str) -> float:
     """``metric`` of version ``version`` on ``suite``, the model loaded from the registry."""
     model = load_embedding_model(name, version, tracking_uri)
-    img_size = tuple(model.metadata.get_input_schema().inputs[0].shape[2:])
-    scores = suite(model.predict, img_size)
+    scores = suite(model.predict)
     if metric not in scores:
         raise KeyError(f"the suite reports no {metric!r}; it reports {sorted(scores)}")
     return float(scores[metric])

@@ -3,13 +3,15 @@
     v = register_model("runs/r1/momentum.safetensors", "runs/r1/config.yaml", "dynamix-reid",
                        "sqlite:///mlflow.db", run_id=training_run_id, eval_metrics={"mAP": 0.41})
     model = load_embedding_model("dynamix-reid", "champion", "sqlite:///mlflow.db")
-    emb_BD = model.predict(img_BCHW)
+    emb_BD = model.predict([jpeg_bytes, ...])      # or uint8 (B, H, W, 3) pixels
 
 One registered version holds (MLflow 3: a logged model, then a registry version pointing at it):
 - a pyfunc model whose code is ``services/embedding_model.py`` (models from code, nothing pickled)
   with ``dynamix_core`` bundled as ``code_paths``; artifacts ``weights`` (the encoder state dict,
-  safetensors, keys canonicalised) and ``config`` (the ModelConfig as JSON);
-- its signature, float32 ``(-1, 3, H, W)`` -> float32 ``(-1, D)`` tensors, and a one-image input example;
+  safetensors, keys canonicalised), ``config`` (the ModelConfig as JSON) and ``preprocessing`` (the
+  training run's test view: size, mean, std), so it takes raw images (uint8 pixels or JPEG/PNG bytes);
+- its signature (output float32 ``(-1, D)``; the input is left to the model, which accepts several
+  forms, see services/embedding_model.py) and a one-image uint8 input example;
 - ``onnx``: the same embedding function exported to ONNX (dynamic batch), checked against PyTorch
   with onnxruntime before anything is registered;
 - version tags ``weights_sha256``/``config_sha256`` (the idempotency key), ``source_run_id``,
@@ -46,6 +48,7 @@ from dynamix_core.model import ModelConfig
 #: ``context.artifacts`` keys read by services/embedding_model.py (kept in step with that file)
 WEIGHTS_ARTIFACT = "weights"
 CONFIG_ARTIFACT = "config"
+PREPROCESSING_ARTIFACT = "preprocessing"
 ONNX_ARTIFACT = "onnx"
 ONNX_FILE = "model.onnx"
 
@@ -56,7 +59,7 @@ DEFAULT_EXPERIMENT = "dynamix-registry"
 
 #: packages the pyfunc model imports at load time (pinned to the versions installed here). Passing them
 #: explicitly also spares MLflow its requirement inference, which loads the model in a subprocess.
-RUNTIME_PACKAGES = ("mlflow", "torch", "timm", "safetensors", "numpy", "pyyaml")
+RUNTIME_PACKAGES = ("mlflow", "torch", "timm", "safetensors", "numpy", "pillow", "pyyaml")
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,22 @@ def load_model_config(source: ModelConfig | str | Path) -> ModelConfig:
         raise ConfigError(f"model config {path}: {exc}") from None
 
 
+def load_preprocessing(source: ModelConfig | str | Path, img_size: tuple[int, int]):
+    """The test-view preprocessing to store with the model: the ``data.transform`` section of a
+    training config (height, width, mean, std), else the transform defaults at ``img_size``."""
+    from dynamix_core.data.transforms import TransformConfig
+
+    section = {}
+    if not isinstance(source, ModelConfig):
+        data = yaml.safe_load(Path(source).read_text()) or {}
+        found = data.get("data", {}).get("transform") if isinstance(data.get("data"), dict) else None
+        section = {k: found[k] for k in ("height", "width", "mean", "std") if k in found} if isinstance(found, dict) else {}
+    try:
+        return from_dict(TransformConfig, {"height": img_size[0], "width": img_size[1], **section})
+    except ConfigError as exc:
+        raise ConfigError(f"model config {source}: data.transform: {exc}") from None
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -152,14 +171,13 @@ def _find_existing(client, name: str, weights_sha: str, config_sha: str):
     return same[0] if same else None
 
 
-def _signature(img_size: tuple[int, int], dim: int):
+def _signature(dim: int):
+    """Output float32 ``(-1, D)``. No input schema: MLflow would then force one input form, and the
+    model takes encoded bytes, uint8 pixels and preprocessed tensors (it checks them itself)."""
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, *img_size))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim))]),
-    )
+    return ModelSignature(inputs=None, outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim))]))
 
 
 def _experiment_id(client, experiment: str, artifact_location: str | None) -> str:
@@ -187,8 +205,8 @@ def _run(client, run_id: str | None, experiment: str, artifact_location: str | N
         yield run
 
 
-def _write_artifacts(encoder, img_size: tuple[int, int], config_json: str, folder: Path, example_BCHW: np.ndarray,
-                     export_onnx: bool) -> dict[str, str]:
+def _write_artifacts(encoder, img_size: tuple[int, int], config_json: str, prep_json: str, folder: Path,
+                     example_BCHW: np.ndarray, export_onnx: bool) -> dict[str, str]:
     """The pyfunc artifacts in ``folder``: canonical safetensors weights, the config, and (checked
     against PyTorch on ``example_BCHW``) the ONNX export; ``{artifact name: local path}``."""
     from dynamix_core.model import save_weights
@@ -197,6 +215,8 @@ def _write_artifacts(encoder, img_size: tuple[int, int], config_json: str, folde
     artifacts = {WEIGHTS_ARTIFACT: str(folder / "weights.safetensors"), CONFIG_ARTIFACT: str(folder / "model_config.json")}
     save_weights(encoder, artifacts[WEIGHTS_ARTIFACT])
     Path(artifacts[CONFIG_ARTIFACT]).write_text(config_json)
+    artifacts[PREPROCESSING_ARTIFACT] = str(folder / "preprocessing.json")
+    Path(artifacts[PREPROCESSING_ARTIFACT]).write_text(prep_json)
     if export_onnx:
         artifacts[ONNX_ARTIFACT] = str(write_onnx(encoder, img_size, folder / ONNX_FILE))
         check_onnx_parity(encoder, artifacts[ONNX_ARTIFACT], example_BCHW)
@@ -215,6 +235,7 @@ def register_model(
     experiment: str = DEFAULT_EXPERIMENT,
     artifact_location: str | None = None,
     export_onnx: bool = True,
+    preprocessing=None,
 ) -> RegisteredVersion:
     """Register the encoder saved at ``weights_path`` (the momentum encoder ``f~``: backbone + BNNeck,
     any format :func:`dynamix_core.model.read_state_dict` reads) as a new version of ``name``.
@@ -222,7 +243,9 @@ def register_model(
     ``run_id``: log the model into that (training) run; default a new run in ``experiment``, whose
     artifacts go to ``artifact_location`` when the experiment is created here. ``eval_metrics`` are
     logged as run metrics and as ``eval.<name>`` version tags. ``export_onnx=False`` skips the ONNX
-    export. The weights are loaded into the configured encoder first, so a file that does not match
+    export. ``preprocessing`` (a TransformConfig: the training run's ``data.transform``) is stored for
+    raw-image input; default: read from ``model_config`` when it is a training config, else the
+    transform defaults at the model's ``img_size``. The weights are loaded into the configured encoder first, so a file that does not match
     the config is rejected (WeightsError) before anything is logged.
     """
     import mlflow
@@ -234,8 +257,14 @@ def register_model(
     # where the training run's initial weights came from
     stored_cfg = dataclasses.replace(cfg, weights=None, weights_scope="encoder", strip_prefixes=(), strict_weights=True)
     config_json = json.dumps(to_dict(stored_cfg), sort_keys=True)
+    prep = preprocessing if preprocessing is not None else load_preprocessing(model_config, cfg.img_size)
+    if (prep.height, prep.width) != tuple(cfg.img_size):
+        raise ConfigError(f"preprocessing is {prep.height}x{prep.width} but model.img_size is "
+                          f"{cfg.img_size[0]}x{cfg.img_size[1]}")
+    prep_json = json.dumps({"height": prep.height, "width": prep.width, "mean": list(prep.mean), "std": list(prep.std)},
+                           sort_keys=True)
     weights_sha = file_sha256(weights_path)
-    config_sha = hashlib.sha256(config_json.encode()).hexdigest()
+    config_sha = hashlib.sha256((config_json + prep_json).encode()).hexdigest()  # the preprocessing is config too
     metrics = {k: float(v) for k, v in (eval_metrics or {}).items()}
 
     client = registry_client(tracking_uri)
@@ -251,7 +280,7 @@ def register_model(
         **{f"eval.{k}": f"{v:.6g}" for k, v in metrics.items()},
     }
     with tempfile.TemporaryDirectory(prefix="dynamix_register_") as tmp:
-        artifacts = _write_artifacts(encoder, cfg.img_size, config_json, Path(tmp), example_BCHW, export_onnx)
+        artifacts = _write_artifacts(encoder, cfg.img_size, config_json, prep_json, Path(tmp), example_BCHW, export_onnx)
         with tracking(tracking_uri), _run(client, run_id, experiment, artifact_location) as run:
             if metrics:
                 mlflow.log_metrics(metrics)
@@ -260,8 +289,8 @@ def register_model(
                 python_model=str(MODEL_CODE),
                 artifacts=artifacts,
                 code_paths=[str(Path(dynamix_core.__file__).parent)],
-                signature=_signature(cfg.img_size, encoder.embed_dim),
-                input_example=example_BCHW,
+                signature=_signature(encoder.embed_dim),
+                input_example=np.zeros((1, *cfg.img_size, 3), dtype=np.uint8),  # one raw image
                 pip_requirements=[f"{p}=={metadata.version(p).split('+')[0]}" for p in RUNTIME_PACKAGES],
             )
             version_tags["source_run_id"] = run.info.run_id
@@ -270,7 +299,7 @@ def register_model(
 
 
 def load_embedding_model(name: str, ref: str | int, tracking_uri: str):
-    """The pyfunc embedding model of version/alias ``ref`` of ``name`` (``.predict(img_BCHW) -> emb_BD``)."""
+    """The pyfunc embedding model of version/alias ``ref`` of ``name`` (``.predict(images) -> emb_BD``)."""
     import mlflow
 
     with tracking(tracking_uri):

@@ -7,7 +7,20 @@ from typing import Literal
 
 import pytest
 
-from dynamix_core.config import ConfigError, apply_override, dump_yaml, field, field_help, from_dict, load_config
+import yaml
+
+from dynamix_core.config import (
+    ConfigError,
+    apply_override,
+    dump_yaml,
+    dump_yaml_with_help,
+    field,
+    field_help,
+    format_field_help,
+    from_dict,
+    load_config,
+    to_dict,
+)
 
 
 @dataclass(kw_only=True)
@@ -79,3 +92,30 @@ def test_round_trip_and_help(tmp_path):
 def test_missing_file_is_clear(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Outer, tmp_path / "nope.yaml")
+
+
+@dataclass(kw_only=True)
+class WithOptional:
+    extra: Inner | None = field(None, help="an optional section")
+    note: str = field("a # b: c", help="a string YAML must quote")
+
+
+def test_dump_with_help_loads_back_and_lists_help_beside_values():
+    cfg = load_config(Outer, None, ["data.batch_size=16", "tags=[x, 'y z']", "weights=/w.pt"])
+    text = dump_yaml_with_help(cfg)
+    assert yaml.safe_load(text) == to_dict(cfg)
+    assert "  batch_size: 16  # images per batch" in text.splitlines()
+    assert "data:  # data settings" in text.splitlines()
+    opt = WithOptional(extra=Inner(batch_size=8))
+    assert yaml.safe_load(dump_yaml_with_help(opt)) == {"extra": {"batch_size": 8, "lr": 1e-3, "img_size": [256, 128]},
+                                                       "note": "a # b: c"}
+
+
+def test_format_field_help_by_section_and_optional_sections():
+    assert [k for k, _, _ in field_help(WithOptional)] == ["extra.batch_size", "extra.lr", "extra.img_size", "note"]
+    lines = format_field_help(Outer, "data").splitlines()
+    assert [line.split()[0] for line in lines] == ["data.batch_size", "data.lr", "data.img_size"]
+    assert lines[0].split("  # ") == ["data.batch_size  32", "images per batch"]
+    assert len(format_field_help(Outer).splitlines()) == 7
+    with pytest.raises(ConfigError, match=r"no config key under 'dat'; sections are \['data', 'mode', 'name'"):
+        format_field_help(Outer, "dat")

@@ -176,3 +176,34 @@ def test_dockerfiles_pinned_nonroot_secret_free(name):
     lock = {l.split("==")[0].split("[")[0] for l in (REPO_ROOT / "requirements.lock").read_text().splitlines()
             if "==" in l and not l.startswith("#")}
     assert {"torch", "ray", "mlflow", "timm"} <= lock
+
+
+def _strings(node):
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from _strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _strings(value)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_rendered_dynamix_command_loads_its_config(variant, monkeypatch, capsys):
+    """Each `dynamix ...` line the chart renders goes through the CLI's own config loading
+    (`--print-config`), so a key that does not exist fails here instead of in the cluster."""
+    import shlex
+
+    from pipelines.cli import main
+
+    commands = sorted({s.strip() for s in _strings(render(VARIANTS[variant])) if s.strip().startswith("dynamix ")})
+    assert {shlex.split(c)[1] for c in commands} == {"train", "retrain"}
+    monkeypatch.chdir(REPO_ROOT)  # the image's working directory holds recipes/
+    for command in commands:
+        assert main([*shlex.split(command)[1:], "--print-config"]) == 0, command
+        printed = capsys.readouterr().out
+        if variant == "production" and " train " in f" {command} ":
+            assert "max_steps: 120000" in printed and "loss_mode: sharded" in printed
+        if " train " in f" {command} ":  # the chart's training run registers its encoder
+            assert "registered_model: dynamix-reid" in printed

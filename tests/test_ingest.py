@@ -310,9 +310,31 @@ def test_cli_ingest_and_inspect(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["ingest", "--root", str(tmp_path / "src"), "--out", str(out), "--workers", "0",
                  "--shard-max-count", "4", "--no-progress"]) == 0
-    assert "ingested 9 images" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ingested 9 images" in printed
+    assert "format: market1501 (auto-detected: Market-style folders" in printed  # says which format was chosen
     assert main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (info["images"], info["shards"]["count"], info["skipped"]) == (9, 3, 0)
     assert {(g["split"], g["images"]) for g in info["groups"]} == {("train", 3), ("gallery", 3), ("query", 3)}
     assert main(["inspect", str(tmp_path / "src")]) == 2  # not an ingest output: a clear error
+
+
+def test_ray_ingest_console_is_our_own_output(tmp_path):
+    """A fresh `dynamix ingest` on its own local Ray instance: the console holds the project's summary,
+    not Ray's worker logs or Ray Data's narration and deprecation warnings (they stay in Ray's files)."""
+    import shutil
+    import tempfile
+
+    make_market(tmp_path / "src", per_folder=3)
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO_ROOT), "RAY_TMPDIR": ray_tmp}
+    env.pop("DYNAMIX_RAY_LOGS_TO_CONSOLE", None)
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "ingest", "--root", str(tmp_path / "src"),
+                           "--out", str(tmp_path / "out"), "--workers", "1", "--no-progress"],
+                          capture_output=True, text=True, timeout=240, cwd=REPO_ROOT, env=env)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    assert lines[0].startswith("ingested 9 images") and len(lines) <= 8, "\n".join(lines)
+    assert not any(("deprecated" in ln.lower() or "concurrency" in ln) for ln in lines), "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -129,3 +130,31 @@ def test_bad_input_is_a_clear_error(ray_head, tmp_path):
     assert out.returncode == 2 and "dynamix subcommand" in out.stderr
     out = dynamix(["status", "--address", "http://127.0.0.1:9", "raysubmit_x"], env)
     assert out.returncode == 2 and "127.0.0.1:9" in out.stderr
+
+
+def test_follow_streams_only_new_output(ray_head, monkeypatch):
+    """`dynamix logs --follow` reads the log-tail stream: while following, the full log is never
+    fetched again (job_logs is made to fail), and every line arrives once, in order."""
+    import services.jobs as jobs
+
+    address, _ = ray_head
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    script = "import time\nfor i in range(4):\n    print(f'line-{i}', flush=True); time.sleep(0.5)"
+    deadline = time.monotonic() + 120
+    while True:  # the job agent may still be starting (see services.jobs.submit_job)
+        try:
+            job_id = client.submit_job(entrypoint=f"{sys.executable} -c {shlex.quote(script)}")
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+    def no_full_fetch(*_):
+        raise AssertionError("follow fetched the whole log again")
+
+    monkeypatch.setattr(jobs, "job_logs", no_full_fetch)
+    text = "".join(jobs.follow_logs(address, job_id))
+    assert [ln for ln in text.splitlines() if ln.startswith("line-")] == [f"line-{i}" for i in range(4)]

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dynamix_core.data.parsers import FORMATS, detect_format, format_options, parse_source
+from dynamix_core.data.parsers import FORMATS, detect_format, detect_format_why, format_options, parse_source
 from dynamix_core.data.records import BadInputError, IdentityMaps, InputReport
 from fabricate import FAKE_JPEG, lmdb_store, market_tree, msmt17_tree, touch
 
@@ -176,6 +176,32 @@ def test_msmt17_namespaces_merges_val_and_reports(tmp_path, version, train_dir, 
     maps = IdentityMaps.build(samples)
     assert len(maps.pid) == 3
     assert maps.pid[("msmt17", "train:0")] != maps.pid[("msmt17", "test:0")]
+
+
+# Name forms of the official V1/V2 lists: plain, with the "_ex" suffix, and each time of day.
+# torchreid and fast-reid take the camera from the third "_" field and the label from the list.
+MSMT_REAL_NAMES = {
+    "list_train.txt": ["0000/0000_000_01_0303morning_0008_0.jpg 0", "0000/0000_018_04_0303morning_0022_0_ex.jpg 0",
+                       "0001/0001_011_14_0303noon_0613_1_ex.jpg 1"],
+    "list_val.txt": ["0002/0002_004_11_0302afternoon_0911_0_ex.jpg 2"],
+    "list_query.txt": ["0000/0000_009_05_0303morning_0029_1_ex.jpg 0"],
+    "list_gallery.txt": ["0000/0000_013_05_0303morning_0041_0.jpg 0", "0003/0003_002_15_0113noon_0200_2_ex.jpg 3"],
+}
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_msmt17_accepts_every_official_name_form(tmp_path, version):
+    root = msmt17_tree(tmp_path / "msmt", version, MSMT_REAL_NAMES)
+    samples = parse_source("msmt17", root, InputReport(strict=True))  # strict: the first rejection raises
+    assert sorted((s.split, s.source_pid, s.source_camid, s.key) for s in samples) == [
+        ("gallery", "test:0", "c5", "msmt17_gallery_0000_013_05_0303morning_0041_0"),
+        ("gallery", "test:3", "c15", "msmt17_gallery_0003_002_15_0113noon_0200_2_ex"),
+        ("query", "test:0", "c5", "msmt17_query_0000_009_05_0303morning_0029_1_ex"),
+        ("train", "train:0", "c1", "msmt17_train_0000_000_01_0303morning_0008_0"),
+        ("train", "train:0", "c4", "msmt17_train_0000_018_04_0303morning_0022_0_ex"),
+        ("train", "train:1", "c14", "msmt17_train_0001_011_14_0303noon_0613_1_ex"),
+        ("train", "train:2", "c11", "msmt17_train_0002_004_11_0302afternoon_0911_0_ex"),
+    ]
 
 
 def test_msmt17_version_errors(tmp_path):
@@ -498,6 +524,26 @@ def test_detect_format_recognises_every_layout(tmp_path, market_root, cuhk03_roo
         ("luperson", lup), ("luperson_nl", nl), ("randperson", rand), ("manifest", csv_path)]}
     assert found == {name: name for name in found}
     assert set(found) == set(FORMATS)
+
+
+def test_detect_lmdb_store_by_key_form_not_by_pids(tmp_path):
+    # The LUPerson release saves keys.pkl as {"keys", "pids"} too; all-digit country/city codes then
+    # fit the loose LUPerson-NL parser pattern, so only the exact key forms decide.
+    lup_keys = ["01_02_0003_00000004", "01_02_0003_00000005", "bad.key"]
+    lup = lmdb_store(tmp_path / "lup", {"keys": lup_keys, "pids": [0, 0, 0]}, {})
+    fmt, why = detect_format_why(lup)
+    assert fmt == "luperson" and "CC_TT_VVVV_IIIIIIII" in why
+    nl = lmdb_store(tmp_path / "nl", {"keys": ["00001_000002_0000003_00"], "pids": [5]}, {})
+    assert detect_format_why(nl)[0] == "luperson_nl"
+    mixed = lmdb_store(tmp_path / "mixed", {"keys": ["01_02_0003_00000004", "00001_000002_0000003_00"],
+                                            "pids": [0, 5]}, {})
+    neither = lmdb_store(tmp_path / "neither", {"keys": ["1_2_3_4"], "pids": [0]}, {})
+    for root in (mixed, neither):
+        with pytest.raises(BadInputError, match="cannot tell LUPerson from LUPerson-NL.*pass --format luperson or"):
+            detect_format(root)
+    nl_unlabeled = lmdb_store(tmp_path / "nl_unlabeled", ["00001_000002_0000003_00"], {})
+    with pytest.raises(BadInputError, match="no 'pids' list; pass --format luperson"):
+        detect_format(nl_unlabeled)
 
 
 def test_detect_format_errors(tmp_path):

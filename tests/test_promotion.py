@@ -62,8 +62,7 @@ class ChannelSuite:
             img_NCHW[:, 1] += camera[cams]
             self.splits[split] = (img_NCHW, pids, cams)
 
-    def __call__(self, embed, img_size):
-        assert img_size == IMG
+    def __call__(self, embed):  # preprocessed float32 (B, 3, H, W): the model's tensor input
         (q_img, q_pids, q_cams), (g_img, g_pids, g_cams) = self.splits["query"], self.splits["gallery"]
         return evaluate_features(embed(q_img), embed(g_img), q_pids, g_pids, q_cams, g_cams)
 
@@ -71,7 +70,7 @@ class ChannelSuite:
 class FailingSuite:
     name = "failing-suite"
 
-    def __call__(self, embed, img_size):
+    def __call__(self, embed):
         raise RuntimeError("gallery images unreadable")
 
 
@@ -207,7 +206,8 @@ def test_promote_command_on_an_image_folder_suite(registry, capsys):
     write_market_suite(suite_root)
     encoder = channel_model(seed=7, channel=0)
     save_weights(encoder, tmp / "cli.safetensors")
-    register_model(tmp / "cli.safetensors", CFG, "reid-cli", uri, export_onnx=False)
+    prep = TransformConfig(height=IMG[0], width=IMG[1], mean=(0.3, 0.4, 0.5), std=(0.2, 0.3, 0.25))  # not ImageNet's
+    register_model(tmp / "cli.safetensors", CFG, "reid-cli", uri, export_onnx=False, preprocessing=prep)
 
     parser = argparse.ArgumentParser()
     promote_cmd.add_arguments(parser)
@@ -217,12 +217,13 @@ def test_promote_command_on_an_image_folder_suite(registry, capsys):
     out = capsys.readouterr().out
     assert "challenger  1" in out and "decision: promoted" in out
 
-    # reference: the test view (decode, resize, normalise) and mAP from the definition
-    view = ViewTransform(TransformConfig(height=IMG[0], width=IMG[1]), "test")
+    # reference: the stored preprocessing as training-time evaluation applies it (decode at the
+    # model's size, normalise with the run's mean/std) and mAP from the definition
+    view = ViewTransform(prep, "test")
     feats, labels = {}, {}
     for folder in ("query", "bounding_box_test"):
         files = sorted((suite_root / folder).iterdir())
-        x = torch.stack([view(decode_image(f.read_bytes())) for f in files])
+        x = torch.stack([view(decode_image(f.read_bytes(), IMG)) for f in files])
         with torch.no_grad():
             feats[folder] = encoder.embed(x).numpy()
         labels[folder] = (np.array([int(f.name[:4]) for f in files]), np.array([int(f.name[6]) for f in files]))

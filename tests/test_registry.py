@@ -97,11 +97,14 @@ def test_version_carries_signature_example_weights_and_tags(registry):
     with tracking(uri):
         local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{NAME}/1", dst_path=str(tmp / "dl"))
     info = mlflow.models.Model.load(local)
-    (inp,), (out,) = info.signature.inputs.inputs, info.signature.outputs.inputs
-    assert (inp.type, inp.shape) == (np.dtype(np.float32), (-1, 3, *IMG))
+    (out,) = info.signature.outputs.inputs
+    assert info.signature.inputs is None  # the model takes several input forms and checks them itself
     assert (out.type, out.shape) == (np.dtype(np.float32), (-1, 64))
     example = np.asarray(info.load_input_example(local))
-    assert example.dtype == np.float32 and example.shape[1:] == (3, *IMG)
+    assert example.dtype.kind in "ui" and example.shape == (1, *IMG, 3)  # one raw image (JSON: ints)
+    # registered from a ModelConfig alone: the transform defaults at the model's size
+    assert json.loads(open(f"{local}/artifacts/preprocessing.json").read()) == {
+        "height": IMG[0], "width": IMG[1], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
     stored = safetensors.numpy.load_file(f"{local}/artifacts/weights.safetensors")
     own = registry["encoder"].state_dict()
@@ -162,3 +165,107 @@ def test_register_command_reads_a_training_config(registry, capsys):
     assert "already registered" in capsys.readouterr().out
     tags = registry_client(uri).get_model_version("reid-cli", "1").tags
     assert (tags["team"], tags["eval.mAP"]) == ("reid", "0.3")
+
+
+def test_register_and_promote_default_to_the_env_or_the_runs_own_store(tmp_path, monkeypatch, capsys):
+    from dynamix_core.config import ConfigError
+    from pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": {"backbone": "test_vit"}, "tracking": {"uri": None}}))
+    resolve = register_cmd.resolve_tracking_uri
+    with pytest.raises(ConfigError, match="no MLflow store.*pass --tracking-uri"):
+        resolve(None, str(run_dir / "config.yaml"))  # the run has not logged anywhere yet
+    (run_dir / "mlflow.db").write_bytes(b"")  # where `dynamix train` logs without a tracking URI
+    assert resolve(None, str(run_dir / "config.yaml")) == f"sqlite:///{run_dir / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////srv/mlflow.db")  # the run would have logged there
+    assert resolve(None, str(run_dir / "config.yaml")) == "sqlite:////srv/mlflow.db"
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"tracking": {"uri": "http://mlflow:5000"}}))
+    assert resolve(None, str(run_dir / "config.yaml")) == "http://mlflow:5000"  # the run's own setting first
+    assert resolve("http://given:5000", str(run_dir / "config.yaml")) == "http://given:5000"
+    # promote without any store: one clear error, and no mlflow.db appears in the working directory
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert main(["promote", "--name", "x", "--version", "1", "--suite", str(tmp_path)]) == 2
+    assert "no MLflow store" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> np.ndarray:
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return np.asarray(json.loads(response.read())["predictions"], dtype=np.float32)
+
+
+def test_served_champion_embeds_raw_images_with_the_stored_preprocessing(tmp_path):
+    """Registered from a training config whose transform is not ImageNet's; loaded from the registry
+    and served over HTTP by MLflow's scoring server, raw images (uint8 pixels, JPEG bytes, base64 in
+    JSON) give the training encoder's embeddings of the normalised tensors, computed here by hand."""
+    import base64
+    import io
+    import threading
+
+    import mlflow
+    import uvicorn
+    from mlflow.pyfunc.scoring_server import init as scoring_app
+    from PIL import Image
+
+    mean, std = np.array([0.2, 0.5, 0.7], np.float32), np.array([0.3, 0.2, 0.25], np.float32)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    encoder = make_weights(tmp_path / "w.safetensors", seed=3)
+    run_config = tmp_path / "config.yaml"  # what `dynamix train` saves beside the run
+    run_config.write_text(yaml.safe_dump({"model": dict(backbone="test_vit", img_size=list(IMG), drop_path_rate=0.0),
+                                          "data": {"transform": {"height": IMG[0], "width": IMG[1],
+                                                                 "mean": mean.tolist(), "std": std.tolist()}}}))
+    version = register_model(tmp_path / "w.safetensors", str(run_config), "reid-raw", uri,
+                             artifact_location=str(tmp_path / "artifacts"), export_onnx=False)
+    registry_client(uri).set_registered_model_alias("reid-raw", "champion", version.version)
+
+    pixels_BHW3 = np.random.default_rng(5).integers(0, 256, (3, *IMG, 3), dtype=np.uint8)
+    jpegs = []
+    for img in pixels_BHW3:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    decoded_BHW3 = np.stack([np.asarray(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpegs])
+
+    def reference(img_BHW3):  # the normalised tensors, by hand
+        x_BCHW = ((img_BHW3.astype(np.float32) / 255 - mean) / std).transpose(0, 3, 1, 2)
+        with torch.no_grad():
+            return encoder.embed(torch.from_numpy(np.ascontiguousarray(x_BCHW))).numpy()
+
+    with tracking(uri):
+        model = mlflow.pyfunc.load_model("models:/reid-raw@champion")
+    assert np.abs(model.predict(pixels_BHW3) - reference(pixels_BHW3)).max() < 1e-5
+    assert np.abs(model.predict(jpegs) - reference(decoded_BHW3)).max() < 1e-5
+    with pytest.raises(ValueError, match="uint8 \\(H, W, 3\\) pixels or JPEG/PNG bytes"):
+        model.predict([np.zeros((4, 4), np.uint8)])
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(scoring_app(model), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            thread.join(0.05)
+        url = f"http://127.0.0.1:{port}/invocations"
+        b64 = [[base64.b64encode(j).decode()] for j in jpegs]  # the README's request
+        served = _post(url, {"dataframe_split": {"columns": ["image"], "data": b64}})
+        assert served.shape == (3, 64) and np.abs(served - reference(decoded_BHW3)).max() < 1e-5
+        served = _post(url, {"inputs": pixels_BHW3.tolist()})
+        assert np.abs(served - reference(pixels_BHW3)).max() < 1e-5
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -13,8 +13,10 @@ from PIL import Image
 from dynamix_core.data.records import BadInputError, InputReport, Record
 from dynamix_core.data.shards import (
     ShardWriter,
+    StaleShardError,
     iter_tar_samples,
     read_shard_manifest,
+    read_members,
     read_shard_metadata,
     shard_manifest_path,
     shard_name,
@@ -54,6 +56,23 @@ def test_writer_offsets_and_metadata(tmp_path):
     meta = read_shard_metadata(tar_path)
     assert meta["plan_digest"] == "abc" and meta["num_samples"] == "5"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.parquet", "shard-000000.tar"]
+
+
+def test_read_members_refuses_offsets_of_a_rewritten_shard(tmp_path):
+    tar_path, samples, _ = _write(tmp_path)
+    rows = read_shard_manifest(tar_path).to_pylist()
+    offsets, sizes, keys = ([r[c] for r in rows] for c in ("offset", "size", "key"))
+    assert read_members(tar_path, offsets, sizes, keys) == [data for _, data, _ in samples]
+    with pytest.raises(StaleShardError, match="not ds_train_0000"):  # the right bytes under another key
+        read_members(tar_path, offsets[1:2], sizes[1:2], ["ds_train_0000"])
+    # A re-ingest of a grown source rewrites the shard: one more image in front shifts every member.
+    with ShardWriter(tar_path) as writer:
+        for record, data, ext in [(_record(99), _jpeg(99), "jpg"), *samples]:
+            writer.add(record, data, ext)
+        writer.commit({"plan_digest": "def"})
+    for given_keys in (keys, None):  # without keys the tar header check alone catches it
+        with pytest.raises(StaleShardError, match="the shard changed after its manifest was read"):
+            read_members(tar_path, offsets, sizes, given_keys)
 
 
 def test_shard_reads_back_with_tarfile_and_webdataset(tmp_path):

@@ -59,7 +59,7 @@ def test_training_run_end_to_end(ray_local, tiny_data):
 
     # relabeling starts at half time: before it, the labels are fixed and the loss must go down
     cfg = tiny_config(tiny_data, "e2e", run__max_steps=16, run__checkpoint_every=8, run__eval_every=8,
-                      labeling__relabel__warmup_fraction=0.5)
+                      labeling__relabel__warmup_fraction=0.5, tracking__registered_model="reid-e2e")
     result = run_training(cfg)
     history = _history(result.run_dir)
     assert [h["step"] for h in history] == [4, 8, 12, 16]
@@ -79,6 +79,20 @@ def test_training_run_end_to_end(ray_local, tiny_data):
     # the deployable momentum encoder loads strictly into a fresh encoder
     model = build_encoder(ModelConfig(backbone="test_vit", img_size=(32, 16)))
     load_weights(model, result.weights_path)
+    # the config names a registered model: version 1 of it, in the run's store, is now champion;
+    # registering the same run again (a re-run of the job) creates nothing
+    from pipelines.train.registration import register_trained
+    from services.registry import registry_client
+
+    registry = registry_client(f"sqlite:///{result.run_dir / 'mlflow.db'}")
+    assert result.registered == "registered: models:/reid-e2e/1 (now @champion: the model had none)"
+    version = registry.get_model_version("reid-e2e", "1")
+    assert version.run_id == result.mlflow_run_id and version.tags["dynamix.run_name"] == "e2e"
+    assert {k: str(v) for k, v in registry.get_registered_model("reid-e2e").aliases.items()} == {"champion": "1"}
+    again = register_trained(cfg, result.weights_path, f"sqlite:///{result.run_dir / 'mlflow.db'}",
+                             result.mlflow_run_id, result.metrics)
+    assert again == "already registered: models:/reid-e2e/1"
+    assert len(registry.search_model_versions("name = 'reid-e2e'")) == 1
 
 
 def _pids_of(needle: str) -> list[int]:

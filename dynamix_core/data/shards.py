@@ -22,7 +22,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -231,6 +231,56 @@ def _read_exact(fh, size: int, what: str) -> bytes:
     if len(data) != size:
         raise TarFormatError(f"truncated tar: unexpected end of data in {what} ({len(data)} of {size} bytes)")
     return data
+
+
+class StaleShardError(OSError):
+    """A (tar, offset, size) taken from a manifest no longer points at that member: the shard was
+    rewritten (a re-ingest of a grown source) after the manifest was read."""
+
+
+def _member_at(header: bytes, data_size: int, key: str | None) -> str | None:
+    """Why ``header`` (the 512 bytes before a member's data) is not the header of a regular file of
+    ``data_size`` bytes named ``<key>.<ext>``, or None when it is."""
+    if len(header) != BLOCK or header[156:157] not in (b"0", b"\0"):
+        return "no regular-file tar header before the data"
+    stored = bytearray(header)
+    stored[148:156] = b" " * 8
+    try:
+        if sum(stored) != _octal(header[148:156], "checksum") or _octal(header[124:136], "size") != data_size:
+            return "the tar header before the data does not match (checksum or size)"
+    except TarFormatError as exc:
+        return str(exc)
+    name = header[:100].rstrip(b"\0")
+    if key is not None and not (name.startswith(key.encode()[:100]) and name[len(key):len(key) + 1] in (b".", b"")):
+        return f"the member there is {name.decode('utf-8', 'replace')!r}, not {key}"
+    return None
+
+
+def read_members(tar_path: str | Path, offsets: Iterable[int], sizes: Iterable[int],
+                 keys: Iterable[str] | None = None) -> list[bytes]:
+    """The data of the members at ``offsets`` (manifest ``offset``/``size`` columns) of one shard.
+
+    Each read also takes the 512-byte tar header in front of the data and checks it (checksum, size,
+    and the member name when ``keys`` are given): a shard rewritten since its manifest was read
+    raises :class:`StaleShardError` instead of handing out another image's bytes."""
+    offsets, sizes = list(offsets), list(sizes)
+    names = list(keys) if keys is not None else [None] * len(offsets)
+    out = []
+    with open(tar_path, "rb") as fh:
+        for offset, size, key in zip(offsets, sizes, names, strict=True):
+            if offset < BLOCK:
+                raise StaleShardError(f"{tar_path}: offset {offset} leaves no room for a tar header")
+            fh.seek(offset - BLOCK)
+            block = fh.read(BLOCK + size)
+            if len(block) != BLOCK + size:
+                raise StaleShardError(f"{tar_path}: truncated at offset {offset}; re-read the shard set's manifest "
+                                      f"(the shard was rewritten?)")
+            problem = _member_at(block[:BLOCK], size, key)
+            if problem is not None:
+                raise StaleShardError(f"{tar_path}: at offset {offset}: {problem}; the shard changed after its "
+                                      f"manifest was read: re-read the shard set (restart the reader)")
+            out.append(block[BLOCK:])
+    return out
 
 
 def _iter_tar_members(fh) -> Iterator[tuple[str, bool, bytes]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.commands.register import add_tracking_uri
+from pipelines.commands.register import add_tracking_uri, resolve_tracking_uri
 
 METRICS = ("mAP", "mINP", "rank1", "rank5", "rank10")
 
@@ -38,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from services.promotion import ImageSetSuite, promote
 
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)  # first: a missing store is the cheaper error
     suite = ImageSetSuite(args.suite, fmt=args.suite_format, batch_size=args.batch_size)
-    decision = promote(args.name, args.version, suite, tracking_uri=args.tracking_uri,
+    decision = promote(args.name, args.version, suite, tracking_uri=tracking_uri,
                        metric=args.metric, margin=args.margin)
     print(decision.table())
     return 1 if decision.decision == "error" else 0

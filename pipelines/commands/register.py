@@ -13,16 +13,41 @@ from __future__ import annotations
 
 import argparse
 import os
-
-#: the embedded default store: a SQLite file in the working directory (artifacts under ./mlruns)
-LOCAL_TRACKING_URI = "sqlite:///mlflow.db"
+from pathlib import Path
 
 
 def add_tracking_uri(parser: argparse.ArgumentParser) -> None:
     """``--tracking-uri``, shared with ``dynamix promote``."""
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", LOCAL_TRACKING_URI),
-                        help="MLflow tracking/registry URI (http://mlflow:5000, sqlite:///path/mlflow.db); "
-                             "$MLFLOW_TRACKING_URI sets the default")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking/registry URI (http://mlflow:5000, sqlite:///path/mlflow.db); default: "
+                             "the training run's store as `dynamix train` chose it (tracking.uri of --config, else "
+                             "$MLFLOW_TRACKING_URI, else the mlflow.db beside --config)")
+
+
+def resolve_tracking_uri(given: str | None, run_config: str | None = None) -> str:
+    """The store to use, in the order ``dynamix train`` chose it for the run whose ``config.yaml`` is
+    ``run_config``: ``given``, the run's ``tracking.uri``, $MLFLOW_TRACKING_URI, the ``mlflow.db`` the
+    run wrote beside its config. Never a store silently created in the working directory."""
+    from dynamix_core.config import ConfigError
+
+    if given:
+        return given
+    section = None
+    if run_config is not None and Path(run_config).is_file():
+        import yaml
+
+        content = yaml.safe_load(Path(run_config).read_text()) or {}
+        section = content.get("tracking") if isinstance(content, dict) else None
+    if isinstance(section, dict) and section.get("uri"):
+        return str(section["uri"])
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    beside = Path(run_config).resolve().parent / "mlflow.db" if run_config is not None else None
+    if beside is not None and beside.is_file():
+        return f"sqlite:///{beside}"
+    where = f" and {run_config} is not a training run's config.yaml with a store" if run_config else ""
+    raise ConfigError(f"no MLflow store: --tracking-uri not given, $MLFLOW_TRACKING_URI not set{where}; "
+                      f"pass --tracking-uri (e.g. sqlite:///runs/NAME/mlflow.db or http://mlflow:5000)")
 
 
 def _key_values(items: list[str], flag: str) -> dict[str, str]:
@@ -71,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from services.registry import register_model
 
     version = register_model(
-        args.weights, args.config, args.name, args.tracking_uri, run_id=args.run_id,
+        args.weights, args.config, args.name, resolve_tracking_uri(args.tracking_uri, args.config), run_id=args.run_id,
         tags=_key_values(args.tag, "--tag"), eval_metrics=_metrics(args.eval_metric), experiment=args.experiment,
         artifact_location=args.artifact_location, export_onnx=not args.no_onnx,
     )

@@ -28,14 +28,16 @@ def run(args) -> int:
     import sys
 
     from dynamix_core.config import dump_yaml, load_config
-    from pipelines.retrain import RetrainConfig, RetrainError, run_retrain
+    from pipelines.retrain import RetrainConfig, RetrainError, recipe_config, run_retrain
 
     cfg = load_config(RetrainConfig, args.config, args.overrides)
     if args.storage:
         storage = args.storage.rstrip("/")
         cfg.train.overrides.append(f"run.storage={storage}/runs")  # as the chart's training job
-    if args.print_config:
+    if args.print_config:  # the training config is resolved too, so a bad train.overrides key fails here
         print(dump_yaml(cfg))
+        print("# the training config of each cycle (the cycle sets run.name and starts from the champion):")
+        print("\n".join("#   " + line for line in dump_yaml(recipe_config(cfg)).splitlines()))
         return 0
     try:
         result = run_retrain(cfg, cycle=args.cycle, echo=lambda line: print(line, flush=True))

@@ -27,6 +27,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from pipelines.cli import COMMANDS
     from services.jobs import JobError, JobRuntime, follow_logs, job_status, submit_job
 
     env = {}
@@ -38,7 +39,8 @@ def run(args) -> int:
     runtime = JobRuntime(working_dir=args.working_dir, image_uri=args.image, env_vars=env,
                          requirements=args.requirements, entrypoint_num_gpus=args.num_gpus)
     try:
-        job_id = submit_job(args.address, args.dynamix_args, runtime, submission_id=args.submission_id)
+        job_id = submit_job(args.address, args.dynamix_args, runtime, commands=COMMANDS,
+                            submission_id=args.submission_id)
         print(job_id, flush=True)
         if not args.wait:
             print(f"follow with: dynamix logs --address {args.address} --follow {job_id}", file=sys.stderr)

@@ -75,6 +75,9 @@ class ScalingSection:
 class TrackingSection:
     uri: str | None = field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite under the run folder)")
     experiment: str = field("dynamix", help="MLflow experiment")
+    registered_model: str | None = field(
+        None, help="register the trained momentum encoder as a version of this MLflow model when the run ends "
+                   "(idempotent; the model's first version becomes @champion)")
 
 
 @dataclass(kw_only=True)

@@ -34,6 +34,7 @@ class TrainResult:
     weights_path: Path | None
     mlflow_run_id: str | None
     labeling: dict = field(default_factory=dict)
+    registered: str | None = None  # what tracking.registered_model registration did (one line)
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -41,13 +42,16 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    from pipelines.console import quiet_ray_libraries, ray_init_kwargs
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local default; a cluster brings its token
     if address:
-        ray.init(address=address, namespace="dynamix", log_to_driver=True)
+        ray.init(address=address, namespace="dynamix", **ray_init_kwargs())
     else:
         # 4 logical CPUs on small boxes: workers at 0.5 CPU each leave room for Ray Data and the pool
         ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), namespace="dynamix", include_dashboard=False,
-                 log_to_driver=True, configure_logging=False)
+                 **ray_init_kwargs())
+    quiet_ray_libraries()
 
 
 def _ground_truth(index: pa.Table, paths: list[str]) -> np.ndarray | None:
@@ -226,7 +230,12 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         tracker.log_artifact(str(weights_path))
     tracker.close()
     (run_dir / "result.json").write_text(json.dumps({"metrics": metrics, "labeling": labeling}, indent=2, default=float))
-    return TrainResult(run_dir, metrics, history, weights_path, tracker.run_id, labeling)
+    registered = None
+    if cfg.tracking.registered_model and weights_path is not None:
+        from pipelines.train.registration import register_trained
+
+        registered = register_trained(cfg, weights_path, tracking_uri, tracker.run_id, metrics)
+    return TrainResult(run_dir, metrics, history, weights_path, tracker.run_id, labeling, registered)
 
 
 class _ProgressPrinter:

@@ -12,6 +12,7 @@ import torch
 from dynamix_core.data.images import decode_image
 from dynamix_core.data.reader import read_dataset_manifest
 from dynamix_core.data.records import IdentityMap
+from dynamix_core.data.shards import read_members
 from dynamix_core.data.transforms import TransformConfig, ViewTransform
 from dynamix_core.evaluation import EvalConfig, evaluate
 
@@ -31,20 +32,25 @@ class TargetSet:
 
     @classmethod
     def load(cls, root: str, transform: TransformConfig) -> "TargetSet":
-        from pipelines.train.data import read_members
-
         table = read_dataset_manifest(root)
         table = table.filter(pc.is_in(pc.field("split"), __import__("pyarrow").array(["query", "gallery"])))
         if table.num_rows == 0:
             raise FileNotFoundError(f"{root}: no query/gallery images (data.target needs both splits)")
-        rows = table.select(["dataset", "split", "source_pid", "source_camid", "shard", "offset", "size"]).to_pylist()
-        pid_map = IdentityMap((r["dataset"], r["source_pid"]) for r in rows)
+        rows = table.select(["key", "dataset", "split", "source_pid", "source_camid", "shard", "offset",
+                             "size"]).to_pylist()
+        labeled = [bool(r["source_pid"]) for r in rows]  # "" (or None) = unlabeled
+        pid_map = IdentityMap((r["dataset"], r["source_pid"]) for r, known in zip(rows, labeled) if known)
         cam_map = IdentityMap((r["dataset"], r["source_camid"]) for r in rows)
         data = []
         for r in rows:  # small sets: one read per image is fine
-            data.extend(read_members(f"{root}/{r['shard']}", [r["offset"]], [r["size"]]))
+            data.extend(read_members(f"{root}/{r['shard']}", [r["offset"]], [r["size"]], [r["key"]]))
         split = np.array([r["split"] for r in rows])
-        pid = np.array([pid_map[(r["dataset"], r["source_pid"])] for r in rows], dtype=np.int64)
+        pid = np.array([pid_map[(r["dataset"], r["source_pid"])] if known else -1
+                        for r, known in zip(rows, labeled)], dtype=np.int64)
+        # An unlabeled image matches no one: each gets an id of its own, so an unlabeled query has no
+        # positive (skipped and counted, SPEC 3) and an unlabeled gallery image is only a negative.
+        unlabeled = pid == -1
+        pid[unlabeled] = len(pid_map) + np.arange(int(unlabeled.sum()))
         cam = np.array([cam_map[(r["dataset"], r["source_camid"])] for r in rows], dtype=np.int64)
         q, g = split == "query", split == "gallery"
         if not q.any() or not g.any():

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from dynamix_core.data.parsers._common import unique_sorted
-from dynamix_core.data.parsers.detect import detect_format
+from dynamix_core.data.parsers.detect import detect_format, detect_format_why
 from dynamix_core.data.parsers.luperson import parse_luperson, parse_luperson_nl
 from dynamix_core.data.parsers.manifest import parse_manifest
 from dynamix_core.data.parsers.market import parse_cuhk03np, parse_dukemtmc, parse_market1501
@@ -40,7 +40,7 @@ FORMATS: dict[str, ParserFn] = {
     "manifest": parse_manifest,
 }
 
-__all__ = ["FORMATS", "ParserFn", "detect_format", "format_options", "parse_source"]
+__all__ = ["FORMATS", "ParserFn", "detect_format", "detect_format_why", "format_options", "parse_source"]
 
 
 def format_options(fmt: str) -> list[str]:

@@ -4,7 +4,9 @@
     list_query.txt, list_gallery.txt -> splits "query", "gallery", images under test/
 
 V2 keeps the same lists and names with the images under ``mask_train_v2/`` and ``mask_test_v2/``.
-A name ``0002_001_03_0303morning_0001_0.jpg`` carries the camera (1-15) in its third ``_`` field.
+A name ``0002_001_03_0303morning_0001_0.jpg`` carries the camera (1-15) in its third ``_`` field; the
+official lists also hold names with more trailing fields, e.g. ``0000_018_04_0303morning_0022_0_ex.jpg``
+(about 42 % of the lists), which torchreid and fast-reid read the same way (camera = third field).
 Train and test labels both start at 0 and denote different people, so the source identity is
 namespaced by the image part: ``train:<label>`` or ``test:<label>``.
 """
@@ -31,8 +33,8 @@ IMAGE_DIRS = {
     "v2": {"train": "mask_train_v2", "test": "mask_test_v2"},
 }
 NUM_CAMS = 15
-_NAME_RE = re.compile(r"\d+_\d+_(?P<cam>\d+)_[0-9A-Za-z]+_\d+_\d+\.jpg")
-_NAME_FORM = "PPPP_NNN_CC_<date><time>_FFFF_N.jpg"
+_NAME_RE = re.compile(r"\d+_\d+_(?P<cam>\d+)_[0-9A-Za-z]+_\d+_\d+(?:_[0-9A-Za-z]+)*\.jpg")
+_NAME_FORM = "PPPP_NNN_CC_<date><time>_FFFF_N[_<suffix>].jpg"
 
 
 def detect_version(root: Path) -> str:

@@ -209,7 +209,7 @@ rayClusterSpec:
 {{- end -}}
 
 {{- define "dynamix.trainEntrypoint" -}}
-dynamix train --config {{ .Values.train.recipe }} --run-name {{ .Values.train.runName }} --storage {{ .Values.storage.uri }}/runs{{ range .Values.train.overrides }} --set {{ . }}{{ end }}
+dynamix train --config {{ .Values.train.recipe }} --run-name {{ .Values.train.runName }} --storage {{ .Values.storage.uri }}/runs{{ with .Values.train.registeredModel }} --set tracking.registered_model={{ . }}{{ end }}{{ range .Values.train.overrides }} --set {{ . }}{{ end }}
 {{- end -}}
 
 {{- define "dynamix.retrainEntrypoint" -}}

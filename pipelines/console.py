@@ -1,0 +1,90 @@
+"""What the console shows: the project's own progress, one line per failure of Ray or MLflow, and
+Ray's own logs kept in files (the Ray session folder) instead of on the terminal."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+#: where Ray keeps a local session's logs unless RAY_TMPDIR / ray.init(_temp_dir=...) says otherwise
+DEFAULT_RAY_LOGS = "/tmp/ray/session_latest/logs"
+
+
+#: set to 1 to see Ray's worker, actor and controller output on the console again (debugging)
+RAY_LOGS_TO_CONSOLE_ENV = "DYNAMIX_RAY_LOGS_TO_CONSOLE"
+#: loggers of Ray libraries that narrate every execution on the console at INFO
+_CHATTY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
+
+
+def ray_init_kwargs() -> dict:
+    """``ray.init`` arguments for a quiet console: the output of Ray's workers and actors (Ray Train's
+    controller and placement-group cleaner, Ray Data operators, our workers) stays in the session's
+    log files instead of being copied to the driver's terminal; the driver shows our own progress."""
+    return {"log_to_driver": os.environ.get(RAY_LOGS_TO_CONSOLE_ENV) == "1", "logging_level": logging.WARNING}
+
+
+def quiet_ray_libraries() -> None:
+    """Ray Data / Ray Train progress bars and INFO narration off (warnings and errors still show)."""
+    if os.environ.get(RAY_LOGS_TO_CONSOLE_ENV) == "1":
+        return
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+    except (ImportError, AttributeError):  # Ray Data absent or a version without the knob
+        pass
+
+
+def where_lines(report: str | None, tracking_uri: str | None) -> list[str]:
+    """Where to look next: the report, the MLflow store, and Ray's log files."""
+    lines = [f"report: {report}"] if report else []
+    if tracking_uri:
+        lines.append(f"MLflow: {tracking_uri}" + (f"  (mlflow ui --backend-store-uri {tracking_uri})"
+                                                  if tracking_uri.startswith("sqlite") else ""))
+    lines.append(f"Ray logs: {ray_logs_dir()}  (set {RAY_LOGS_TO_CONSOLE_ENV}=1 to see them on the console)")
+    return lines
+
+
+def ray_logs_dir() -> str:
+    """The current Ray session's log folder (the default one when Ray is not running here)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            from ray._private.worker import global_worker  # the session folder is not public API
+
+            return os.path.join(global_worker.node.get_session_dir_path(), "logs")
+    except Exception:  # noqa: BLE001 - a best-effort hint, never a reason to fail
+        pass
+    return DEFAULT_RAY_LOGS
+
+
+def _origin(exc: BaseException) -> str | None:
+    for cls in type(exc).__mro__:
+        root = cls.__module__.split(".")[0]
+        if root in ("ray", "mlflow"):
+            return root
+    return None
+
+
+def _last_line(exc: BaseException) -> str:
+    """The telling line of a possibly multi-line message (Ray wraps worker tracebacks: the cause is last)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def describe_failure(exc: BaseException) -> str | None:
+    """One line saying what failed and what to do, for an exception raised by Ray or MLflow (or one
+    they wrap); None for any other exception (its traceback is the useful output)."""
+    origin = _origin(exc) or (_origin(exc.__cause__) if exc.__cause__ is not None else None)
+    if origin == "ray":
+        return (f"Ray: {type(exc).__name__}: {_last_line(exc)} -- check the cluster (--address, `ray status`); "
+                f"Ray's logs: {ray_logs_dir()}; DYNAMIX_TRACEBACK=1 shows the traceback")
+    if origin == "mlflow":
+        return (f"MLflow: {_last_line(exc)} -- check the tracking URI (--tracking-uri, tracking.uri or "
+                f"$MLFLOW_TRACKING_URI) and that the server is reachable; DYNAMIX_TRACEBACK=1 shows the traceback")
+    return None

@@ -1,0 +1,111 @@
+"""The command line as a person meets it: help without noise, config keys with their help, and one
+clear line (not a traceback) when Ray or MLflow fails."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from pipelines.cli import COMMANDS, build_parser, main
+from pipelines.console import describe_failure
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_has_no_empty_or_doubled_defaults(command):
+    parser = build_parser(command)
+    sub = next(a for a in parser._subparsers._group_actions).choices[command]  # noqa: SLF001
+    text = sub.format_help()
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: [])" not in text
+    assert not re.search(r"default[^()]*\) \(default:", text)
+
+
+def test_help_config_lists_keys_with_help(capsys):
+    assert main(["train", "--help-config", "centroids"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(line.startswith("centroids.") for line in lines)
+    row = next(line for line in lines if line.startswith("centroids.loss_mode"))
+    assert row.split()[1] == "all" and "sharded" in row.split("#", 1)[1]
+    assert main(["train", "--help-config"]) == 0
+    keys = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert len(keys) > 100 and "run.max_steps" in keys and "cluster_method.images_per_id" in keys
+    assert main(["train", "--help-config", "nope"]) == 2
+    assert "sections are" in capsys.readouterr().err
+    assert main(["train"]) == 2  # neither a recipe nor --help-config
+    assert "--config RECIPE is required" in capsys.readouterr().err
+
+
+def test_print_config_shows_help_beside_values_and_stays_yaml(capsys):
+    assert main(["train", "--config", "recipes/dynamix_demo.yaml", "--set", "run.max_steps=7", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert yaml.safe_load(text)["run"]["max_steps"] == 7
+    assert "  max_steps: 7  # optimizer steps of the whole run" in text.splitlines()
+
+
+def test_ray_and_mlflow_failures_are_one_line():
+    import mlflow.exceptions
+    import ray.exceptions
+
+    line = describe_failure(mlflow.exceptions.MlflowException("RESOURCE_DOES_NOT_EXIST: no such model"))
+    assert line.startswith("MLflow: RESOURCE_DOES_NOT_EXIST: no such model -- check the tracking URI")
+    worker = ray.exceptions.RaySystemError("Traceback (most recent call last):\n  File x\nValueError: bad shard")
+    line = describe_failure(worker)
+    assert line.startswith("Ray: RaySystemError: ValueError: bad shard -- check the cluster") and "\n" not in line
+    assert describe_failure(ValueError("ours")) is None  # our own bugs keep their traceback
+
+
+def test_an_mlflow_failure_ends_the_command_in_one_line(tmp_path, capsys):
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    (tmp_path / "c.yaml").write_text("backbone: test_vit\n")
+    argv = ["register", "--weights", str(tmp_path / "w.safetensors"), "--config", str(tmp_path / "c.yaml"),
+            "--name", "n", "--tracking-uri", "nosuchscheme://x", "--no-onnx"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dynamix register: error: MLflow: ") and "nosuchscheme" in err[0]
+
+
+def _run_folder(root, name, history, *, checkpoints=0, versions=0, result=None):
+    import json
+    import os
+
+    run = root / name
+    (run / "labels").mkdir(parents=True)
+    (run / "config.yaml").write_text("run: {name: %s}\n" % name)
+    (run / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    for i in range(checkpoints):
+        (run / f"checkpoint_2026-11-25_00-00-0{i}.000000").mkdir()
+    for v in range(versions):
+        (run / "labels" / f"v{v:08d}.parquet").write_bytes(b"")
+    (run / "labels" / "index.parquet").write_bytes(b"")  # not a label version
+    if result is not None:
+        (run / "result.json").write_text(json.dumps({"metrics": result, "labeling": {}}))
+        os.utime(run / "history.jsonl", (1000, 1000))  # the result was written after the last report
+    return run
+
+
+def test_runs_lists_status_steps_checkpoints_labels_and_metrics(tmp_path, capsys):
+    import json
+    import os
+
+    reports = [{"step": 10, "images_per_s": 50.0}, {"step": 20, "images_per_s": 70.0, "eval/mAP": 0.25}]
+    _run_folder(tmp_path, "a-finished", reports, checkpoints=2, versions=3,
+                result={"eval/mAP": 0.375, "eval/rank1": 0.5, "images_per_s": 60.0})
+    _run_folder(tmp_path, "b-interrupted", reports[:1], checkpoints=1)
+    resumed = _run_folder(tmp_path, "c-resumed", reports, result={"eval/mAP": 0.1})
+    os.utime(resumed / "result.json", (500, 500))  # an older run's result; training went on after it
+    (tmp_path / "not-a-run").mkdir()
+    assert main(["runs", "--storage", str(tmp_path), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["name"], r["status"], r["last_step"], r["checkpoints"], r["label_versions"]) for r in rows] == [
+        ("a-finished", "finished", 20, 2, 3), ("b-interrupted", "unfinished", 10, 1, 0),
+        ("c-resumed", "unfinished", 20, 0, 0)]
+    assert rows[0]["metrics"] == {"eval/mAP": 0.375, "eval/rank1": 0.5, "images_per_s": 60.0}
+    assert rows[2]["metrics"] == {"eval/mAP": 0.25, "images_per_s": 70.0}  # from its reports, not the old result
+    assert main(["runs", "--storage", str(tmp_path)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["run", "status", "last", "step", "checkpoints", "label", "versions", "mAP", "Rank-1",
+                                "img/s"]
+    assert table[1].split() == ["a-finished", "finished", "20", "2", "3", "37.5", "50.0", "60"]
+    assert main(["runs", "--storage", str(tmp_path / "nowhere")]) == 0
+    assert "no runs under" in capsys.readouterr().out
