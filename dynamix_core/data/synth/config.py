@@ -58,7 +58,7 @@ class SynthConfig:
     target_ids: int = field(50, help="identities of the target domain synth_target")
     target_cameras: int = field(4, help="cameras of the target domain (styles never seen in the source sets)")
     held_out_hue: tuple[float, float] = field(
-        (0.38, 0.55), help="clothing hue band (HSV hue in [0,1)) kept out of the source sets and used by every target identity")
+        (0.38, 0.55), help="clothing hue band (HSV hue in [0,1)) that source identities wear only as bottoms and every target identity wears as its top")
     held_out_cast_hue: tuple[float, float] = field(
         (0.70, 0.85), help="camera colour-cast hue band used only by the target cameras")
 
