@@ -1,5 +1,5 @@
-"""The training job: local Ray (or ``--address``), label store + labeling pool, Ray Data video
-streams, a ``TorchTrainer``, MLflow tracking, the final weights and evaluation.
+"""The training job: local Ray (or ``--address``), label store + labeling pool, per-rank
+seekable video streams, a ``TorchTrainer``, MLflow tracking, the final weights and evaluation.
 
 Re-running the same command (same run name and storage) resumes: Ray Train restores the newest
 checkpoint under ``STORAGE/NAME``, the label store recovers its newest version from
@@ -133,12 +133,11 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
 
 def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     import ray
-    import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipelines.tracking import ResilientTracker
-    from pipelines.train.data import load_video_images, single_camera_index, video_rows
+    from pipelines.train.data import single_camera_index
     from services.label_store import get_or_create_store, store_actor_name
     from services.labeling_pool import coordinator_name, start_coordinator
 
@@ -158,7 +157,6 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     # once it is back, and find the same run)
     tracker.flush(timeout_s=30)
 
-    datasets = {}
     loop_config = {"train": to_dict(cfg), "num_single_identities": 0, "run_dir": str(run_dir),
                    "tracking_uri": tracking_uri, "mlflow_run_id": tracker.run_id}
     coordinator = None
@@ -167,6 +165,13 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         truth = _ground_truth(index, cfg.labeling.ground_truth)
         if truth is not None:
             index = index.append_column("truth", pa.array(truth))
+        # each rank streams its own videos (video % num_workers == rank) straight from the shards,
+        # by the run's index.parquet: a seekable stream, so a restart resumes where its checkpoint was
+        per_rank = np.bincount(np.unique(index["video"].to_numpy()) % cfg.scaling.num_workers,
+                               minlength=cfg.scaling.num_workers)
+        if (per_rank == 0).any():
+            raise ValueError(f"data.single: {int(per_rank.sum())} videos cannot feed {cfg.scaling.num_workers} "
+                             "workers (each needs at least one); lower scaling.num_workers")
         index_path = run_dir / "labels" / "index.parquet"
         index_path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(index, index_path)
@@ -177,7 +182,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         coordinator = start_coordinator(_labeling_cfg(cfg, run_dir, index_path, quota))
         num_single = int(index["label"].to_numpy().max()) + 1 if cfg.method == "dynamix" else 0
         loop_config.update({"num_single_identities": num_single, "store_name": store_actor_name(cfg.run.name),
-                            "coordinator_name": coordinator_name(cfg.run.name)})
+                            "coordinator_name": coordinator_name(cfg.run.name), "index_path": str(index_path)})
         version, _ = ray.get(store.latest.remote())
         if cfg.method == "remix" and version == 0:
             # ReMix: the first pseudo-labels come from the initial momentum encoder before training
@@ -185,15 +190,6 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             # every video once, so each rank starts with pseudo-labelled videos; later rounds take the quota
             ray.get(coordinator.request.remote(0, 0, ray.get(coordinator.video_ids.remote())))
             ray.get(coordinator.wait_idle.remote())
-        # the video streams restart every pass: their per-pass progress bars would flood the console
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        rows = video_rows(index)
-        for r in range(cfg.scaling.num_workers):
-            mine = [row for row in rows if row["video"] % cfg.scaling.num_workers == r]
-            if not mine:
-                raise ValueError(f"data.single: {len(rows)} videos cannot feed {cfg.scaling.num_workers} workers")
-            datasets[f"videos_{r}"] = ray.data.from_items(mine).map(load_video_images)
-
     if cfg.cluster_method is not None:  # Cluster-Contrast / DomainMix / CALR: epoch loop, no labeling pool
         from pipelines.train.cluster_worker import train_loop_per_worker
     else:
@@ -206,8 +202,6 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         run_config=RunConfig(name=cfg.run.name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
-        datasets=datasets or None,
-        dataset_config=DataConfig(datasets_to_split=[]),  # each rank reads only its own videos_<rank>
     )
     with _ProgressPrinter(run_dir / "history.jsonl", cfg.run.max_steps) if progress else contextlib.nullcontext():
         result = trainer.fit()

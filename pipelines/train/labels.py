@@ -34,11 +34,11 @@ class LabelClient:
         return dict(zip(delta.keys.tolist(), delta.pids.tolist()))
 
     def resume(self, checkpoint_version: int | None) -> dict[str, int]:
-        """After a restart: the whole current table, but centroids only from versions newer than the
-        checkpoint's (the restored bank already holds the older ones, updated since); the next
-        :meth:`poll` brings those in."""
-        delta = ray.get(self.store.changes_since.remote(None))
-        self.version = checkpoint_version
+        """After a restart: the whole table of the checkpoint's version, the one its sampler state
+        was planned with (the restored bank already holds that version's centroids, updated since);
+        the next :meth:`poll` brings in the newer versions, their labels and centroids."""
+        delta = ray.get(self.store.changes_since.remote(None, until=checkpoint_version))
+        self.version = delta.version
         return dict(zip(delta.keys.tolist(), delta.pids.tolist()))
 
     def _load_centroids(self, bank: CentroidBank, delta, step: int) -> None:

@@ -63,7 +63,7 @@ def train_loop_per_worker(config: dict) -> None:
     from dynamix_core.sampling import MixedBatchSampler
     from dynamix_core.training import TrainStep
     from pipelines.train.config import TrainConfig
-    from pipelines.train.data import BatchProducer, MultiCameraSet, VideoFeed
+    from pipelines.train.data import BatchProducer, MultiCameraSet, VideoFeed, rank_video_rows
     from pipelines.train.evaluate import TargetSet, evaluate_target
     from pipelines.train.labels import LabelClient
 
@@ -96,11 +96,10 @@ def train_loop_per_worker(config: dict) -> None:
         client = LabelClient(store, coordinator, rank=rank, world_size=world,
                              sharded=cfg.centroids.loss_mode == "sharded", bank_offset=bank_offset, version=None)
         labels = client.initial_labels(bank, step=0)
-        shard = ray.train.get_dataset_shard(f"videos_{rank}")
-        feed = VideoFeed(lambda: shard.iter_rows(), labels, bank_offset,
+        feed = VideoFeed(rank_video_rows(config["index_path"], rank, world), labels, bank_offset,
                          cache_videos=4 * cfg.sampler.video_buffer_size)
     else:
-        feed = VideoFeed(lambda: iter(()), labels, bank_offset)
+        feed = VideoFeed([], labels, bank_offset)
     sampler = MixedBatchSampler(cfg.sampler, refs=multi.keys, pids=multi.pid, camids=multi.camid,
                                 datasets=multi.dataset, video_stream=feed, total_steps=cfg.run.max_steps,
                                 rank=rank, world_size=world)
