@@ -95,6 +95,10 @@ class LabelStoreService:
                 os.replace(path, aside)
                 log.warning("label store %s: unreadable %s moved to %s", self.store.root, path.name, aside.name)
 
+    def root(self) -> str:
+        """The folder this store serves (resolved)."""
+        return str(self.store.root.resolve())
+
     def latest(self) -> tuple[int | None, int]:
         return self.version, self.step
 
@@ -177,6 +181,14 @@ def store_actor_name(run_name: str) -> str:
 
 
 def get_or_create_store(run_name: str, root: str, namespace: str = "dynamix"):
-    """The run's label store actor (created on first use, found by name afterwards)."""
-    return LabelStoreActor.options(name=store_actor_name(run_name), namespace=namespace, get_if_exists=True,
-                                   lifetime="detached").remote(root)
+    """The run's label store actor (created on first use, found by name afterwards). A live store
+    of the same run name that serves another folder is refused: its labels belong to another run."""
+    store = LabelStoreActor.options(name=store_actor_name(run_name), namespace=namespace, get_if_exists=True,
+                                    lifetime="detached").remote(root)
+    serving = ray.get(store.root.remote())
+    if serving != str(Path(root).resolve()):
+        raise ValueError(
+            f"label store {store_actor_name(run_name)!r} is live and serves {serving}, not {Path(root).resolve()}: "
+            f"another run named {run_name!r} (other run.storage) is running or was left behind; stop it "
+            f"(dynamix stop) or choose another run.name")
+    return store

@@ -129,7 +129,7 @@ def train_loop_per_worker(config: dict) -> None:
     producer = BatchProducer(sampler, multi, feed, cfg.data.transform, seed=cfg.run.seed * 1000003 + rank,
                              prefetch=cfg.data.prefetch_batches, threads=cfg.data.decode_threads,
                              snapshot_at=is_checkpoint_step)
-    tracker, history, stats_ref, rounds_logged = None, None, None, 0
+    tracker, history, stats_ref, rounds_logged, errors_logged = None, None, None, 0, 0
     if rank == 0:
         from pipelines.tracking import ResilientTracker
 
@@ -188,11 +188,12 @@ def train_loop_per_worker(config: dict) -> None:
                 if stats_ref is None:
                     stats_ref = client.coordinator.stats.remote()
                 if ray.wait([stats_ref], timeout=0)[0]:
-                    reports = ray.get(stats_ref)["reports"]
+                    stats = ray.get(stats_ref)
                     stats_ref = None
-                    for rep in reports[rounds_logged:]:
+                    for rep in stats["reports"][rounds_logged:]:
                         metrics.update({f"relabel/{k}": float(v) for k, v in rep.items()})
-                    rounds_logged = len(reports)
+                    rounds_logged = len(stats["reports"])
+                    errors_logged = _forward_labeling_health(stats, metrics, errors_logged)
             if rank == 0:
                 tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=done)
                 history.write(json.dumps(metrics) + "\n")
@@ -210,6 +211,21 @@ def train_loop_per_worker(config: dict) -> None:
         if tracker is not None:
             tracker.close()
             history.close()
+
+
+#: labeling-service counters rank 0 reports with every metric line once the service has answered
+LABELING_COUNTERS = ("round_errors", "chunk_retries", "requests_dropped", "rounds_stale", "rounds")
+
+
+def _forward_labeling_health(stats: dict, metrics: dict, errors_logged: int) -> int:
+    """Add the labeling service's counters to ``metrics`` (``labeling/<counter>``) and log the cause
+    of every round that failed since the last call; returns the failures logged so far."""
+    counters = stats["counters"]
+    metrics.update({f"labeling/{k}": float(counters.get(k, 0)) for k in LABELING_COUNTERS})
+    failed = int(counters.get("round_errors", 0))
+    for cause in stats["errors"][-(failed - errors_logged):] if failed > errors_logged else []:
+        log.error("labeling round failed: %s", cause)
+    return failed
 
 
 def _write_checkpoint(trainer, bank, sampler, producer, step: int, rank: int, client):
