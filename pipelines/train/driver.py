@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from dynamix_core.config import dump_yaml, to_dict
 from dynamix_core.data.records import make_key
 from pipelines.train.config import TrainConfig
+from pipelines.train.run_files import fsync_dir, load_tensors, read_jsonl, write_atomic
 
 log = logging.getLogger("dynamix.train")
 
@@ -148,7 +149,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     storage = Path(cfg.run.storage).resolve() if "://" not in cfg.run.storage else cfg.run.storage
     run_dir = Path(storage) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
     tracking_uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir / 'mlflow.db'}"
     tracker = ResilientTracker(tracking_uri, cfg.tracking.experiment, cfg.run.name, str(run_dir / "spool_driver"))
     tracker.log_params(to_dict(cfg))
@@ -177,7 +178,9 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                                  "workers (each needs at least one); lower scaling.num_workers")
             index_path = run_dir / "labels" / "index.parquet"
             index_path.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(index, index_path)
+            sink = pa.BufferOutputStream()
+            pq.write_table(index, sink)
+            write_atomic(index_path, sink.getvalue().to_pybytes())  # read by every worker and the pool
             store = get_or_create_store(cfg.run.name, str(run_dir / "labels"))
             initial = index["label"].to_numpy() if cfg.method == "dynamix" else np.full(index.num_rows, -1)
             ray.get(store.initialise.remote(index["key"].to_pylist(), initial))
@@ -224,7 +227,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         weights_path = _export_momentum(result.checkpoint, run_dir)
         tracker.log_artifact(str(weights_path))
     tracker.close()
-    (run_dir / "result.json").write_text(json.dumps({"metrics": metrics, "labeling": labeling}, indent=2, default=float))
+    write_atomic(run_dir / "result.json", json.dumps({"metrics": metrics, "labeling": labeling}, indent=2, default=float))
     return TrainResult(run_dir, metrics, history, weights_path, tracker.run_id, labeling)
 
 
@@ -294,11 +297,10 @@ class _ProgressPrinter:
         while not self.stop.wait(1.0):
             if not self.history.is_file():
                 continue
-            lines = [ln for ln in self.history.read_text().splitlines() if ln.strip()]
-            if len(lines) < printed:  # a restart truncated the history to its checkpoint
+            lines = read_jsonl(self.history)
+            if len(lines) < printed:  # a torn line was cut off
                 printed = len(lines)
-            for line in lines[printed:]:
-                m = json.loads(line)
+            for m in lines[printed:]:
                 evals = "".join(f"  {k[5:]} {100 * v:.1f}" for k, v in m.items() if k in ("eval/mAP", "eval/rank1"))
                 print(f"[train] step {m['step']:>6}/{self.max_steps}  loss {m.get('loss/total', float('nan')):.3f}"
                       f"  lr {m['lr']:.2e}  {m['images_per_s']:.0f} img/s  data-wait {100 * m['data_wait_fraction']:.0f}%"
@@ -306,12 +308,8 @@ class _ProgressPrinter:
             printed = len(lines)
 
 
-def _read_history(run_dir: Path):
-    path = run_dir / "history.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                yield json.loads(line)
+def _read_history(run_dir: Path) -> list[dict]:
+    return read_jsonl(run_dir / "history.jsonl")
 
 
 def _export_momentum(checkpoint, run_dir: Path) -> Path:
@@ -320,9 +318,12 @@ def _export_momentum(checkpoint, run_dir: Path) -> Path:
     from safetensors.torch import save_file
 
     with checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / "trainer.pt", map_location="cpu", weights_only=False)["trainer"]["momentum"]
+        state = load_tensors(Path(d) / "trainer.pt")["momentum"]
     out = run_dir / "momentum_encoder.safetensors"
     tmp = out.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
     os.replace(tmp, out)
+    fsync_dir(run_dir)
     return out
