@@ -7,7 +7,6 @@ checkpoint's version."""
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from dynamix_core.centroids import CentroidBankConfig, build_centroid_bank
 from pipelines.train.labels import LabelClient
@@ -70,15 +70,9 @@ def _rank(rank: int, port: int, root: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_sharded_centroids_land_on_the_owning_rank(tmp_path):
     build_store(tmp_path)
-    mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_rank, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
 
 
 @pytest.mark.ray
