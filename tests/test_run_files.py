@@ -103,3 +103,23 @@ def test_replayed_steps_reach_mlflow_once(tmp_path):
     assert [(r["step"], r["loss/total"]) for r in read_jsonl(tmp_path / "history.jsonl")] == \
         [(4, 1.0), (8, 0.9), (12, 0.8), (16, 0.6)]
     assert [r["start_step"] for r in read_jsonl(tmp_path / "starts.jsonl")] == [0, 8]
+
+
+def test_labeling_failures_reach_metrics_console_and_mlflow(tmp_path, caplog):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import ResilientTracker
+    from pipelines.train.worker import _forward_labeling_health
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = ResilientTracker(uri, "exp", "health", tmp_path / "spool")
+    stats = {"counters": {"rounds": 3, "round_errors": 2, "chunk_retries": 4},
+             "errors": ["round at step 20: RuntimeError: first", "round at step 40: OSError: second"]}
+    metrics: dict = {}
+    with caplog.at_level("ERROR", logger="dynamix.train"):
+        assert _forward_labeling_health(stats, metrics, 1, tracker) == 2  # the first failure was logged before
+    assert metrics == {"labeling/round_errors": 2.0, "labeling/chunk_retries": 4.0, "labeling/requests_dropped": 0.0,
+                       "labeling/rounds_stale": 0.0, "labeling/rounds": 3.0}
+    assert "second" in caplog.text and "first" not in caplog.text
+    assert tracker.close(timeout_s=60) == 0
+    assert MlflowClient(uri).get_run(tracker.run_id).data.tags["labeling.last_error"] == stats["errors"][-1]

@@ -176,7 +176,7 @@ def train_loop_per_worker(config: dict) -> None:
                     for rep in stats["reports"][rounds_logged:]:
                         metrics.update({f"relabel/{k}": float(v) for k, v in rep.items()})
                     rounds_logged = len(stats["reports"])
-                    errors_logged = _forward_labeling_health(stats, metrics, errors_logged)
+                    errors_logged = _forward_labeling_health(stats, metrics, errors_logged, tracker)
             if rank == 0:
                 record_metrics(tracker, history, metrics, done)
             ray.train.report(metrics, checkpoint=ckpt)
@@ -218,14 +218,18 @@ def record_metrics(tracker, history, metrics: dict, step: int) -> None:
 LABELING_COUNTERS = ("round_errors", "chunk_retries", "requests_dropped", "rounds_stale", "rounds")
 
 
-def _forward_labeling_health(stats: dict, metrics: dict, errors_logged: int) -> int:
-    """Add the labeling service's counters to ``metrics`` (``labeling/<counter>``) and log the cause
-    of every round that failed since the last call; returns the failures logged so far."""
+def _forward_labeling_health(stats: dict, metrics: dict, errors_logged: int, tracker) -> int:
+    """Add the labeling service's counters to ``metrics`` (``labeling/<counter>``), log the cause
+    of every round that failed since the last call (console, and the MLflow tag
+    ``labeling.last_error``); returns the failures logged so far."""
     counters = stats["counters"]
     metrics.update({f"labeling/{k}": float(counters.get(k, 0)) for k in LABELING_COUNTERS})
     failed = int(counters.get("round_errors", 0))
-    for cause in stats["errors"][-(failed - errors_logged):] if failed > errors_logged else []:
+    new_causes = stats["errors"][-(failed - errors_logged):] if failed > errors_logged else []
+    for cause in new_causes:
         log.error("labeling round failed: %s", cause)
+    if new_causes:
+        tracker.set_tags({"labeling.last_error": new_causes[-1]})
     return failed
 
 
