@@ -16,11 +16,13 @@ renumbers every new id to a fresh global id at commit, so concurrent chunks neve
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -28,6 +30,7 @@ import ray
 import torch
 
 from dynamix_core.labeling import quality
+from pipelines.train.run_files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +157,14 @@ class LabelingCoordinatorService:
         self.scheduler = RelabelScheduler(video_ids, cfg["total_steps"], cfg["relabel"]["warmup_fraction"])
         sizes = np.array([len(self.rows_of_video[v]) for v in video_ids])
         self.quota = VideoQuotaSampler(video_ids, sizes, cfg["quota"], seed=cfg["seed"])
+        # which videos this relabel pass has done and where the ReMix quota stands survive a
+        # restart of this actor or of the run (saved after every published round)
+        self.state_path = Path(cfg["label_root"]) / "coordinator_state.json"
+        if self.state_path.is_file():
+            saved = json.loads(self.state_path.read_text())
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.quota.load_state_dict(saved["quota"])
+            log.info("labeling coordinator: resumed its schedule at label version %d", saved["version"])
         resources = {"num_gpus": 1} if cfg["use_gpu"] else {"num_cpus": cfg["cpus_per_actor"]}
         self.worker_cls = ray.remote(max_restarts=-1, max_task_retries=0, **resources)(LabelingWorkerService)
         self.workers = [self.worker_cls.remote(cfg["model"], cfg["transform"], cfg["embed_batch_size"])
@@ -316,6 +327,14 @@ class LabelingCoordinatorService:
                 try:
                     result = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
+                    if isinstance(exc, ray.exceptions.OwnerDiedError):
+                        # the trainer that published these weights died: no actor can fetch them;
+                        # wait for the restarted trainers' next publish instead of retrying
+                        with self.lock:
+                            self.weights = None
+                        raise RuntimeError(
+                            f"the weights of step {rnd.weights_step} died with the trainer that published them; "
+                            "round given up until the next publish") from exc
                     # the actor died mid-chunk: nothing of this chunk was published; run it on the
                     # next actor (the dead one restarts by itself, max_restarts=-1), a few times
                     if retries >= max_retries:
@@ -367,6 +386,8 @@ class LabelingCoordinatorService:
             num_splits=int(report.get("num_splits", 0)), num_merges=int(report.get("num_merges", 0))))
         if self.mode == "dynamix":
             self.scheduler.mark_done(np.asarray(sorted(set(videos)), dtype=np.int64))
+        write_atomic(self.state_path, json.dumps({"version": version, "scheduler": self.scheduler.state_dict(),
+                                                  "quota": self.quota.state_dict()}))
         report.update({"version": float(version), "step": float(rnd.step), "weights_step": float(rnd.weights_step),
                        "num_videos": float(len(set(videos))), "num_images": float(len(after_N)),
                        "round_seconds": time.perf_counter() - rnd.started})

@@ -367,3 +367,28 @@ def test_first_remix_round_timeout_fails_the_run_and_stops_its_actors(ray_local,
     for actor in (coordinator_name(name), store_actor_name(name)):
         with pytest.raises(ValueError):
             ray.get_actor(actor, namespace="dynamix")
+
+
+def test_a_restarted_coordinator_keeps_its_relabel_pass(ray_local, shards, tmp_path):
+    """The coordinator is killed (and restarts by itself) after relabelling part of a pass: the
+    videos done in that pass are not relabelled again, the others still are."""
+    pool = start_pool(shards, tmp_path, "dynamix")
+    try:
+        videos = all_videos(pool)
+        done, rest = videos[:2], videos[2:]
+        step = next(STEPS)
+        pool.publish(step)
+        pool.run_round(step, done)
+        version = ray.get(pool.store.latest.remote())[0]
+        assert pool.history()[-1]["videos_relabeled"] == done
+
+        ray.kill(pool.coordinator, no_restart=False)
+        wait_until(lambda: ray.get(pool.coordinator.stats.remote(), timeout=30)["counters"] == {}, timeout_s=120)
+        pool.publish(step)  # the restarted actor has no weights until the trainers publish again
+        pool.run_round(step, done)  # all of them done in this pass: no round
+        assert ray.get(pool.store.latest.remote())[0] == version
+        pool.run_round(step, videos)  # only the ones not yet relabelled in this pass
+        assert ray.get(pool.store.latest.remote())[0] == version + 1
+        assert pool.history()[-1]["videos_relabeled"] == rest
+    finally:
+        pool.close()

@@ -96,7 +96,10 @@ def _dead_port() -> int:
 @pytest.mark.parametrize("variant", [
     pytest.param({}, id="dynamix-replicated"),
     pytest.param({"centroids__loss_mode": "sharded"}, id="dynamix-sharded"),
-    pytest.param({"method": "remix", "labeling__cluster__eps": 0.05}, id="remix"),
+    # ReMix's first pseudo-labels come from the untrained encoder: one identity per video is what
+    # every video of the tiny set is sure to have (as in recipes/remix_demo.yaml)
+    pytest.param({"method": "remix", "sampler__ids_per_video": 1, "sampler__single_images_per_id": 4,
+                  "labeling__cluster__eps": 0.2}, id="remix"),
 ])
 def test_worker_and_labeling_actor_killed_tracking_down(ray_local, tiny_data, variant):
     """A Ray Train worker is SIGKILLed after the first checkpoint and a labeling actor mid-run while
@@ -161,8 +164,9 @@ def test_worker_and_labeling_actor_killed_tracking_down(ray_local, tiny_data, va
         assert torch.equal(banks[0]["centroids"], banks[1]["centroids"])
     assert all((b["last_updated_step"] <= max_steps).all() for b in banks)
     if cfg.method == "remix":  # the first round labelled videos before step 0, and rounds went on
-        assert result.labeling["counters"].get("round_errors", 0) == 0
-        assert min(versions) == 0 and max(versions) >= 1
+        assert result.labeling["counters"]["rounds"] >= 2 and max(versions) >= 2
+        # a round can only have failed because of the kills (its weights' publisher or its actor died)
+        assert all("died" in e or "lost" in e for e in result.labeling["errors"]), result.labeling["errors"]
     # tracking was down: everything is spooled, then delivered exactly once
     store = f"sqlite:///{run_dir / 'mlflow_recovered.db'}"
     for spool in ("spool_rank0", "spool_driver"):
