@@ -89,6 +89,7 @@ class _Spool:
         try:
             self.state = self._load_state(tracking_uri, experiment, run_name, run_id)
             self._pending: deque[dict] = deque()
+            self.metric_steps: set[int] = set()  # steps with a metric in the spool, sent or not
             self._next_seq = self._load_pending()
             self._file = open(self.dir / _SPOOL_FILE, "a", encoding="utf-8")
         except BaseException:
@@ -144,6 +145,8 @@ class _Spool:
         for line in complete.decode("utf-8").splitlines():
             record = json.loads(line)
             last_seq = record["seq"]
+            if record["type"] == "metric":
+                self.metric_steps.add(int(record["step"]))
             if record["seq"] > self.state["sent_seq"]:
                 self._pending.append(record)
         return last_seq + 1
@@ -474,6 +477,11 @@ class ResilientTracker:
     def run_id(self) -> str | None:
         """The MLflow run id; None while the server has not been reachable since the run was first spooled."""
         return self._spool.state["run_id"]
+
+    def has_metrics_at(self, step: int) -> bool:
+        """True when an earlier tracker of this spool (a previous attempt of a restarted job)
+        already logged metrics at ``step``: a replayed step is then not logged twice."""
+        return step in self._spool.metric_steps
 
     @property
     def num_unsent(self) -> int:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from dynamix_core.centroids.sharded import owner_rank
 from dynamix_core.labeling.label_table import LabelStore, LabelStoreError, LabelTable
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ class LabelDelta:
     centroids: np.ndarray  # (M, D) float32
     centroid_videos: np.ndarray  # (M,) video of each identity
     full: bool  # True when the delta is the whole table (trainer too far behind)
+    #: single-camera identities in use up to ``version`` (1 + the largest label or published id),
+    #: the same for every rank: each rank's bank spans ``bank_offset + num_identities`` rows
+    num_identities: int = 0
 
 
 def _centroid_path(store: LabelStore, version: int) -> Path:
@@ -91,6 +95,10 @@ class LabelStoreService:
                 os.replace(path, aside)
                 log.warning("label store %s: unreadable %s moved to %s", self.store.root, path.name, aside.name)
 
+    def root(self) -> str:
+        """The folder this store serves (resolved)."""
+        return str(self.store.root.resolve())
+
     def latest(self) -> tuple[int | None, int]:
         return self.version, self.step
 
@@ -118,11 +126,12 @@ class LabelStoreService:
         return table.version
 
     def changes_since(self, since: int | None, rank: int = 0, world_size: int = 1, sharded: bool = False,
-                      until: int | None = None) -> LabelDelta:
+                      until: int | None = None, bank_offset: int = 0) -> LabelDelta:
         """Labels changed after ``since`` up to version ``until`` (default: the latest), and the
-        centroids published in between (only the rows ``rank`` owns when the bank is sharded:
-        identity ``g`` lives on rank ``g % world_size``). Data-parallel ranks pass the same
-        ``until`` so they switch to the same version at the same step."""
+        centroids published in between. With a sharded bank only the rows ``rank`` owns: single
+        identity ``g`` is bank row ``bank_offset + g``, held by rank
+        :func:`~dynamix_core.centroids.owner_rank` of that row (the bank's own rule). Data-parallel
+        ranks pass the same ``until`` so they switch to the same version at the same step."""
         if self.table is None:
             raise LabelStoreError("no label version yet")
         until = self.version if until is None else until
@@ -144,17 +153,19 @@ class LabelStoreService:
                 continue
             with np.load(path) as z:
                 ids.append(z["ids"]), rows.append(z["centroids"]), videos.append(z["videos"])
+        num_identities = int(target.pids.max(initial=-1)) + 1
         if ids:
             ids_M, rows_MD, videos_M = np.concatenate(ids), np.concatenate(rows), np.concatenate(videos)
             _, last = np.unique(ids_M[::-1], return_index=True)  # newest publication of each identity
             keep = len(ids_M) - 1 - last
             ids_M, rows_MD, videos_M = ids_M[keep], rows_MD[keep], videos_M[keep]
+            num_identities = max(num_identities, int(ids_M.max(initial=-1)) + 1)
             if sharded:
-                own = ids_M % world_size == rank
+                own = owner_rank(ids_M + bank_offset, world_size) == rank
                 ids_M, rows_MD, videos_M = ids_M[own], rows_MD[own], videos_M[own]
         else:
             ids_M, rows_MD, videos_M = np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-        return LabelDelta(until, self.step, keys, pids, ids_M, rows_MD, videos_M, full)
+        return LabelDelta(until, self.step, keys, pids, ids_M, rows_MD, videos_M, full, num_identities)
 
     def history(self) -> list[dict]:
         return self.store.history()
@@ -170,6 +181,14 @@ def store_actor_name(run_name: str) -> str:
 
 
 def get_or_create_store(run_name: str, root: str, namespace: str = "dynamix"):
-    """The run's label store actor (created on first use, found by name afterwards)."""
-    return LabelStoreActor.options(name=store_actor_name(run_name), namespace=namespace, get_if_exists=True,
-                                   lifetime="detached").remote(root)
+    """The run's label store actor (created on first use, found by name afterwards). A live store
+    of the same run name that serves another folder is refused: its labels belong to another run."""
+    store = LabelStoreActor.options(name=store_actor_name(run_name), namespace=namespace, get_if_exists=True,
+                                    lifetime="detached").remote(root)
+    serving = ray.get(store.root.remote())
+    if serving != str(Path(root).resolve()):
+        raise ValueError(
+            f"label store {store_actor_name(run_name)!r} is live and serves {serving}, not {Path(root).resolve()}: "
+            f"another run named {run_name!r} (other run.storage) is running or was left behind; stop it "
+            f"(dynamix stop) or choose another run.name")
+    return store

@@ -16,11 +16,13 @@ renumbers every new id to a fresh global id at commit, so concurrent chunks neve
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -28,6 +30,7 @@ import ray
 import torch
 
 from dynamix_core.labeling import quality
+from pipelines.train.run_files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +157,14 @@ class LabelingCoordinatorService:
         self.scheduler = RelabelScheduler(video_ids, cfg["total_steps"], cfg["relabel"]["warmup_fraction"])
         sizes = np.array([len(self.rows_of_video[v]) for v in video_ids])
         self.quota = VideoQuotaSampler(video_ids, sizes, cfg["quota"], seed=cfg["seed"])
+        # which videos this relabel pass has done and where the ReMix quota stands survive a
+        # restart of this actor or of the run (saved after every published round)
+        self.state_path = Path(cfg["label_root"]) / "coordinator_state.json"
+        if self.state_path.is_file():
+            saved = json.loads(self.state_path.read_text())
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.quota.load_state_dict(saved["quota"])
+            log.info("labeling coordinator: resumed its schedule at label version %d", saved["version"])
         resources = {"num_gpus": 1} if cfg["use_gpu"] else {"num_cpus": cfg["cpus_per_actor"]}
         self.worker_cls = ray.remote(max_restarts=-1, max_task_retries=0, **resources)(LabelingWorkerService)
         self.workers = [self.worker_cls.remote(cfg["model"], cfg["transform"], cfg["embed_batch_size"])
@@ -198,12 +209,19 @@ class LabelingCoordinatorService:
             return not dropped
 
     def stats(self) -> dict:
+        """Counters (``rounds``, ``round_errors``, ``chunk_retries``, ``requests_dropped``, ...), the
+        quality report of every published round, the last errors (one line each: the cause), and the
+        round in flight (``chunks_done`` of ``chunks``)."""
         with self.lock:
+            rnd = self.round
             return {"counters": dict(self.counters), "reports": list(self.reports), "errors": list(self.errors[-5:]),
-                    "in_flight": self.busy, "queued": len(self.queue)}
+                    "in_flight": self.busy, "queued": len(self.queue),
+                    "chunks": 0 if rnd is None else len(rnd.chunks), "chunks_done": 0 if rnd is None else len(rnd.results)}
 
     def wait_idle(self, timeout_s: float = 600.0) -> bool:
-        """Block until nothing is queued or in flight (used by the first ReMix round and tests)."""
+        """Block until nothing is queued or in flight (used by the first ReMix round and tests);
+        False when ``timeout_s`` passed first. A round that failed also ends in idle: read
+        ``stats()["counters"]["round_errors"]`` to tell."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self.lock:
@@ -212,6 +230,9 @@ class LabelingCoordinatorService:
                 return True
             time.sleep(0.1)
         return False
+
+    def label_root(self) -> str:
+        return self.cfg["label_root"]
 
     def video_ids(self) -> list[int]:
         return sorted(self.rows_of_video)
@@ -297,19 +318,37 @@ class LabelingCoordinatorService:
         return worker.process.remote(rnd.chunks[chunk_id], weights_step, [ref])
 
     def _run_round(self, rnd: _Round) -> None:
-        pending = {self._submit(rnd, cid, cid): (cid, cid) for cid in rnd.chunks}
+        max_retries = self.cfg["max_chunk_retries"]
+        pending = {self._submit(rnd, cid, cid): (cid, 0) for cid in rnd.chunks}
         while pending and not self._stop.is_set():
             done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
             for ref in done:
-                cid, attempt = pending.pop(ref)
+                cid, retries = pending.pop(ref)
                 try:
-                    rnd.results[cid] = ray.get(ref)
+                    result = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
+                    if isinstance(exc, ray.exceptions.OwnerDiedError):
+                        # the trainer that published these weights died: no actor can fetch them;
+                        # wait for the restarted trainers' next publish instead of retrying
+                        with self.lock:
+                            self.weights = None
+                        raise RuntimeError(
+                            f"the weights of step {rnd.weights_step} died with the trainer that published them; "
+                            "round given up until the next publish") from exc
                     # the actor died mid-chunk: nothing of this chunk was published; run it on the
-                    # next actor (the dead one restarts by itself, max_restarts=-1)
-                    self.counters["chunk_retries"] += 1
+                    # next actor (the dead one restarts by itself, max_restarts=-1), a few times
+                    if retries >= max_retries:
+                        raise RuntimeError(
+                            f"labeling chunk {cid} of round {rnd.round_id} lost its actor {retries + 1} times "
+                            f"(last: {type(exc).__name__}); the round is given up (labeling.max_chunk_retries="
+                            f"{max_retries}): check the labeling actors' memory and logs") from exc
+                    with self.lock:
+                        self.counters["chunk_retries"] += 1
                     log.warning("labeling chunk %d lost (%s); retrying on another actor", cid, type(exc).__name__)
-                    pending[self._submit(rnd, cid, attempt + 1)] = (cid, attempt + 1)
+                    pending[self._submit(rnd, cid, cid + retries + 1)] = (cid, retries + 1)
+                    continue
+                with self.lock:
+                    rnd.results[cid] = result
 
     def _commit(self, rnd: _Round) -> None:
         with self.lock:
@@ -347,6 +386,8 @@ class LabelingCoordinatorService:
             num_splits=int(report.get("num_splits", 0)), num_merges=int(report.get("num_merges", 0))))
         if self.mode == "dynamix":
             self.scheduler.mark_done(np.asarray(sorted(set(videos)), dtype=np.int64))
+        write_atomic(self.state_path, json.dumps({"version": version, "scheduler": self.scheduler.state_dict(),
+                                                  "quota": self.quota.state_dict()}))
         report.update({"version": float(version), "step": float(rnd.step), "weights_step": float(rnd.weights_step),
                        "num_videos": float(len(set(videos))), "num_images": float(len(after_N)),
                        "round_seconds": time.perf_counter() - rnd.started})
@@ -364,10 +405,12 @@ class LabelingCoordinatorService:
                 self._run_round(rnd)
                 if not self._stop.is_set():
                     self._commit(rnd)
-            except Exception:  # a bad round must not kill the service: report it and go on
-                self.counters["round_errors"] += 1
-                self.errors.append(traceback.format_exc())
-                log.error("labeling round failed:\n%s", self.errors[-1])
+            except Exception as exc:  # a bad round must not kill the service: report it and go on
+                cause = f"round at step {getattr(self.round, 'step', '?')}: {type(exc).__name__}: {exc}".splitlines()[0]
+                with self.lock:
+                    self.counters["round_errors"] += 1
+                    self.errors.append(cause)
+                log.error("labeling round failed: %s\n%s", cause, traceback.format_exc())
             finally:
                 with self.lock:
                     self.round, self.busy = None, False
@@ -381,5 +424,11 @@ def start_coordinator(cfg: dict, namespace: str = "dynamix"):
     """The run's coordinator actor (threaded: trainers' calls are served while a round runs)."""
     actor = ray.remote(num_cpus=0, max_concurrency=8, max_restarts=-1, max_task_retries=-1)(
         LabelingCoordinatorService)
-    return actor.options(name=coordinator_name(cfg["run_name"]), namespace=namespace,
-                         get_if_exists=True).remote(cfg)
+    coordinator = actor.options(name=coordinator_name(cfg["run_name"]), namespace=namespace,
+                                get_if_exists=True).remote(cfg)
+    serving = ray.get(coordinator.label_root.remote())
+    if serving != cfg["label_root"]:
+        raise ValueError(f"labeling coordinator {coordinator_name(cfg['run_name'])!r} is live for {serving}, not "
+                         f"{cfg['label_root']}: another run with this name is running or was left behind; stop it "
+                         "(dynamix stop) or choose another run.name")
+    return coordinator

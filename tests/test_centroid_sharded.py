@@ -4,12 +4,12 @@ same loss, same gradients w.r.t. each rank's features, same rows after a momentu
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from dynamix_core.centroids import CentroidBank, CentroidBankConfig, ShardedCentroidBank, build_centroid_bank
 
@@ -88,11 +88,5 @@ def _worker(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_sharded_bank_equals_replicated_bank():
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(),), nprocs=WORLD, join=True)

@@ -106,7 +106,8 @@ def start_pool(shards: Path, tmp: Path, method: str, *overrides: str) -> Pool:
 
 @pytest.fixture(scope="module")
 def dynamix_pool(ray_local, shards, tmp_path_factory):
-    pool = start_pool(shards, tmp_path_factory.mktemp("dynamix"), "dynamix", "labeling.queue_size=1")
+    pool = start_pool(shards, tmp_path_factory.mktemp("dynamix"), "dynamix", "labeling.queue_size=1",
+                      "scaling.num_workers=1")
     yield pool
     pool.close()
 
@@ -301,3 +302,93 @@ def test_killing_a_pool_actor_mid_round_loses_nothing(remix_pool, tmp_path):
     # same relabeled keys, same grouping (ids are fresh each round: compare the partitions)
     assert partition(pool.labels(latest)) == partition(pool.labels(reference))
     assert changed_keys(pool, latest) == changed_keys(pool, reference)
+
+
+def test_a_chunk_that_keeps_losing_its_actor_fails_the_round_with_its_cause(ray_local, shards, tmp_path):
+    """Retries are capped (labeling.max_chunk_retries): the round fails, is counted and its cause is
+    kept, and the driver's wait for the first ReMix round stops with that cause instead of training
+    on no labels."""
+    from pipelines.train.driver import _wait_first_round
+
+    pool = start_pool(shards, tmp_path, "remix", "labeling.max_chunk_retries=0")
+    try:
+        pool.publish(next(STEPS))
+        workers = ray.get(pool.coordinator.workers_for_test.remote())
+        ray.get([w.ping.remote() for w in workers], timeout=120)  # up: a call queued for a dying actor would be replayed
+        victim = workers[0]
+        fifo = tmp_path / "never_written.fifo"
+        os.mkfifo(fifo)
+        blocked = victim.embed.remote({"reads": [(str(fifo), [0], [1])]})  # holds the victim's chunk in flight
+        ray.get(pool.coordinator.request.remote(0, 0, all_videos(pool)))
+        wait_until(lambda: pool.stats()["in_flight"])
+        time.sleep(2.0)
+        ray.kill(victim, no_restart=False)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(blocked, timeout=60)
+        assert ray.get(pool.coordinator.wait_idle.remote(timeout_s=180))
+        stats = pool.stats()
+        assert stats["counters"]["round_errors"] == 1 and "chunk_retries" not in stats["counters"]
+        assert "lost its actor 1 times" in stats["errors"][-1] and "max_chunk_retries=0" in stats["errors"][-1]
+        assert ray.get(pool.store.latest.remote())[0] == 0  # nothing was published
+        with pytest.raises(RuntimeError, match="first ReMix round failed .*lost its actor 1 times"):
+            _wait_first_round(pool.coordinator, pool.store, timeout_s=10, progress=False)
+    finally:
+        pool.close()
+
+
+def test_store_refuses_a_second_root_under_the_same_run_name(ray_local, tmp_path):
+    name = f"store-root-{uuid.uuid4().hex[:8]}"
+    store = get_or_create_store(name, str(tmp_path / "a"))
+    try:
+        assert get_or_create_store(name, str(tmp_path / "a")) is not None  # same folder: found by name
+        with pytest.raises(ValueError, match=f"serves {tmp_path / 'a'}, not {tmp_path / 'b'}"):
+            get_or_create_store(name, str(tmp_path / "b"))
+    finally:
+        ray.kill(store, no_restart=True)
+
+
+def test_first_remix_round_timeout_fails_the_run_and_stops_its_actors(ray_local, tmp_path):
+    from conftest import make_tiny_reid
+    from pipelines.train.driver import run_training
+    from services.label_store import store_actor_name
+    from services.labeling_pool import coordinator_name
+
+    root = make_tiny_reid(tmp_path, num_videos=4)
+    shards = root / "shards"
+    name = f"first-round-{uuid.uuid4().hex[:8]}"
+    cfg = load_config(TrainConfig, None, [
+        "method=remix", f"run.name={name}", f"run.storage={tmp_path / 'runs'}", "run.max_steps=4", "run.log_every=4",
+        f"data.multi=[{shards / 'synth_m0'}]", f"data.single=[{shards / 'synth_video'}]",
+        "data.transform.height=32", "data.transform.width=16", "model.backbone=test_vit", "model.img_size=[32,16]",
+        "labeling.first_round_timeout_s=0.5", "labeling.cpus_per_actor=0.25",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    with pytest.raises(TimeoutError, match="first ReMix round .* did not finish in 0 s.*first_round_timeout_s"):
+        run_training(cfg, progress=False)
+    for actor in (coordinator_name(name), store_actor_name(name)):
+        with pytest.raises(ValueError):
+            ray.get_actor(actor, namespace="dynamix")
+
+
+def test_a_restarted_coordinator_keeps_its_relabel_pass(ray_local, shards, tmp_path):
+    """The coordinator is killed (and restarts by itself) after relabelling part of a pass: the
+    videos done in that pass are not relabelled again, the others still are."""
+    pool = start_pool(shards, tmp_path, "dynamix")
+    try:
+        videos = all_videos(pool)
+        done, rest = videos[:2], videos[2:]
+        step = next(STEPS)
+        pool.publish(step)
+        pool.run_round(step, done)
+        version = ray.get(pool.store.latest.remote())[0]
+        assert pool.history()[-1]["videos_relabeled"] == done
+
+        ray.kill(pool.coordinator, no_restart=False)
+        wait_until(lambda: ray.get(pool.coordinator.stats.remote(), timeout=30)["counters"] == {}, timeout_s=120)
+        pool.publish(step)  # the restarted actor has no weights until the trainers publish again
+        pool.run_round(step, done)  # all of them done in this pass: no round
+        assert ray.get(pool.store.latest.remote())[0] == version
+        pool.run_round(step, videos)  # only the ones not yet relabelled in this pass
+        assert ray.get(pool.store.latest.remote())[0] == version + 1
+        assert pool.history()[-1]["videos_relabeled"] == rest
+    finally:
+        pool.close()

@@ -8,9 +8,9 @@ import torch.distributed as dist
 
 from dynamix_core.centroids.bank import CentroidBank
 from dynamix_core.centroids.config import CentroidBankConfig
-from dynamix_core.centroids.sharded import ShardedCentroidBank
+from dynamix_core.centroids.sharded import ShardedCentroidBank, owner_rank
 
-__all__ = ["CentroidBank", "CentroidBankConfig", "ShardedCentroidBank", "build_centroid_bank"]
+__all__ = ["CentroidBank", "CentroidBankConfig", "ShardedCentroidBank", "build_centroid_bank", "owner_rank"]
 
 
 def build_centroid_bank(cfg: CentroidBankConfig, num_identities: int, dim: int, *,

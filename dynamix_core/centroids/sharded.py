@@ -35,6 +35,13 @@ from dynamix_core.centroids.softmax import RowMask, cross_entropy_from_stats, so
 from dynamix_core.config import ConfigError
 
 
+def owner_rank(bank_id, world_size: int):
+    """The rank whose shard holds bank row ``bank_id`` (an int, array or tensor of global identity
+    ids): the one ownership rule of the sharded bank, also used by the label store to send each rank
+    only its own published centroids."""
+    return bank_id % world_size
+
+
 def _all_gather_cat(tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     """Concatenation, in rank order, of every rank's ``tensor`` (all of the same shape)."""
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
@@ -67,7 +74,7 @@ class ShardedCentroidBank(CentroidBank):
         return max(0, -(-(num_identities - self.rank) // self.world_size))
 
     def _local_rows(self, pid_B: Tensor) -> tuple[Tensor, Tensor]:
-        return pid_B % self.world_size == self.rank, pid_B // self.world_size
+        return owner_rank(pid_B, self.world_size) == self.rank, pid_B // self.world_size
 
     def global_ids(self) -> Tensor:
         local_N = torch.arange(self.centroids.shape[0], device=self.centroids.device)

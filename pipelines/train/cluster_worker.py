@@ -17,7 +17,6 @@ resumed run clusters again at the restored step with the restored ``f~`` and con
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
@@ -32,7 +31,8 @@ import dynamix_core  # noqa: F401  (the torchvision shim, before anything import
 from dynamix_core.data.images import decode_image
 from dynamix_core.data.transforms import sample_generator
 from dynamix_core.training.step import _all_gather, unwrap
-from pipelines.train.worker import _rng_state, _set_rng_state, worker_context
+from pipelines.train.run_files import load_json, load_tensors, rng_state, save_json, set_rng_state
+from pipelines.train.worker import open_rank0_records, record_metrics, worker_context
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -72,17 +72,17 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            shared = torch.load(Path(ckpt_dir) / "trainer.pt", map_location=device, weights_only=False)
-            state = shared["trainer"]
+            state = load_tensors(Path(ckpt_dir) / "trainer.pt", device)
             plain.encoder.load_state_dict(state["model"])
             momentum.model.load_state_dict(state["momentum"])
             if plain.head is not None:
                 plain.head.load_state_dict(state["head"])
             for name, opt in optimizers.items():
                 opt.load_state_dict(state["optimizers"][name])
-            method.load_state_dict(state["method"])
-            _set_rng_state(torch.load(Path(ckpt_dir) / f"rank{rank}.pt", weights_only=False)["rng"])
-            start_step = int(shared["step"])
+            progress = load_json(Path(ckpt_dir) / "progress.json")
+            method.load_state_dict(progress["method"])
+            set_rng_state(load_json(Path(ckpt_dir) / f"state_rank{rank}.json")["rng"])
+            start_step = int(progress["step"])
 
     target = TargetSet.load(cfg.data.target, cfg.data.transform) if (cfg.data.target and rank == 0) else None
     view = ViewTransform(cfg.data.transform, "standard")
@@ -90,7 +90,7 @@ def train_loop_per_worker(config: dict) -> None:
     decoder = ThreadPoolExecutor(cfg.data.decode_threads)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.scaling.precision == "bf16"
                 else contextlib.nullcontext())
-    tracker, history = (_open_tracking(config, cfg, start_step) if rank == 0 else (None, None))
+    tracker, history = (open_rank0_records(config, cfg, start_step) if rank == 0 else (None, None))
     window = {"data": 0.0, "compute": 0.0, "cluster": 0.0, "images": 0, "t0": time.perf_counter()}
     sums: dict[str, list[float]] = {}
     epoch_stats: dict[str, float] = {}
@@ -156,9 +156,7 @@ def train_loop_per_worker(config: dict) -> None:
             if done % cfg.run.checkpoint_every == 0 or done == cfg.run.max_steps:
                 ckpt = _write_checkpoint(plain, momentum, optimizers, method, done, rank)
             if rank == 0:
-                tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=done)
-                history.write(json.dumps(metrics) + "\n")
-                history.flush()
+                record_metrics(tracker, history, metrics, done)
             ray.train.report(metrics, checkpoint=ckpt)
             if ckpt is not None:
                 import shutil
@@ -222,20 +220,6 @@ def _check_same_labels(labels: np.ndarray, world: int, device, epoch: int) -> No
                            "(non-deterministic clustering backend); the replicas would diverge")
 
 
-def _open_tracking(config: dict, cfg, start_step: int):
-    """Rank 0's MLflow tracker and history file (rows after the restored step are dropped: replayed)."""
-    from pipelines.tracking import ResilientTracker
-
-    run_dir = Path(config["run_dir"])
-    tracker = ResilientTracker(config["tracking_uri"], cfg.tracking.experiment, cfg.run.name,
-                               str(run_dir / "spool_rank0"), run_id=config.get("mlflow_run_id"))
-    path = run_dir / "history.jsonl"
-    if path.is_file():
-        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
-        path.write_text("".join(ln + "\n" for ln in kept))
-    return tracker, path.open("a")
-
-
 def _write_checkpoint(plain, momentum, optimizers: dict, method, step: int, rank: int):
     """Rank 0 writes the shared state (``trainer.pt``: what the driver exports), every rank its RNG."""
     from ray.train import Checkpoint
@@ -244,7 +228,8 @@ def _write_checkpoint(plain, momentum, optimizers: dict, method, step: int, rank
     if rank == 0:
         state = {"model": plain.encoder.state_dict(), "momentum": momentum.model.state_dict(),
                  "head": None if plain.head is None else plain.head.state_dict(),
-                 "optimizers": {k: o.state_dict() for k, o in optimizers.items()}, "method": method.state_dict()}
-        torch.save({"trainer": state, "step": step}, ckpt_dir / "trainer.pt")
-    torch.save({"rng": _rng_state()}, ckpt_dir / f"rank{rank}.pt")
+                 "optimizers": {k: o.state_dict() for k, o in optimizers.items()}}
+        torch.save(state, ckpt_dir / "trainer.pt")  # tensors (weights_only=True); the rest as JSON
+        save_json(ckpt_dir / "progress.json", {"step": step, "method": method.state_dict()})
+    save_json(ckpt_dir / f"state_rank{rank}.json", {"rng": rng_state()})
     return Checkpoint.from_directory(str(ckpt_dir))

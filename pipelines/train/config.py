@@ -52,7 +52,9 @@ class LabelingSection:
     cpus_per_actor: float = field(0.5, help="CPUs reserved by each labeling actor")
     publish_every: int = field(20, help="steps between publishing momentum-encoder weights to the pool")
     max_staleness: int = field(100, help="labels computed from weights more than this many steps old are discarded")
-    queue_size: int = field(4, help="labeling requests queued at most (older ones are dropped: backpressure)")
+    queue_size: int | None = field(None, help="labeling requests queued at most, older ones dropped (backpressure); >= scaling.num_workers, as every rank requests at each publish (default: 2 x scaling.num_workers)")
+    max_chunk_retries: int = field(3, help="times a chunk whose labeling actor died is retried on another actor before its round fails")
+    first_round_timeout_s: float = field(3600.0, help="ReMix: seconds the driver waits for the first pseudo-labels (every video) before training; the run fails after that")
     embed_batch_size: int = field(128, help="images embedded at once by a labeling actor")
     quota: int | None = field(None, help="ReMix: single-camera images pseudo-labelled per round (default: size of the multi-camera train set)")
     ground_truth: list[str] = field(default_factory=list, help="SynthReID ground_truth.parquet files: pseudo-label quality (pairwise F, purity) is measured against them")
@@ -122,6 +124,13 @@ class TrainConfig:
             raise ConfigError(f"run.eval_every={self.run.eval_every} must be a multiple of run.log_every={self.run.log_every}")
         if self.scaling.precision == "bf16" and not self.scaling.use_gpu:
             raise ConfigError("scaling.precision=bf16 needs scaling.use_gpu=true (CPU runs in fp32)")
+        if self.labeling.queue_size is None:
+            self.labeling.queue_size = 2 * self.scaling.num_workers
+        if self.uses_labeling_pool and self.labeling.queue_size < self.scaling.num_workers:
+            raise ConfigError(f"labeling.queue_size={self.labeling.queue_size} drops requests at every publish of "
+                              f"scaling.num_workers={self.scaling.num_workers} ranks; set it >= {self.scaling.num_workers}")
+        if self.labeling.max_chunk_retries < 0:
+            raise ConfigError(f"labeling.max_chunk_retries: {self.labeling.max_chunk_retries} must be >= 0")
         if self.centroids.loss_mode == "sharded" and self.scaling.num_workers < 2:
             raise ConfigError("centroids.loss_mode=sharded needs scaling.num_workers >= 2")
 

@@ -10,6 +10,7 @@ DynaMix, DBSCAN pseudo-labels for ReMix).
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -139,84 +140,96 @@ def video_rows(index: pa.Table) -> list[dict]:
     return rows
 
 
-def load_video_images(row: dict) -> dict:
-    """Ray Data map: add the encoded images of one video (read by offset from its shard)."""
+def load_video_images(row: dict) -> list[bytes]:
+    """The encoded images of one video row, in the row's order (read by offset from its shard)."""
     tars = row["tars"]
     if len(set(tars)) == 1:
-        images = read_members(tars[0], row["offsets"], row["sizes"])
-    else:  # a video spanning shard sets cannot happen (ingest keeps videos whole); stay correct anyway
-        images = [read_member(t, o, s) for t, o, s in zip(tars, row["offsets"], row["sizes"])]
-    return {"video": row["video"], "keys": row["keys"], "frames": row["frames"], "images": images}
+        return read_members(tars[0], row["offsets"], row["sizes"])
+    # a video spanning shard sets cannot happen (ingest keeps videos whole); stay correct anyway
+    return [read_member(t, o, s) for t, o, s in zip(tars, row["offsets"], row["sizes"])]
+
+
+def rank_video_rows(index_path: str | Path, rank: int, world_size: int) -> list[dict]:
+    """This rank's videos (``video % world_size == rank``) of the run's single-camera index."""
+    import pyarrow.parquet as pq
+
+    index = pq.read_table(index_path, columns=["key", "video", "label", "frame", "tar", "offset", "size"])
+    mine = index.filter(pa.array(index["video"].to_numpy() % world_size == rank))
+    return video_rows(mine) if mine.num_rows else []
 
 
 class VideoFeed:
-    """The sampler's ``VideoStream`` over this rank's video rows, cycling over passes.
+    """This rank's single-camera stream (the sampler's ``VideoStream``), seekable.
 
-    ``open_pass()`` returns an iterator over the rows of one pass (a Ray Data shard iterator in
-    training, a plain list in tests). Labels come from ``labels`` (key -> single identity, -1 =
-    none) at the time a video enters the stream; images are kept for videos recently handed out."""
+    Position ``p`` is the video ``rows[p % n]`` of pass ``p // n``: opening the stream at a
+    checkpoint's position reads nothing that came before it. Labels come from ``labels`` (key ->
+    single identity, -1 = none) when a video enters the stream. Images are read from the shards
+    when a batch first needs them and kept in an LRU cache of ``cache_videos`` videos; a video that
+    left the cache (or was restored from a checkpoint into the sampler's buffer) is simply read
+    again, so no eviction can lose a buffered video."""
 
-    def __init__(self, open_pass: Callable[[], Iterable[dict]], labels: dict[str, int], bank_offset: int,
-                 cache_videos: int = 256):
-        self.open_pass = open_pass
-        self.labels = labels
-        self.bank_offset = bank_offset
-        self.images: OrderedDict[int, dict[str, bytes]] = OrderedDict()
-        self.frames: dict[int, dict[str, int]] = {}
-        self.cache_videos = cache_videos
-        self.passes = 0
-        self.progress = 0  # batches planned so far (see max_idle_passes)
-
-    #: full passes in one pull without a usable video before the feed gives up: labels cannot change
-    #: meanwhile (they are applied between steps, and the step is waiting for this batch)
+    #: videos handed out in a row without a batch being planned, in passes over this rank's videos,
+    #: before the feed gives up: labels cannot change meanwhile (they are applied between steps,
+    #: and the step is waiting for this batch)
     max_idle_passes = 3
 
-    def _rows(self) -> Iterator[dict]:
-        idle, seen_progress = 0, self.progress
-        while True:
-            empty, labeled = True, 0
-            for row in self.open_pass():
-                empty = False
-                labeled += any(self.labels.get(k, -1) >= 0 for k in row["keys"])
-                yield row
-            self.passes += 1
-            if empty:
-                return
-            idle = idle + 1 if self.progress == seen_progress else 0
-            seen_progress = self.progress
-            if idle >= self.max_idle_passes:
-                raise RuntimeError(
-                    f"single-camera stream: {self.max_idle_passes} full passes over this rank's videos "
-                    f"({labeled} of them labelled) did not fill a batch; the sampler needs more labelled videos "
-                    "per rank than exist: lower sampler.num_videos / sampler.ids_per_video, or use fewer workers")
+    def __init__(self, rows: list[dict], labels: dict[str, int], bank_offset: int, cache_videos: int = 256,
+                 read: Callable[[dict], list[bytes]] = load_video_images):
+        self.rows = rows
+        self.row_of = {int(r["video"]): r for r in rows}
+        self.labels = labels
+        self.bank_offset = bank_offset
+        self.cache_videos = cache_videos
+        self.read = read
+        self.images: OrderedDict[int, dict[str, bytes]] = OrderedDict()
+        self.lock = threading.Lock()
+        self.videos_read = 0  # videos read from storage so far (a resume must not re-read the past)
+        self.progress = 0  # batches planned so far (see max_idle_passes)
 
     def note_progress(self) -> None:
         """Called when a batch was planned: the stream is not stuck."""
         self.progress += 1
 
     def __call__(self, position: int) -> Iterator[VideoSamples]:
-        for i, row in enumerate(self._rows()):
-            if i < position:
-                continue
-            vid = int(row["video"])
+        num_rows = len(self.rows)
+        idle, seen_progress = 0, self.progress
+        for pos in itertools.count(position):
+            if num_rows == 0:
+                return
+            if self.progress != seen_progress:
+                idle, seen_progress = 0, self.progress
+            elif idle >= self.max_idle_passes * num_rows:
+                labeled = sum(any(self.labels.get(k, -1) >= 0 for k in r["keys"]) for r in self.rows)
+                raise RuntimeError(
+                    f"single-camera stream: {self.max_idle_passes} full passes over this rank's {num_rows} videos "
+                    f"({labeled} of them labelled) did not fill a batch; the sampler needs more labelled videos "
+                    "per rank than exist: lower sampler.num_videos / sampler.ids_per_video, or use fewer workers")
+            idle += 1
+            row = self.rows[pos % num_rows]
             keys = list(row["keys"])
-            self.images[vid] = dict(zip(keys, row["images"]))
-            self.frames[vid] = dict(zip(keys, (int(f) for f in row["frames"])))
-            self.images.move_to_end(vid)
-            while len(self.images) > self.cache_videos:
-                old, _ = self.images.popitem(last=False)
-                self.frames.pop(old, None)
             labels = np.array([self.labels.get(k, -1) for k in keys], dtype=np.int64)
             pids = np.where(labels >= 0, labels + self.bank_offset, -1)
-            yield VideoSamples(video_id=vid, refs=np.array(keys), pids=pids)
+            yield VideoSamples(video_id=int(row["video"]), refs=np.array(keys), pids=pids)
 
     def video_keys(self, video: int) -> list[str] | None:
-        """Keys of a cached video in stream order (None once it left the cache)."""
-        images = self.images.get(video)
-        return None if images is None else list(images)
+        """Keys of one of this rank's videos in stream order (None for a video of another rank)."""
+        row = self.row_of.get(int(video))
+        return None if row is None else list(row["keys"])
 
     def image(self, video: int, key: str) -> bytes:
-        return self.images[video][key]
+        """Encoded bytes of image ``key`` of ``video`` (read with its whole video on a cache miss)."""
+        with self.lock:
+            images = self.images.get(video)
+            if images is None:
+                row = self.row_of[video]
+                images = dict(zip(row["keys"], self.read(row)))
+                self.videos_read += 1
+                self.images[video] = images
+                while len(self.images) > self.cache_videos:
+                    self.images.popitem(last=False)
+            else:
+                self.images.move_to_end(video)
+            return images[key]
 
 
 class BatchProducer:

@@ -1,5 +1,5 @@
-"""The training job: local Ray (or ``--address``), label store + labeling pool, Ray Data video
-streams, a ``TorchTrainer``, MLflow tracking, the final weights and evaluation.
+"""The training job: local Ray (or ``--address``), label store + labeling pool, per-rank
+seekable video streams, a ``TorchTrainer``, MLflow tracking, the final weights and evaluation.
 
 Re-running the same command (same run name and storage) resumes: Ray Train restores the newest
 checkpoint under ``STORAGE/NAME``, the label store recovers its newest version from
@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 from dynamix_core.config import dump_yaml, to_dict
 from dynamix_core.data.records import make_key
 from pipelines.train.config import TrainConfig
+from pipelines.train.run_files import fsync_dir, load_tensors, read_jsonl, write_atomic
 
 log = logging.getLogger("dynamix.train")
 
@@ -89,6 +91,7 @@ def _labeling_cfg(cfg: TrainConfig, run_dir: Path, index_path: Path, quota: int)
         "index_path": str(index_path), "total_steps": cfg.run.max_steps, "seed": cfg.run.seed,
         "quota": quota, "pool_size": cfg.labeling.pool_size, "cpus_per_actor": cfg.labeling.cpus_per_actor,
         "use_gpu": cfg.scaling.use_gpu, "queue_size": cfg.labeling.queue_size,
+        "max_chunk_retries": cfg.labeling.max_chunk_retries,
         "max_staleness": cfg.labeling.max_staleness, "embed_batch_size": cfg.labeling.embed_batch_size,
         "model": to_dict(cfg.model), "transform": to_dict(cfg.data.transform),
         "relabel": to_dict(cfg.labeling.relabel), "cluster": to_dict(cfg.labeling.cluster),
@@ -137,12 +140,11 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
 
 def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     import ray
-    import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipelines.tracking import ResilientTracker
-    from pipelines.train.data import load_video_images, single_camera_index, video_rows
+    from pipelines.train.data import single_camera_index
     from services.label_store import get_or_create_store, store_actor_name
     from services.labeling_pool import coordinator_name, start_coordinator
 
@@ -151,7 +153,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     storage = Path(cfg.run.storage).resolve() if "://" not in cfg.run.storage else cfg.run.storage
     run_dir = Path(storage) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
     tracking_uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir / 'mlflow.db'}"
     tracker = ResilientTracker(tracking_uri, cfg.tracking.experiment, cfg.run.name, str(run_dir / "spool_driver"))
     tracker.log_params(to_dict(cfg))
@@ -162,80 +164,123 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     # once it is back, and find the same run)
     tracker.flush(timeout_s=30)
 
-    datasets = {}
     loop_config = {"train": to_dict(cfg), "num_single_identities": 0, "run_dir": str(run_dir),
                    "tracking_uri": tracking_uri, "mlflow_run_id": tracker.run_id}
-    coordinator = None
-    if cfg.uses_labeling_pool:
-        index = single_camera_index(cfg.data.single)
-        truth = _ground_truth(index, cfg.labeling.ground_truth)
-        if truth is not None:
-            index = index.append_column("truth", pa.array(truth))
-        index_path = run_dir / "labels" / "index.parquet"
-        index_path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(index, index_path)
-        store = get_or_create_store(cfg.run.name, str(run_dir / "labels"))
-        initial = index["label"].to_numpy() if cfg.method == "dynamix" else np.full(index.num_rows, -1)
-        ray.get(store.initialise.remote(index["key"].to_pylist(), initial))
-        quota = cfg.labeling.quota or _multi_train_size(cfg.data.multi)  # SPEC 2.2: default = |multi train|
-        coordinator = start_coordinator(_labeling_cfg(cfg, run_dir, index_path, quota))
-        num_single = int(index["label"].to_numpy().max()) + 1 if cfg.method == "dynamix" else 0
-        loop_config.update({"num_single_identities": num_single, "store_name": store_actor_name(cfg.run.name),
-                            "coordinator_name": coordinator_name(cfg.run.name)})
-        version, _ = ray.get(store.latest.remote())
-        if cfg.method == "remix" and version == 0:
-            # ReMix: the first pseudo-labels come from the initial momentum encoder before training
-            ray.get(coordinator.publish_weights.remote(0, [ray.put(_initial_momentum_state(cfg))]))
-            # every video once, so each rank starts with pseudo-labelled videos; later rounds take the quota
-            ray.get(coordinator.request.remote(0, 0, ray.get(coordinator.video_ids.remote())))
-            ray.get(coordinator.wait_idle.remote())
-        # the video streams restart every pass: their per-pass progress bars would flood the console
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        rows = video_rows(index)
-        for r in range(cfg.scaling.num_workers):
-            mine = [row for row in rows if row["video"] % cfg.scaling.num_workers == r]
-            if not mine:
-                raise ValueError(f"data.single: {len(rows)} videos cannot feed {cfg.scaling.num_workers} workers")
-            datasets[f"videos_{r}"] = ray.data.from_items(mine).map(load_video_images)
-
-    if cfg.cluster_method is not None:  # Cluster-Contrast / DomainMix / CALR: epoch loop, no labeling pool
-        from pipelines.train.cluster_worker import train_loop_per_worker
-    else:
-        from pipelines.train.worker import train_loop_per_worker
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.run.name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
-        datasets=datasets or None,
-        dataset_config=DataConfig(datasets_to_split=[]),  # each rank reads only its own videos_<rank>
-    )
-    with _ProgressPrinter(run_dir / "history.jsonl", cfg.run.max_steps) if progress else contextlib.nullcontext():
-        result = trainer.fit()
+    try:
+        coordinator = None
+        if cfg.uses_labeling_pool:
+            index = single_camera_index(cfg.data.single)
+            truth = _ground_truth(index, cfg.labeling.ground_truth)
+            if truth is not None:
+                index = index.append_column("truth", pa.array(truth))
+            # each rank streams its own videos (video % num_workers == rank) straight from the shards,
+            # by the run's index.parquet: a seekable stream, so a restart resumes where its checkpoint was
+            per_rank = np.bincount(np.unique(index["video"].to_numpy()) % cfg.scaling.num_workers,
+                                   minlength=cfg.scaling.num_workers)
+            if (per_rank == 0).any():
+                raise ValueError(f"data.single: {int(per_rank.sum())} videos cannot feed {cfg.scaling.num_workers} "
+                                 "workers (each needs at least one); lower scaling.num_workers")
+            index_path = run_dir / "labels" / "index.parquet"
+            index_path.parent.mkdir(parents=True, exist_ok=True)
+            sink = pa.BufferOutputStream()
+            pq.write_table(index, sink)
+            write_atomic(index_path, sink.getvalue().to_pybytes())  # read by every worker and the pool
+            store = get_or_create_store(cfg.run.name, str(run_dir / "labels"))
+            initial = index["label"].to_numpy() if cfg.method == "dynamix" else np.full(index.num_rows, -1)
+            ray.get(store.initialise.remote(index["key"].to_pylist(), initial))
+            quota = cfg.labeling.quota or _multi_train_size(cfg.data.multi)  # SPEC 2.2: default = |multi train|
+            coordinator = start_coordinator(_labeling_cfg(cfg, run_dir, index_path, quota))
+            num_single = int(index["label"].to_numpy().max()) + 1 if cfg.method == "dynamix" else 0
+            loop_config.update({"num_single_identities": num_single, "store_name": store_actor_name(cfg.run.name),
+                                "coordinator_name": coordinator_name(cfg.run.name), "index_path": str(index_path)})
+            version, _ = ray.get(store.latest.remote())
+            if cfg.method == "remix" and version == 0:
+                # ReMix: the first pseudo-labels come from the initial momentum encoder before training
+                ray.get(coordinator.publish_weights.remote(0, [ray.put(_initial_momentum_state(cfg))]))
+                # every video once, so each rank starts with pseudo-labelled videos; later rounds take the quota
+                ray.get(coordinator.request.remote(0, 0, ray.get(coordinator.video_ids.remote())))
+                _wait_first_round(coordinator, store, cfg.labeling.first_round_timeout_s, progress)
+        if cfg.cluster_method is not None:  # Cluster-Contrast / DomainMix / CALR: epoch loop, no labeling pool
+            from pipelines.train.cluster_worker import train_loop_per_worker
+        else:
+            from pipelines.train.worker import train_loop_per_worker
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+            run_config=RunConfig(name=cfg.run.name, storage_path=str(storage),
+                                 failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
+        )
+        with _ProgressPrinter(run_dir / "history.jsonl", cfg.run.max_steps) if progress else contextlib.nullcontext():
+            result = trainer.fit()
+        labeling = {} if coordinator is None else ray.get(coordinator.stats.remote())
+    except BaseException:
+        tracker.close(status="FAILED")
+        raise
+    finally:
+        # on every exit path: stop the run's labeling actors (their state is on disk; a re-run
+        # recreates them), so a failed run leaves no detached actor behind
+        if cfg.uses_labeling_pool:
+            stop_labeling_actors(cfg.run.name)
     history = list(_read_history(run_dir))
     metrics = dict(result.metrics or {})
-    labeling = {}
-    if coordinator is not None:
-        # the run is over: stop its labeling actors (their state is on disk; a re-run recreates them)
-        labeling = ray.get(coordinator.stats.remote())
-        ray.get(coordinator.shutdown.remote())
-        ray.kill(coordinator, no_restart=True)
-        ray.kill(ray.get_actor(store_actor_name(cfg.run.name), namespace="dynamix"), no_restart=True)
     weights_path = None
     if result.checkpoint is not None:
         weights_path = _export_momentum(result.checkpoint, run_dir)
         tracker.log_artifact(str(weights_path))
     tracker.close()
-    (run_dir / "result.json").write_text(json.dumps({"metrics": metrics, "labeling": labeling}, indent=2, default=float))
+    write_atomic(run_dir / "result.json", json.dumps({"metrics": metrics, "labeling": labeling}, indent=2, default=float))
     registered = None
     if cfg.tracking.registered_model and weights_path is not None:
         from pipelines.train.registration import register_trained
 
         registered = register_trained(cfg, weights_path, tracking_uri, tracker.run_id, metrics)
     return TrainResult(run_dir, metrics, history, weights_path, tracker.run_id, labeling, registered)
+
+
+def _wait_first_round(coordinator, store, timeout_s: float, progress: bool) -> None:
+    """Wait for ReMix's first round (every video) with a progress line every 30 s; a round that
+    failed or did not finish in ``timeout_s`` stops the run with its cause."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        idle = ray.get(coordinator.wait_idle.remote(timeout_s=max(0.0, min(30.0, deadline - time.monotonic()))))
+        stats = ray.get(coordinator.stats.remote())
+        if idle:
+            break
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"labeling: the first ReMix round (every video) did not finish in {timeout_s:.0f} s "
+                f"({stats['chunks_done']} of {stats['chunks']} chunks done); raise labeling.first_round_timeout_s "
+                "or labeling.pool_size")
+        if progress:
+            print(f"[labels] first ReMix round: {stats['chunks_done']}/{stats['chunks']} chunks", flush=True)
+    version, _ = ray.get(store.latest.remote())
+    if stats["counters"].get("round_errors") or not version:
+        cause = stats["errors"][-1] if stats["errors"] else "no version was published"
+        raise RuntimeError(f"labeling: the first ReMix round failed ({cause}); training would start with no "
+                           "pseudo-label. See the labeling actors' log above")
+
+
+def stop_labeling_actors(run_name: str, namespace: str = "dynamix") -> None:
+    """Stop the run's labeling coordinator (and its pool) and label store, if they exist."""
+    import ray
+
+    from services.label_store import store_actor_name
+    from services.labeling_pool import coordinator_name
+
+    for name in (coordinator_name(run_name), store_actor_name(run_name)):
+        try:
+            actor = ray.get_actor(name, namespace=namespace)
+        except ValueError:  # not running
+            continue
+        if name == coordinator_name(run_name):
+            with contextlib.suppress(Exception):  # kills its pool actors; a dead coordinator has none left
+                ray.get(actor.shutdown.remote(), timeout=30)
+        ray.kill(actor, no_restart=True)
 
 
 class _ProgressPrinter:
@@ -261,11 +306,10 @@ class _ProgressPrinter:
         while not self.stop.wait(1.0):
             if not self.history.is_file():
                 continue
-            lines = [ln for ln in self.history.read_text().splitlines() if ln.strip()]
-            if len(lines) < printed:  # a restart truncated the history to its checkpoint
+            lines = read_jsonl(self.history)
+            if len(lines) < printed:  # a torn line was cut off
                 printed = len(lines)
-            for line in lines[printed:]:
-                m = json.loads(line)
+            for m in lines[printed:]:
                 evals = "".join(f"  {k[5:]} {100 * v:.1f}" for k, v in m.items() if k in ("eval/mAP", "eval/rank1"))
                 print(f"[train] step {m['step']:>6}/{self.max_steps}  loss {m.get('loss/total', float('nan')):.3f}"
                       f"  lr {m['lr']:.2e}  {m['images_per_s']:.0f} img/s  data-wait {100 * m['data_wait_fraction']:.0f}%"
@@ -273,12 +317,8 @@ class _ProgressPrinter:
             printed = len(lines)
 
 
-def _read_history(run_dir: Path):
-    path = run_dir / "history.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                yield json.loads(line)
+def _read_history(run_dir: Path) -> list[dict]:
+    return read_jsonl(run_dir / "history.jsonl")
 
 
 def _export_momentum(checkpoint, run_dir: Path) -> Path:
@@ -287,9 +327,12 @@ def _export_momentum(checkpoint, run_dir: Path) -> Path:
     from safetensors.torch import save_file
 
     with checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / "trainer.pt", map_location="cpu", weights_only=False)["trainer"]["momentum"]
+        state = load_tensors(Path(d) / "trainer.pt")["momentum"]
     out = run_dir / "momentum_encoder.safetensors"
     tmp = out.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
     os.replace(tmp, out)
+    fsync_dir(run_dir)
     return out

@@ -26,27 +26,37 @@ class LabelClient:
         self.wait_s = 0.0  # time spent fetching deltas (the only blocking part)
         self.switches = 0
 
+    def query(self, since: int | None, until: int | None = None) -> dict:
+        """Keyword arguments of the store's ``changes_since`` for this rank (its shard of centroids)."""
+        return {"since": since, "until": until, "rank": self.rank, "world_size": self.world_size,
+                "sharded": self.sharded, "bank_offset": self.bank_offset}
+
     def initial_labels(self, bank: CentroidBank, step: int) -> dict[str, int]:
         """The whole current table, and every centroid published so far (for this rank's rows)."""
-        delta = ray.get(self.store.changes_since.remote(None, self.rank, self.world_size, self.sharded))
+        delta = ray.get(self.store.changes_since.remote(**self.query(None)))
         self.version = delta.version
-        self._load_centroids(bank, delta, step)
+        self.apply_centroids(bank, delta, step)
         return dict(zip(delta.keys.tolist(), delta.pids.tolist()))
 
     def resume(self, checkpoint_version: int | None) -> dict[str, int]:
-        """After a restart: the whole current table, but centroids only from versions newer than the
-        checkpoint's (the restored bank already holds the older ones, updated since); the next
-        :meth:`poll` brings those in."""
-        delta = ray.get(self.store.changes_since.remote(None))
-        self.version = checkpoint_version
+        """After a restart: the whole table of the checkpoint's version, the one its sampler state
+        was planned with (the restored bank already holds that version's centroids, updated since);
+        the next :meth:`poll` brings in the newer versions, their labels and centroids."""
+        delta = ray.get(self.store.changes_since.remote(None, until=checkpoint_version))
+        self.version = delta.version
         return dict(zip(delta.keys.tolist(), delta.pids.tolist()))
 
-    def _load_centroids(self, bank: CentroidBank, delta, step: int) -> None:
+    def apply_centroids(self, bank: CentroidBank, delta, step: int) -> None:
+        """Grow the bank to every identity of the delta's version (the same size on every rank, so
+        any rank can sample any identity) and write the published rows this rank holds."""
+        needed = self.bank_offset + delta.num_identities
+        if needed > bank.num_identities:
+            bank.resize(needed)
         if len(delta.centroid_ids):
             device = bank.centroids.device
             bank.load_rows(torch.as_tensor(delta.centroid_ids + self.bank_offset, device=device),
-                           torch.as_tensor(delta.centroids, device=device), step=step,
-                           video_M=torch.as_tensor(delta.centroid_videos, device=device))
+                           torch.tensor(delta.centroids, device=device), step=step,
+                           video_M=torch.tensor(delta.centroid_videos, device=device))
 
     def publish(self, step: int, momentum_state: dict, video_ids: list[int]) -> None:
         if self.rank == 0:
@@ -79,8 +89,7 @@ class LabelClient:
         if target is None or (self.version is not None and target <= self.version):
             return False
         t0 = time.perf_counter()
-        delta = ray.get(self.store.changes_since.remote(self.version, self.rank, self.world_size, self.sharded,
-                                                        until=target))
+        delta = ray.get(self.store.changes_since.remote(**self.query(self.version, until=target)))
         for key, pid in zip(delta.keys.tolist(), delta.pids.tolist()):
             labels[key] = pid
         with lock:
@@ -90,7 +99,7 @@ class LabelClient:
                     continue
                 pids = np.array([labels.get(k, -1) for k in keys], dtype=np.int64)
                 sampler.update_labels(vid, np.where(pids >= 0, pids + self.bank_offset, -1))
-            self._load_centroids(bank, delta, step)
+            self.apply_centroids(bank, delta, step)
         self.version = delta.version
         self.switches += 1
         self.wait_s += time.perf_counter() - t0

@@ -9,7 +9,6 @@ MLflow), evaluate on the target domain, and checkpoint (every rank writes its ow
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -21,6 +20,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipelines.train.run_files import (MetricHistory, load_json, load_tensors, record_start, rng_state, save_json,
+                                       set_rng_state)
+
 log = logging.getLogger("dynamix.train")
 
 
@@ -28,16 +30,6 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
 
 
 def worker_context(seed: int) -> tuple[int, int, "torch.device"]:
@@ -63,7 +55,7 @@ def train_loop_per_worker(config: dict) -> None:
     from dynamix_core.sampling import MixedBatchSampler
     from dynamix_core.training import TrainStep
     from pipelines.train.config import TrainConfig
-    from pipelines.train.data import BatchProducer, MultiCameraSet, VideoFeed
+    from pipelines.train.data import BatchProducer, MultiCameraSet, VideoFeed, rank_video_rows
     from pipelines.train.evaluate import TargetSet, evaluate_target
     from pipelines.train.labels import LabelClient
 
@@ -96,11 +88,10 @@ def train_loop_per_worker(config: dict) -> None:
         client = LabelClient(store, coordinator, rank=rank, world_size=world,
                              sharded=cfg.centroids.loss_mode == "sharded", bank_offset=bank_offset, version=None)
         labels = client.initial_labels(bank, step=0)
-        shard = ray.train.get_dataset_shard(f"videos_{rank}")
-        feed = VideoFeed(lambda: shard.iter_rows(), labels, bank_offset,
+        feed = VideoFeed(rank_video_rows(config["index_path"], rank, world), labels, bank_offset,
                          cache_videos=4 * cfg.sampler.video_buffer_size)
     else:
-        feed = VideoFeed(lambda: iter(()), labels, bank_offset)
+        feed = VideoFeed([], labels, bank_offset)
     sampler = MixedBatchSampler(cfg.sampler, refs=multi.keys, pids=multi.pid, camids=multi.camid,
                                 datasets=multi.dataset, video_stream=feed, total_steps=cfg.run.max_steps,
                                 rank=rank, world_size=world)
@@ -109,17 +100,18 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            shared = torch.load(Path(ckpt_dir) / "trainer.pt", map_location=device, weights_only=False)
-            trainer.load_state_dict(shared["trainer"])
-            mine = torch.load(Path(ckpt_dir) / f"rank{rank}.pt", map_location=device, weights_only=False)
-            bank.load_state_dict(mine["bank"])
-            sampler.load_state_dict(json.loads((Path(ckpt_dir) / f"sampler_rank{rank}.json").read_text()))
-            _set_rng_state(mine["rng"])
-            start_step = int(shared["step"])
+            ckpt_dir = Path(ckpt_dir)
+            trainer.load_state_dict(load_tensors(ckpt_dir / "trainer.pt", device))
+            bank.load_state_dict(load_tensors(ckpt_dir / f"bank_rank{rank}.pt", device))
+            mine = load_json(ckpt_dir / f"state_rank{rank}.json")
+            sampler.load_state_dict(mine["sampler"])
+            set_rng_state(mine["rng"])
+            progress = load_json(ckpt_dir / "progress.json")
+            start_step = int(progress["step"])
             if client is not None:
                 # labels of the checkpoint's version, then newer versions are pulled as usual
                 labels.clear()
-                labels.update(client.resume(shared.get("label_version")))
+                labels.update(client.resume(progress["label_version"]))
         log.info("rank %d resumed at step %d", rank, start_step)
 
     target = TargetSet.load(cfg.data.target, cfg.data.transform) if (cfg.data.target and rank == 0) else None
@@ -130,19 +122,9 @@ def train_loop_per_worker(config: dict) -> None:
     producer = BatchProducer(sampler, multi, feed, cfg.data.transform, seed=cfg.run.seed * 1000003 + rank,
                              prefetch=cfg.data.prefetch_batches, threads=cfg.data.decode_threads,
                              snapshot_at=is_checkpoint_step)
-    tracker, history, stats_ref, rounds_logged = None, None, None, 0
+    tracker, history, stats_ref, rounds_logged, errors_logged = None, None, None, 0, 0
     if rank == 0:
-        from pipelines.tracking import ResilientTracker
-
-        run_dir = Path(config["run_dir"])
-        tracker = ResilientTracker(config["tracking_uri"], cfg.tracking.experiment, cfg.run.name,
-                                   str(run_dir / "spool_rank0"), run_id=config.get("mlflow_run_id"))
-        history_path = run_dir / "history.jsonl"
-        if history_path.is_file():  # a restart replays the steps after its checkpoint: drop their rows
-            kept = [ln for ln in history_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["step"] <= start_step]
-            history_path.write_text("".join(ln + "\n" for ln in kept))
-        history = history_path.open("a")
+        tracker, history = open_rank0_records(config, cfg, start_step)
     window = {"data_wait": 0.0, "compute": 0.0, "label_wait": 0.0, "images": 0, "t0": time.perf_counter()}
     terms_sum: dict[str, float] = {}
     try:
@@ -189,15 +171,14 @@ def train_loop_per_worker(config: dict) -> None:
                 if stats_ref is None:
                     stats_ref = client.coordinator.stats.remote()
                 if ray.wait([stats_ref], timeout=0)[0]:
-                    reports = ray.get(stats_ref)["reports"]
+                    stats = ray.get(stats_ref)
                     stats_ref = None
-                    for rep in reports[rounds_logged:]:
+                    for rep in stats["reports"][rounds_logged:]:
                         metrics.update({f"relabel/{k}": float(v) for k, v in rep.items()})
-                    rounds_logged = len(reports)
+                    rounds_logged = len(stats["reports"])
+                    errors_logged = _forward_labeling_health(stats, metrics, errors_logged, tracker)
             if rank == 0:
-                tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=done)
-                history.write(json.dumps(metrics) + "\n")
-                history.flush()
+                record_metrics(tracker, history, metrics, done)
             ray.train.report(metrics, checkpoint=ckpt)
             if ckpt is not None:
                 # the checkpoint was copied to storage by report(); drop the local temp copy
@@ -213,6 +194,45 @@ def train_loop_per_worker(config: dict) -> None:
             history.close()
 
 
+def open_rank0_records(config: dict, cfg, start_step: int):
+    """Rank 0's MLflow tracker and metric history (a restart's replayed steps keep their first
+    records), after noting this start in ``starts.jsonl``."""
+    from pipelines.tracking import ResilientTracker
+
+    run_dir = Path(config["run_dir"])
+    record_start(run_dir, start_step)
+    tracker = ResilientTracker(config["tracking_uri"], cfg.tracking.experiment, cfg.run.name,
+                               str(run_dir / "spool_rank0"), run_id=config.get("mlflow_run_id"))
+    return tracker, MetricHistory(run_dir / "history.jsonl")
+
+
+def record_metrics(tracker, history, metrics: dict, step: int) -> None:
+    """One metric report of rank 0, once per step across restarts: history first (what the driver
+    prints), then MLflow unless an earlier attempt already logged this step."""
+    history.append(metrics)
+    if not tracker.has_metrics_at(step):
+        tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
+
+
+#: labeling-service counters rank 0 reports with every metric line once the service has answered
+LABELING_COUNTERS = ("round_errors", "chunk_retries", "requests_dropped", "rounds_stale", "rounds")
+
+
+def _forward_labeling_health(stats: dict, metrics: dict, errors_logged: int, tracker) -> int:
+    """Add the labeling service's counters to ``metrics`` (``labeling/<counter>``), log the cause
+    of every round that failed since the last call (console, and the MLflow tag
+    ``labeling.last_error``); returns the failures logged so far."""
+    counters = stats["counters"]
+    metrics.update({f"labeling/{k}": float(counters.get(k, 0)) for k in LABELING_COUNTERS})
+    failed = int(counters.get("round_errors", 0))
+    new_causes = stats["errors"][-(failed - errors_logged):] if failed > errors_logged else []
+    for cause in new_causes:
+        log.error("labeling round failed: %s", cause)
+    if new_causes:
+        tracker.set_tags({"labeling.last_error": new_causes[-1]})
+    return failed
+
+
 def _write_checkpoint(trainer, bank, sampler, producer, step: int, rank: int, client):
     """Every rank writes its own files into one checkpoint (Ray merges the workers' directories)."""
     from ray.train import Checkpoint
@@ -222,11 +242,12 @@ def _write_checkpoint(trainer, bank, sampler, producer, step: int, rank: int, cl
     # state to what it was right after planning step-1's batch so no batch is lost or repeated.
     with producer.lock:
         sampler_state = producer.state_at(step)
-    if rank == 0:
-        torch.save({"trainer": trainer.state_dict(), "step": step,
-                    "label_version": None if client is None else client.version}, ckpt_dir / "trainer.pt")
-    torch.save({"bank": bank.state_dict(), "rng": _rng_state()}, ckpt_dir / f"rank{rank}.pt")
-    (ckpt_dir / f"sampler_rank{rank}.json").write_text(json.dumps(sampler_state))
+    if rank == 0:  # tensors in .pt (loaded with weights_only=True), the rest as JSON
+        torch.save(trainer.state_dict(), ckpt_dir / "trainer.pt")
+        save_json(ckpt_dir / "progress.json",
+                  {"step": step, "label_version": None if client is None else client.version})
+    torch.save(bank.state_dict(), ckpt_dir / f"bank_rank{rank}.pt")
+    save_json(ckpt_dir / f"state_rank{rank}.json", {"sampler": sampler_state, "rng": rng_state()})
     return Checkpoint.from_directory(str(ckpt_dir))
 
 

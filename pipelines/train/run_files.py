@@ -1,0 +1,142 @@
+"""Crash-safe files of a training run: atomic writes (temp + fsync + rename + fsync of the folder),
+the metric history that tolerates a torn line and records each step once across restarts, the
+record of every (re)start, and checkpoint state that loads with ``torch.load(weights_only=True)``
+(tensors in ``.pt``; the RNG states, which hold no tensors worth pickling, as JSON beside them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("dynamix.train")
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> None:
+    """Replace ``path`` with ``data``: a reader or a crash sees the old file or the new one, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename inside ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file; a torn or garbled line (a crash mid-append) is skipped with a warning."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s: line %d is not a JSON record (torn by a crash?); skipped", path, number)
+    return rows
+
+
+class MetricHistory:
+    """``history.jsonl`` of rank 0: one JSON line per metric report, each step recorded once.
+
+    A restart replays the steps after its checkpoint; their rows (and MLflow values) from the
+    attempt that first reached them are kept, and the replay does not write them again. Opening
+    cuts a torn last line off (rewriting the file atomically)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        rows = read_jsonl(self.path)
+        self.steps = {int(r["step"]) for r in rows if "step" in r}
+        if self.path.is_file():
+            text = self.path.read_text(errors="replace")
+            if len([ln for ln in text.splitlines() if ln.strip()]) != len(rows) or not text.endswith("\n"):
+                write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        self._file = open(self.path, "a")
+
+    def __contains__(self, step: int) -> bool:
+        return step in self.steps
+
+    def append(self, metrics: dict) -> None:
+        """Record ``metrics`` (with its ``step``) unless that step is recorded already."""
+        step = int(metrics["step"])
+        if step in self.steps:
+            return
+        self._file.write(json.dumps(metrics) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.steps.add(step)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def record_start(run_dir: str | Path, start_step: int) -> None:
+    """Append this (re)start of the worker group to ``starts.jsonl``: the step it resumed at."""
+    with open(Path(run_dir) / "starts.jsonl", "a") as fh:
+        fh.write(json.dumps({"start_step": start_step, "time": time.time()}) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+# --- checkpoint state ---------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch RNG states as JSON-safe data."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(mt), gauss],
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state().tolist()}
+
+
+def set_rng_state(state: dict) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def _numpy_scalar(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable checkpoint state")
+
+
+def save_json(path: str | Path, obj) -> None:
+    """Checkpoint state as JSON (NumPy scalars become Python numbers)."""
+    Path(path).write_text(json.dumps(obj, default=_numpy_scalar))
+
+
+def load_json(path: str | Path):
+    return json.loads(Path(path).read_text())
+
+
+def load_tensors(path: str | Path, device: torch.device | str = "cpu"):
+    """A checkpoint ``.pt`` (tensors in plain containers): never unpickles code (``weights_only``)."""
+    return torch.load(path, map_location=device, weights_only=True)
