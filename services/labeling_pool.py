@@ -30,7 +30,7 @@ import ray
 import torch
 
 from dynamix_core.labeling import quality
-from pipelines.train.run_files import write_atomic
+from dynamix_core.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class LabelingWorkerService:
     @torch.no_grad()
     def embed(self, chunk: dict) -> np.ndarray:
         from dynamix_core.data.images import decode_image
-        from pipelines.train.data import read_members
+        from dynamix_core.data.shards import read_members
 
         blobs: list[bytes] = []
         for tar, offsets, sizes in chunk["reads"]:

@@ -25,8 +25,8 @@ def test_dynamix_core_imports_neither_ray_nor_mlflow():
 # dynamix_core <- services <- pipelines: a layer imports only the layers below it (function-local
 # imports included, so the check reads the source instead of importing it).
 FORBIDDEN = {"dynamix_core": {"ray", "mlflow", "services", "pipelines"}, "services": {"pipelines"}}
-#: imports that another branch removes (issue 12 owns services/labeling_pool.py): delete on merge
-PENDING = {("services/labeling_pool.py", "pipelines.train.data")}
+#: known exceptions to the layering (none)
+PENDING: set[tuple[str, str]] = set()
 
 
 def _imports(path):

@@ -28,31 +28,10 @@ import torch
 from dynamix_core.data.images import decode_image
 from dynamix_core.data.reader import read_dataset_manifest
 from dynamix_core.data.records import IdentityMap
+from dynamix_core.data.shards import read_members  # validates each tar header before reading
 from dynamix_core.data.transforms import TransformConfig, ViewTransform, sample_generator
 from dynamix_core.sampling import BatchPlan, VideoSamples
 from dynamix_core.training import StepBatch
-
-
-def read_member(tar_path: str | Path, offset: int, size: int) -> bytes:
-    """The bytes of one tar member, by the offset and size the shard manifest recorded."""
-    with open(tar_path, "rb") as fh:
-        fh.seek(offset)
-        data = fh.read(size)
-    if len(data) != size:
-        raise OSError(f"{tar_path}: truncated at offset {offset} (wanted {size} bytes, got {len(data)})")
-    return data
-
-
-def read_members(tar_path: str | Path, offsets: Iterable[int], sizes: Iterable[int]) -> list[bytes]:
-    out = []
-    with open(tar_path, "rb") as fh:
-        for offset, size in zip(offsets, sizes):
-            fh.seek(offset)
-            data = fh.read(size)
-            if len(data) != size:
-                raise OSError(f"{tar_path}: truncated at offset {offset}")
-            out.append(data)
-    return out
 
 
 @dataclass
@@ -146,7 +125,7 @@ def load_video_images(row: dict) -> list[bytes]:
     if len(set(tars)) == 1:
         return read_members(tars[0], row["offsets"], row["sizes"])
     # a video spanning shard sets cannot happen (ingest keeps videos whole); stay correct anyway
-    return [read_member(t, o, s) for t, o, s in zip(tars, row["offsets"], row["sizes"])]
+    return [read_members(t, [o], [s])[0] for t, o, s in zip(tars, row["offsets"], row["sizes"])]
 
 
 def rank_video_rows(index_path: str | Path, rank: int, world_size: int) -> list[dict]:

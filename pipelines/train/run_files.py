@@ -16,32 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dynamix_core.atomic import fsync_dir, write_atomic  # noqa: F401  (re-exported for the run files)
+
 log = logging.getLogger("dynamix.train")
-
-
-def write_atomic(path: str | Path, data: bytes | str) -> None:
-    """Replace ``path`` with ``data``: a reader or a crash sees the old file or the new one, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: str | Path) -> None:
-    """Make a rename inside ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
