@@ -3,7 +3,8 @@
     dynamix experiment recipes --steps 150       # multicam, Cluster-Contrast, DomainMix, CALR, ReMix, DynaMix
     dynamix experiment mixing --steps 150        # multicam, ReMix, DynaMix (what single-camera data adds)
 
-Prints one markdown row per recipe (mAP, Rank-1) and saves the table under OUT/experiments/.
+Each recipe runs with --seeds seeds (default 3); prints one markdown row per recipe (mean ± std of
+mAP and Rank-1) and saves the table and a bar plot under OUT/experiments/.
 Re-running skips finished recipes and resumes an interrupted one.
 """
 
@@ -21,10 +22,12 @@ def add_arguments(p) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training config value of every recipe (repeatable)")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local instance)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per recipe (mean and std over them)")
 
 
 def run(args) -> int:
     from pipelines.experiment import run_suite
 
-    run_suite(args.suite, Path(args.out), steps=args.steps, overrides=args.overrides, address=args.address)
+    run_suite(args.suite, Path(args.out), steps=args.steps, seeds=args.seeds, overrides=args.overrides,
+              address=args.address)
     return 0
