@@ -74,7 +74,8 @@ def pretrain_loop_per_worker(config: dict) -> None:
                             snapshot_at=is_checkpoint_step)
     monitors = [TargetSet.load(root, cfg.data.view1) for root in cfg.data.monitor] if rank == 0 else []
     tracker, history = _open_tracking(config, cfg, start_step) if rank == 0 else (None, None)
-    if rank == 0 and start_step == 0 and monitors:  # the untrained backbone: the baseline of the curve
+    if rank == 0 and start_step == 0 and monitors and not _has_step_zero(Path(config["run_dir"]) / "history.jsonl"):
+        # the untrained backbone: the baseline of the curve (once: a restart before the first checkpoint keeps it)
         row = {"step": 0, **knn_monitor(step_fn.backbone(), monitors, cfg, device)}
         tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=0)
         history.write(json.dumps(row) + "\n")
@@ -120,6 +121,10 @@ def pretrain_loop_per_worker(config: dict) -> None:
         if tracker is not None:
             tracker.close()
             history.close()
+
+
+def _has_step_zero(history_path: Path) -> bool:
+    return any(json.loads(ln)["step"] == 0 for ln in history_path.read_text().splitlines() if ln.strip())
 
 
 def build_backbone(cfg) -> nn.Module:
