@@ -98,3 +98,15 @@ def test_errors_name_the_fix():
         sampler.next_batch()
     with pytest.raises(ValueError, match="empty"):
         UnlabeledImageSampler(finite([]), batch_size=2, buffer_size=2, max_images_per_video=1).next_batch()
+
+
+def test_a_stream_of_few_videos_keeps_serving_full_batches():
+    """All videos buffered and nearly used up: they retire early and come back whole from the stream."""
+    videos = make_videos([5, 6, 7, 4])
+    sampler = UnlabeledImageSampler(cycling(videos), batch_size=8, buffer_size=4, max_images_per_video=2, seed=2)
+    counts = Counter()
+    for _ in range(40):
+        refs, vids = sampler.next_batch()
+        assert len(refs) == 8 and sorted(Counter(vids.tolist()).values()) == [2, 2, 2, 2]
+        counts.update(refs)
+    assert set(counts) == {r for v in videos for r in v.refs}, "some image was never served"

@@ -10,7 +10,9 @@ Buffer policy:
 * The sampler holds ``buffer_size`` videos, pulled in stream order, each with the images it has
   not handed out yet (more when its videos have too few images left to fill a batch). A pulled video that is already buffered (a cycling stream came round)
   is skipped; once a whole buffer's worth of pulls in a row were such repeats, every video of the
-  stream is buffered and the sampler stops pulling until a video retires.
+  stream is buffered and the sampler stops pulling until a video retires. If the buffered videos
+  then have too few images left for a batch, those with fewer than ``max_images_per_video`` left
+  retire early (their last images wait for the next pass) and come back whole from the stream.
 * A batch takes at most ``max_images_per_video`` images of one video: each buffered video offers
   that many of its remaining images (drawn uniformly), and ``batch_size`` of the offers are drawn
   uniformly without replacement.
@@ -68,6 +70,13 @@ class UnlabeledImageSampler:
     def next_batch(self) -> tuple[list, np.ndarray]:
         """This rank's next batch: ``batch_size`` refs and the video of each."""
         self._fill()
+        if self._offers() < self.batch_size and self._saturated:
+            # every video of the stream is buffered and too few images are left: retire the nearly
+            # used-up videos so the cycling stream hands them out afresh
+            for vid in [v for v, refs in self._buffer.items() if len(refs) < self.cap]:
+                del self._buffer[vid]
+            self._saturated = False
+            self._fill()
         offers = [(vid, pos) for vid, refs in self._buffer.items()
                   for pos in self._rng.permutation(len(refs))[:self.cap]]
         if len(offers) < self.batch_size:

@@ -21,8 +21,8 @@ from typing import Callable, Iterator
 import pyarrow.parquet as pq
 import torch
 
-from dynamix_core.data.images import decode_image
-from dynamix_core.data.transforms import TransformConfig, ViewTransform, sample_generator
+from dynamix_core.data.transforms import TransformConfig
+from dynamix_core.pretrain.views import TwoViews
 from dynamix_core.sampling import UnlabeledImageSampler, VideoSamples
 from pipelines.train.data import VideoFeed, load_video_images, video_rows
 
@@ -78,8 +78,7 @@ class PairProducer:
                  view2: TransformConfig, *, seed: int, prefetch: int = 2, threads: int = 2,
                  snapshot_at: Callable[[int], bool] = lambda step: False):
         self.sampler, self.images, self.seed = sampler, images, seed
-        self.views = (ViewTransform(view1, "strong"), ViewTransform(view2, "strong"))
-        self.size = (view1.height, view1.width)
+        self.views = TwoViews(view1, view2)
         self.snapshot_at = snapshot_at
         self.snapshots: dict[int, dict] = {}
         self.lock = threading.Lock()
@@ -89,12 +88,6 @@ class PairProducer:
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="pretrain-batches", daemon=True)
         self.thread.start()
-
-    def _views(self, item: tuple[bytes, str, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        data, key, step_seed = item
-        img = decode_image(data, self.size)
-        return (self.views[0](img, sample_generator(step_seed, key, "strong")),
-                self.views[1](img, sample_generator(step_seed, f"{key}#2", "strong")))
 
     def _run(self) -> None:
         try:
@@ -108,7 +101,7 @@ class PairProducer:
                     self.images.keep_only(self.sampler.buffered_video_ids())
                 self.images.feed.note_progress()
                 step_seed = self.seed + 7919 * step
-                views = list(self.pool.map(self._views, [(d, r, step_seed) for d, r in zip(data, refs)]))
+                views = list(self.pool.map(lambda item: self.views(*item, step_seed), zip(data, refs)))
                 batch = PairBatch(torch.stack([v[0] for v in views]), torch.stack([v[1] for v in views]))
                 while not self._stop.is_set():
                     try:
