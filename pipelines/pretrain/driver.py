@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from dynamix_core.config import dump_yaml, to_dict
+from dynamix_core.config import ConfigError, dump_yaml, to_dict
 from pipelines.pretrain.config import PretrainConfig
 from pipelines.train.driver import _ProgressPrinter, _read_history, check_ingest, init_ray
 
@@ -83,9 +83,11 @@ def run_pretraining(cfg: PretrainConfig, *, progress: bool = True) -> PretrainRe
     datasets, videos_per_rank = {}, []
     for r in range(cfg.scaling.num_workers):
         mine = [row for row in rows if row["video"] % cfg.scaling.num_workers == r]
-        if not mine:
-            raise ValueError(f"data.single: {len(rows)} videos cannot feed {cfg.scaling.num_workers} workers; "
-                             "lower scaling.num_workers")
+        if len(mine) * cfg.data.max_images_per_video < cfg.data.batch_size:
+            raise ConfigError(
+                f"data.single: worker {r} gets {len(mine)} of the {len(rows)} videos, which cannot fill a batch of "
+                f"data.batch_size={cfg.data.batch_size} with at most data.max_images_per_video="
+                f"{cfg.data.max_images_per_video} per video; lower scaling.num_workers or data.batch_size")
         datasets[f"videos_{r}"] = ray.data.from_items(mine).map(load_video_images)
         videos_per_rank.append(len(mine))
     trainer = TorchTrainer(
