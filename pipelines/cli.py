@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "ingest": "convert a source data set into WebDataset shards + parquet manifests (Ray Data)",
     "inspect": "summarise an ingested shard set (images, identities, cameras, videos, shards)",
     "train": "train DynaMix / ReMix / the multi-camera baseline on Ray Train (resumes a run of the same name)",
+    "pretrain": "self-supervised pre-training (MoCo v3) of a backbone on unlabeled single-camera video crops, on Ray Train",
     "experiment": "train several recipes under one budget on SynthReID and print a mAP / Rank-1 table",
     "runs": "list the training runs under a storage root: status, last step, checkpoints, label versions, metrics",
     "evaluate": "evaluate a trained encoder on target query/gallery sets (cross-dataset), table + JSON",

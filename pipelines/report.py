@@ -9,8 +9,9 @@
 
 Sections: the summary table (whatever keys ``summary`` holds, in its order); one plot per metric group
 of ``history`` (keys grouped by the prefix before "/", e.g. all ``loss/*`` terms in one plot and all
-``eval/*`` in another, against ``step``); the relabeling rounds as a table and two plots (integer
-columns such as splits and merges; fractional ones such as noise rate and pairwise F); and a
+``eval/*`` in another, against ``step``; a pre-training run's kNN monitor ``knn/<set>/*``); the
+relabeling rounds as a table and two plots (integer columns such as splits and merges; fractional
+ones such as noise rate and pairwise F; no section when ``relabel_rounds`` is None); and a
 retrieval strip: each query next to its top-k gallery images, correct matches framed green, wrong
 ones red. Matplotlib is used through ``Figure`` objects (Agg canvas), never pyplot, so no global
 backend state is touched.
@@ -79,6 +80,8 @@ def _img_tag(fig, alt: str) -> str:
 PLOT_GROUPS: dict[str, tuple[str, ...]] = {
     "loss terms": ("loss/",),
     "target-domain retrieval": ("eval/mAP", "eval/rank1", "eval/rank5", "eval/mINP"),
+    "kNN monitor: bare backbone (pre-training)": ("knn/",),
+    "instance discrimination accuracy (pre-training)": ("pretrain/accuracy",),
     "throughput (images/s)": ("images_per_s",),
     "time fractions": ("data_wait_fraction", "label_wait_fraction", "compute_fraction"),
     "label version": ("label_version",),
@@ -207,7 +210,7 @@ def _html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> st
 
 
 def write_report(out_html: str | Path, *, summary: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
-                 relabel_rounds: Sequence[Mapping[str, Any]], retrieval: Sequence[Mapping[str, Any]] | None,
+                 relabel_rounds: Sequence[Mapping[str, Any]] | None, retrieval: Sequence[Mapping[str, Any]] | None,
                  title: str = "DynaMix training report") -> Path:
     """Write the report (atomically: temp file + os.replace); returns its path."""
     parts = [f"<h1>{html.escape(title)}</h1>", "<h2>Summary</h2>",
@@ -219,12 +222,13 @@ def write_report(out_html: str | Path, *, summary: Mapping[str, Any], history: S
     if not groups:
         parts.append('<p class="note">No training history was recorded.</p>')
 
-    parts.append("<h2>Relabeling rounds</h2>")
-    if relabel_rounds:
-        columns = list(dict.fromkeys(key for row in relabel_rounds for key in row))
-        parts += [_html_table(relabel_rounds, columns), _img_tag(_relabel_figure(relabel_rounds), "relabel statistics")]
-    else:
-        parts.append('<p class="note">No relabeling round ran.</p>')
+    if relabel_rounds is not None:  # None: a run without a labeling pool (pre-training), no section
+        parts.append("<h2>Relabeling rounds</h2>")
+        if relabel_rounds:
+            columns = list(dict.fromkeys(key for row in relabel_rounds for key in row))
+            parts += [_html_table(relabel_rounds, columns), _img_tag(_relabel_figure(relabel_rounds), "relabel statistics")]
+        else:
+            parts.append('<p class="note">No relabeling round ran.</p>')
 
     if retrieval:
         parts += ["<h2>Retrieval examples</h2>",

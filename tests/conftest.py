@@ -55,14 +55,14 @@ TINY_SYNTH = ["height=32", "width=16", "num_multi_sets=2", "multi_train_ids=12",
               "target_ids=8", "distractors_per_set=2", "junk_per_set=1"]
 
 
-def make_tiny_reid(root: Path, num_videos: int) -> Path:
-    """Generate the tiny SynthReID under ``root/data`` and ingest each set (no Ray) into
-    ``root/shards/<name>`` under its own dataset name; returns ``root``."""
+def make_tiny_reid(root: Path, num_videos: int, extra: tuple[str, ...] = ()) -> Path:
+    """Generate the tiny SynthReID (plus ``extra`` generator overrides) under ``root/data`` and ingest
+    each set (no Ray) into ``root/shards/<name>`` under its own dataset name; returns ``root``."""
     from dynamix_core.config import load_config
     from dynamix_core.data.synth import SynthConfig, generate
     from pipelines.ingest import IngestConfig, run_ingest
 
-    generate(load_config(SynthConfig, None, TINY_SYNTH + [f"num_videos={num_videos}"]), root / "data", progress=False)
+    generate(load_config(SynthConfig, None, TINY_SYNTH + [f"num_videos={num_videos}", *extra]), root / "data", progress=False)
     sets = {"synth_m0": "multi", "synth_m1": "multi", "synth_video": "single", "synth_target": "target"}
     for name, kind in sets.items():
         run_ingest(IngestConfig(root=root / "data" / kind / name, out=root / "shards" / name, dataset=name, workers=0),

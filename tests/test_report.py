@@ -112,3 +112,15 @@ def test_retrieval_strip_frames_correct_green_and_wrong_red():
     retrieval[1]["correct"] = retrieval[1]["correct"][:-1]
     with pytest.raises(ValueError, match="retrieval row 1: 10 gallery images but 9"):
         retrieval_strip_png(retrieval)
+
+
+def test_pretraining_report_plots_the_knn_monitor_and_has_no_relabel_section(tmp_path):
+    history = [{"step": 0, "knn/synth_target/mAP": 0.03, "knn/synth_target/rank1": 0.05}]
+    history += [{"step": s, "loss/contrastive": 2.5 - s / 100, "pretrain/accuracy": s / 100} for s in (10, 20, 30)]
+    history[-1] |= {"knn/synth_target/mAP": 0.09, "knn/synth_target/rank1": 0.15}
+    text = write_report(tmp_path / "r.html", summary={"knn/synth_target/mAP_after": 0.09}, history=history,
+                        relabel_rounds=None, retrieval=None).read_text()
+    alts = re.findall(r'<img alt="([^"]*)"', text)
+    assert sorted(alts) == ["instance discrimination accuracy (pre-training) over steps",
+                            "kNN monitor: bare backbone (pre-training) over steps", "loss terms over steps"]
+    assert "Relabeling" not in text

@@ -114,11 +114,18 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True, str
     load_state_dict_checked(model, state, source=str(path), strict=strict)
 
 
-def save_weights(model: nn.Module, path: str | Path) -> None:
-    """Write ``model``'s state dict to ``path`` as safetensors, atomically."""
+def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Write ``state`` to ``path`` as safetensors, crash-safe (temporary file, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"})
+    safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def save_weights(model: nn.Module, path: str | Path) -> None:
+    """Write ``model``'s state dict to ``path`` as safetensors, atomically."""
+    save_state_dict(model.state_dict(), path)

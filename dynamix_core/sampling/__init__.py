@@ -4,7 +4,8 @@
 * :mod:`.schedule` - the batch shape at a step (fixed batch size, schedulable ratio and G);
 * :mod:`.multicam` - P x K identities, uniform over source datasets, spread over cameras;
 * :mod:`.singlecam` - V videos x G identities x K images from a bounded buffer of streamed videos;
-* :mod:`.mixed` - :class:`MixedBatchSampler`, one :class:`BatchPlan` per step, resumable.
+* :mod:`.mixed` - :class:`MixedBatchSampler`, one :class:`BatchPlan` per step, resumable;
+* :mod:`.unlabeled` - :class:`UnlabeledImageSampler`, single images spread over videos (pre-training).
 """
 
 from dynamix_core.sampling.config import SamplerConfig, ScheduleBreakpoint
@@ -12,6 +13,7 @@ from dynamix_core.sampling.mixed import BatchPlan, MixedBatchSampler
 from dynamix_core.sampling.multicam import MultiCameraSampler
 from dynamix_core.sampling.schedule import BatchShape, shape_at, split_batch
 from dynamix_core.sampling.singlecam import SingleCameraSampler, VideoSamples, VideoStream, partition_stream
+from dynamix_core.sampling.unlabeled import UnlabeledImageSampler
 
 __all__ = [
     "BatchPlan",
@@ -21,6 +23,7 @@ __all__ = [
     "SamplerConfig",
     "ScheduleBreakpoint",
     "SingleCameraSampler",
+    "UnlabeledImageSampler",
     "VideoSamples",
     "VideoStream",
     "partition_stream",

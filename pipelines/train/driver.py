@@ -107,28 +107,30 @@ def _initial_momentum_state(cfg: TrainConfig) -> dict:
     return build_encoder(cfg.model).state_dict()
 
 
-def resolve_paths(cfg: TrainConfig) -> TrainConfig:
-    """Absolute data paths (Ray workers run elsewhere), each checked to be a finished ingest, so a
-    typo fails here with the path named instead of inside every worker."""
-    import dataclasses
-
+def check_ingest(root: str, field_name: str) -> str:
+    """``root`` as an absolute path (Ray workers run elsewhere), checked to be a finished ingest, so
+    a typo fails in the driver with ``field_name`` and the path named instead of inside every worker."""
     from dynamix_core.data.reader import read_dataset_manifest
 
-    def check(root: str, field_name: str) -> str:
-        if "://" in root:
-            return root
-        path = Path(root).resolve()
-        try:
-            read_dataset_manifest(path)
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{field_name}: {exc}") from None
-        return str(path)
+    if "://" in root:
+        return root
+    path = Path(root).resolve()
+    try:
+        read_dataset_manifest(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{field_name}: {exc}") from None
+    return str(path)
+
+
+def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+    """Absolute data paths, each checked to be a finished ingest (:func:`check_ingest`)."""
+    import dataclasses
 
     data = dataclasses.replace(
         cfg.data,
-        multi=[check(r, "data.multi") for r in cfg.data.multi],
-        single=[check(r, "data.single") for r in cfg.data.single],
-        target=check(cfg.data.target, "data.target") if cfg.data.target else None,
+        multi=[check_ingest(r, "data.multi") for r in cfg.data.multi],
+        single=[check_ingest(r, "data.single") for r in cfg.data.single],
+        target=check_ingest(cfg.data.target, "data.target") if cfg.data.target else None,
     )
     truth = []
     for p in cfg.labeling.ground_truth:
@@ -310,11 +312,15 @@ class _ProgressPrinter:
             if len(lines) < printed:  # a torn line was cut off
                 printed = len(lines)
             for m in lines[printed:]:
-                evals = "".join(f"  {k[5:]} {100 * v:.1f}" for k, v in m.items() if k in ("eval/mAP", "eval/rank1"))
-                print(f"[train] step {m['step']:>6}/{self.max_steps}  loss {m.get('loss/total', float('nan')):.3f}"
-                      f"  lr {m['lr']:.2e}  {m['images_per_s']:.0f} img/s  data-wait {100 * m['data_wait_fraction']:.0f}%"
-                      f"  labels v{int(m['label_version'])}{evals}", flush=True)
+                print(self.format(m), flush=True)
             printed = len(lines)
+
+    def format(self, m: dict) -> str:
+        """One console line for the history row ``m``."""
+        evals = "".join(f"  {k[5:]} {100 * v:.1f}" for k, v in m.items() if k in ("eval/mAP", "eval/rank1"))
+        return (f"[train] step {m['step']:>6}/{self.max_steps}  loss {m.get('loss/total', float('nan')):.3f}"
+                f"  lr {m['lr']:.2e}  {m['images_per_s']:.0f} img/s  data-wait {100 * m['data_wait_fraction']:.0f}%"
+                f"  labels v{int(m['label_version'])}{evals}")
 
 
 def _read_history(run_dir: Path) -> list[dict]:

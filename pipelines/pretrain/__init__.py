@@ -1,0 +1,1 @@
+"""Self-supervised pre-training on the single-camera shards (``dynamix pretrain``), on Ray Train."""
