@@ -91,7 +91,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data_root = Path(args.data) if args.data else Path(tmp) / "synthreid"
         if not args.data:
-            overrides = ["num_videos=8"] if args.quick else ["num_videos=64"]
+            from pipelines.demo import DEMO_SYNTH
+
+            overrides = DEMO_SYNTH + (["num_videos=8"] if args.quick else [])
             generate(load_config(SynthConfig, overrides=overrides), data_root, workers=2, progress=False)
         text = table(calibrate(data_root))
     text = f"## SynthReID baseline ladder ({time.perf_counter() - t0:.0f} s)\n\n{text}\n"
