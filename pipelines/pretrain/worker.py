@@ -30,7 +30,7 @@ def pretrain_loop_per_worker(config: dict) -> None:
     from dynamix_core.training.step import _all_gather
     from pipelines.pretrain.batches import BufferedImages, PairProducer
     from pipelines.pretrain.config import PretrainConfig
-    from pipelines.train.cluster_worker import _open_tracking
+    from pipelines.train.worker import open_rank0_records, record_metrics
     from pipelines.train.data import VideoFeed
     from pipelines.train.evaluate import TargetSet
     from pipelines.train.worker import _rng_state, _set_rng_state, worker_context
@@ -73,13 +73,11 @@ def pretrain_loop_per_worker(config: dict) -> None:
                             prefetch=cfg.data.prefetch_batches, threads=cfg.data.decode_threads,
                             snapshot_at=is_checkpoint_step)
     monitors = [TargetSet.load(root, cfg.data.view1) for root in cfg.data.monitor] if rank == 0 else []
-    tracker, history = _open_tracking(config, cfg, start_step) if rank == 0 else (None, None)
+    tracker, history = open_rank0_records(config, cfg, start_step) if rank == 0 else (None, None)
     if rank == 0 and start_step == 0 and monitors and not _has_step_zero(Path(config["run_dir"]) / "history.jsonl"):
         # the untrained backbone: the baseline of the curve (once: a restart before the first checkpoint keeps it)
         row = {"step": 0, **knn_monitor(step_fn.backbone(), monitors, cfg, device)}
-        tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=0)
-        history.write(json.dumps(row) + "\n")
-        history.flush()
+        record_metrics(tracker, history, row, 0)
     window = {"data_wait": 0.0, "compute": 0.0, "images": 0, "loss": 0.0, "accuracy": 0.0, "t0": time.perf_counter()}
     try:
         for step in range(start_step, cfg.run.max_steps):
@@ -106,9 +104,7 @@ def pretrain_loop_per_worker(config: dict) -> None:
             if is_checkpoint_step(done):
                 ckpt = _write_checkpoint(step_fn, producer, done, rank, _rng_state)
             if rank == 0:
-                tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=done)
-                history.write(json.dumps(metrics) + "\n")
-                history.flush()
+                record_metrics(tracker, history, metrics, done)
             ray.train.report(metrics, checkpoint=ckpt)
             if ckpt is not None:
                 import shutil
