@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     from dynamix_core.data.records import BadInputError
     from dynamix_core.model import WeightsError
 
-    from pipelines.console import describe_failure
+    from pipelines.console import describe_failure, quiet_libraries
 
+    quiet_libraries()
     try:
         return int(args._run(args) or 0)
     except (ConfigError, BadInputError, WeightsError, FileNotFoundError) as exc:

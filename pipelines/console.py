@@ -19,7 +19,9 @@ _CHATTY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 def ray_init_kwargs() -> dict:
     """``ray.init`` arguments for a quiet console: the output of Ray's workers and actors (Ray Train's
     controller and placement-group cleaner, Ray Data operators, our workers) stays in the session's
-    log files instead of being copied to the driver's terminal; the driver shows our own progress."""
+    log files instead of being copied to the driver's terminal; the driver shows our own progress.
+    A local instance runs without token authentication (a cluster brings its own token)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     return {"log_to_driver": os.environ.get(RAY_LOGS_TO_CONSOLE_ENV) == "1", "logging_level": logging.WARNING}
 
 
@@ -27,16 +29,38 @@ def quiet_ray_libraries() -> None:
     """Ray Data / Ray Train progress bars and INFO narration off (warnings and errors still show)."""
     if os.environ.get(RAY_LOGS_TO_CONSOLE_ENV) == "1":
         return
+    try:
+        import ray.data  # first: importing it applies Ray Data's own logging configuration
+    except ImportError:
+        ray = None
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # "progress bars disabled" (we disable them on purpose) and the per-dataset "execution finished"
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    if ray is None:
+        return
     try:
-        import ray.data
-
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
     except (ImportError, AttributeError):  # Ray Data absent or a version without the knob
         pass
+
+
+def quiet_libraries() -> None:
+    """The console of every ``dynamix`` command: MLflow's and PyTorch's advice to library authors
+    (type hints on ``predict``, deprecated pytree names, input-example validation, per-artifact
+    download bars) and Ray Data's operator-concurrency notes are not for a user of the service.
+    Warnings and errors of both libraries still show; ``DYNAMIX_RAY_LOGS_TO_CONSOLE=1`` keeps all."""
+    import warnings
+
+    if os.environ.get(RAY_LOGS_TO_CONSOLE_ENV) == "1":
+        return
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"Add type hints to the `predict` method", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"The maximum number of concurrent tasks", category=UserWarning)
 
 
 def where_lines(report: str | None, tracking_uri: str | None) -> list[str]:

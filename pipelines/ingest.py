@@ -180,6 +180,15 @@ def plan_shards(
 # ------------------------------------------------------------------------------------------- writing
 
 
+def _finished_shard(plan: ShardPlan, out_dir: Path) -> dict | None:
+    """The metadata of ``plan``'s shard when it is already written from this very plan and nothing
+    was rejected from it (None: it has to be written)."""
+    meta = read_shard_metadata(out_dir / shard_name(plan.index))
+    if meta is not None and meta.get("plan_digest") == plan.digest and meta.get("num_rejected") == "0":
+        return meta
+    return None
+
+
 def write_planned_shard(item: dict, out_dir: str) -> dict:
     """Write (or skip, when already finished) one planned shard; the Ray Data ``map`` function.
 
@@ -189,8 +198,8 @@ def write_planned_shard(item: dict, out_dir: str) -> dict:
     plan = ShardPlan.from_item(item)
     tar_path = Path(out_dir) / shard_name(plan.index)
     digest = plan.digest
-    meta = read_shard_metadata(tar_path)
-    if meta is not None and meta.get("plan_digest") == digest and meta.get("num_rejected") == "0":
+    meta = _finished_shard(plan, Path(out_dir))
+    if meta is not None:
         return {"index": plan.index, "written": False, "num_samples": int(meta["num_samples"]),
                 "tar_bytes": int(meta["tar_bytes"]), "problems": "[]"}
     report = InputReport()  # strict mode is applied by the driver, which sees every shard's problems
@@ -317,7 +326,9 @@ def run_ingest(cfg: IngestConfig, *, progress: bool = True) -> IngestResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(out_dir)
 
-    results = _run_local(plans, out_dir) if cfg.workers == 0 else _run_ray(plans, out_dir, cfg)
+    # a re-run over an unchanged source has nothing to write: check here instead of starting Ray
+    all_done = all(_finished_shard(p, out_dir) is not None for p in plans)
+    results = _run_local(plans, out_dir) if cfg.workers == 0 or all_done else _run_ray(plans, out_dir, cfg)
     written = 0
     with tqdm(total=sum(len(p.samples) for p in plans), unit="img", desc="ingest", disable=not progress) as bar:
         for row in results:

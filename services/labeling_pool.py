@@ -129,6 +129,7 @@ class _Round:
     chunks: dict[int, dict]
     results: dict[int, dict] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    generation: int = 0  # the trainer group it was started for (see ``trainers_restarted``)
 
 
 class LabelingCoordinatorService:
@@ -173,6 +174,7 @@ class LabelingCoordinatorService:
         self.lock = threading.Lock()
         self.weights: tuple[int, ray.ObjectRef] | None = None
         self.latest_step = 0
+        self.generation = 0  # +1 each time the trainers restart from a checkpoint
         self.next_global_id: int | None = None
         self.reports: list[dict] = []
         self.counters = collections.Counter()
@@ -194,6 +196,19 @@ class LabelingCoordinatorService:
             if self.weights is None or step >= self.weights[0]:
                 self.weights = (step, weights[0])
             self.latest_step = max(self.latest_step, step)
+
+    def trainers_restarted(self, step: int) -> None:
+        """The trainer group restarted from its checkpoint of ``step``: forget the dead group's
+        weights (their owner is gone), its step and its queued requests, and publish nothing from a
+        round started for it. Without this, ``latest_step`` stays where the dead group got to and
+        every round on the resumed weights is discarded as stale until the trainers catch up."""
+        with self.lock:
+            self.weights = None
+            self.latest_step = step
+            self.queue.clear()
+            self.generation += 1
+            self.counters["trainer_restarts"] += 1
+        log.info("labeling coordinator: trainers restarted at step %d", step)
 
     def request(self, rank: int, step: int, video_ids: list[int]) -> bool:
         """Label/relabel these videos soon. Returns False when the request was dropped because the
@@ -307,7 +322,8 @@ class LabelingCoordinatorService:
         with self.lock:
             weights_step, _ = self.weights
             self.round_counter += 1
-            self.round = _Round(self.round_counter, step, weights_step, self._chunks(videos, labels))
+            self.round = _Round(self.round_counter, step, weights_step, self._chunks(videos, labels),
+                                generation=self.generation)
         return True
 
     def _submit(self, rnd: _Round, chunk_id: int, worker_index: int):
@@ -352,7 +368,11 @@ class LabelingCoordinatorService:
 
     def _commit(self, rnd: _Round) -> None:
         with self.lock:
-            latest = self.latest_step
+            latest, generation = self.latest_step, self.generation
+        if rnd.generation != generation:
+            self.counters["rounds_stale"] += 1
+            log.info("labeling round %d discarded: started before the trainers restarted", rnd.round_id)
+            return
         if rnd.weights_step < latest - self.cfg["max_staleness"]:
             self.counters["rounds_stale"] += 1
             log.info("labeling round %d discarded: weights of step %d, trainers at %d (max_staleness %d)",

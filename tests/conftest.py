@@ -75,3 +75,13 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def live_actor_pids(class_name: str) -> list[int]:
+    """PIDs of the live actors of ``class_name`` (e.g. ``RayTrainWorker``) in the Ray instance this
+    session is connected to, from the GCS actor table: never another session's Ray workers on a
+    shared machine (a process search by command line would kill those too)."""
+    from ray._private import state
+
+    return [int(a["Pid"]) for a in state.actors().values()
+            if a["ActorClassName"].endswith(class_name) and a["State"] == "ALIVE" and a["Pid"]]

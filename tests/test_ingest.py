@@ -168,6 +168,26 @@ def test_rerun_of_a_finished_ingest_changes_nothing(tmp_path):
     assert snapshot(tmp_path / "out") == before  # bytes and modification times
 
 
+def test_rerun_of_a_finished_ingest_does_not_start_ray(tmp_path, monkeypatch):
+    """A re-run (``dynamix demo`` re-ingests every set) over an unchanged source has nothing to
+    write: it answers from the shard manifests without starting Ray (which costs ~25 s a set on
+    2 cores), and a source with one more image still goes through Ray for the changed shard."""
+    import pipelines.ingest as ingest_mod
+
+    images = make_market(tmp_path / "src", per_folder=4)
+    ingest(tmp_path / "src", tmp_path / "out", shard_max_count=3)
+    started = []
+    monkeypatch.setattr(ingest_mod, "_run_ray", lambda plans, out_dir, cfg: started.append(len(plans)) or
+                        ingest_mod._run_local(plans, out_dir))
+    result = ingest(tmp_path / "src", tmp_path / "out", shard_max_count=3, workers=2)
+    assert started == [] and result.shards_written == 0 and result.shards_skipped == 4
+    extra = tmp_path / "src" / "bounding_box_test" / "0099_c1s1_000001_00.jpg"
+    extra.write_bytes(image_bytes(99))
+    assert extra.name not in {p.name for p in images}
+    result = ingest(tmp_path / "src", tmp_path / "out", shard_max_count=3, workers=2)
+    assert started == [5] and result.shards_written >= 1
+
+
 def _assert_no_partial_shard(out: Path) -> None:
     assert not (out / "manifest.parquet").exists()
     for tar_path in out.glob("shard-*.tar"):  # every tar under a final name is complete

@@ -392,3 +392,25 @@ def test_a_restarted_coordinator_keeps_its_relabel_pass(ray_local, shards, tmp_p
         assert pool.history()[-1]["videos_relabeled"] == rest
     finally:
         pool.close()
+
+
+def test_restarted_trainers_reset_the_coordinators_step(dynamix_pool):
+    """The trainers die at step S + 100 and resume from the checkpoint of step S: the coordinator
+    forgets the dead group's weights and step. The next round runs on the restarted trainers'
+    weights of step S and is published (before, ``latest_step`` stayed at S + 100, so every round
+    on the resumed weights counted as stale until the trainers caught up)."""
+    pool = dynamix_pool
+    resumed = next(STEPS)
+    dead = resumed + 100 + MAX_STALENESS
+    pool.publish(dead)
+    ray.get(pool.coordinator.request.remote(0, dead, []))  # the dead group's last request
+    restarts = pool.stats()["counters"].get("trainer_restarts", 0)
+    ray.get(pool.coordinator.trainers_restarted.remote(resumed))
+    pool.publish(resumed)
+    before = pool.stats()["counters"]
+    pool.run_round(resumed, all_videos(pool))
+    after = pool.stats()["counters"]
+    assert after.get("rounds_stale", 0) == before.get("rounds_stale", 0)
+    assert after.get("rounds", 0) == before.get("rounds", 0) + 1
+    assert pool.stats()["reports"][-1]["weights_step"] == resumed
+    assert after["trainer_restarts"] == restarts + 1

@@ -123,3 +123,21 @@ def test_labeling_failures_reach_metrics_console_and_mlflow(tmp_path, caplog):
     assert "second" in caplog.text and "first" not in caplog.text
     assert tracker.close(timeout_s=60) == 0
     assert MlflowClient(uri).get_run(tracker.run_id).data.tags["labeling.last_error"] == stats["errors"][-1]
+
+
+def test_changed_settings_of_a_resumed_run(tmp_path):
+    """A re-run of a run with a larger ``run.max_steps`` names exactly that change (MLflow refuses
+    to change a logged param, so the driver records it as a tag); the unchanged config names none."""
+    from dynamix_core.config import dump_yaml, load_config
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.driver import changed_settings
+
+    base = ["data.multi=[shards/m0]", "method=multicam"]
+    first = load_config(TrainConfig, None, [*base, "run.max_steps=150"])
+    saved = tmp_path / "config.yaml"
+    assert changed_settings(saved, first) == {}  # a new run
+    saved.write_text(dump_yaml(first))
+    assert changed_settings(saved, first) == {}
+    again = load_config(TrainConfig, None, [*base, "run.max_steps=160", "data.transform.crop_scale=[0.4,1.0]"])
+    assert changed_settings(saved, again) == {"run.max_steps": ("150", "160"),
+                                              "data.transform.crop_scale": ("[0.5, 1.0]", "[0.4, 1.0]")}

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dynamix_core.config import load_config
-from conftest import make_tiny_reid
+from conftest import live_actor_pids, make_tiny_reid
 from pipelines.train.config import TrainConfig
 
 pytestmark = pytest.mark.ray
@@ -122,12 +122,6 @@ def _sklearn_target_map(encoder, cfg: TrainConfig) -> float:
     return float(np.mean(aps))
 
 
-def _pids_of(needle: str) -> list[int]:
-    import psutil
-
-    return [p.pid for p in psutil.process_iter(["cmdline"]) if any(needle in c for c in (p.info["cmdline"] or []))]
-
-
 def _dead_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -136,15 +130,11 @@ def _dead_port() -> int:
 
 @pytest.mark.parametrize("variant", [
     pytest.param({}, id="dynamix-replicated"),
-    # failed in the fresh-clone `make test` of 2026-11-26 on a loaded 2-core box (passed on the issue-12
-    # branch alone); the cause is not diagnosed yet: see the issue-12 closing note
-    pytest.param({"centroids__loss_mode": "sharded"}, id="dynamix-sharded",
-                 marks=pytest.mark.skip(reason="sharded fault run failed in the merged fresh-clone run; undiagnosed")),
+    pytest.param({"centroids__loss_mode": "sharded"}, id="dynamix-sharded"),
     # ReMix's first pseudo-labels come from the untrained encoder: one identity per video is what
     # every video of the tiny set is sure to have (as in recipes/remix_demo.yaml)
     pytest.param({"method": "remix", "sampler__ids_per_video": 1, "sampler__single_images_per_id": 4,
-                  "labeling__cluster__eps": 0.2}, id="remix",
-                 marks=pytest.mark.skip(reason="remix fault run failed in the merged fresh-clone run; undiagnosed")),
+                  "labeling__cluster__eps": 0.2}, id="remix"),
 ])
 def test_worker_and_labeling_actor_killed_tracking_down(ray_local, tiny_data, variant):
     """A Ray Train worker is SIGKILLed after the first checkpoint and a labeling actor mid-run while
@@ -173,10 +163,10 @@ def test_worker_and_labeling_actor_killed_tracking_down(ray_local, tiny_data, va
                 first_ckpt_seen = time.monotonic()
             steps = [r["step"] for r in read_jsonl(run_dir / "history.jsonl")]
             if first_ckpt_seen is not None and time.monotonic() > first_ckpt_seen + 3 and steps[-1] > checkpoint_every:
-                for pid in _pids_of("LabelingWorkerService")[:1]:
+                for pid in live_actor_pids("LabelingWorkerService")[:1]:
                     os.kill(pid, signal.SIGKILL)
                     killed["labeling"] = pid
-                pids = _pids_of("RayTrainWorker")
+                pids = live_actor_pids("RayTrainWorker")
                 if pids:
                     os.kill(pids[-1], signal.SIGKILL)
                     killed["worker"] = pids[-1]

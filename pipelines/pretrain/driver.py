@@ -50,14 +50,13 @@ def resolve_paths(cfg: PretrainConfig) -> PretrainConfig:
 
 
 def run_pretraining(cfg: PretrainConfig, *, progress: bool = True) -> PretrainResult:
-    import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipelines.pretrain.worker import pretrain_loop_per_worker
     from pipelines.report import print_summary_table, write_report
     from pipelines.tracking import ResilientTracker
-    from pipelines.train.data import load_video_images, single_camera_index, video_rows
+    from pipelines.train.data import single_camera_index, video_rows
 
     cfg = resolve_paths(cfg)
     init_ray(cfg.scaling.address)
@@ -72,15 +71,15 @@ def run_pretraining(cfg: PretrainConfig, *, progress: bool = True) -> PretrainRe
     tracker.log_artifact(str(run_dir / "config.yaml"))
     tracker.flush(timeout_s=30)  # the MLflow run exists before rank 0 logs into it (see the training driver)
 
-    # the index locates every image by shard and offset: a restored worker re-reads its buffered videos
-    index = single_camera_index(cfg.data.single).select(["key", "video", "frame", "tar", "offset", "size"])
+    # the index locates every image by shard and offset: each worker streams its own videos from it
+    # (seekable: a resumed worker starts at its checkpoint's position and re-reads its buffered videos)
+    index = single_camera_index(cfg.data.single).select(["key", "video", "label", "frame", "tar", "offset", "size"])
     index_path = run_dir / "index.parquet"
     tmp = index_path.with_name(f".{index_path.name}.tmp")
     pq.write_table(index, tmp)
     os.replace(tmp, index_path)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the streams restart every pass
     rows = video_rows(index)
-    datasets, videos_per_rank = {}, []
+    videos_per_rank = []
     for r in range(cfg.scaling.num_workers):
         mine = [row for row in rows if row["video"] % cfg.scaling.num_workers == r]
         if len(mine) * cfg.data.max_images_per_video < cfg.data.batch_size:
@@ -88,7 +87,6 @@ def run_pretraining(cfg: PretrainConfig, *, progress: bool = True) -> PretrainRe
                 f"data.single: worker {r} gets {len(mine)} of the {len(rows)} videos, which cannot fill a batch of "
                 f"data.batch_size={cfg.data.batch_size} with at most data.max_images_per_video="
                 f"{cfg.data.max_images_per_video} per video; lower scaling.num_workers or data.batch_size")
-        datasets[f"videos_{r}"] = ray.data.from_items(mine).map(load_video_images)
         videos_per_rank.append(len(mine))
     trainer = TorchTrainer(
         pretrain_loop_per_worker,
@@ -100,8 +98,6 @@ def run_pretraining(cfg: PretrainConfig, *, progress: bool = True) -> PretrainRe
         run_config=RunConfig(name=cfg.run.name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[]),  # each rank reads only its own videos_<rank>
     )
     with _PretrainProgress(run_dir / "history.jsonl", cfg.run.max_steps) if progress else contextlib.nullcontext():
         result = trainer.fit()
@@ -139,12 +135,11 @@ def summarize(history: list[dict]) -> dict:
 
 def export_backbone(checkpoint, run_dir: Path, which: str = "online") -> Path:
     """The pre-trained backbone (``which``: online or teacher) of a checkpoint, as safetensors."""
-    import torch
-
     from dynamix_core.model import save_state_dict
+    from pipelines.train.run_files import load_tensors
 
     with checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / "pretrain.pt", map_location="cpu", weights_only=False)["state"]
+        state = load_tensors(Path(d) / "pretrain.pt")
     network = state["online" if which == "online" else "teacher"]
     backbone = {k[len("backbone."):]: v for k, v in network.items() if k.startswith("backbone.")}
     out = run_dir / BACKBONE_FILE

@@ -28,12 +28,12 @@ def pretrain_loop_per_worker(config: dict) -> None:
     from dynamix_core.pretrain import OnlineNetwork, PretrainStep
     from dynamix_core.sampling import UnlabeledImageSampler
     from dynamix_core.training.step import _all_gather
-    from pipelines.pretrain.batches import BufferedImages, PairProducer
+    from pipelines.pretrain.batches import PairProducer
     from pipelines.pretrain.config import PretrainConfig
-    from pipelines.train.worker import open_rank0_records, record_metrics
-    from pipelines.train.data import VideoFeed
+    from pipelines.train.data import VideoFeed, rank_video_rows
     from pipelines.train.evaluate import TargetSet
-    from pipelines.train.worker import _rng_state, _set_rng_state, worker_context
+    from pipelines.train.run_files import load_json, load_tensors, set_rng_state
+    from pipelines.train.worker import open_rank0_records, record_metrics, worker_context
 
     cfg = from_dict(PretrainConfig, config["pretrain"])
     rank, world, device = worker_context(cfg.run.seed)
@@ -49,9 +49,11 @@ def pretrain_loop_per_worker(config: dict) -> None:
     step_fn = PretrainStep(online, cfg.objective, cfg.optim, total_steps=cfg.run.max_steps, device=device,
                            bf16=cfg.scaling.precision == "bf16", rank=rank, gather=_all_gather if world > 1 else None)
 
-    shard = ray.train.get_dataset_shard(f"videos_{rank}")
-    images = BufferedImages(VideoFeed(lambda: shard.iter_rows(), {}, 0, cache_videos=1))
-    sampler = UnlabeledImageSampler(images.stream, batch_size=cfg.data.batch_size,
+    # this rank's videos of the run index, seekable: a resume reads nothing before its position,
+    # and the videos a restored sampler buffers are read again when a batch needs them
+    feed = VideoFeed(rank_video_rows(config["index_path"], rank, world), {}, 0,
+                     cache_videos=2 * cfg.data.buffer_videos)
+    sampler = UnlabeledImageSampler(feed, batch_size=cfg.data.batch_size,
                                     buffer_size=min(cfg.data.buffer_videos, config["videos_per_rank"][rank]),
                                     max_images_per_video=cfg.data.max_images_per_video,
                                     seed=cfg.run.seed, rank=rank)
@@ -59,17 +61,16 @@ def pretrain_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            shared = torch.load(Path(ckpt_dir) / "pretrain.pt", map_location=device, weights_only=False)
-            step_fn.load_state_dict(shared["state"])
-            sampler.load_state_dict(json.loads((Path(ckpt_dir) / f"sampler_rank{rank}.json").read_text()))
-            _set_rng_state(torch.load(Path(ckpt_dir) / f"rank{rank}.pt", weights_only=False)["rng"])
-            start_step = int(shared["step"])
-        images.restore(config["index_path"], sampler.buffered_video_ids())
+            step_fn.load_state_dict(load_tensors(Path(ckpt_dir) / "pretrain.pt", device))
+            mine = load_json(Path(ckpt_dir) / f"state_rank{rank}.json")
+            sampler.load_state_dict(mine["sampler"])
+            set_rng_state(mine["rng"])
+            start_step = int(load_json(Path(ckpt_dir) / "progress.json")["step"])
 
     def is_checkpoint_step(s: int) -> bool:
         return s % cfg.run.checkpoint_every == 0 or s == cfg.run.max_steps
 
-    producer = PairProducer(sampler, images, cfg.data.view1, cfg.data.view2, seed=cfg.run.seed * 1000003 + rank,
+    producer = PairProducer(sampler, feed, cfg.data.view1, cfg.data.view2, seed=cfg.run.seed * 1000003 + rank,
                             prefetch=cfg.data.prefetch_batches, threads=cfg.data.decode_threads,
                             snapshot_at=is_checkpoint_step)
     monitors = [TargetSet.load(root, cfg.data.view1) for root in cfg.data.monitor] if rank == 0 else []
@@ -102,7 +103,7 @@ def pretrain_loop_per_worker(config: dict) -> None:
                 metrics.update(knn_monitor(step_fn.backbone(), monitors, cfg, device))
             ckpt = None
             if is_checkpoint_step(done):
-                ckpt = _write_checkpoint(step_fn, producer, done, rank, _rng_state)
+                ckpt = _write_checkpoint(step_fn, producer, done, rank)
             if rank == 0:
                 record_metrics(tracker, history, metrics, done)
             ray.train.report(metrics, checkpoint=ckpt)
@@ -152,15 +153,18 @@ def knn_monitor(backbone: nn.Module, monitors: list, cfg, device) -> dict[str, f
         backbone.train(was_training)
 
 
-def _write_checkpoint(step_fn, producer, step: int, rank: int, rng_state):
-    """Rank 0 writes the networks and optimizer (``pretrain.pt``); every rank its sampler and RNG."""
+def _write_checkpoint(step_fn, producer, step: int, rank: int):
+    """Rank 0 writes the networks and optimizer (``pretrain.pt``, tensors only: loaded with
+    ``weights_only=True``) and ``progress.json``; every rank its sampler and RNG state as JSON."""
     from ray.train import Checkpoint
+
+    from pipelines.train.run_files import rng_state, save_json
 
     ckpt_dir = Path(tempfile.mkdtemp(prefix=f"dynamix-pretrain-{step}-r{rank}-"))
     with producer.lock:
         sampler_state = producer.state_at(step)
     if rank == 0:
-        torch.save({"state": step_fn.state_dict(), "step": step}, ckpt_dir / "pretrain.pt")
-    torch.save({"rng": rng_state()}, ckpt_dir / f"rank{rank}.pt")
-    (ckpt_dir / f"sampler_rank{rank}.json").write_text(json.dumps(sampler_state))
+        torch.save(step_fn.state_dict(), ckpt_dir / "pretrain.pt")
+        save_json(ckpt_dir / "progress.json", {"step": step})
+    save_json(ckpt_dir / f"state_rank{rank}.json", {"sampler": sampler_state, "rng": rng_state()})
     return Checkpoint.from_directory(str(ckpt_dir))

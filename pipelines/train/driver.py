@@ -46,7 +46,6 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         return
     from pipelines.console import quiet_ray_libraries, ray_init_kwargs
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local default; a cluster brings its token
     if address:
         ray.init(address=address, namespace="dynamix", **ray_init_kwargs())
     else:
@@ -140,12 +139,27 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, data=data, labeling=dataclasses.replace(cfg.labeling, ground_truth=truth))
 
 
+def changed_settings(previous_config: Path, cfg) -> dict[str, tuple[str, str]]:
+    """``{dotted key: (previous, now)}`` for the settings that differ from the run folder's
+    ``config.yaml`` (a re-run of the same run with, e.g., a larger ``run.max_steps``); empty for a
+    new run."""
+    import yaml
+
+    from pipelines.tracking import flatten_params
+
+    if not previous_config.is_file():
+        return {}
+    before = flatten_params(yaml.safe_load(previous_config.read_text()) or {})
+    now = flatten_params(yaml.safe_load(dump_yaml(cfg)))  # the same round trip as the saved file
+    return {k: (before[k], v) for k, v in now.items() if k in before and before[k] != v}
+
+
 def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.tracking import ResilientTracker
+    from pipelines.tracking import ResilientTracker, flatten_params
     from pipelines.train.data import single_camera_index
     from services.label_store import get_or_create_store, store_actor_name
     from services.labeling_pool import coordinator_name, start_coordinator
@@ -155,11 +169,18 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     storage = Path(cfg.run.storage).resolve() if "://" not in cfg.run.storage else cfg.run.storage
     run_dir = Path(storage) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
+    changed = changed_settings(run_dir / "config.yaml", cfg)
     write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
     tracking_uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir / 'mlflow.db'}"
     tracker = ResilientTracker(tracking_uri, cfg.tracking.experiment, cfg.run.name, str(run_dir / "spool_driver"))
-    tracker.log_params(to_dict(cfg))
-    tracker.set_tags({"dynamix.method": cfg.method})
+    # MLflow params are immutable: a resumed run with changed settings records them as tags
+    params = flatten_params(to_dict(cfg))
+    tracker.log_params({k: v for k, v in params.items() if k not in changed})
+    tracker.set_tags({"dynamix.method": cfg.method,
+                      **{f"dynamix.resumed_with.{k}": new for k, (_, new) in changed.items()}})
+    if changed and progress:
+        print(f"[train] resuming {cfg.run.name} with changed settings: "
+              + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()), flush=True)
     tracker.log_artifact(str(run_dir / "config.yaml"))
     # resolve the MLflow run before the workers start, so rank 0 logs into this run rather than
     # racing to create one by name (None when the server is unreachable: both then resolve by name

@@ -38,10 +38,14 @@ class LabelClient:
         self.apply_centroids(bank, delta, step)
         return dict(zip(delta.keys.tolist(), delta.pids.tolist()))
 
-    def resume(self, checkpoint_version: int | None) -> dict[str, int]:
+    def resume(self, checkpoint_version: int | None, step: int | None = None) -> dict[str, int]:
         """After a restart: the whole table of the checkpoint's version, the one its sampler state
         was planned with (the restored bank already holds that version's centroids, updated since);
-        the next :meth:`poll` brings in the newer versions, their labels and centroids."""
+        the next :meth:`poll` brings in the newer versions, their labels and centroids. Rank 0 also
+        tells the coordinator the group restarted at ``step`` (it drops the dead group's weights,
+        step and requests)."""
+        if step is not None and self.rank == 0 and self.coordinator is not None:
+            ray.get(self.coordinator.trainers_restarted.remote(step))
         delta = ray.get(self.store.changes_since.remote(None, until=checkpoint_version))
         self.version = delta.version
         return dict(zip(delta.keys.tolist(), delta.pids.tolist()))

@@ -111,7 +111,7 @@ def train_loop_per_worker(config: dict) -> None:
             if client is not None:
                 # labels of the checkpoint's version, then newer versions are pulled as usual
                 labels.clear()
-                labels.update(client.resume(progress["label_version"]))
+                labels.update(client.resume(progress["label_version"], start_step))
         log.info("rank %d resumed at step %d", rank, start_step)
 
     target = TargetSet.load(cfg.data.target, cfg.data.transform) if (cfg.data.target and rank == 0) else None
