@@ -352,9 +352,12 @@ def format_result(result: IngestResult) -> str:
     """The final human-readable summary."""
     s = result.summary
     rate = s["images"] / result.seconds if result.seconds > 0 else float("nan")
+    first = (f"ingested {s['images']} images of {', '.join(s['datasets'])} in {result.seconds:.1f}s "
+             f"({rate:.0f} images/s)")
+    if result.shards_written == 0 and result.shards_skipped:
+        first = f"up to date: {s['images']} images of {', '.join(s['datasets'])} already in {result.shards_skipped} shards"
     return "\n".join([
-        f"ingested {s['images']} images of {', '.join(s['datasets'])} in {result.seconds:.1f}s "
-        f"({rate:.0f} images/s)",
+        first,
         f"format: {s['format']} ({result.format_why})",
         f"identities: {s['identities']}  cameras: {s['cameras']}  videos: {s['videos']}",
         f"shards: {s['shards']} ({result.shards_written} written, {result.shards_skipped} already complete), "

@@ -148,6 +148,8 @@ def export_backbone(checkpoint, run_dir: Path, which: str = "online") -> Path:
 
 
 class _PretrainProgress(_ProgressPrinter):
+    prefix = "pretrain"
+
     def format(self, m: dict) -> str:
         knn = "".join(f"  {k[4:]} {100 * v:.1f}" for k, v in m.items() if k.startswith("knn/") and k.endswith("/mAP"))
         if "loss/contrastive" not in m:  # the monitor row of the untrained backbone

@@ -309,6 +309,8 @@ def stop_labeling_actors(run_name: str, namespace: str = "dynamix") -> None:
 class _ProgressPrinter:
     """Prints one line per metric report (rank 0 appends them to history.jsonl) while training runs."""
 
+    prefix = "train"
+
     def __init__(self, history: Path, max_steps: int):
         import threading
 
@@ -325,7 +327,12 @@ class _ProgressPrinter:
         self.thread.join(timeout=5)
 
     def _run(self) -> None:
-        printed = 0
+        # a re-run of a finished or interrupted run: its earlier rows are not news
+        printed = len(read_jsonl(self.history)) if self.history.is_file() else 0
+        if printed:
+            last = read_jsonl(self.history)[-1].get("step", "?")
+            print(f"[{self.prefix}] continuing the run (recorded up to step {last}): it resumes from its last "
+                  "checkpoint", flush=True)
         while not self.stop.wait(1.0):
             if not self.history.is_file():
                 continue
