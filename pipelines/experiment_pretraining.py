@@ -108,6 +108,7 @@ def run_ablation(out: Path, *, steps: int, seeds: int, pretrain_steps: int | Non
         bare.append(summary)
         h, w = pre.model.img_size
         same_model = [f"model.backbone={pre.model.backbone}", f"model.img_size=[{h},{w}]",
+                      f"model.ibn={str(pre.model.ibn).lower()}",
                       f"data.transform.height={h}", f"data.transform.width={w}"]
         for row, _, recipe, pretrained in ROWS:
             extra = same_model + [f"run.seed={seed}", f"run.max_steps={steps}", "run.eval_every=0"]

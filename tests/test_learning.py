@@ -31,7 +31,7 @@ from pipelines.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SETS = ("synth_m0", "synth_m1")
-STEPS = 80
+STEPS = 350
 
 
 def read_market(root: Path, folder: str):

@@ -242,3 +242,36 @@ def test_stripe_pooling_averages_horizontal_bands_of_the_feature_map(backbone, s
         out = enc(x)
     assert enc.embed_dim == C * 4 == out.shape[1]
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_ibn_a_normalises_half_the_channels_per_image_and_half_per_batch():
+    """``model.ibn``: bn1 of every block of layer1-layer3 is IBN-a, checked against the equations
+    (instance norm: each image's own per-channel mean and biased variance; batch norm: the batch's),
+    and instance normalisation makes those channels blind to a per-image gain. A ViT is refused."""
+    from dynamix_core.config import ConfigError
+    from dynamix_core.model.encoder import IBN
+
+    enc = build_encoder(ModelConfig(backbone="test_resnet", img_size=(64, 32), num_stripes=2, drop_path_rate=0.0,
+                                    ibn=True))
+    converted = [blk.bn1 for name in ("layer1", "layer2", "layer3") for blk in getattr(enc.backbone, name)]
+    assert converted and all(isinstance(m, IBN) for m in converted)
+    assert not any(isinstance(blk.bn1, IBN) for blk in enc.backbone.layer4)
+
+    ibn = converted[0].train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ibn.IN.weight.uniform_(0.5, 1.5), ibn.IN.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(4, ibn.half * 2, 6, 5) * 3 + 1
+    out = ibn(x)
+    a, b = x[:, :ibn.half], x[:, ibn.half:]
+    inst = (a - a.mean(dim=(2, 3), keepdim=True)) / torch.sqrt(a.var(dim=(2, 3), unbiased=False, keepdim=True) + 1e-5)
+    inst = inst * ibn.IN.weight.view(1, -1, 1, 1) + ibn.IN.bias.view(1, -1, 1, 1)
+    batch = (b - b.mean(dim=(0, 2, 3), keepdim=True)) / torch.sqrt(b.var(dim=(0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(out, torch.cat([inst, batch], dim=1), rtol=1e-4, atol=1e-4)
+    # one image 3x brighter in every channel: its instance-normalised half does not change
+    brighter = x.clone()
+    brighter[0] *= 3
+    torch.testing.assert_close(ibn(brighter)[0, :ibn.half], out[0, :ibn.half], rtol=1e-3, atol=1e-3)
+
+    with pytest.raises(ConfigError, match="model.ibn"):
+        build_encoder(ModelConfig(backbone="test_vit", img_size=(32, 16), drop_path_rate=0.0, ibn=True))

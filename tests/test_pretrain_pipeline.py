@@ -35,7 +35,7 @@ def tiny_pretrain_config(root: Path, name: str, *extra: str) -> PretrainConfig:
         f"data.single=[{shards / 'synth_video'}]", f"data.monitor=[{shards / 'synth_target'}]",
         "data.batch_size=8", "data.buffer_videos=4", "data.max_images_per_video=2",
         *[f"data.view{i}.{v}" for i in (1, 2) for v in view], "data.decode_threads=1", "data.prefetch_batches=1",
-        "model.backbone=test_resnet", "model.img_size=[32,16]",
+        "model.backbone=test_resnet", "model.img_size=[32,16]", "model.ibn=true",  # as the demo training recipes
         "objective.dim=16", "objective.mlp_dim=32", "objective.projector_layers=2",
         "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "eval.max_rank=10",
         f"tracking.uri=sqlite:///{root / 'runs' / name / 'mlflow.db'}",

@@ -18,6 +18,10 @@ class ModelConfig:
     num_stripes: int = field(
         1, help="1: the backbone's own global pooling; K > 1: PCB-style part pooling, the feature map "
         "average-pooled in K horizontal stripes and concatenated (embedding K x channels)")
+    ibn: bool = field(
+        False, help="IBN-a (Pan et al., 2018): in each residual block of a ResNet's first three stages, half "
+        "of the first BatchNorm's channels are instance-normalised; the field's domain-generalisation "
+        "backbone (fast-reid's with_ibn). ResNet backbones only")
     ema_momentum: float = field(0.999, help="momentum m of the EMA encoder: f~ <- m f~ + (1 - m) f after each step")
     weights: str | None = field(None, help="local checkpoint (.safetensors or torch state dict) to start from; never downloaded")
     weights_scope: Literal["backbone", "encoder"] = field(

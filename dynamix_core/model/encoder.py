@@ -13,22 +13,56 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from dynamix_core.config import ConfigError
 from dynamix_core.model.config import ModelConfig
 from dynamix_core.model.weights import WeightsError, load_state_dict_checked, load_weights, read_state_dict, strip_key_prefixes
 
 
-def create_backbone(name: str, img_size: tuple[int, int], drop_path_rate: float) -> nn.Module:
+def create_backbone(name: str, img_size: tuple[int, int], drop_path_rate: float, ibn: bool = False) -> nn.Module:
     """A timm backbone without classifier (``num_classes=0``: it returns pooled features).
 
     ViTs are built for ``img_size`` (their patch grid and position embeddings depend on it); CNNs
-    take any input size and their constructors reject the argument, so it is dropped for them."""
+    take any input size and their constructors reject the argument, so it is dropped for them.
+    ``ibn`` turns a ResNet into its IBN-a form (:func:`convert_ibn_a`)."""
     kwargs = dict(pretrained=False, num_classes=0, drop_path_rate=drop_path_rate)
     try:
-        return timm.create_model(name, img_size=img_size, **kwargs)
+        backbone = timm.create_model(name, img_size=img_size, **kwargs)
     except TypeError as exc:
         if "img_size" not in str(exc):
             raise
-    return timm.create_model(name, **kwargs)
+        backbone = timm.create_model(name, **kwargs)
+    if ibn:
+        convert_ibn_a(backbone, name)
+    return backbone
+
+
+class IBN(nn.Module):
+    """Instance-Batch Normalisation (IBN-a, Pan et al., "Two at Once", ECCV 2018): the first
+    ``half`` channels are instance-normalised (affine), the rest batch-normalised. Instance
+    normalisation removes each image's own contrast and colour-cast statistics from those channels
+    (camera style) while the batch-normalised half keeps what tells people apart."""
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        channels = bn.num_features
+        self.half = channels // 2
+        self.IN = nn.InstanceNorm2d(self.half, affine=True)
+        self.BN = nn.BatchNorm2d(channels - self.half, eps=bn.eps, momentum=bn.momentum)
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        a_BCHW, b_BCHW = torch.split(x_BCHW, [self.half, x_BCHW.shape[1] - self.half], dim=1)
+        return torch.cat([self.IN(a_BCHW.contiguous()), self.BN(b_BCHW.contiguous())], dim=1)
+
+
+def convert_ibn_a(backbone: nn.Module, name: str = "backbone") -> None:
+    """IBN-a in place: ``bn1`` of every residual block of ``layer1``-``layer3`` becomes :class:`IBN`
+    (layer4 keeps BatchNorm, as in IBN-Net and fast-reid)."""
+    stages = [getattr(backbone, f"layer{i}", None) for i in (1, 2, 3)]
+    if any(stage is None for stage in stages):
+        raise ConfigError(f"model.ibn: {name} is not a ResNet (no layer1..layer3); IBN-a applies to ResNets only")
+    for stage in stages:
+        for block in stage:
+            block.bn1 = IBN(block.bn1)
 
 
 class BNNeck(nn.Module):
@@ -110,7 +144,7 @@ def load_backbone_weights(backbone: nn.Module, path: str, *, strict: bool = True
 
 def build_encoder(cfg: ModelConfig) -> ReIDEncoder:
     """The encoder described by ``cfg``, with its initial weights loaded when ``cfg.weights`` is set."""
-    encoder = ReIDEncoder(create_backbone(cfg.backbone, cfg.img_size, cfg.drop_path_rate), cfg.num_stripes)
+    encoder = ReIDEncoder(create_backbone(cfg.backbone, cfg.img_size, cfg.drop_path_rate, cfg.ibn), cfg.num_stripes)
     if cfg.weights is not None:
         if cfg.weights_scope == "backbone":
             load_backbone_weights(encoder.backbone, cfg.weights, strict=cfg.strict_weights, strip_prefixes=cfg.strip_prefixes)

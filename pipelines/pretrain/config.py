@@ -54,6 +54,7 @@ class PretrainModelSection:
     backbone: str = field("vit_base_patch16_224", help="timm model name; train runs load the output with the same model.backbone")
     img_size: tuple[int, int] = field((256, 128), help="input image size (height, width)")
     drop_path_rate: float = field(0.0, help="stochastic depth rate of the backbone (the teacher runs in train mode: keep it small)")
+    ibn: bool = field(False, help="IBN-a ResNet (as model.ibn of training: a train run loading the output needs the same)")
     weights: str | None = field(None, help="local backbone weights to start from (e.g. an earlier pre-training's backbone.safetensors)")
     strip_prefixes: tuple[str, ...] = field((), help="key prefixes removed from the weights file's keys before matching")
     strict_weights: bool = field(True, help="fail unless the file's keys match the backbone's exactly")

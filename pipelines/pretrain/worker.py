@@ -128,7 +128,7 @@ def build_backbone(cfg) -> nn.Module:
     """The backbone of ``cfg.model``, from ``cfg.model.weights`` when set (backbone scope)."""
     from dynamix_core.model import create_backbone, load_backbone_weights
 
-    backbone = create_backbone(cfg.model.backbone, cfg.model.img_size, cfg.model.drop_path_rate)
+    backbone = create_backbone(cfg.model.backbone, cfg.model.img_size, cfg.model.drop_path_rate, cfg.model.ibn)
     if cfg.model.weights is not None:
         load_backbone_weights(backbone, cfg.model.weights, strict=cfg.model.strict_weights,
                               strip_prefixes=cfg.model.strip_prefixes)
