@@ -46,6 +46,20 @@ def read_market(root: Path, folder: str):
     return data, np.array(pids), np.array(cams)
 
 
+def read_train_sets(root: Path, names) -> tuple[list[bytes], np.ndarray, np.ndarray, list[str]]:
+    """The train images of several Market folders ``root/<name>``, with pids made dense and unique
+    across the sets and cameras made unique: (encoded images, pids, cameras, set of each image)."""
+    data, pid, cam, dataset = [], [], [], []
+    for s, name in enumerate(names):
+        d, p, c = read_market(root / name, "bounding_box_train")
+        data += d
+        pid.append(p + 10_000 * s)
+        cam.append(c + 10 * s)
+        dataset += [name] * len(d)
+    dense = {p: i for i, p in enumerate(np.unique(np.concatenate(pid)))}
+    return data, np.array([dense[p] for p in np.concatenate(pid)]), np.concatenate(cam), dataset
+
+
 def colour_histogram(data: list[bytes]) -> np.ndarray:
     """HSV 8x3x3 histograms of 6 stripes over the central half of the width, L2-normalised."""
     feats = []
@@ -89,17 +103,8 @@ def test_demo_recipe_learns_beyond_a_colour_histogram(small_synth):
     torch.manual_seed(0)
     torch.set_num_threads(2)
     cfg = load_config(TrainConfig, REPO / "recipes" / "multicam_baseline_demo.yaml", [f"run.max_steps={STEPS}"])
-    # the multi-camera train images, with pids and cameras made unique across the two sets
-    data, pid, cam, dataset = [], [], [], []
-    for s, name in enumerate(SETS):
-        d, p, c = read_market(small_synth / "multi" / name, "bounding_box_train")
-        data += d
-        pid.append(p + 10_000 * s)
-        cam.append(c + 10 * s)
-        dataset += [name] * len(d)
-    pid_map = {p: i for i, p in enumerate(np.unique(np.concatenate(pid)))}
-    pid = np.array([pid_map[p] for p in np.concatenate(pid)])
-    cam = np.concatenate(cam)
+    data, pid, cam, dataset = read_train_sets(small_synth / "multi", SETS)
+    num_ids = int(pid.max()) + 1
 
     size = (cfg.data.transform.height, cfg.data.transform.width)
     images = [decode_image(b, size) for b in data]
@@ -107,7 +112,7 @@ def test_demo_recipe_learns_beyond_a_colour_histogram(small_synth):
     model = build_encoder(cfg.model)
     untrained = build_encoder(cfg.model).eval()
     untrained.load_state_dict(model.state_dict())
-    bank = build_centroid_bank(cfg.centroids, len(pid_map), model.embed_dim)
+    bank = build_centroid_bank(cfg.centroids, num_ids, model.embed_dim)
     step_fn = TrainStep(model, bank, loss_cfg=cfg.loss, optim_cfg=cfg.optim, ema_momentum=cfg.model.ema_momentum,
                         total_steps=STEPS, device=torch.device("cpu"))
     sampler = MultiCameraSampler(np.arange(len(data)), pid, cam, dataset,

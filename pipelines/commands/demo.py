@@ -2,8 +2,8 @@
 instance with 2 CPU workers, evaluate on the held-out target domain, log to MLflow (SQLite under
 the run folder), register + promote the momentum encoder, and write an HTML report.
 
-    dynamix demo --out runs/demo                        # what `make demo` runs (~10 minutes on 2 cores)
-    dynamix demo --out runs/demo --set run.max_steps=300 --recipe recipes/remix_demo.yaml
+    dynamix demo --out runs/demo                        # what `make demo` runs (~17 minutes on 2 cores)
+    dynamix demo --out runs/demo --set run.max_steps=1000 --recipe recipes/remix_demo.yaml
     dynamix demo --out runs/demo --address ray://head:10001   # join an existing Ray cluster
 
 Re-running resumes every stage (finished data is kept, the training run continues).
