@@ -59,7 +59,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow sets its loggers' level at import
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r"Add type hints to the `predict` method", category=UserWarning)
+    # (MLflow colours this one: the message starts with an ANSI escape)
+    warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"The maximum number of concurrent tasks", category=UserWarning)
 
