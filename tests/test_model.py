@@ -275,3 +275,22 @@ def test_ibn_a_normalises_half_the_channels_per_image_and_half_per_batch():
 
     with pytest.raises(ConfigError, match="model.ibn"):
         build_encoder(ModelConfig(backbone="test_vit", img_size=(32, 16), drop_path_rate=0.0, ibn=True))
+
+
+def test_a_backbone_that_cannot_be_built_is_refused_on_the_driver_in_one_line(tmp_path):
+    """``dynamix train`` with ``model.ibn`` on a ViT, or a misspelt timm name, ends before Ray starts
+    with one ``error:`` line naming the key (exit 2), not a worker traceback."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    for override, key in (("model.backbone=test_vit", "model.ibn"), ("model.backbone=resnet_typo", "model.backbone")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipelines.cli", "train", "--config", "recipes/multicam_baseline_demo.yaml",
+             "--set", override, "--set", f"run.storage={tmp_path}"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert len(lines) == 1 and key in lines[0] and "error:" in lines[0], lines
+        assert "Started a local Ray instance" not in proc.stdout + proc.stderr

@@ -36,6 +36,19 @@ def create_backbone(name: str, img_size: tuple[int, int], drop_path_rate: float,
     return backbone
 
 
+def check_backbone(name: str, img_size: tuple[int, int], ibn: bool = False) -> None:
+    """Build the backbone once on the meta device (no memory, ~0.1 s for ViT-B): a ``model.*``
+    choice that cannot be built (an unknown timm name, ``ibn`` on a ViT) fails here, on the driver,
+    as one :class:`ConfigError`, instead of in every Ray worker after the cluster has started."""
+    try:
+        with torch.device("meta"):
+            create_backbone(name, img_size, 0.0, ibn)
+    except RuntimeError as exc:
+        if "Unknown model" not in str(exc):
+            raise
+        raise ConfigError(f"model.backbone: {name!r} is not a timm model name (timm.list_models() lists them)") from None
+
+
 class IBN(nn.Module):
     """Instance-Batch Normalisation (IBN-a, Pan et al., "Two at Once", ECCV 2018): the first
     ``half`` channels are instance-normalised (affine), the rest batch-normalised. Instance

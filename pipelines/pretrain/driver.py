@@ -58,6 +58,9 @@ def run_pretraining(cfg: PretrainConfig, *, progress: bool = True) -> PretrainRe
     from pipelines.tracking import ResilientTracker
     from pipelines.train.data import single_camera_index, video_rows
 
+    from dynamix_core.model import check_backbone
+
+    check_backbone(cfg.model.backbone, cfg.model.img_size, cfg.model.ibn)  # before the data and the cluster
     cfg = resolve_paths(cfg)
     init_ray(cfg.scaling.address)
     storage = Path(cfg.run.storage).resolve()

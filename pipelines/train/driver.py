@@ -164,6 +164,9 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     from services.label_store import get_or_create_store, store_actor_name
     from services.labeling_pool import coordinator_name, start_coordinator
 
+    from dynamix_core.model import check_backbone
+
+    check_backbone(cfg.model.backbone, cfg.model.img_size, cfg.model.ibn)  # before the data and the cluster
     cfg = resolve_paths(cfg)
     init_ray(cfg.scaling.address)
     storage = Path(cfg.run.storage).resolve() if "://" not in cfg.run.storage else cfg.run.storage
@@ -328,9 +331,10 @@ class _ProgressPrinter:
 
     def _run(self) -> None:
         # a re-run of a finished or interrupted run: its earlier rows are not news
-        printed = len(read_jsonl(self.history)) if self.history.is_file() else 0
-        if printed:
-            last = read_jsonl(self.history)[-1].get("step", "?")
+        earlier = read_jsonl(self.history) if self.history.is_file() else []
+        printed = len(earlier)
+        if earlier:
+            last = earlier[-1].get("step", "?")
             print(f"[{self.prefix}] continuing the run (recorded up to step {last}): it resumes from its last "
                   "checkpoint", flush=True)
         while not self.stop.wait(1.0):
