@@ -4,8 +4,9 @@ Every recipe of a suite is trained on the same demo data (:func:`pipelines.demo.
 the same ``run.max_steps`` and its demo recipe's batch of 64 images per worker on 2 workers, then
 evaluated on the held-out target domain, once per seed (``--seeds``, default 3); one markdown row per
 recipe (mean ± std of mAP and Rank-1 over seeds, and each seed's mAP) is printed and saved with a bar
-plot under ``OUT/experiments/``. Runs are named by suite, recipe, seed and steps, so a re-run skips
-the runs that already finished and resumes an interrupted one.
+plot under ``OUT/experiments/``. Runs are named by recipe, seed, steps and any ``--set`` overrides (not
+by suite), so a re-run skips the runs that already finished and resumes an interrupted one, and
+``recipes`` reuses the three runs per seed that ``mixing`` already trained.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def run_suite(suite: str, out: Path, *, steps: int, seeds: int = 3, overrides: l
     for name, recipe in SUITES[suite]:
         runs = []
         for seed in range(seeds):
-            run_name = f"{suite}-{name}-s{seed}-{steps}"
+            run_name = run_name_for(name, seed, steps, overrides)
             storage = out / "experiments" / "runs"
             done = storage / run_name / "result.json"
             if done.is_file() and "eval/mAP" in json.loads(done.read_text())["metrics"]:
@@ -71,6 +72,16 @@ def run_suite(suite: str, out: Path, *, steps: int, seeds: int = 3, overrides: l
     print(table, flush=True)
     print(f"[experiment] table and plot: {folder / stem}.md / .png", flush=True)
     return rows
+
+
+def run_name_for(row: str, seed: int, steps: int, overrides: list[str] = ()) -> str:
+    """One run per (recipe, seed, steps, overrides), shared by every suite that contains the recipe."""
+    import hashlib
+
+    name = f"{row}-s{seed}-{steps}"
+    if overrides:
+        name += "-" + hashlib.sha256("\n".join(sorted(overrides)).encode()).hexdigest()[:8]
+    return name
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

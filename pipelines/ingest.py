@@ -15,6 +15,13 @@
 Resumable and idempotent: a shard whose manifest matches its plan (same samples, nothing rejected)
 is skipped on a re-run, so after a crash, or after fixing rejected inputs, a re-run writes only what
 is missing, and re-running a finished ingest changes no file. One ingest per output folder at a time.
+
+Incremental: the plan is kept in ``plan.parquet`` (one row per planned image: key, shard, global
+ids). A re-run into the same folder keeps its ids (a new identity, camera or video gets a new id
+after the old ones, even when its name sorts between them) and its layout (every earlier image stays
+in its shard, new videos and images go to new shards), so a source that grew, as scheduled
+retraining ingests it, writes only new shards and the shards whose own images changed. Changed shard
+limits, an earlier shard left with no image, or an inconsistent plan file mean a fresh plan.
 """
 
 from __future__ import annotations
@@ -54,6 +61,11 @@ from dynamix_core.data.shards import (
 )
 
 _SHARD_RE = re.compile(r"shard-(\d{6})\.(tar|parquet)")
+#: the plan of the last ingest into a folder (key -> shard and global ids), read by the next one
+PLAN_NAME = "plan.parquet"
+PLAN_SCHEMA = pa.schema([("key", pa.string()), ("dataset", pa.string()), ("shard", pa.int32()),
+                         ("pid", pa.int64()), ("camid", pa.int64()), ("video_id", pa.int64()),
+                         ("source_pid", pa.string()), ("source_camid", pa.string())])
 #: problems listed one by one in ingest.json (all of them are counted)
 MAX_LISTED_PROBLEMS = 1000
 
@@ -143,8 +155,86 @@ def _estimated_tar_bytes(size: int) -> int:
     return 3 * BLOCK + -(-size // BLOCK) * BLOCK
 
 
+@dataclass(frozen=True, slots=True)
+class PreviousPlan:
+    """What the last ingest into a folder planned (from its ``plan.parquet``)."""
+
+    shard_of: dict[str, int]  # key -> shard index
+    num_shards: int
+    ids: dict[str, tuple[int, int, int]]  # key -> (pid, camid, video_id)
+    pid: dict[tuple[str, str], int]  # (dataset, source_pid) -> pid
+    camid: dict[tuple[str, str], int]  # (dataset, source_camid) -> camid
+
+    def fixed_maps(self, samples: list[RawSample]) -> dict[str, dict] | None:
+        """The earlier ids for :meth:`IdentityMaps.build`, or None when they are not one-to-one
+        (then the folder is planned afresh). Videos are matched through the keys of their images."""
+        video: dict[tuple[str, str], int] = {}
+        for s in samples:
+            ids = self.ids.get(s.key)
+            if s.source_video is not None and ids is not None and ids[2] != -1:
+                if video.setdefault((s.dataset, s.source_video), ids[2]) != ids[2]:
+                    return None
+        fixed = {"pid": self.pid, "camid": self.camid, "video": video}
+        if any(len(set(m.values())) != len(m) for m in fixed.values()):
+            return None
+        return fixed
+
+
+def read_previous_plan(out_dir: Path, *, max_bytes: int, max_count: int) -> PreviousPlan | None:
+    """The plan of the last ingest into ``out_dir``, if it used the same shard limits (else None)."""
+    path = out_dir / PLAN_NAME
+    if not path.is_file():
+        return None
+    table = pq.read_table(path)
+    meta = table.schema.metadata or {}
+    if meta.get(b"shard_max_bytes") != str(max_bytes).encode() or meta.get(b"shard_max_count") != str(max_count).encode():
+        return None
+    c = table.cast(PLAN_SCHEMA).to_pydict()
+    pid, camid = {}, {}
+    for ds, spid, p, scam, cam in zip(c["dataset"], c["source_pid"], c["pid"], c["source_camid"], c["camid"]):
+        if p != -1 and pid.setdefault((ds, spid), p) != p or camid.setdefault((ds, scam), cam) != cam:
+            return None  # one source id with two ids: not a plan this code wrote
+    return PreviousPlan(shard_of=dict(zip(c["key"], c["shard"])),
+                        num_shards=max(c["shard"], default=-1) + 1,
+                        ids={k: ids for k, *ids in zip(c["key"], c["pid"], c["camid"], c["video_id"])},
+                        pid=pid, camid=camid)
+
+
+def write_plan(plans: list["ShardPlan"], path: Path, *, max_bytes: int, max_count: int) -> None:
+    """``plan.parquet``, atomically and only when its content changed."""
+    rows = [(r.key, r.dataset, p.index, r.pid, r.camid, r.video_id, r.source_pid, r.source_camid)
+            for p in plans for r, _, _ in p.samples]
+    columns = list(zip(*rows)) if rows else [[] for _ in PLAN_SCHEMA]
+    table = pa.table([pa.array(col, f.type) for col, f in zip(columns, PLAN_SCHEMA)], schema=PLAN_SCHEMA)
+    table = table.replace_schema_metadata({"shard_max_bytes": str(max_bytes), "shard_max_count": str(max_count)})
+    if path.is_file():
+        old = pq.read_table(path)
+        if old.schema.metadata == table.schema.metadata and old.cast(PLAN_SCHEMA).equals(table.cast(PLAN_SCHEMA)):
+            return
+    write_table_atomic(table, path)
+
+
+def _pack(units: list[list[tuple[Record, ImageRef, int]]], first_index: int, *, max_bytes: int,
+          max_count: int) -> list[ShardPlan]:
+    """Fill shards from ``first_index`` on with whole units, in order."""
+    plans: list[ShardPlan] = []
+    current: list[tuple[Record, ImageRef, int]] = []
+    current_bytes = 0
+    for members in units:
+        unit_bytes = sum(_estimated_tar_bytes(size) for _, _, size in members)
+        if current and (len(current) + len(members) > max_count or current_bytes + unit_bytes > max_bytes):
+            plans.append(ShardPlan(first_index + len(plans), current))
+            current, current_bytes = [], 0
+        current.extend(members)
+        current_bytes += unit_bytes
+    if current:
+        plans.append(ShardPlan(first_index + len(plans), current))
+    return plans
+
+
 def plan_shards(
-    samples: list[RawSample], maps: IdentityMaps, report: InputReport, *, max_bytes: int, max_count: int
+    samples: list[RawSample], maps: IdentityMaps, report: InputReport, *, max_bytes: int, max_count: int,
+    previous: PreviousPlan | None = None,
 ) -> list[ShardPlan]:
     """Pack ``samples`` (in their given, sorted order) into shard plans.
 
@@ -152,7 +242,11 @@ def plan_shards(
     sample order) and single images otherwise; a shard is closed when the next unit would push it
     past ``max_count`` images or ``max_bytes`` estimated bytes. A sample whose image cannot be found
     is rejected here. Stored sizes are part of the plan, so replacing an input by a file of another
-    size (a fixed image) makes its shard's plan differ and the shard be rewritten."""
+    size (a fixed image) makes its shard's plan differ and the shard be rewritten.
+
+    With ``previous``, a unit whose earlier images all lay in one shard stays there (a video that
+    grew stays whole in its shard); the other units fill new shards after the earlier ones. If an
+    earlier shard would be left empty, everything is packed afresh."""
     units: dict[tuple, list[tuple[Record, ImageRef, int]]] = {}
     for s in samples:
         try:
@@ -162,19 +256,19 @@ def plan_shards(
             continue
         unit = ("video", s.dataset, s.source_video) if s.source_video is not None else ("image", s.key)
         units.setdefault(unit, []).append((maps.record(s), s.image, size))
-    plans: list[ShardPlan] = []
-    current: list[tuple[Record, ImageRef, int]] = []
-    current_bytes = 0
-    for members in units.values():
-        unit_bytes = sum(_estimated_tar_bytes(size) for _, _, size in members)
-        if current and (len(current) + len(members) > max_count or current_bytes + unit_bytes > max_bytes):
-            plans.append(ShardPlan(len(plans), current))
-            current, current_bytes = [], 0
-        current.extend(members)
-        current_bytes += unit_bytes
-    if current:
-        plans.append(ShardPlan(len(plans), current))
-    return plans
+    if previous is not None:
+        kept: dict[int, list[tuple[Record, ImageRef, int]]] = {}
+        new_units = []
+        for members in units.values():
+            earlier = {previous.shard_of[r.key] for r, _, _ in members if r.key in previous.shard_of}
+            if len(earlier) == 1:
+                kept.setdefault(earlier.pop(), []).extend(members)
+            else:
+                new_units.append(members)
+        if sorted(kept) == list(range(previous.num_shards)):
+            return [ShardPlan(i, kept[i]) for i in range(previous.num_shards)] + _pack(
+                new_units, previous.num_shards, max_bytes=max_bytes, max_count=max_count)
+    return _pack(list(units.values()), 0, max_bytes=max_bytes, max_count=max_count)
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -320,11 +414,15 @@ def run_ingest(cfg: IngestConfig, *, progress: bool = True) -> IngestResult:
     report = InputReport(strict=cfg.strict)
     fmt, why = (cfg.format, "given with --format") if cfg.format != "auto" else detect_format_why(cfg.root)
     samples = parse_source(fmt, cfg.root, report, dataset=cfg.dataset, **cfg.options)
-    maps = IdentityMaps.build(samples)
-    plans = plan_shards(samples, maps, report, max_bytes=cfg.shard_max_bytes, max_count=cfg.shard_max_count)
     out_dir = Path(cfg.out)
+    limits = {"max_bytes": cfg.shard_max_bytes, "max_count": cfg.shard_max_count}
+    previous = read_previous_plan(out_dir, **limits)
+    fixed = previous.fixed_maps(samples) if previous is not None else None
+    maps = IdentityMaps.build(samples, fixed)
+    plans = plan_shards(samples, maps, report, **limits, previous=previous if fixed is not None else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(out_dir)
+    write_plan(plans, out_dir / PLAN_NAME, **limits)  # first: a resumed run plans the same shards
 
     # a re-run over an unchanged source has nothing to write: check here instead of starting Ray
     all_done = all(_finished_shard(p, out_dir) is not None for p in plans)

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO_ROOT
+from dynamix_core.data.lmdb_io import close_lmdb_handles
 from dynamix_core.data.reader import ShardReader, read_dataset_manifest
 from dynamix_core.data.records import BadInputError, InputReport
 from dynamix_core.data.shards import iter_tar_samples, read_shard_metadata
@@ -215,8 +216,8 @@ def test_resume_after_a_crash_in_a_writer(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="injected"):
         ingest(tmp_path / "src", tmp_path / "out", shard_max_count=4)
     _assert_no_partial_shard(tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "shard-000000.parquet", "shard-000000.tar", "shard-000001.parquet", "shard-000001.tar"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [  # the plan is written before any shard
+        "plan.parquet", "shard-000000.parquet", "shard-000000.tar", "shard-000001.parquet", "shard-000001.tar"]
 
     monkeypatch.setattr(ingest_mod, "image_problem", real)
     result = ingest(tmp_path / "src", tmp_path / "out", shard_max_count=4)
@@ -358,3 +359,64 @@ def test_ray_ingest_console_is_our_own_output(tmp_path):
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
     assert lines[0].startswith("ingested 9 images") and len(lines) <= 8, "\n".join(lines)
     assert not any(("deprecated" in ln.lower() or "concurrency" in ln) for ln in lines), "\n".join(lines)
+
+
+def _contents(out: Path) -> dict[str, tuple]:
+    """Every image of an ingest folder as the trainer sees it: key -> (source ids, bytes)."""
+    return {s.key: (s.record.dataset, s.record.source_pid, s.record.source_camid, s.record.split, s.record.frame,
+                    s.data) for s in ShardReader(out).iter_samples()}
+
+
+def test_a_growing_source_rewrites_only_what_changed(tmp_path):
+    """Scheduled retraining re-ingests a source that grew. A new video whose name sorts between the
+    old ones (new identities, new camera) must not renumber the old ids inside the old shards, so
+    the old shards stay as they are (bytes and modification times) and only new shards are written;
+    the grown folder holds the same images with the same source ids as a fresh ingest of the grown
+    source, and the old keys keep their ids."""
+    import shutil
+
+    frames = {1: 4, 3: 5, 5: 3, 7: 4}
+    make_luperson_nl(tmp_path / "src", frames)
+    ingest(tmp_path / "src", tmp_path / "out", shard_max_count=6)
+    before = snapshot(tmp_path / "out")
+    old_ids = {r["key"]: (r["pid"], r["camid"], r["video_id"]) for r in read_dataset_manifest(tmp_path / "out").to_pylist()}
+    old_shards = {name for name in before if name.startswith("shard-")}
+    assert len(old_shards) == 2 * len(frames)  # one tar + one parquet per video
+
+    grown = {**frames, 4: 3}  # video 4 sorts between 3 and 5: its pids 40, 41 between 31 and 50
+    close_lmdb_handles()
+    shutil.rmtree(tmp_path / "src")  # the source grows in place: same folder, one video more
+    make_luperson_nl(tmp_path / "src", grown)
+    result = ingest(tmp_path / "src", tmp_path / "out", shard_max_count=6)
+    after = snapshot(tmp_path / "out")
+    assert {name: after[name] for name in old_shards} == {name: before[name] for name in old_shards}
+    assert result.shards_written == 1 and result.shards_skipped == len(frames)
+    rows = read_dataset_manifest(tmp_path / "out").to_pylist()
+    assert {r["key"]: (r["pid"], r["camid"], r["video_id"]) for r in rows if r["key"] in old_ids} == old_ids
+
+    ingest(tmp_path / "src", tmp_path / "fresh", shard_max_count=6)
+    assert _contents(tmp_path / "out") == _contents(tmp_path / "fresh")
+    new_rows = [r for r in rows if r["key"] not in old_ids]
+    assert len(new_rows) == 3 and len({r["shard"] for r in new_rows}) == 1
+    for column in ("pid", "camid", "video_id"):  # the new ids are new: no old identity, camera or video reused
+        assert not {r[column] for r in new_rows} & {ids[("pid", "camid", "video_id").index(column)]
+                                                    for ids in old_ids.values()}
+
+    again = ingest(tmp_path / "src", tmp_path / "out", shard_max_count=6)  # and the grown folder is stable
+    assert again.shards_written == 0 and snapshot(tmp_path / "out") == after
+
+
+def test_new_images_of_a_multi_camera_source_go_to_new_shards(tmp_path):
+    """The same for a multi-camera set: a new identity whose id sorts first (0000, a distractor in
+    Market-1501's gallery) and a new image of an old identity leave the old shards untouched."""
+    make_market(tmp_path / "src", per_folder=4)
+    ingest(tmp_path / "src", tmp_path / "out", shard_max_count=3)
+    before = snapshot(tmp_path / "out")
+    (tmp_path / "src" / "bounding_box_test" / "0000_c6s1_000777_01.jpg").write_bytes(image_bytes(777))
+    (tmp_path / "src" / "query" / "0002_c1s1_000778_01.jpg").write_bytes(image_bytes(778))
+    result = ingest(tmp_path / "src", tmp_path / "out", shard_max_count=3)
+    after = snapshot(tmp_path / "out")
+    assert result.shards_written == 1 and result.shards_skipped == 4
+    assert all(after[name] == before[name] for name in before if name.startswith("shard-"))
+    ingest(tmp_path / "src", tmp_path / "fresh", shard_max_count=3)
+    assert _contents(tmp_path / "out") == _contents(tmp_path / "fresh")

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 
 import lmdb
 
-
-@lru_cache(maxsize=16)
-def _open(path: str, pid: int) -> lmdb.Environment:
-    # keyed on the process id too: an LMDB handle must not cross a fork
-    return lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False, subdir=os.path.isdir(path))
+#: (path, process id) -> handle; keyed on the process id too: an LMDB handle must not cross a fork
+_handles: dict[tuple[str, int], lmdb.Environment] = {}
 
 
 def open_lmdb(path: str) -> lmdb.Environment:
-    return _open(str(path), os.getpid())
+    key = (str(path), os.getpid())
+    env = _handles.get(key)
+    if env is None:
+        env = _handles[key] = lmdb.open(key[0], readonly=True, lock=False, readahead=False, meminit=False,
+                                        subdir=os.path.isdir(key[0]))
+    return env
+
+
+def close_lmdb_handles() -> None:
+    """Close this process's cached handles. LMDB allows one handle per store and process, so a store
+    that is rebuilt in place (a growing source) must be reopened."""
+    for key in [k for k in _handles if k[1] == os.getpid()]:
+        _handles.pop(key).close()
 
 
 def read_lmdb_value(path: str, key: str) -> bytes:

@@ -17,7 +17,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Mapping
 
 Domain = Literal["multi", "single", "synthetic"]
 Split = Literal["train", "query", "gallery"]
@@ -92,11 +92,22 @@ class Record:
 
 
 class IdentityMap:
-    """Deterministic map ``(dataset, source_id) -> int`` built from the sorted unique pairs."""
+    """Deterministic map ``(dataset, source_id) -> int`` built from the sorted unique pairs.
 
-    def __init__(self, pairs: Iterable[tuple[str, str]]):
+    ``fixed`` keeps earlier ids (a re-ingest of a grown source into the same folder): pairs found
+    there keep their id, the other pairs get new ids after the largest earlier one, in sorted
+    order. It must be one-to-one; without it the ids are the ranks of the sorted pairs."""
+
+    def __init__(self, pairs: Iterable[tuple[str, str]], fixed: Mapping[tuple[str, str], int] | None = None):
         self.pairs: list[tuple[str, str]] = sorted(set(pairs))
-        self._index = {p: i for i, p in enumerate(self.pairs)}
+        fixed = fixed or {}
+        next_id = max(fixed.values(), default=-1) + 1
+        self._index: dict[tuple[str, str], int] = {}
+        for p in self.pairs:
+            if p in fixed:
+                self._index[p] = fixed[p]
+            else:
+                self._index[p], next_id = next_id, next_id + 1
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -131,12 +142,16 @@ class IdentityMaps:
         }
 
     @classmethod
-    def build(cls, samples: Iterable[RawSample]) -> "IdentityMaps":
+    def build(cls, samples: Iterable[RawSample], fixed: Mapping[str, Mapping] | None = None) -> "IdentityMaps":
+        """The maps of ``samples``; ``fixed`` (``{"pid"|"camid"|"video": {(dataset, source id): id}}``)
+        keeps the ids of an earlier ingest, see :class:`IdentityMap`."""
         samples = list(samples)
+        fixed = fixed or {}
         return cls(
-            pid=IdentityMap((s.dataset, s.source_pid) for s in samples if s.source_pid is not None),
-            camid=IdentityMap((s.dataset, s.source_camid) for s in samples),
-            video=IdentityMap((s.dataset, s.source_video) for s in samples if s.source_video is not None),
+            pid=IdentityMap(((s.dataset, s.source_pid) for s in samples if s.source_pid is not None), fixed.get("pid")),
+            camid=IdentityMap(((s.dataset, s.source_camid) for s in samples), fixed.get("camid")),
+            video=IdentityMap(((s.dataset, s.source_video) for s in samples if s.source_video is not None),
+                              fixed.get("video")),
             tracklet=IdentityMap(
                 (s.dataset, f"{s.source_video}/{s.source_tracklet}")
                 for s in samples if s.source_tracklet is not None

@@ -1,8 +1,8 @@
 """Train several recipes under one budget on SynthReID and compare them on the held-out target domain.
 
-    dynamix experiment recipes --steps 150       # multicam, Cluster-Contrast, DomainMix, CALR, ReMix, DynaMix
-    dynamix experiment mixing --steps 150        # multicam, ReMix, DynaMix (what single-camera data adds)
-    dynamix experiment pretraining --steps 150   # ReMix's pre-training ablation (a)-(f), 3 seeds, mean/std + plot
+    dynamix experiment mixing --steps 800        # multicam, ReMix, DynaMix (what single-camera data adds)
+    dynamix experiment recipes --steps 800       # + Cluster-Contrast, DomainMix, CALR (reuses mixing's runs)
+    dynamix experiment pretraining --steps 800   # ReMix's pre-training ablation (a)-(f), 3 seeds, mean/std + plot
 
 Each recipe runs with --seeds seeds (default 3); prints one markdown row per recipe (mean ± std of
 mAP and Rank-1) and saves the table and a bar plot under OUT/experiments/.
@@ -21,7 +21,8 @@ def add_arguments(p) -> None:
     p.add_argument("suite", choices=sorted(SUITES) + [experiment_pretraining.SUITE],
                    help="recipes: all six recipes; mixing: multicam, remix, dynamix; pretraining: "
                         "with/without self-supervised pre-training (pipelines/experiment_pretraining.py)")
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps of every recipe (the demo budget: 150)")
+    p.add_argument("--steps", type=int, default=800, help="optimizer steps of every recipe (default: the demo budget, "
+                   "800; about 11 min per run and seed on 2 idle cores)")
     p.add_argument("--out", default="runs/demo", help="folder of the demo data; runs and tables go to OUT/experiments")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training config value of every recipe (repeatable)")
