@@ -428,7 +428,8 @@ def run_ingest(cfg: IngestConfig, *, progress: bool = True) -> IngestResult:
     all_done = all(_finished_shard(p, out_dir) is not None for p in plans)
     results = _run_local(plans, out_dir) if cfg.workers == 0 or all_done else _run_ray(plans, out_dir, cfg)
     written = 0
-    with tqdm(total=sum(len(p.samples) for p in plans), unit="img", desc="ingest", disable=not progress) as bar:
+    with tqdm(total=sum(len(p.samples) for p in plans), unit="img", desc="ingest",
+              disable=not progress or all_done) as bar:  # nothing to write: no bar, the summary says so
         for row in results:
             for path, reason in json.loads(row["problems"]):
                 report.reject(path, reason)  # raises here in strict mode
