@@ -14,7 +14,7 @@ help:  ## list the targets
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade "pip>=24"
-	# one pip command so the resolver sees every pin at once (../shared/STACK.md)
+	# one pip command so the resolver sees every pin at once (docs/stack.md)
 	$(VPY) -m pip install -q -r requirements.lock
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)

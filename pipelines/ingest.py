@@ -328,7 +328,7 @@ def _run_ray(plans: list[ShardPlan], out_dir: Path, cfg: IngestConfig) -> Iterat
     if started_here:
         if cfg.address:
             ray.init(address=cfg.address, **ray_init_kwargs())
-        else:  # 4 logical CPUs: on a 2-core box the defaults starve Ray Data's tasks (../shared/STACK.md)
+        else:  # 4 logical CPUs: on a 2-core box the defaults starve Ray Data's tasks (docs/stack.md)
             ray.init(num_cpus=4, include_dashboard=False, **ray_init_kwargs())
     try:
         quiet_ray_libraries()  # the driver shows one bar, in images

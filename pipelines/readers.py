@@ -121,5 +121,5 @@ def read_shards(
 
 def iter_torch_batches(ds, batch_size: int = 64, **kwargs):
     """``ds.iter_torch_batches`` over the numeric columns only (Ray's torch conversion cannot
-    take the string ``key`` column, ../shared/STACK.md)."""
+    take the string ``key`` column, docs/stack.md)."""
     return ds.drop_columns(["key"]).iter_torch_batches(batch_size=batch_size, **kwargs)

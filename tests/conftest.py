@@ -18,7 +18,6 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = REPO_ROOT.parent / "shared"
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +25,7 @@ def ray_local(tmp_path_factory):
     """One real local Ray instance for the whole session (``ray.init`` costs ~4 s and ~1.2 GB).
 
     Four logical CPUs on the 2-core box: TorchTrainer workers and Ray Data read tasks otherwise
-    deadlock waiting for each other (../shared/STACK.md)."""
+    deadlock waiting for each other (docs/stack.md)."""
     ray = pytest.importorskip("ray")
     temp_dir = Path("/tmp") / f"ray_dx_{os.getpid()}"  # short path: Ray's unix sockets cap at 107 bytes
     if not ray.is_initialized():

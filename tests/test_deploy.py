@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, SHARED_DIR
+from conftest import REPO_ROOT
 
 helm = pytest.importorskip("helm_python")
 kv = pytest.importorskip("kubernetes_validate.utils")
@@ -19,7 +19,7 @@ jsonschema = pytest.importorskip("jsonschema")
 
 CHART = REPO_ROOT / "helm" / "dynamix"
 KUBE_VERSION = "1.34.0"  # the Kubernetes version manifests are validated for (pinned)
-KUBERAY_SCHEMAS = SHARED_DIR / "schemas" / "kuberay-v1.7.0"
+KUBERAY_SCHEMAS = REPO_ROOT / "tests" / "schemas" / "kuberay-v1.7.0"  # vendored, Apache-2.0
 KUBERAY_KINDS = {"RayJob", "RayCluster", "RayCronJob"}
 PROD_VALUES = yaml.safe_load((CHART / "values-production.example.yaml").read_text())
 
@@ -69,8 +69,6 @@ def test_core_kinds_validate_strictly(docs):
 
 
 def test_kuberay_kinds_validate_against_crd_schemas(docs):
-    if not KUBERAY_SCHEMAS.is_dir():
-        pytest.skip(f"KubeRay schemas not found at {KUBERAY_SCHEMAS} (they live in ../shared)")
     checked = 0
     for d in docs:
         if d["kind"] not in KUBERAY_KINDS:

@@ -1,7 +1,7 @@
 """Encoded image bytes (JPEG/PNG): format sniffing, full-decode validation, and fast decoding.
 
 Decoding uses Pillow: ``torchvision.io`` cannot decode on the CPU build of torch here
-(../shared/STACK.md). Images come back as ``uint8`` arrays of shape ``(H, W, 3)``, RGB, writable.
+(docs/stack.md). Images come back as ``uint8`` arrays of shape ``(H, W, 3)``, RGB, writable.
 """
 
 from __future__ import annotations
