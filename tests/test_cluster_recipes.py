@@ -1,5 +1,5 @@
 """The clustering recipes (Cluster-Contrast, DomainMix, CALR) end to end through the real Ray Train
-pipeline on tiny SynthReID (tiny ViT, 6 steps = 2 epochs each) and a resume, the batch draw when an
+pipeline on tiny SynthReID (the recipes' own backbone at 32x16, 6 steps = 2 epochs each) and a resume, the batch draw when an
 epoch has fewer clusters than the batch needs, and the config rules of the ``cluster_method`` section."""
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ def tiny_data(tmp_path_factory):
 
 
 def tiny_config(root: Path, recipe: str, name: str, *extra: str) -> TrainConfig:
-    """The shipped demo recipe, shrunk: tiny data, ``test_vit`` at 32x16, 4 x 2 batches, small clusterings."""
+    """The shipped demo recipe, shrunk: tiny data, its backbone at 32x16, 4 x 2 batches, small clusterings."""
     shards = root / "shards"
     overrides = [
         f"run.name={name}", f"run.storage={root / 'runs'}", "run.max_steps=6", "run.log_every=3",
         "run.checkpoint_every=3", "run.eval_every=0",
         f"data.multi=[{shards / 'synth_m0'},{shards / 'synth_m1'}]", f"data.target={shards / 'synth_target'}",
         "data.transform.height=32", "data.transform.width=16",
-        "model.backbone=test_vit", "model.img_size=[32,16]", "model.ema_momentum=0.9",
+        "model.img_size=[32,16]", "model.ema_momentum=0.9",
         "optim.lr=1e-3", "optim.warmup_fraction=0.0", "eval.max_rank=10",
         "cluster_method.num_ids_per_batch=4", "cluster_method.images_per_id=2", "cluster_method.feature_batch_size=64",
     ]
@@ -86,7 +86,9 @@ def test_recipe_trains_evaluates_tracks_and_exports(ray_local, tiny_data, method
     client = MlflowClient(f"sqlite:///{result.run_dir / 'mlflow.db'}")
     assert client.get_run(result.mlflow_run_id).data.params["method"] == method
     assert sorted(m.step for m in client.get_metric_history(result.mlflow_run_id, "loss/total")) == [3, 6]
-    model = build_encoder(ModelConfig(backbone="test_vit", img_size=(32, 16)))
+    assert cfg.model.backbone == "test_resnet" and cfg.model.ibn  # the demo recipes' model, as dynamix_demo's
+    model = build_encoder(ModelConfig(backbone="test_resnet", img_size=(32, 16), num_stripes=cfg.model.num_stripes,
+                                      ibn=True))
     load_weights(model, result.weights_path)  # strict: the export is exactly the encoder
     if method == "cluster_contrast":
         # the same run, longer (one method: each run costs a Ray Train start): it restarts from the

@@ -116,10 +116,15 @@ class ReIDEncoder(nn.Module):
         self.embed_dim: int = backbone.num_features * num_stripes
         self.neck = BNNeck(self.embed_dim)
 
-    def forward(self, img_BCHW: torch.Tensor) -> torch.Tensor:
+    def features(self, img_BCHW: torch.Tensor) -> torch.Tensor:
+        """The pooled features before the BNNeck, (B, embed_dim): what a method's head or a
+        triplet loss sees (global pooling, or the concatenated stripes)."""
         if self.num_stripes == 1:
-            return self.neck(self.backbone(img_BCHW))
-        return self.neck(stripe_pool(self.backbone, img_BCHW, self.num_stripes))
+            return self.backbone(img_BCHW)
+        return stripe_pool(self.backbone, img_BCHW, self.num_stripes)
+
+    def forward(self, img_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.neck(self.features(img_BCHW))
 
     def embed(self, img_BCHW: torch.Tensor) -> torch.Tensor:
         """Unit-norm embeddings, as used by the losses and for retrieval."""

@@ -42,7 +42,7 @@ class LossNet(nn.Module):
         self.head = head
 
     def forward(self, img_BCHW: torch.Tensor, loss_fn):
-        feat_BD = self.encoder.backbone(img_BCHW)
+        feat_BD = self.encoder.features(img_BCHW)  # stripe-pooled when model.num_stripes > 1
         return loss_fn(feat_BD, self.encoder.neck(feat_BD), self.head)
 
 
