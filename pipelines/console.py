@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 #: where Ray keeps a local session's logs unless RAY_TMPDIR / ray.init(_temp_dir=...) says otherwise
 DEFAULT_RAY_LOGS = "/tmp/ray/session_latest/logs"
@@ -59,10 +60,30 @@ def quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow sets its loggers' level at import
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    # (MLflow colours this one: the message starts with an ANSI escape)
-    warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r"The maximum number of concurrent tasks", category=UserWarning)
+    for pattern, category in _ADVICE:
+        warnings.filterwarnings("ignore", message=pattern.pattern, category=category)
+    # MLflow logs models inside ``catch_warnings(); simplefilter("once", UserWarning)``, a filter in
+    # front of ours: drop the advice where warnings are shown, which those contexts leave in place
+    if not getattr(warnings.showwarning, "_dynamix_quiet", False):
+        warnings.showwarning = _quiet_showwarning(warnings.showwarning)
+
+
+#: (message pattern, category) of library advice that is not for a user of the service
+_ADVICE = [
+    (re.compile(r".*Add type hints to the `predict` method"), UserWarning),  # MLflow colours it: ANSI first
+    (re.compile(r".*isinstance\(treespec, LeafSpec\)"), FutureWarning),
+    (re.compile(r"The maximum number of concurrent tasks"), UserWarning),
+]
+
+
+def _quiet_showwarning(show):
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if any(issubclass(category, c) and p.match(str(message)) for p, c in _ADVICE):
+            return
+        show(message, category, filename, lineno, file, line)
+
+    showwarning._dynamix_quiet = True
+    return showwarning
 
 
 def where_lines(report: str | None, tracking_uri: str | None) -> list[str]:

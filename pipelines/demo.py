@@ -137,8 +137,7 @@ def register_and_promote(weights: Path, cfg: TrainConfig, run_id: str | None, tr
     version = register_model(str(weights), cfg.model, name, tracking_uri, run_id=run_id,
                              preprocessing=cfg.data.transform, eval_metrics={k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval/")})
     suite = ImageSetSuite(str(out / "data" / "target" / "synth_target"))
-    decision = promote(name, version.version, suite, tracking_uri=tracking_uri)
-    print(decision.table(), flush=True)
+    decision = promote(name, version.version, suite, tracking_uri=tracking_uri)  # one [demo] line says what it decided
     return {"model": name, "version": version.version, "uri": version.uri, "decision": decision.tags()}
 
 
@@ -184,7 +183,9 @@ def run_demo(out: Path, *, recipe: str | None = None, overrides: list[str] = (),
     (result.run_dir / "summary.json").write_text(json.dumps({"summary": summary, "registry": registry}, indent=2,
                                                             default=str))
     if registry:
-        print(f"[demo] registered {registry['uri']}: {registry['decision'].get('promotion.decision')}")
+        decision = registry["decision"]
+        print(f"[demo] registered {registry['uri']}: {decision.get('promotion.decision')} "
+              f"({decision.get('promotion.message')})")
     print(print_summary_table(summary))
     from pipelines.console import where_lines
 

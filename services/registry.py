@@ -30,8 +30,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
+import re
+import sys
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -294,8 +297,27 @@ def register_model(
                 pip_requirements=[f"{p}=={metadata.version(p).split('+')[0]}" for p in RUNTIME_PACKAGES],
             )
             version_tags["source_run_id"] = run.info.run_id
-            mv = mlflow.register_model(info.model_uri, name, tags=version_tags)
+            with _without_registry_chatter():
+                mv = mlflow.register_model(info.model_uri, name, tags=version_tags)
     return RegisteredVersion(name, str(mv.version), run.info.run_id, weights_sha, created=True)
+
+
+#: what ``mlflow.register_model`` prints to stderr on success (the caller reports the version itself)
+_REGISTRY_CHATTER = re.compile(r"(Successfully registered model |Created version |Registered model .* already exists)")
+
+
+@contextlib.contextmanager
+def _without_registry_chatter():
+    """Run ``mlflow.register_model`` without its success lines on stderr; anything else it writes
+    there is passed on, also when it fails."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf):
+            yield
+    finally:
+        for line in buf.getvalue().splitlines():
+            if not _REGISTRY_CHATTER.match(line):
+                print(line, file=sys.stderr)
 
 
 def load_embedding_model(name: str, ref: str | int, tracking_uri: str):

@@ -3,13 +3,17 @@ clear line (not a traceback) when Ray or MLflow fails."""
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import pytest
 import yaml
 
 from pipelines.cli import COMMANDS, build_parser, main
 from pipelines.console import describe_failure
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -109,3 +113,30 @@ def test_runs_lists_status_steps_checkpoints_labels_and_metrics(tmp_path, capsys
     assert table[1].split() == ["a-finished", "finished", "20", "2", "3", "37.5", "50.0", "60"]
     assert main(["runs", "--storage", str(tmp_path / "nowhere")]) == 0
     assert "no runs under" in capsys.readouterr().out
+
+
+def test_quiet_console_drops_mlflow_advice_even_inside_its_own_warning_filters():
+    """MLflow wraps model logging in ``catch_warnings(); simplefilter("once", UserWarning)``, which
+    puts its own filter in front of ours: the coloured "Add type hints" advice still reached the
+    console of ``make demo`` three times. Other warnings must still show."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings\n"
+        "from pipelines.console import quiet_libraries\n"
+        "quiet_libraries()\n"
+        "from mlflow.utils.annotations import filter_user_warnings_once\n"
+        "from mlflow.utils.warnings_utils import color_warning\n"
+        "@filter_user_warnings_once\n"
+        "def log():\n"
+        "    color_warning('Add type hints to the `predict` method to enable data validation', stacklevel=1, "
+        "color='yellow')\n"
+        "    warnings.warn('a warning the user must see', UserWarning)\n"
+        "log()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DYNAMIX_RAY_LOGS_TO_CONSOLE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "a warning the user must see" in out.stderr
+    assert "type hints" not in out.stderr, out.stderr

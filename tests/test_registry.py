@@ -133,10 +133,11 @@ def test_weights_that_do_not_match_the_config_are_rejected_before_logging(regist
     assert registry_client(uri).search_model_versions("name = 'reid-mismatch'") == []
 
 
-def test_register_into_a_training_run_with_metrics(registry):
+def test_register_into_a_training_run_with_metrics(registry, capfd):
     import mlflow
 
     tmp, uri = registry["tmp"], registry["uri"]
+    capfd.readouterr()
     make_weights(tmp / "v_run.safetensors", seed=5)
     client = registry_client(uri)
     experiment = client.create_experiment("train", artifact_location=str(tmp / "train_artifacts"))
@@ -148,6 +149,8 @@ def test_register_into_a_training_run_with_metrics(registry):
     tags = client.get_model_version("reid-run", version.version).tags
     assert (tags["recipe"], tags["eval.rank1"], tags["source_run_id"]) == ("dynamix", "0.75", run_id)
     assert mlflow.active_run() is None
+    err = capfd.readouterr().err  # MLflow's own "Successfully registered model" / "Created version" lines
+    assert "Successfully registered" not in err and "Created version" not in err, err
 
 
 def test_register_command_reads_a_training_config(registry, capsys):
