@@ -24,3 +24,15 @@ def test_every_spec_citation_resolves_to_a_section():
                 cited.setdefault(number, rel.as_posix())
     assert len(cited) >= 10
     assert {n: where for n, where in cited.items() if n not in sections} == {}
+
+
+def test_the_repository_does_not_point_outside_itself():
+    """A reader of the repository has no sibling ``shared`` folder: what the project relies on is in
+    docs/ (docs/stack.md, docs/spec.md) or vendored (tests/schemas)."""
+    sibling = "../" + "shared"
+    paths = [REPO_ROOT / name for name in ("README.md", "Makefile", "requirements.lock", "pyproject.toml")]
+    paths += [p for folder in SOURCE_FOLDERS for p in (REPO_ROOT / folder).rglob("*")
+              if p.is_file() and p.suffix in CITING_SUFFIXES | {".toml", ".json", ".cfg"}]
+    outside = [p.relative_to(REPO_ROOT).as_posix() for p in paths
+               if p.is_file() and sibling in p.read_text(errors="replace")]
+    assert outside == []
