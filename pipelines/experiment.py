@@ -11,6 +11,7 @@ by suite), so a re-run skips the runs that already finished and resumes an inter
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import time
@@ -76,8 +77,6 @@ def run_suite(suite: str, out: Path, *, steps: int, seeds: int = 3, overrides: l
 
 def run_name_for(row: str, seed: int, steps: int, overrides: list[str] = ()) -> str:
     """One run per (recipe, seed, steps, overrides), shared by every suite that contains the recipe."""
-    import hashlib
-
     name = f"{row}-s{seed}-{steps}"
     if overrides:
         name += "-" + hashlib.sha256("\n".join(sorted(overrides)).encode()).hexdigest()[:8]

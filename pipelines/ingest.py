@@ -159,9 +159,10 @@ def _estimated_tar_bytes(size: int) -> int:
 class PreviousPlan:
     """What the last ingest into a folder planned (from its ``plan.parquet``)."""
 
+    table: pa.Table  # the file's content (write_plan compares against it instead of reading it again)
     shard_of: dict[str, int]  # key -> shard index
     num_shards: int
-    ids: dict[str, tuple[int, int, int]]  # key -> (pid, camid, video_id)
+    video_of: dict[str, int]  # key -> video_id (single-camera images only)
     pid: dict[tuple[str, str], int]  # (dataset, source_pid) -> pid
     camid: dict[tuple[str, str], int]  # (dataset, source_camid) -> camid
 
@@ -170,9 +171,9 @@ class PreviousPlan:
         (then the folder is planned afresh). Videos are matched through the keys of their images."""
         video: dict[tuple[str, str], int] = {}
         for s in samples:
-            ids = self.ids.get(s.key)
-            if s.source_video is not None and ids is not None and ids[2] != -1:
-                if video.setdefault((s.dataset, s.source_video), ids[2]) != ids[2]:
+            vid = self.video_of.get(s.key)
+            if s.source_video is not None and vid is not None:
+                if video.setdefault((s.dataset, s.source_video), vid) != vid:
                     return None
         fixed = {"pid": self.pid, "camid": self.camid, "video": video}
         if any(len(set(m.values())) != len(m) for m in fixed.values()):
@@ -189,29 +190,30 @@ def read_previous_plan(out_dir: Path, *, max_bytes: int, max_count: int) -> Prev
     meta = table.schema.metadata or {}
     if meta.get(b"shard_max_bytes") != str(max_bytes).encode() or meta.get(b"shard_max_count") != str(max_count).encode():
         return None
-    c = table.cast(PLAN_SCHEMA).to_pydict()
+    table = table.cast(PLAN_SCHEMA)
+    c = table.to_pydict()
     pid, camid = {}, {}
     for ds, spid, p, scam, cam in zip(c["dataset"], c["source_pid"], c["pid"], c["source_camid"], c["camid"]):
         if p != -1 and pid.setdefault((ds, spid), p) != p or camid.setdefault((ds, scam), cam) != cam:
             return None  # one source id with two ids: not a plan this code wrote
-    return PreviousPlan(shard_of=dict(zip(c["key"], c["shard"])),
+    return PreviousPlan(table=table, shard_of=dict(zip(c["key"], c["shard"])),
                         num_shards=max(c["shard"], default=-1) + 1,
-                        ids={k: ids for k, *ids in zip(c["key"], c["pid"], c["camid"], c["video_id"])},
+                        video_of={k: v for k, v in zip(c["key"], c["video_id"]) if v != -1},
                         pid=pid, camid=camid)
 
 
-def write_plan(plans: list["ShardPlan"], path: Path, *, max_bytes: int, max_count: int) -> None:
-    """``plan.parquet``, atomically and only when its content changed."""
+def write_plan(plans: list["ShardPlan"], path: Path, previous: PreviousPlan | None, *, max_bytes: int,
+               max_count: int) -> None:
+    """``plan.parquet``, atomically and only when it differs from ``previous`` (what
+    :func:`read_previous_plan` read from the same file with the same limits; None: write)."""
     rows = [(r.key, r.dataset, p.index, r.pid, r.camid, r.video_id, r.source_pid, r.source_camid)
             for p in plans for r, _, _ in p.samples]
     columns = list(zip(*rows)) if rows else [[] for _ in PLAN_SCHEMA]
     table = pa.table([pa.array(col, f.type) for col, f in zip(columns, PLAN_SCHEMA)], schema=PLAN_SCHEMA)
-    table = table.replace_schema_metadata({"shard_max_bytes": str(max_bytes), "shard_max_count": str(max_count)})
-    if path.is_file():
-        old = pq.read_table(path)
-        if old.schema.metadata == table.schema.metadata and old.cast(PLAN_SCHEMA).equals(table.cast(PLAN_SCHEMA)):
-            return
-    write_table_atomic(table, path)
+    if previous is not None and previous.table.equals(table):
+        return
+    write_table_atomic(table.replace_schema_metadata({"shard_max_bytes": str(max_bytes),
+                                                      "shard_max_count": str(max_count)}), path)
 
 
 def _pack(units: list[list[tuple[Record, ImageRef, int]]], first_index: int, *, max_bytes: int,
@@ -422,7 +424,7 @@ def run_ingest(cfg: IngestConfig, *, progress: bool = True) -> IngestResult:
     plans = plan_shards(samples, maps, report, **limits, previous=previous if fixed is not None else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(out_dir)
-    write_plan(plans, out_dir / PLAN_NAME, **limits)  # first: a resumed run plans the same shards
+    write_plan(plans, out_dir / PLAN_NAME, previous, **limits)  # first: a resumed run plans the same shards
 
     # a re-run over an unchanged source has nothing to write: check here instead of starting Ray
     all_done = all(_finished_shard(p, out_dir) is not None for p in plans)
