@@ -186,7 +186,10 @@ def read_previous_plan(out_dir: Path, *, max_bytes: int, max_count: int) -> Prev
     path = out_dir / PLAN_NAME
     if not path.is_file():
         return None
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException):  # unreadable (edited, or not ours): plan afresh; shards are checked by digest
+        return None
     meta = table.schema.metadata or {}
     if meta.get(b"shard_max_bytes") != str(max_bytes).encode() or meta.get(b"shard_max_count") != str(max_count).encode():
         return None

@@ -420,3 +420,14 @@ def test_new_images_of_a_multi_camera_source_go_to_new_shards(tmp_path):
     assert all(after[name] == before[name] for name in before if name.startswith("shard-"))
     ingest(tmp_path / "src", tmp_path / "fresh", shard_max_count=3)
     assert _contents(tmp_path / "out") == _contents(tmp_path / "fresh")
+
+
+def test_an_unreadable_plan_file_means_a_fresh_plan(tmp_path):
+    """A damaged plan.parquet is not a traceback: the folder is planned afresh, and shards that
+    match the fresh plan (same samples, same ids) are kept."""
+    make_market(tmp_path / "src", per_folder=4)
+    ingest(tmp_path / "src", tmp_path / "out", shard_max_count=3)
+    (tmp_path / "out" / "plan.parquet").write_bytes(b"not parquet")
+    result = ingest(tmp_path / "src", tmp_path / "out", shard_max_count=3)
+    assert result.shards_written == 0 and result.shards_skipped == 4
+    assert (tmp_path / "out" / "plan.parquet").read_bytes()[:4] == b"PAR1"
