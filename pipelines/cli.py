@@ -79,13 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     from dynamix_core.config import ConfigError
     from dynamix_core.data.records import BadInputError
     from dynamix_core.model import WeightsError
+    from dynamix_core.storage import StorageError
 
     from pipelines.console import describe_failure, quiet_libraries
 
     quiet_libraries()
     try:
         return int(args._run(args) or 0)
-    except (ConfigError, BadInputError, WeightsError, FileNotFoundError) as exc:
+    except (ConfigError, BadInputError, WeightsError, FileNotFoundError, StorageError) as exc:
         print(f"dynamix {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # Ray and MLflow failures end in one line; anything else keeps its traceback

@@ -56,27 +56,24 @@ def demo_config(out: Path, recipe: str, overrides: list[str]) -> TrainConfig:
     return load_config(TrainConfig, recipe, paths + list(overrides))
 
 
-def label_quality(run_dir: Path) -> dict[str, float]:
+def label_quality(run_dir: str | Path) -> dict[str, float]:
     """Pairwise F-score of the single-camera labels against SynthReID ground truth: tracker labels
-    (version 0) and the final version after relabeling."""
-    import pyarrow.parquet as pq
-
+    (version 0) and the final version after relabeling (``run_dir``: a folder or an object-store URI)."""
+    from dynamix_core import storage
     from dynamix_core.labeling.label_table import LabelStore
     from dynamix_core.labeling.quality import pairwise_scores
 
-    index_path = run_dir / "labels" / "index.parquet"
-    if not index_path.is_file():
+    index_path = storage.join(run_dir, "labels", "index.parquet")
+    if not storage.exists(index_path):
         return {}
-    index = pq.read_table(index_path)
-    if "truth" not in index.column_names:
+    if "truth" not in storage.read_schema(index_path).names:
         return {}
-    truth = dict(zip(index["key"].to_pylist(), index["truth"].to_pylist()))
-    store = LabelStore(run_dir / "labels")
+    truth = storage.read_table(index_path, columns=["truth"])["truth"].to_numpy()  # labels are addressed by its rows
+    store = LabelStore(storage.join(run_dir, "labels"))
     out = {}
     for name, version in (("before", 0), ("after", store.latest_version())):
-        table = store.read(version)
-        keys = table.keys.tolist()
-        scores = pairwise_scores(table.pids, np.array([truth[k] for k in keys]))
+        pids = store.read(version)
+        scores = pairwise_scores(pids.astype(np.int64), truth)
         out[f"label_F_{name}"] = scores["pair_f_score"]
         out[f"label_purity_{name}"] = scores["purity"]
     out["label_versions"] = float(store.latest_version())

@@ -118,7 +118,7 @@ def plot_rows(rows: list[dict], path: Path, title: str) -> Path:
     for offset, metric, label in ((-0.2, "mAP", "mAP"), (0.2, "rank1", "Rank-1")):
         ax.bar(x + offset, [100 * r[f"{metric}_mean"] for r in rows], width=0.4,
                yerr=[100 * r[f"{metric}_std"] for r in rows], capsize=3, label=label)
-    ax.set_xticks(x, [str(r["row"]) for r in rows])
+    ax.set_xticks(x, [str(r["row"]).replace("_", "\n") for r in rows])  # long names would overlap
     ax.set_ylabel("% on the target domain")
     ax.set_title(title)
     ax.legend()

@@ -1,6 +1,6 @@
 """Ingest a source data set into WebDataset shards + parquet manifests (SPEC 1.3), with Ray Data.
 
-    summary = run_ingest(IngestConfig(format="auto", root=Path("data/market"), out=Path("shards/market")))
+    summary = run_ingest(IngestConfig(format="auto", root=Path("data/market"), out="shards/market"))
 
 1. The driver parses the source (a cheap listing: no image is read), builds the global
    :class:`IdentityMaps`, and plans shards deterministically: single-camera videos are packed whole
@@ -15,6 +15,11 @@
 Resumable and idempotent: a shard whose manifest matches its plan (same samples, nothing rejected)
 is skipped on a re-run, so after a crash, or after fixing rejected inputs, a re-run writes only what
 is missing, and re-running a finished ingest changes no file. One ingest per output folder at a time.
+
+The output may be a folder or an object-store URI (``--out s3://bucket/prefix``, see
+:mod:`dynamix_core.storage`): each tar is built in a local temporary file and uploaded whole, every
+other file is one whole-object upload, so a crash leaves no half-written object; the skip checks
+read the manifests back from the store.
 
 Incremental: the plan is kept in ``plan.parquet`` (one row per planned image: key, shard, global
 ids). A re-run into the same folder keeps its ids (a new identity, camera or video gets a new id
@@ -37,9 +42,9 @@ from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from dynamix_core import storage
 from dynamix_core.config import ConfigError, field
 from dynamix_core.data.images import image_problem, sniff_format
 from dynamix_core.data.lmdb_io import open_lmdb
@@ -75,7 +80,8 @@ class IngestConfig:
     """One ingest: source, output folder, shard sizes, and how to run it."""
 
     root: Path = field(help="the source data set: its folder, or the manifest file for --format manifest")
-    out: Path = field(help="output folder for shards and manifests (created; a re-run resumes it)")
+    out: str = field(help="output folder or object-store URI (s3://bucket/prefix) for shards and manifests "
+                          "(created; a re-run resumes it)")
     format: str = field("auto", help=f"source format, one of {sorted(FORMATS)}, or auto (detect from the layout)")
     dataset: str | None = field(None, help="dataset name written into every record (default: the format's name)")
     options: dict[str, str] = field(
@@ -181,13 +187,15 @@ class PreviousPlan:
         return fixed
 
 
-def read_previous_plan(out_dir: Path, *, max_bytes: int, max_count: int) -> PreviousPlan | None:
+def read_previous_plan(out_dir: str | Path, *, max_bytes: int, max_count: int) -> PreviousPlan | None:
     """The plan of the last ingest into ``out_dir``, if it used the same shard limits (else None)."""
-    path = out_dir / PLAN_NAME
-    if not path.is_file():
+    path = storage.join(out_dir, PLAN_NAME)
+    if not storage.exists(path):
         return None
     try:
-        table = pq.read_table(path)
+        table = storage.read_table(path)
+    except storage.StorageError:  # the store is unusable: say so instead of silently planning afresh
+        raise
     except (OSError, pa.ArrowException):  # unreadable (edited, or not ours): plan afresh; shards are checked by digest
         return None
     meta = table.schema.metadata or {}
@@ -205,7 +213,7 @@ def read_previous_plan(out_dir: Path, *, max_bytes: int, max_count: int) -> Prev
                         pid=pid, camid=camid)
 
 
-def write_plan(plans: list["ShardPlan"], path: Path, previous: PreviousPlan | None, *, max_bytes: int,
+def write_plan(plans: list["ShardPlan"], path: str | Path, previous: PreviousPlan | None, *, max_bytes: int,
                max_count: int) -> None:
     """``plan.parquet``, atomically and only when it differs from ``previous`` (what
     :func:`read_previous_plan` read from the same file with the same limits; None: write)."""
@@ -279,13 +287,18 @@ def plan_shards(
 # ------------------------------------------------------------------------------------------- writing
 
 
-def _finished_shard(plan: ShardPlan, out_dir: Path) -> dict | None:
+def _finished_shard(plan: ShardPlan, out_dir: str | Path) -> dict | None:
     """The metadata of ``plan``'s shard when it is already written from this very plan and nothing
     was rejected from it (None: it has to be written)."""
-    meta = read_shard_metadata(out_dir / shard_name(plan.index))
+    meta = read_shard_metadata(_shard_path(out_dir, plan.index))
     if meta is not None and meta.get("plan_digest") == plan.digest and meta.get("num_rejected") == "0":
         return meta
     return None
+
+
+def _shard_path(out_dir: str | Path, index: int) -> str | Path:
+    """Where shard ``index`` goes: a path in a local folder, a URI on an object store."""
+    return storage.join(out_dir, shard_name(index)) if storage.is_remote(out_dir) else Path(out_dir) / shard_name(index)
 
 
 def write_planned_shard(item: dict, out_dir: str) -> dict:
@@ -295,9 +308,9 @@ def write_planned_shard(item: dict, out_dir: str) -> dict:
     ``[path, reason]``). Inputs that cannot be read or do not fully decode are left out of the shard
     and reported; the shard then records them (``num_rejected``) so the next run retries it."""
     plan = ShardPlan.from_item(item)
-    tar_path = Path(out_dir) / shard_name(plan.index)
+    tar_path = _shard_path(out_dir, plan.index)
     digest = plan.digest
-    meta = _finished_shard(plan, Path(out_dir))
+    meta = _finished_shard(plan, out_dir)
     if meta is not None:
         return {"index": plan.index, "written": False, "num_samples": int(meta["num_samples"]),
                 "tar_bytes": int(meta["tar_bytes"]), "problems": "[]"}
@@ -319,12 +332,12 @@ def write_planned_shard(item: dict, out_dir: str) -> dict:
             "problems": json.dumps([[p.path, p.reason] for p in report.problems])}
 
 
-def _run_local(plans: list[ShardPlan], out_dir: Path) -> Iterator[dict]:
+def _run_local(plans: list[ShardPlan], out_dir: str) -> Iterator[dict]:
     for plan in plans:
         yield write_planned_shard(plan.to_item(), str(out_dir))
 
 
-def _run_ray(plans: list[ShardPlan], out_dir: Path, cfg: IngestConfig) -> Iterator[dict]:
+def _run_ray(plans: list[ShardPlan], out_dir: str, cfg: IngestConfig) -> Iterator[dict]:
     import ray
 
     from pipelines.console import quiet_ray_libraries, ray_init_kwargs
@@ -338,7 +351,9 @@ def _run_ray(plans: list[ShardPlan], out_dir: Path, cfg: IngestConfig) -> Iterat
     try:
         quiet_ray_libraries()  # the driver shows one bar, in images
         ds = ray.data.from_items([p.to_item() for p in plans], override_num_blocks=len(plans))
-        ds = ds.map(write_planned_shard, fn_kwargs={"out_dir": str(out_dir.resolve())}, num_cpus=1,
+        # an object store is reached by URI from every node (with that node's AWS_* variables)
+        target = out_dir if storage.is_remote(out_dir) else str(Path(out_dir).resolve())
+        ds = ds.map(write_planned_shard, fn_kwargs={"out_dir": target}, num_cpus=1,
                     compute=ray.data.TaskPoolStrategy(size=cfg.workers))
         yield from ds.iter_rows()
     finally:
@@ -349,33 +364,36 @@ def _run_ray(plans: list[ShardPlan], out_dir: Path, cfg: IngestConfig) -> Iterat
 # ------------------------------------------------------------------------------------------ finishing
 
 
-def _remove_outdated_shards(out_dir: Path, num_shards: int) -> list[Path]:
+def _remove_outdated_shards(out_dir: str, num_shards: int) -> list[str]:
     """Delete shards numbered beyond the current plan (left by an earlier plan of this folder)."""
     removed = []
-    for path in sorted(out_dir.iterdir()):
-        match = _SHARD_RE.fullmatch(path.name)
+    for name in sorted(storage.listdir(out_dir)):
+        match = _SHARD_RE.fullmatch(name)
         if match and int(match[1]) >= num_shards:
-            path.unlink()
-            removed.append(path)
+            storage.delete(storage.join(out_dir, name))
+            removed.append(storage.join(out_dir, name))
     return removed
 
 
-def _dataset_manifest(out_dir: Path, num_shards: int) -> pa.Table:
+def _dataset_manifest(out_dir: str, num_shards: int) -> pa.Table:
     tables = []
     for index in range(num_shards):
-        tar_path = out_dir / shard_name(index)
-        table = read_shard_manifest(tar_path)
-        tables.append(table.append_column("shard", pa.array([tar_path.name] * table.num_rows, pa.string())))
+        table = read_shard_manifest(_shard_path(out_dir, index))
+        tables.append(table.append_column("shard", pa.array([shard_name(index)] * table.num_rows, pa.string())))
     return pa.concat_tables(tables).cast(DATASET_SCHEMA)
 
 
-def _summary(cfg: IngestConfig, fmt: str, manifest: pa.Table, out_dir: Path, num_shards: int,
+def _summary(cfg: IngestConfig, fmt: str, manifest: pa.Table, out_dir: str, num_shards: int,
              report: InputReport) -> dict:
     def distinct(column: str) -> int:  # distinct (dataset, id) pairs, -1 (none) excluded
         known = manifest.filter(pc.field(column) != -1)
         return known.group_by(["dataset", column]).aggregate([]).num_rows
 
-    shard_bytes = [(out_dir / shard_name(i)).stat().st_size for i in range(num_shards)]
+    sizes = storage.listdir(out_dir)  # one listing instead of a request per shard on an object store
+    missing = [shard_name(i) for i in range(num_shards) if shard_name(i) not in sizes]
+    if missing:
+        raise FileNotFoundError(f"{out_dir}: shards {missing[:3]} vanished during the ingest; re-run it")
+    shard_bytes = [sizes[shard_name(i)] for i in range(num_shards)]
     return {
         "format": fmt,
         "root": str(cfg.root),
@@ -393,10 +411,13 @@ def _summary(cfg: IngestConfig, fmt: str, manifest: pa.Table, out_dir: Path, num
     }
 
 
-def _write_text_if_changed(text: str, path: Path) -> None:
-    if path.is_file() and path.read_text() == text:
+def _write_text_if_changed(text: str, path: str) -> None:
+    if storage.exists(path) and storage.read_bytes(path) == text.encode():
         return
-    tmp = tmp_path(path)
+    if storage.is_remote(path):
+        storage.write_bytes_atomic(path, text)
+        return
+    tmp = tmp_path(Path(path))
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -416,18 +437,21 @@ class IngestResult:
 def run_ingest(cfg: IngestConfig, *, progress: bool = True) -> IngestResult:
     """Run (or resume) one ingest; raises :class:`BadInputError` in strict mode at the first bad input."""
     start = time.perf_counter()
+    if storage.is_remote(cfg.out):
+        storage.makedirs(cfg.out)  # a missing bucket or unreachable store fails before the source is listed
     report = InputReport(strict=cfg.strict)
     fmt, why = (cfg.format, "given with --format") if cfg.format != "auto" else detect_format_why(cfg.root)
     samples = parse_source(fmt, cfg.root, report, dataset=cfg.dataset, **cfg.options)
-    out_dir = Path(cfg.out)
+    out_dir = str(cfg.out)
     limits = {"max_bytes": cfg.shard_max_bytes, "max_count": cfg.shard_max_count}
     previous = read_previous_plan(out_dir, **limits)
     fixed = previous.fixed_maps(samples) if previous is not None else None
     maps = IdentityMaps.build(samples, fixed)
     plans = plan_shards(samples, maps, report, **limits, previous=previous if fixed is not None else None)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(out_dir)
-    write_plan(plans, out_dir / PLAN_NAME, previous, **limits)  # first: a resumed run plans the same shards
+    storage.makedirs(out_dir)  # a local folder (an object store has no folders to create)
+    if not storage.is_remote(out_dir):
+        remove_stale_tmp(Path(out_dir))  # (an object store never holds temporary objects: uploads are whole)
+    write_plan(plans, storage.join(out_dir, PLAN_NAME), previous, **limits)  # first: a resumed run plans the same shards
 
     # a re-run over an unchanged source has nothing to write: check here instead of starting Ray
     all_done = all(_finished_shard(p, out_dir) is not None for p in plans)
@@ -444,9 +468,9 @@ def run_ingest(cfg: IngestConfig, *, progress: bool = True) -> IngestResult:
     _remove_outdated_shards(out_dir, len(plans))
     manifest = _dataset_manifest(out_dir, len(plans))
     summary = _summary(cfg, fmt, manifest, out_dir, len(plans), report)
-    _write_text_if_changed(json.dumps(summary, indent=2) + "\n", out_dir / SUMMARY_NAME)
-    manifest_path = out_dir / MANIFEST_NAME
-    if not (manifest_path.is_file() and pq.read_table(manifest_path, schema=DATASET_SCHEMA).equals(manifest)):
+    _write_text_if_changed(json.dumps(summary, indent=2) + "\n", storage.join(out_dir, SUMMARY_NAME))
+    manifest_path = storage.join(out_dir, MANIFEST_NAME)
+    if not (storage.exists(manifest_path) and storage.read_table(manifest_path, schema=DATASET_SCHEMA).equals(manifest)):
         write_table_atomic(manifest, manifest_path)  # last: its presence marks a finished ingest
     return IngestResult(summary, report, written, len(plans) - written, time.perf_counter() - start,
                         why if cfg.format != "auto" else f"auto-detected: {why}")

@@ -28,6 +28,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from dynamix_core.storage import is_remote, write_bytes_atomic
+
 TOP_K = 10
 _GREEN = (34, 170, 68)
 _RED = (214, 39, 40)
@@ -211,8 +213,9 @@ def _html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> st
 
 def write_report(out_html: str | Path, *, summary: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
                  relabel_rounds: Sequence[Mapping[str, Any]] | None, retrieval: Sequence[Mapping[str, Any]] | None,
-                 title: str = "DynaMix training report") -> Path:
-    """Write the report (atomically: temp file + os.replace); returns its path."""
+                 title: str = "DynaMix training report") -> str | Path:
+    """Write the report (atomically: temp file + os.replace; on an object store one upload);
+    returns its path, or ``out_html`` itself when that is a URI (``s3://bucket/runs/r1/report.html``)."""
     parts = [f"<h1>{html.escape(title)}</h1>", "<h2>Summary</h2>",
              _html_table([{"metric": k, "value": v} for k, v in summary.items()], ["metric", "value"])]
 
@@ -239,6 +242,9 @@ def write_report(out_html: str | Path, *, summary: Mapping[str, Any], history: S
     document = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
                 f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
                 + "\n".join(parts) + "\n</body></html>\n")
+    if is_remote(out_html):
+        write_bytes_atomic(out_html, document.encode("utf-8"))
+        return str(out_html)
     out_html = Path(out_html)
     out_html.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_html.with_name(out_html.name + ".tmp")

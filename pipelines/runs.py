@@ -2,19 +2,23 @@
 
 A run folder is what ``dynamix train`` writes under ``run.storage/run.name``: ``config.yaml``,
 ``history.jsonl`` (one metric report per line, rank 0), Ray Train's ``checkpoint_*`` folders,
-``labels/v*.parquet`` (label versions) and, once the run has ended, ``result.json``. Local folders
+``labels/`` (the label store: ``v00000000.snap.npy`` and one ``vNNNNNNNN.delta.npz`` per later
+version, old ones retired) and, once the run has ended, ``result.json``. Local folders
 and object-store URIs (through pyarrow's file systems) are read the same way.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
-_LABEL_VERSION_RE = re.compile(r"v(\d+)\.parquet")
+#: the deployment's shared storage root: the Helm chart sets it (its ``storage.uri``) on every Ray pod
+STORAGE_URI_ENV = "DYNAMIX_STORAGE_URI"
+_LABEL_VERSION_RE = re.compile(r"v(\d{8})\.(?:delta\.npz|snap\.npy)")
 #: metrics shown per run, in this order (the ones a run reported)
 SHOWN_METRICS = ("eval/mAP", "eval/rank1", "images_per_s")
 
@@ -61,25 +65,36 @@ def summarise_run(fs: pafs.FileSystem, path: str, name: str) -> RunInfo:
     versions = [info.base_name for info in _entries(fs, f"{path}/labels")]
     return RunInfo(
         name=name, status="finished" if finished else "unfinished", last_step=history[-1]["step"] if history else None,
-        checkpoints=checkpoints, label_versions=sum(1 for v in versions if _LABEL_VERSION_RE.fullmatch(v)),
+        # versions are numbered from 0 and old ones are retired: the count is the newest number + 1
+        checkpoints=checkpoints, label_versions=1 + max(
+            (int(m.group(1)) for v in versions if (m := _LABEL_VERSION_RE.fullmatch(v))), default=-1),
         metrics={k: metrics[k] for k in SHOWN_METRICS if k in metrics},
     )
 
 
+def storage_root() -> str | None:
+    """The deployment's shared storage root, ``$DYNAMIX_STORAGE_URI`` (None when unset)."""
+    root = os.environ.get(STORAGE_URI_ENV, "").strip()
+    return root.rstrip("/") or None
+
+
+def default_runs_root() -> str:
+    """Where training runs go unless ``run.storage`` says otherwise: ``$DYNAMIX_STORAGE_URI/runs``
+    (where the chart's training job puts them), else ``runs`` in the working directory."""
+    root = storage_root()
+    return f"{root}/runs" if root else "runs"
+
+
 def list_runs(storage: str) -> list[RunInfo]:
     """Every run folder (a folder holding ``config.yaml``) directly under ``storage``, by name."""
-    fs, root = pafs.FileSystem.from_uri(storage if "://" in storage else _absolute(storage))
+    from dynamix_core.storage import resolve
+
+    fs, root = resolve(storage)  # the endpoint and region from the AWS variables, as training uses them
     runs = []
     for info in sorted(_entries(fs, root), key=lambda i: i.base_name):
         if info.type == pafs.FileType.Directory and fs.get_file_info(f"{info.path}/config.yaml").is_file:
             runs.append(summarise_run(fs, info.path, info.base_name))
     return runs
-
-
-def _absolute(path: str) -> str:
-    from pathlib import Path
-
-    return str(Path(path).resolve())
 
 
 def format_runs(runs: list[RunInfo], storage: str) -> str:

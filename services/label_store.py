@@ -1,9 +1,12 @@
 """The label store: a named Ray actor that knows the latest label version and hands trainers what
 changed since the version they hold, plus the published centroids of their shard of identities.
 
-Storage is :class:`dynamix_core.labeling.label_table.LabelStore` (one parquet per version, written
-to a temporary name and renamed; an audit log); centroids of each version are an ``.npz`` beside it,
-also written atomically. The actor keeps no state that storage does not have: after a restart
+Labels are addressed by row of the run's ``index.parquet`` (fixed order): the actor holds the
+current version as one int32 array, a commit writes only the rows it changed
+(:class:`dynamix_core.labeling.label_table.LabelStore`: deltas, periodic snapshots, retention of the
+last versions and of every version a checkpoint pinned, old centroids merged into one base), and
+every rank that asks for the same step gets the same delta: it is put into the object store once
+and shared. The actor keeps no state that storage does not have: after a restart
 (``max_restarts=-1``) it re-reads the newest readable version, and a corrupt or missing newest
 file is reported while the previous version stays in force (a corrupt one is moved aside, so the
 next commit can take its number).
@@ -14,9 +17,9 @@ Trainers never block on it: they poll ``latest()`` with ``ray.wait(timeout=0)`` 
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from dynamix_core import storage
 from dynamix_core.centroids.sharded import owner_rank
-from dynamix_core.labeling.label_table import LabelStore, LabelStoreError, LabelTable
+from dynamix_core.labeling.label_table import LabelStore, LabelStoreError, merge_newest
 
 log = logging.getLogger(__name__)
 
@@ -36,52 +40,68 @@ class LabelDelta:
 
     version: int
     step: int
-    keys: np.ndarray  # keys whose label changed (object array)
-    pids: np.ndarray  # their new labels (-1 = not used)
+    rows: np.ndarray | None  # rows (of the run's index) whose label changed; None when ``full``
+    pids: np.ndarray | None  # their new labels, int32 (-1 = not used); ``full``: every row's label
     centroid_ids: np.ndarray  # identities with published centroids owned by the asking rank
     centroids: np.ndarray  # (M, D) float32
     centroid_videos: np.ndarray  # (M,) video of each identity
-    full: bool  # True when the delta is the whole table (trainer too far behind)
+    full: bool  # True when the delta is the whole table (trainer too far behind, or first call)
     #: single-camera identities in use up to ``version`` (1 + the largest label or published id),
     #: the same for every rank: each rank's bank spans ``bank_offset + num_identities`` rows
     num_identities: int = 0
+    #: ``[ObjectRef of (rows, pids)]`` when the labels travel through the object store (one put
+    #: shared by every rank that asks for the same versions); :meth:`labels` resolves it
+    shared: list | None = None
 
+    def labels(self) -> tuple[np.ndarray | None, np.ndarray]:
+        if self.pids is None:
+            self.rows, self.pids = ray.get(self.shared[0])
+        return self.rows, self.pids
 
-def _centroid_path(store: LabelStore, version: int) -> Path:
-    return store.root / f"centroids-v{version:08d}.npz"
-
-
-def _save_npz_atomic(path: Path, **arrays) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    def apply(self, labels: np.ndarray | None) -> np.ndarray:
+        """``labels`` (int32, one per row) moved to this version (a new array when ``full``)."""
+        rows, pids = self.labels()
+        if self.full or labels is None:
+            return np.array(pids, dtype=np.int32)
+        labels[rows] = pids
+        return labels
 
 
 class LabelStoreService:
     """The actor's logic (plain class: unit-testable without Ray)."""
 
-    def __init__(self, root: str):
-        self.store = LabelStore(root)
+    #: deltas kept for re-serving (every rank asks for the same one within a step)
+    cache_size = 4
+    #: newest commits whose changed rows and centroids stay in memory
+    recent_versions = 4
+
+    def __init__(self, root: str, snapshot_every: int = 32, keep_versions: int = 8):
+        self.store = LabelStore(root, snapshot_every=snapshot_every, keep_versions=keep_versions)
         self.version: int | None = None
-        self.table: LabelTable | None = None
+        self.pids: np.ndarray | None = None  # int32, the latest version
         self.step = 0
+        self.num_identities = 0
+        self._identities_at: dict[int, int] = {}
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        #: what the newest commits of this process changed and published, so that the trainers'
+        #: switch to them reads nothing from storage: version -> (rows, (ids, centroids, videos))
+        self._recent: collections.OrderedDict = collections.OrderedDict()
         self._recover()
+
+    def _share(self, payload):
+        """Hook: the Ray actor puts ``payload`` into the object store once (see LabelStoreActor)."""
+        return None
 
     def _recover(self) -> None:
         version = self.store.latest_version()  # warns about newer unreadable versions
         self._set_aside_newer(-1 if version is None else version)
         if version is None:
             return
-        self.version, self.table = version, self.store.read(version)
+        self.version, self.pids = version, self.store.read(version)
         history = {r["version"]: r for r in self.store.history()}
+        self._identities_at = {v: int(r.get("num_identities", 0)) for v, r in history.items()}
         self.step = int(history.get(version, {}).get("step", 0))
+        self.num_identities = max(int(self.pids.max(initial=-1)) + 1, self._identities_at.get(version, 0))
         log.info("label store %s: recovered version %d (step %d)", self.store.root, version, self.step)
 
     def _set_aside_newer(self, version: int) -> None:
@@ -89,106 +109,232 @@ class LabelStoreService:
         versions are immutable, so left in place they would make every later commit fail; renamed,
         the next commit reuses their number and the evidence stays on disk."""
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        for path in self.store.root.glob("v*.parquet"):
-            if path.stem[1:].isdigit() and int(path.stem[1:]) > version:
-                aside = path.with_name(f"{path.name}.corrupt-{stamp}")
-                os.replace(path, aside)
-                log.warning("label store %s: unreadable %s moved to %s", self.store.root, path.name, aside.name)
+        for name in self.store.listing():
+            head = name.split(".")[0]
+            if name.startswith("v") and head[1:].isdigit() and int(head[1:]) > version and ".corrupt-" not in name:
+                aside = f"{name}.corrupt-{stamp}"
+                _move(self.store.path(name), self.store.path(aside))
+                log.warning("label store %s: unreadable %s moved to %s", self.store.root, name, aside)
 
     def root(self) -> str:
         """The folder this store serves (resolved)."""
-        return str(self.store.root.resolve())
+        return _canonical(self.store.root)
 
     def latest(self) -> tuple[int | None, int]:
         return self.version, self.step
 
-    def initialise(self, keys: list[str], pids: np.ndarray) -> int:
-        """Version 0 (tracker labels, or all -1 for ReMix); a no-op when a version exists already."""
-        if self.version is not None:
-            return self.version
-        table = LabelTable.initial(np.asarray(keys, dtype=object), np.asarray(pids, dtype=np.int64))
-        self.store.write(table, parent=None, step=0)
-        self.version, self.table, self.step = table.version, table, 0
-        return table.version
+    def current(self) -> dict:
+        """Latest version, its step, row count and identities in use (the coordinator numbers new
+        identities after them)."""
+        return {"version": self.version, "step": self.step, "num_identities": self.num_identities,
+                "num_rows": 0 if self.pids is None else len(self.pids)}
 
-    def commit(self, keys, pids, *, step: int, centroid_ids, centroids, centroid_videos, videos=(),
+    def initialise(self, pids: np.ndarray) -> int:
+        """Version 0: one label per row of the run's index (tracker labels, or all -1 for ReMix); a
+        no-op when a version exists already (for the same number of rows)."""
+        pids = np.asarray(pids)
+        if self.version is not None:
+            if len(pids) != len(self.pids):
+                raise LabelStoreError(
+                    f"label store {self.store.root} holds {len(self.pids)} rows, the run's index has {len(pids)}: "
+                    "the single-camera data changed under a running run; start a new run.name")
+            return self.version
+        table = pids.astype(np.int32)
+        self.store.write(0, rows=np.zeros(0, np.int64), pids_after=table, parent=None, step=0,
+                         record={"num_identities": int(table.max(initial=-1)) + 1})
+        self.version, self.pids, self.step = 0, table, 0
+        self.num_identities = self._identities_at[0] = int(table.max(initial=-1)) + 1
+        return 0
+
+    def read_rows(self, rows) -> tuple[int, np.ndarray]:
+        """The latest version and the labels of ``rows`` in it (int32)."""
+        if self.pids is None:
+            raise LabelStoreError("no label version yet")
+        return self.version, self.pids[np.asarray(rows, dtype=np.int64)]
+
+    def commit(self, rows, pids, *, step: int, centroid_ids, centroids, centroid_videos, videos=(),
                num_splits: int = 0, num_merges: int = 0) -> int:
-        """A new version: ``keys`` get ``pids``; centroids published for ``centroid_ids``."""
-        if self.table is None:
+        """A new version: ``rows`` get ``pids``; centroids published for ``centroid_ids``."""
+        if self.pids is None:
             raise LabelStoreError("commit before initialise: the store holds no version yet")
-        table = self.table.updated(np.asarray(keys, dtype=object), np.asarray(pids, dtype=np.int64))
-        _save_npz_atomic(_centroid_path(self.store, table.version), ids=np.asarray(centroid_ids, dtype=np.int64),
-                         centroids=np.asarray(centroids, dtype=np.float32),
-                         videos=np.asarray(centroid_videos, dtype=np.int64))
-        self.store.write(table, parent=self.version, step=step, videos_relabeled=videos,
-                         num_splits=num_splits, num_merges=num_merges)
-        self.version, self.table, self.step = table.version, table, step
-        return table.version
+        rows = np.asarray(rows, dtype=np.int64)
+        pids = np.asarray(pids, dtype=np.int32)
+        if len(rows) != len(pids):
+            raise ValueError(f"commit: {len(rows)} rows but {len(pids)} labels")
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self.pids)):
+            raise ValueError(f"commit: rows outside 0..{len(self.pids) - 1}")
+        ids = np.asarray(centroid_ids, dtype=np.int64)
+        changed = np.unique(rows[self.pids[rows] != pids])
+        before = self.pids[changed].copy()  # kept in memory: older versions are rebuilt from the current one
+        old = self.pids[rows].copy()
+        self.pids[rows] = pids  # in place (no copy of the table); undone if the write fails
+        version = self.version + 1
+        num_identities = max(self.num_identities, int(pids.max(initial=-1)) + 1, int(ids.max(initial=-1)) + 1)
+        try:
+            self.store.write(version, rows=changed, pids_after=self.pids, parent=self.version, step=step,
+                             centroids=(ids, centroids, centroid_videos),
+                             record={"videos_relabeled": sorted(int(v) for v in videos), "num_splits": int(num_splits),
+                                     "num_merges": int(num_merges), "num_identities": num_identities})
+        except BaseException:
+            self.pids[rows] = old
+            raise
+        self.version, self.step, self.num_identities = version, step, num_identities
+        self._identities_at[version] = num_identities
+        cents = np.asarray(centroids, np.float32)
+        self._recent[version] = (changed, before, (ids, cents.reshape(len(ids), cents.shape[-1] if cents.ndim == 2 else 0),
+                                           np.asarray(centroid_videos, np.int64)))
+        while len(self._recent) > self.recent_versions:
+            self._recent.popitem(last=False)
+        self.store.collect(version)
+        return version
+
+    def pin(self, version: int, keep: int) -> list[int]:
+        """A checkpoint references ``version``: keep it readable (the newest ``keep`` pins count)."""
+        return self.store.pin(version, keep)
+
+    def _cached(self, key: tuple, compute):
+        if key not in self._cache:
+            self._cache[key] = compute()
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        return self._cache[key]
+
+    def _in_memory(self, since: int | None, until: int) -> bool:
+        return since is not None and 0 <= since < until and all(v in self._recent for v in range(since + 1, until + 1))
+
+    def _labels(self, since: int | None, until: int) -> tuple:
+        """(full, rows, pids, shared) for (since, until], computed once for every rank."""
+        if self._in_memory(since, until) or since == until:
+            full = False
+        else:
+            full = since is None or since < 0 or since > until or not self.store.can_move(since, until)
+        target = self._table_at(until)
+        if full:
+            rows, pids = None, target.copy()
+        else:
+            if self._in_memory(since, until):
+                parts = [self._recent[v][0] for v in range(since + 1, until + 1)]
+                rows = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+            else:
+                rows = self.store.changed_rows(since, until)
+            pids = target[rows]
+        return full, rows, pids, self._share((rows, pids))
+
+    def _table_at(self, until: int) -> np.ndarray:
+        """Every row's label at ``until``: the current table, or the current one with the newest
+        commits undone when this process made them (so a version rank 0 just chose stays servable
+        after retention deleted it from storage), else read from storage."""
+        if until == self.version:
+            return self.pids
+        if all(v in self._recent for v in range(until + 1, self.version + 1)):
+            table = self.pids.copy()
+            for v in range(self.version, until, -1):
+                changed, before, _ = self._recent[v]
+                table[changed] = before
+            return table
+        return self.store.read(until)
+
+    def _centroids(self, since: int | None, until: int) -> tuple:
+        """Newest publication of each identity published in (since, until]: from memory when this
+        process committed those versions, else from storage."""
+        if not self._in_memory(since, until):
+            merged_up_to = int(self.store.read_base()["base_version"])
+            if until < merged_up_to:
+                # publications up to `until` were merged into the base (only each identity's newest is
+                # kept): hand out the newest known ones; they only initialise bank rows
+                return self.store.centroids_between(since, merged_up_to)
+            return self.store.centroids_between(since, until)
+        ids, rows, videos, versions = [], [], [], []
+        for v in range(since + 1, until + 1):
+            i, c, vid = self._recent[v][2]
+            ids.append(i), rows.append(c), videos.append(vid), versions.append(np.full(len(i), v, np.int64))
+        dim = max((r.shape[1] for r in rows if len(r)), default=0)
+        merged = merge_newest(np.concatenate(ids), np.concatenate([r.reshape(len(r), dim) for r in rows]),
+                              np.concatenate(videos), np.concatenate(versions))
+        return merged[0], merged[1], merged[2]
 
     def changes_since(self, since: int | None, rank: int = 0, world_size: int = 1, sharded: bool = False,
-                      until: int | None = None, bank_offset: int = 0) -> LabelDelta:
+                      until: int | None = None, bank_offset: int = 0, with_centroids: bool = True) -> LabelDelta:
         """Labels changed after ``since`` up to version ``until`` (default: the latest), and the
         centroids published in between. With a sharded bank only the rows ``rank`` owns: single
         identity ``g`` is bank row ``bank_offset + g``, held by rank
         :func:`~dynamix_core.centroids.owner_rank` of that row (the bank's own rule). Data-parallel
-        ranks pass the same ``until`` so they switch to the same version at the same step."""
-        if self.table is None:
+        ranks pass the same ``until`` so they switch to the same version at the same step, and
+        share one copy of the labels. ``with_centroids=False``: labels only (a resume, whose bank
+        comes from its checkpoint)."""
+        if self.pids is None:
             raise LabelStoreError("no label version yet")
         until = self.version if until is None else until
         if until > self.version:
             raise LabelStoreError(f"label version {until} does not exist yet (latest is {self.version})")
-        target = self.table if until == self.version else self.store.read(until)
-        full = since is None or since > until or not self.store.path_of(since).is_file()
-        if full:
-            keys, pids = target.keys, target.pids
-        else:
-            old = self.store.read(since)
-            changed = old.pids != target.pids  # tables of one run share key order (updated() keeps it)
-            keys, pids = target.keys[changed], target.pids[changed]
-        ids, rows, videos = [], [], []
-        first = 1 if full else since + 1
-        for version in range(first, until + 1):  # newer versions overwrite older rows
-            path = _centroid_path(self.store, version)
-            if not path.is_file():
-                continue
-            with np.load(path) as z:
-                ids.append(z["ids"]), rows.append(z["centroids"]), videos.append(z["videos"])
-        num_identities = int(target.pids.max(initial=-1)) + 1
-        if ids:
-            ids_M, rows_MD, videos_M = np.concatenate(ids), np.concatenate(rows), np.concatenate(videos)
-            _, last = np.unique(ids_M[::-1], return_index=True)  # newest publication of each identity
-            keep = len(ids_M) - 1 - last
-            ids_M, rows_MD, videos_M = ids_M[keep], rows_MD[keep], videos_M[keep]
-            num_identities = max(num_identities, int(ids_M.max(initial=-1)) + 1)
-            if sharded:
-                own = owner_rank(ids_M + bank_offset, world_size) == rank
-                ids_M, rows_MD, videos_M = ids_M[own], rows_MD[own], videos_M[own]
+        full, rows, pids, shared = self._cached(("labels", since, until), lambda: self._labels(since, until))
+        if with_centroids:
+            ids_M, rows_MD, videos_M = self._cached(
+                ("centroids", None if full else since, until),
+                lambda: self._centroids(None if full else since, until))
         else:
             ids_M, rows_MD, videos_M = np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-        return LabelDelta(until, self.step, keys, pids, ids_M, rows_MD, videos_M, full, num_identities)
+        num_identities = max(self._identities_at.get(until, 0), int(ids_M.max(initial=-1)) + 1)
+        if sharded and len(ids_M):
+            own = owner_rank(ids_M + bank_offset, world_size) == rank
+            ids_M, rows_MD, videos_M = ids_M[own], rows_MD[own], videos_M[own]
+        if shared is not None:
+            rows, pids = None, None
+        return LabelDelta(until, self.step, rows, pids, ids_M, rows_MD, videos_M, full, num_identities, shared)
 
     def history(self) -> list[dict]:
         return self.store.history()
 
+    def resources(self) -> dict:
+        """This process's resident memory and the store folder's size (MiB), for monitoring."""
+        rss_kb = 0
+        try:
+            with open("/proc/self/status") as fh:
+                rss_kb = int(next(line for line in fh if line.startswith("VmRSS:")).split()[1])
+        except (OSError, StopIteration):
+            pass
+        return {"rss_mb": rss_kb / 1024, "disk_mb": self.store.disk_bytes() / 2**20,
+                "label_mb": 0.0 if self.pids is None else self.pids.nbytes / 2**20}
+
+
+def _canonical(root: str) -> str:
+    """A store root as compared between runs: a resolved local path, or the URI as given."""
+    return str(root).rstrip("/") if storage.is_remote(root) else str(Path(storage.local_path(root)).resolve())
+
+
+def _move(src: str, dst: str) -> None:
+    if storage.is_remote(src):  # no rename on an object store: copy, then delete
+        storage.write_bytes_atomic(dst, storage.read_bytes(src))
+        storage.delete(src)
+    else:
+        os.replace(storage.local_path(src), storage.local_path(dst))
+
+
+class _SharedLabelStore(LabelStoreService):
+    def _share(self, payload):
+        return [ray.put(payload)]
+
 
 # max_restarts=-1: a killed store comes back and recovers from storage; max_task_retries=-1: calls
 # made while it restarts are retried instead of failing the trainer.
-LabelStoreActor = ray.remote(max_restarts=-1, max_task_retries=-1, num_cpus=0)(LabelStoreService)
+LabelStoreActor = ray.remote(max_restarts=-1, max_task_retries=-1, num_cpus=0)(_SharedLabelStore)
 
 
 def store_actor_name(run_name: str) -> str:
     return f"dynamix-labels-{run_name}"
 
 
-def get_or_create_store(run_name: str, root: str, namespace: str = "dynamix"):
+def get_or_create_store(run_name: str, root: str, namespace: str = "dynamix", *, snapshot_every: int = 32,
+                        keep_versions: int = 8):
     """The run's label store actor (created on first use, found by name afterwards). A live store
     of the same run name that serves another folder is refused: its labels belong to another run."""
     store = LabelStoreActor.options(name=store_actor_name(run_name), namespace=namespace, get_if_exists=True,
-                                    lifetime="detached").remote(root)
+                                    lifetime="detached").remote(root, snapshot_every, keep_versions)
     serving = ray.get(store.root.remote())
-    if serving != str(Path(root).resolve()):
+    if serving != _canonical(root):
         raise ValueError(
-            f"label store {store_actor_name(run_name)!r} is live and serves {serving}, not {Path(root).resolve()}: "
+            f"label store {store_actor_name(run_name)!r} is live and serves {serving}, not {_canonical(root)}: "
             f"another run named {run_name!r} (other run.storage) is running or was left behind; stop it "
             f"(dynamix stop) or choose another run.name")
     return store

@@ -22,15 +22,13 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 import torch
 
+from dynamix_core import storage
 from dynamix_core.labeling import quality
-from dynamix_core.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +108,7 @@ class LabelingWorkerService:
         id_video = np.zeros(len(ids), dtype=np.int64)
         id_video[inverse] = video[used]
         report["seconds"] = time.perf_counter() - t0
-        return {"chunk_id": chunk["chunk_id"], "keys": chunk["keys"], "labels": after, "new_from": next_id,
+        return {"chunk_id": chunk["chunk_id"], "rows": chunk["rows"], "labels": after, "new_from": next_id,
                 "centroid_ids": ids, "centroids": centroids.astype(np.float32), "centroid_videos": id_video,
                 "videos": sorted(set(video.tolist())), "report": report, "weights_step": weights_step}
 
@@ -142,15 +140,22 @@ class LabelingCoordinatorService:
 
         self.cfg = cfg
         self.mode = cfg["mode"]
-        self.store = get_or_create_store(cfg["run_name"], cfg["label_root"])
-        index = pq.read_table(cfg["index_path"]).to_pydict()
-        self.keys = np.asarray(index["key"], dtype=object)
-        self.video = np.asarray(index["video"], dtype=np.int64)
-        self.frame = np.asarray(index["frame"], dtype=np.int64)
-        self.tar = np.asarray(index["tar"], dtype=object)
-        self.offset = np.asarray(index["offset"], dtype=np.int64)
-        self.size = np.asarray(index["size"], dtype=np.int64)
-        self.truth = np.asarray(index["truth"], dtype=np.int64) if "truth" in index else None
+        self.store = get_or_create_store(cfg["run_name"], cfg["label_root"], snapshot_every=cfg.get("snapshot_every", 32),
+                                         keep_versions=cfg.get("keep_versions", 8))
+        # the index in compact columns (no keys: labels are addressed by row); the shard path is a
+        # dictionary code, as there are far fewer shards than images
+        columns = ["video", "frame", "tar", "offset", "size"]
+        schema = storage.read_schema(cfg["index_path"])
+        index = storage.read_table(cfg["index_path"], columns=columns + (["truth"] if "truth" in schema.names else []))
+        self.video = index["video"].to_numpy().astype(np.int64)
+        self.frame = index["frame"].to_numpy().astype(np.int32)
+        tar = index["tar"].combine_chunks().dictionary_encode()
+        self.tar_names = tar.dictionary.to_pylist()
+        self.tar = tar.indices.to_numpy(zero_copy_only=False).astype(np.int32)
+        self.offset = index["offset"].to_numpy().astype(np.int64)
+        self.size = index["size"].to_numpy().astype(np.int32)
+        self.truth = index["truth"].to_numpy().astype(np.int32) if "truth" in index.column_names else None
+        del index
         order = np.argsort(self.video, kind="stable")
         bounds = np.flatnonzero(np.diff(self.video[order])) + 1
         self.rows_of_video = {int(self.video[r[0]]): r for r in np.split(order, bounds) if len(r)}
@@ -160,9 +165,9 @@ class LabelingCoordinatorService:
         self.quota = VideoQuotaSampler(video_ids, sizes, cfg["quota"], seed=cfg["seed"])
         # which videos this relabel pass has done and where the ReMix quota stands survive a
         # restart of this actor or of the run (saved after every published round)
-        self.state_path = Path(cfg["label_root"]) / "coordinator_state.json"
-        if self.state_path.is_file():
-            saved = json.loads(self.state_path.read_text())
+        self.state_path = storage.join(cfg["label_root"], "coordinator_state.json")
+        if storage.exists(self.state_path):
+            saved = json.loads(storage.read_bytes(self.state_path))
             self.scheduler.load_state_dict(saved["scheduler"])
             self.quota.load_state_dict(saved["quota"])
             log.info("labeling coordinator: resumed its schedule at label version %d", saved["version"])
@@ -287,43 +292,43 @@ class LabelingCoordinatorService:
                 return step, due
         return None
 
-    def _chunks(self, videos: np.ndarray, labels: np.ndarray) -> dict[int, dict]:
-        parts = np.array_split(videos, min(len(videos), max(1, len(self.workers))))
+    def _chunks(self, videos: np.ndarray) -> dict[int, dict]:
+        """Chunks of at most ``chunk_videos`` videos (an actor holds one chunk's images and features
+        at a time), with the current labels of their rows read from the store (never the whole table)."""
+        per_chunk = max(1, int(self.cfg.get("chunk_videos", 64)))
         chunks = {}
-        for i, part in enumerate(parts):
-            rows = np.concatenate([self.rows_of_video[int(v)] for v in part])
+        for i, start in enumerate(range(0, len(videos), per_chunk)):
+            rows = np.concatenate([self.rows_of_video[int(v)] for v in videos[start:start + per_chunk]])
+            rows = rows[np.argsort(self.tar[rows], kind="stable")]  # read order: shard by shard
             reads = []
-            for tar in dict.fromkeys(self.tar[rows].tolist()):
-                sel = rows[self.tar[rows] == tar]
-                reads.append((tar, self.offset[sel].tolist(), self.size[sel].tolist()))
-            rows = np.concatenate([rows[self.tar[rows] == t] for t, _, _ in reads])  # read order
+            for code in dict.fromkeys(self.tar[rows].tolist()):
+                sel = rows[self.tar[rows] == code]
+                reads.append((self.tar_names[code], self.offset[sel].tolist(), self.size[sel].tolist()))
             chunks[i] = {
-                "chunk_id": i, "mode": self.mode, "keys": self.keys[rows].tolist(), "video": self.video[rows],
-                "frames": self.frame[rows], "labels": labels[rows], "reads": reads,
+                "chunk_id": i, "mode": self.mode, "rows": rows, "video": self.video[rows],
+                "frames": self.frame[rows], "labels": None, "reads": reads,
                 "truth": None if self.truth is None else self.truth[rows],
                 "relabel": self.cfg["relabel"], "cluster": self.cfg["cluster"],
             }
+        if chunks:
+            _, labels = ray.get(self.store.read_rows.remote(np.concatenate([c["rows"] for c in chunks.values()])))
+            bounds = np.cumsum([len(c["rows"]) for c in chunks.values()])[:-1]
+            for chunk, part in zip(chunks.values(), np.split(labels.astype(np.int64), bounds)):
+                chunk["labels"] = part
         return chunks
-
-    def _current_labels(self) -> tuple[np.ndarray, int]:
-        delta = ray.get(self.store.changes_since.remote(None))
-        lookup = dict(zip(delta.keys.tolist(), delta.pids.tolist()))
-        labels = np.array([lookup.get(k, -1) for k in self.keys.tolist()], dtype=np.int64)
-        return labels, delta.version
 
     def _start_round(self) -> bool:
         picked = self._pick_videos()
         if picked is None:
             return False
         step, videos = picked
-        labels, _ = self._current_labels()
         if self.next_global_id is None:
-            self.next_global_id = int(labels.max()) + 1 if len(labels) and labels.max() >= 0 else 0
+            self.next_global_id = int(ray.get(self.store.current.remote())["num_identities"])
         with self.lock:
             weights_step, _ = self.weights
             self.round_counter += 1
-            self.round = _Round(self.round_counter, step, weights_step, self._chunks(videos, labels),
-                                generation=self.generation)
+            self.round = _Round(self.round_counter, step, weights_step,
+                                self._chunks(videos), generation=self.generation)
         return True
 
     def _submit(self, rnd: _Round, chunk_id: int, worker_index: int):
@@ -378,7 +383,7 @@ class LabelingCoordinatorService:
             log.info("labeling round %d discarded: weights of step %d, trainers at %d (max_staleness %d)",
                      rnd.round_id, rnd.weights_step, latest, self.cfg["max_staleness"])
             return
-        keys, labels, before, truth, ids, cents, cvideos, videos = [], [], [], [], [], [], [], []
+        rows, labels, before, truth, ids, cents, cvideos, videos = [], [], [], [], [], [], [], []
         counts: collections.Counter = collections.Counter()
         for cid, res in sorted(rnd.results.items()):
             lab = np.asarray(res["labels"], dtype=np.int64)
@@ -386,7 +391,7 @@ class LabelingCoordinatorService:
             for old in np.unique(lab[lab >= res["new_from"]]).tolist():
                 remap[old] = self.next_global_id
                 self.next_global_id += 1
-            keys.extend(res["keys"])
+            rows.append(np.asarray(res["rows"], dtype=np.int64))
             labels.append(np.array([remap.get(x, x) for x in lab.tolist()], dtype=np.int64))
             ids.append(np.array([remap.get(x, x) for x in np.asarray(res["centroid_ids"]).tolist()], dtype=np.int64))
             cents.append(res["centroids"]), cvideos.append(res["centroid_videos"]), videos.extend(res["videos"])
@@ -401,13 +406,13 @@ class LabelingCoordinatorService:
             report.update(quality.pairwise_scores(after_N, truth_N))
             report.update({f"before_{k}": v for k, v in quality.pairwise_scores(before_N, truth_N).items()})
         version = ray.get(self.store.commit.remote(
-            keys, after_N, step=rnd.step, centroid_ids=np.concatenate(ids),
+            np.concatenate(rows), after_N, step=rnd.step, centroid_ids=np.concatenate(ids),
             centroids=np.concatenate(cents), centroid_videos=np.concatenate(cvideos), videos=sorted(set(videos)),
             num_splits=int(report.get("num_splits", 0)), num_merges=int(report.get("num_merges", 0))))
         if self.mode == "dynamix":
             self.scheduler.mark_done(np.asarray(sorted(set(videos)), dtype=np.int64))
-        write_atomic(self.state_path, json.dumps({"version": version, "scheduler": self.scheduler.state_dict(),
-                                                  "quota": self.quota.state_dict()}))
+        storage.write_bytes_atomic(self.state_path, json.dumps({"version": version, "scheduler": self.scheduler.state_dict(),
+                                                                "quota": self.quota.state_dict()}))
         report.update({"version": float(version), "step": float(rnd.step), "weights_step": float(rnd.weights_step),
                        "num_videos": float(len(set(videos))), "num_images": float(len(after_N)),
                        "round_seconds": time.perf_counter() - rnd.started})

@@ -27,12 +27,20 @@ def ray_local(tmp_path_factory):
     Four logical CPUs on the 2-core box: TorchTrainer workers and Ray Data read tasks otherwise
     deadlock waiting for each other (docs/stack.md)."""
     ray = pytest.importorskip("ray")
-    temp_dir = Path("/tmp") / f"ray_dx_{os.getpid()}"  # short path: Ray's unix sockets cap at 107 bytes
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(temp_dir), log_to_driver=False,
-                 configure_logging=False)
+        init_local_ray()
     yield ray
     ray.shutdown()
+
+
+def init_local_ray(env_vars: dict[str, str] | None = None) -> None:
+    """``ray.init`` as :func:`ray_local` does it; ``env_vars`` go into the environment of every Ray
+    worker and actor (Ray's processes otherwise keep the environment of the moment Ray started)."""
+    import ray
+
+    temp_dir = Path("/tmp") / f"ray_dx_{os.getpid()}"  # short path: Ray's unix sockets cap at 107 bytes
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(temp_dir), log_to_driver=False,
+             configure_logging=False, runtime_env={"env_vars": env_vars} if env_vars else None)
 
 
 @pytest.fixture(autouse=True)
@@ -74,6 +82,47 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 HTTP API on loopback for the whole session: moto's server, as the s3fs and Ray test
+    suites use (docs/stack.md); its endpoint URL. Started and stopped here, never another address."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+#: the variables that would point a test's S3 client somewhere else
+_AWS_UNSET = ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE",
+              "AWS_SHARED_CREDENTIALS_FILE")
+
+
+def s3_test_env(endpoint: str) -> dict[str, str]:
+    """The standard AWS variables pointing at the loopback S3 ``endpoint`` (dummy credentials)."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch) -> str:
+    """A new empty bucket on the loopback S3 with the standard AWS variables pointing at it (dummy
+    credentials; restored after the test); returns its URI, ``s3://<bucket>``."""
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    for name in _AWS_UNSET:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_test_env(s3_server).items():
+        monkeypatch.setenv(name, value)
+    bucket = f"dynamix-test-{uuid.uuid4().hex[:12]}"
+    pafs.S3FileSystem(endpoint_override=s3_server, region="us-east-1", allow_bucket_creation=True).create_dir(bucket)
+    return f"s3://{bucket}"
 
 
 def live_actor_pids(class_name: str) -> list[int]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -261,3 +263,36 @@ def test_never_written_rows_are_left_out_of_the_softmax(mode):
     loss, grad = loss_and_grad(bank, feat, pid, tau)
     assert float(loss) == pytest.approx(ref_loss, abs=1e-5)
     torch.testing.assert_close(grad, torch.cat(ref_grad), atol=1e-5, rtol=1e-4)
+
+
+def test_growth_is_geometric_and_keeps_every_row():
+    """Identities arrive a few at a time (each label version adds some): the bank must not copy
+    itself at every growth (issue 13: it did, O(N) per version). Reallocations are counted by the
+    storage address; the rows written before every growth keep their values, new rows are unset,
+    and a checkpoint holds exactly the identities in use (not the spare capacity)."""
+    cfg = CentroidBankConfig(storage_dtype="float32")
+    bank = CentroidBank(10, 4, cfg)
+    bank.load_rows(torch.arange(10), torch.eye(4).repeat(3, 1)[:10], step=1, video_M=torch.arange(10))
+    addresses = {bank.centroids.data_ptr()}
+    written = {i: torch.eye(4)[i % 4] for i in range(10)}
+    n = 10
+    for k in range(1, 1500):
+        n += 7
+        bank.resize(n)
+        addresses.add(bank.centroids.data_ptr())
+        if k % 100 == 0:  # write a row now and then; it must survive later growth
+            bank.load_rows(torch.tensor([n - 1]), torch.ones(1, 4), step=k, video_M=torch.tensor([k]))
+            written[n - 1] = torch.full((4,), 0.5)
+    assert bank.num_identities == n and bank.centroids.shape == (n, 4)
+    assert len(addresses) <= 2 + int(np.ceil(np.log2(n / 10))), len(addresses)  # doublings, not 1499 copies
+    for i, row in written.items():
+        torch.testing.assert_close(bank.centroids[i], row)
+    unset = torch.ones(n, dtype=torch.bool)
+    unset[list(written)] = False
+    assert (bank.centroids[unset] == 0).all() and (bank.last_updated_step[unset] == -1).all()
+    assert (bank.row_video[unset] == -1).all()
+    state = bank.state_dict()
+    assert state["centroids"].untyped_storage().nbytes() == n * 4 * 4  # no spare rows in the checkpoint
+    again = CentroidBank(1, 4, cfg)
+    again.load_state_dict(state)
+    torch.testing.assert_close(again.centroids, bank.centroids)

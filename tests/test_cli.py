@@ -79,9 +79,12 @@ def _run_folder(root, name, history, *, checkpoints=0, versions=0, result=None):
     (run / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     for i in range(checkpoints):
         (run / f"checkpoint_2026-11-25_00-00-0{i}.000000").mkdir()
-    for v in range(versions):
-        (run / "labels" / f"v{v:08d}.parquet").write_bytes(b"")
+    if versions:  # the label store's files: version 0 whole, later ones as deltas, old ones retired
+        (run / "labels" / "v00000000.snap.npy").write_bytes(b"")
+        (run / "labels" / f"v{versions - 1:08d}.delta.npz").write_bytes(b"")
+        (run / "labels" / f"v{versions - 1:08d}.centroids.npz").write_bytes(b"")
     (run / "labels" / "index.parquet").write_bytes(b"")  # not a label version
+    (run / "labels" / "v00000009.delta.npz.corrupt-20261126T000000").write_bytes(b"")  # set aside: not one either
     if result is not None:
         (run / "result.json").write_text(json.dumps({"metrics": result, "labeling": {}}))
         os.utime(run / "history.jsonl", (1000, 1000))  # the result was written after the last report
@@ -140,3 +143,20 @@ def test_quiet_console_drops_mlflow_advice_even_inside_its_own_warning_filters()
     assert out.returncode == 0, out.stderr
     assert "a warning the user must see" in out.stderr
     assert "type hints" not in out.stderr, out.stderr
+
+
+def test_progress_lines_of_a_clustering_recipe_have_no_label_version(tmp_path, capsys):
+    """Cluster-Contrast / CALR / DomainMix report epochs and clusters, not label versions: the
+    console line leaves the field out instead of killing the printer thread (KeyError seen in
+    `dynamix experiment recipes`)."""
+    from pipelines.train.driver import _ProgressPrinter
+
+    printer = _ProgressPrinter(tmp_path / "history.jsonl", max_steps=400)
+    row = {"step": 50, "loss/total": 3.2, "lr": 3.5e-4, "images_per_s": 41.0, "data_wait_fraction": 0.1,
+           "epoch": 2.0, "cluster/num_clusters": 77.0, "eval/mAP": 0.25}
+    line = printer.format(row)
+    assert line.startswith("[train] step     50/400  loss 3.200")
+    assert "clusters 77" in line and "mAP 25.0" in line
+    assert "labels" not in line
+    with_labels = printer.format({**row, "label_version": 3.0})
+    assert "labels v3" in with_labels

@@ -23,9 +23,9 @@ from services.label_store import LabelStoreService
 WORLD = 2
 BANK_OFFSET = 5  # odd: single identity g is bank row 5 + g, so g's parity is not its owner's
 DIM = 4
-KEYS = [f"k{i}" for i in range(8)]
+KEYS = [f"k{i}" for i in range(8)]  # row i of the run's index
 PIDS_V0 = np.array([0, 0, 1, 1, 2, 2, -1, -1])
-#: v1 publishes identities 0..3 (3 is new: k6, k7) and relabels k6, k7
+#: v1 publishes identities 0..3 (3 is new: rows 6, 7) and relabels rows 6, 7
 PUBLISHED = np.arange(4)
 CENTROIDS = np.random.default_rng(0).normal(size=(4, DIM)).astype(np.float32)
 VIDEOS = np.array([10, 10, 11, 12])
@@ -33,8 +33,8 @@ VIDEOS = np.array([10, 10, 11, 12])
 
 def build_store(root) -> LabelStoreService:
     svc = LabelStoreService(str(root))
-    svc.initialise(KEYS, PIDS_V0)
-    svc.commit(["k6", "k7"], [3, 3], step=4, centroid_ids=PUBLISHED, centroids=CENTROIDS, centroid_videos=VIDEOS)
+    svc.initialise(PIDS_V0)
+    svc.commit([6, 7], [3, 3], step=4, centroid_ids=PUBLISHED, centroids=CENTROIDS, centroid_videos=VIDEOS)
     return svc
 
 
@@ -86,26 +86,26 @@ def test_poll_switches_labels_buffer_and_bank_and_resume_returns_the_checkpoint_
     name = f"client-{uuid.uuid4().hex[:6]}"
     store = get_or_create_store(name, str(tmp_path))
     try:
-        ray_local.get(store.initialise.remote(KEYS, PIDS_V0))
+        ray_local.get(store.initialise.remote(PIDS_V0))
         client = LabelClient(store, None, rank=0, world_size=1, sharded=False, bank_offset=BANK_OFFSET, version=None)
         bank = build_centroid_bank(CentroidBankConfig(storage_dtype="float32"), BANK_OFFSET + 3, DIM)
         labels = client.initial_labels(bank, step=0)
-        assert labels == dict(zip(KEYS, PIDS_V0.tolist())) and client.version == 0
-        rows = [{"video": 11, "keys": KEYS[4:]}]  # the video of k4..k7, buffered by the sampler
+        assert labels.dtype == np.int32 and labels.tolist() == PIDS_V0.tolist() and client.version == 0
+        rows = [{"video": 11, "keys": KEYS[4:], "rows": np.arange(4, 8)}]  # the video of rows 4..7, buffered
         feed = VideoFeed(rows, labels, BANK_OFFSET)
         sampler = SingleCameraSampler(feed, images_per_id=2, buffer_size=1, max_video_uses=2)
         assert sampler.buffered_video_ids() == [11]
 
-        ray_local.get(store.commit.remote(["k6", "k7"], [3, 3], step=4, centroid_ids=PUBLISHED,
+        ray_local.get(store.commit.remote([6, 7], [3, 3], step=4, centroid_ids=PUBLISHED,
                                           centroids=CENTROIDS, centroid_videos=VIDEOS))
         switched = False
         for _ in range(200):  # the store's answer arrives asynchronously: poll never waits for it
-            switched = client.poll(labels, sampler, feed, bank, threading.Lock(), step=9)
+            switched = client.poll(sampler, feed, bank, threading.Lock(), step=9)
             if switched:
                 break
             ray_local.get(store.latest.remote())
         assert switched and client.version == 1
-        assert labels["k6"] == labels["k7"] == 3
+        assert feed.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
         assert sampler.state_dict()["buffer"][0]["pids"] == [BANK_OFFSET + p for p in (2, 2, 3, 3)]
         assert bank.num_identities == BANK_OFFSET + 4
         assert bank.global_ids()[bank.last_updated_step == 9].tolist() == (BANK_OFFSET + PUBLISHED).tolist()
@@ -113,6 +113,6 @@ def test_poll_switches_labels_buffer_and_bank_and_resume_returns_the_checkpoint_
         # a restart from a checkpoint taken at version 0 gets version 0's table, not the latest
         restarted = LabelClient(store, None, rank=0, world_size=1, sharded=False, bank_offset=BANK_OFFSET,
                                 version=None)
-        assert restarted.resume(0) == dict(zip(KEYS, PIDS_V0.tolist())) and restarted.version == 0
+        assert restarted.resume(0).tolist() == PIDS_V0.tolist() and restarted.version == 0
     finally:
         ray_local.kill(store, no_restart=True)

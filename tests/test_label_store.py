@@ -1,10 +1,12 @@
-"""The label store service (services/label_store.py): version semantics of ``changes_since`` against
-hand-computed deltas, recovery from its folder (clean, corrupt newest file, missing newest file),
-and the named Ray actor coming back from a kill with its latest version."""
+"""The label store service (services/label_store.py): labels addressed by row of the run's index;
+version semantics of ``changes_since`` against hand-computed deltas, recovery from its folder
+(clean, corrupt newest file, missing newest file), and the named Ray actor coming back from a kill
+with its latest version and sharing one copy of a delta between ranks."""
 
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import pytest
 from dynamix_core.labeling.label_table import LabelStoreError
 from services.label_store import LabelStoreService, get_or_create_store
 
-KEYS = ["k0", "k1", "k2", "k3", "k4", "k5"]
+ROWS = 6
 PIDS_V0 = np.array([0, 0, 1, 1, -1, 2])
 DIM = 4
 RNG = np.random.default_rng(0)
@@ -22,24 +24,23 @@ CENT_V2 = RNG.normal(size=(2, DIM)).astype(np.float32)
 
 
 def build_store(root) -> LabelStoreService:
-    """v0 = PIDS_V0; v1 (step 10): k0 -> 5, k1 -> 0 (unchanged); v2 (step 20): k4 -> 6."""
+    """v0 = PIDS_V0; v1 (step 10): row 0 -> 5, row 1 -> 0 (unchanged); v2 (step 20): row 4 -> 6."""
     svc = LabelStoreService(str(root))
-    assert svc.initialise(KEYS, PIDS_V0) == 0
-    assert svc.commit(["k0", "k1"], [5, 0], step=10, centroid_ids=[5, 0], centroids=CENT_V1,
+    assert svc.initialise(PIDS_V0) == 0
+    assert svc.commit([0, 1], [5, 0], step=10, centroid_ids=[5, 0], centroids=CENT_V1,
                       centroid_videos=[1, 0], videos=[0, 1], num_splits=1) == 1
-    assert svc.commit(["k4"], [6], step=20, centroid_ids=[6, 5], centroids=CENT_V2,
+    assert svc.commit([4], [6], step=20, centroid_ids=[6, 5], centroids=CENT_V2,
                       centroid_videos=[2, 1], videos=[2]) == 2
     return svc
 
 
-def as_dict(keys, values) -> dict:
-    return dict(zip(np.asarray(keys).tolist(), np.asarray(values).tolist()))
-
-
 def labels_of(delta_or_service) -> dict:
-    """key -> pid of a delta, or of the table a service holds."""
-    obj = getattr(delta_or_service, "table", None) or delta_or_service
-    return as_dict(obj.keys, obj.pids)
+    """row -> pid of a delta (every row when it is full), or of the table a service holds."""
+    if isinstance(delta_or_service, LabelStoreService):
+        return dict(enumerate(delta_or_service.pids.tolist()))
+    rows, pids = delta_or_service.labels()
+    rows = np.arange(len(pids)) if rows is None else rows
+    return dict(zip(rows.tolist(), pids.tolist()))
 
 
 def centroid_rows(delta) -> dict[int, tuple[np.ndarray, int]]:
@@ -56,7 +57,7 @@ def assert_centroids(delta, expected: dict[int, tuple[np.ndarray, int]]) -> None
 
 # every centroid ever published, newest publication of each identity winning: id 5 comes from v2
 ALL_CENTROIDS = {0: (CENT_V1[1], 0), 5: (CENT_V2[1], 1), 6: (CENT_V2[0], 2)}
-FULL_V2 = {"k0": 5, "k1": 0, "k2": 1, "k3": 1, "k4": 6, "k5": 2}
+FULL_V2 = {0: 5, 1: 0, 2: 1, 3: 1, 4: 6, 5: 2}
 
 
 def test_delta_holds_only_changed_keys_and_newer_centroids(tmp_path):
@@ -65,15 +66,32 @@ def test_delta_holds_only_changed_keys_and_newer_centroids(tmp_path):
 
     since0 = svc.changes_since(0)
     assert not since0.full and (since0.version, since0.step) == (2, 20)
-    assert labels_of(since0) == {"k0": 5, "k4": 6}  # k1 was re-set to its old pid: no change
+    assert labels_of(since0) == {0: 5, 4: 6}  # row 1 was re-set to its old pid: no change
     assert_centroids(since0, ALL_CENTROIDS)
 
     since1 = svc.changes_since(1)
-    assert labels_of(since1) == {"k4": 6}
+    assert labels_of(since1) == {4: 6}
     assert_centroids(since1, {5: (CENT_V2[1], 1), 6: (CENT_V2[0], 2)})  # only what v2 published
 
     current = svc.changes_since(2)
-    assert not current.full and len(current.keys) == 0 and len(current.centroid_ids) == 0
+    assert not current.full and len(current.labels()[0]) == 0 and len(current.centroid_ids) == 0
+    # applied to a trainer's int32 array, each delta gives the version's table
+    held = np.array(PIDS_V0, dtype=np.int32)
+    assert since0.apply(held.copy()).tolist() == list(FULL_V2.values())
+    assert since1.apply(np.array([5, 0, 1, 1, -1, 2], np.int32)).tolist() == list(FULL_V2.values())
+
+
+def test_deltas_served_from_memory_equal_those_read_from_storage(tmp_path):
+    """The committing service answers from what it just wrote; a restarted one reads the files."""
+    svc = build_store(tmp_path)
+    svc.commit([2, 3], [9, 1], step=30, centroid_ids=[9], centroids=CENT_V1[:1], centroid_videos=[4])
+    reopened = LabelStoreService(str(tmp_path))
+    assert not reopened._recent and len(svc._recent) == 3
+    for since in (None, 0, 1, 2, 3):
+        for until in range(0 if since is None else since, 4):
+            a, b = svc.changes_since(since, until=until), reopened.changes_since(since, until=until)
+            assert labels_of(a) == labels_of(b), (since, until)
+            assert_centroids(a, centroid_rows(b)), (since, until)
 
 
 @pytest.mark.parametrize("since", [None, 7, -1], ids=["none", "future", "unknown"])
@@ -94,11 +112,15 @@ def test_sharded_delta_keeps_only_the_ranks_identities(tmp_path):
 
 def test_initialise_is_a_no_op_once_a_version_exists_and_commit_needs_one(tmp_path):
     with pytest.raises(LabelStoreError, match="commit before initialise"):
-        LabelStoreService(str(tmp_path / "empty")).commit(["k0"], [1], step=1, centroid_ids=[],
+        LabelStoreService(str(tmp_path / "empty")).commit([0], [1], step=1, centroid_ids=[],
                                                           centroids=np.zeros((0, DIM)), centroid_videos=[])
     svc = build_store(tmp_path)
-    assert svc.initialise(KEYS, np.full(len(KEYS), -1)) == 2
+    assert svc.initialise(np.full(ROWS, -1)) == 2
     assert labels_of(svc) == FULL_V2
+    with pytest.raises(LabelStoreError, match="holds 6 rows, the run's index has 7"):
+        svc.initialise(np.full(ROWS + 1, -1))
+    with pytest.raises(ValueError, match="rows outside 0..5"):
+        svc.commit([6], [1], step=30, centroid_ids=[], centroids=np.zeros((0, DIM)), centroid_videos=[])
 
 
 def test_a_new_service_recovers_latest_version_and_step(tmp_path):
@@ -106,30 +128,36 @@ def test_a_new_service_recovers_latest_version_and_step(tmp_path):
     again = LabelStoreService(str(tmp_path))
     assert again.latest() == (2, 20)
     assert labels_of(again) == FULL_V2
-    assert labels_of(again.changes_since(0)) == {"k0": 5, "k4": 6}
+    assert labels_of(again.changes_since(0)) == {0: 5, 4: 6}
+    assert again.read_rows([4, 0]) == (2, pytest.approx(np.array([6, 5])))
+    assert again.current() == {"version": 2, "step": 20, "num_identities": 7, "num_rows": ROWS}
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_unreadable_newest_version_falls_back_and_commits_continue(tmp_path, damage):
     svc = build_store(tmp_path)
-    newest = svc.store.path_of(2)
+    newest = Path(svc.store.delta_path(2))
     if damage == "truncate":
         newest.write_bytes(newest.read_bytes()[:20])
     else:
         newest.unlink()
-    with pytest.warns(UserWarning, match="label version 2.*falling back"):
+    if damage == "truncate":
+        with pytest.warns(UserWarning, match=r"label version 2.*v00000002\.delta\.npz.*falling back"):
+            again = LabelStoreService(str(tmp_path))
+    else:
         again = LabelStoreService(str(tmp_path))
     assert again.latest() == (1, 10)  # v1 and its step stay in force
-    assert labels_of(again) == {**FULL_V2, "k4": -1}
+    assert labels_of(again) == {**FULL_V2, 4: -1}
     # v2's centroids are no longer part of the store's state
     assert_centroids(again.changes_since(None), {5: (CENT_V1[0], 1), 0: (CENT_V1[1], 0)})
     # the store goes on: the next commit takes the lost version's number
-    assert again.commit(["k5"], [9], step=30, centroid_ids=[9], centroids=CENT_V2[:1], centroid_videos=[3]) == 2
+    assert again.commit([5], [9], step=30, centroid_ids=[9], centroids=CENT_V2[:1], centroid_videos=[3]) == 2
     reopened = LabelStoreService(str(tmp_path))
     assert reopened.latest() == (2, 30)
-    assert labels_of(reopened) == {**FULL_V2, "k4": -1, "k5": 9}
-    if damage == "truncate":  # the damaged file is kept for inspection under another name
-        assert len(list(tmp_path.glob("v00000002.parquet.corrupt-*"))) == 1
+    assert labels_of(reopened) == {**FULL_V2, 4: -1, 5: 9}
+    if damage == "truncate":  # the damaged files are kept for inspection under another name
+        assert len(list(tmp_path.glob("v00000002.delta.npz.corrupt-*"))) == 1
+        assert len(list(tmp_path.glob("v00000002.centroids.npz.corrupt-*"))) == 1
 
 
 def test_store_actor_comes_back_after_a_kill(ray_local, tmp_path):
@@ -139,17 +167,45 @@ def test_store_actor_comes_back_after_a_kill(ray_local, tmp_path):
     actor = get_or_create_store(name, str(tmp_path))
     try:
         assert ray.get(actor.latest.remote()) == (2, 20)
-        version = ray.get(actor.commit.remote(["k2"], [8], step=25, centroid_ids=[8], centroids=CENT_V1[:1],
+        version = ray.get(actor.commit.remote([2], [8], step=25, centroid_ids=[8], centroids=CENT_V1[:1],
                                               centroid_videos=[1]))
         assert version == 3
+        # every rank asking for the same versions gets the same object: the labels are put once
+        mine = ray.get(actor.changes_since.remote(1, rank=0, world_size=2, sharded=True))
+        other = ray.get(actor.changes_since.remote(1, rank=1, world_size=2, sharded=True))
+        assert mine.shared is not None and other.shared[0].hex() == mine.shared[0].hex()
+        assert labels_of(other) == {4: 6, 2: 8}
         ray.kill(actor, no_restart=False)
         # calls made while it restarts are retried (max_task_retries=-1) and see the recovered state
         assert ray.get(actor.latest.remote(), timeout=120) == (3, 25)
         delta = ray.get(actor.changes_since.remote(2))
-        assert labels_of(delta) == {"k2": 8}
+        assert labels_of(delta) == {2: 8}
         # found by name afterwards: the same (restarted) actor, not a second store
         assert ray.get(get_or_create_store(name, str(tmp_path)).commit.remote(
-            ["k3"], [9], step=26, centroid_ids=[], centroids=np.zeros((0, DIM)), centroid_videos=[])) == 4
+            [3], [9], step=26, centroid_ids=[], centroids=np.zeros((0, DIM)), centroid_videos=[])) == 4
         assert ray.get(actor.latest.remote()) == (4, 26)
     finally:
         ray.kill(actor, no_restart=True)
+
+
+def test_a_version_rank_0_chose_stays_servable_after_newer_commits_retire_it(tmp_path):
+    """Rank 0 picks the latest version, the pool commits more (retention deletes the picked one from
+    storage), then the other ranks ask for it: they must get it (found by the kill/restart pipeline
+    test with labeling.keep_versions=1, where a worker crashed on the missing file)."""
+    svc = LabelStoreService(str(tmp_path), snapshot_every=2, keep_versions=1)
+    tables = [np.array([0, 0, 1, 1, 2, 2], np.int32)]
+    svc.initialise(tables[0])
+    rng = np.random.default_rng(3)
+    for step in range(1, 5):
+        rows = rng.choice(ROWS, size=3, replace=False)
+        new = rng.integers(-1, 9, size=3)
+        svc.commit(rows, new, step=step, centroid_ids=[step], centroids=np.full((1, DIM), step, np.float32),
+                   centroid_videos=[0])
+        table = tables[-1].copy()
+        table[rows] = new
+        tables.append(table)
+    assert not Path(svc.store.delta_path(2)).exists()  # retired from storage
+    for since, until in [(1, 2), (2, 3), (1, 3), (None, 2), (0, 2)]:
+        delta = svc.changes_since(since, until=until)
+        held = None if since is None else tables[since].copy()
+        assert delta.apply(held).tolist() == tables[until].tolist(), (since, until)

@@ -28,6 +28,7 @@ from pipelines.ingest import IngestConfig, run_ingest
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import single_camera_index
 from pipelines.train.driver import _initial_momentum_state, _labeling_cfg
+from dynamix_core.labeling.label_table import LabelStore
 from services.label_store import get_or_create_store
 from services.labeling_pool import LabelingWorkerService, start_coordinator
 
@@ -75,8 +76,8 @@ class Pool:
         return ray.get(self.store.history.remote())
 
     def labels(self, version: int) -> dict[str, int]:
-        table = pq.read_table(self.label_dir / f"v{version:08d}.parquet").to_pydict()
-        return dict(zip(table["key"], table["pid"]))
+        """key -> pid of ``version``, read from the store's folder (labels are addressed by index row)."""
+        return dict(zip(self.keys, LabelStore(self.label_dir).read(version).tolist()))
 
     def close(self) -> None:
         ray.get(self.coordinator.shutdown.remote())
@@ -99,7 +100,7 @@ def start_pool(shards: Path, tmp: Path, method: str, *overrides: str) -> Pool:
     pq.write_table(index, index_path)
     store = get_or_create_store(name, str(label_dir))
     initial = index["label"].to_numpy() if method == "dynamix" else np.full(index.num_rows, -1)
-    ray.get(store.initialise.remote(index["key"].to_pylist(), initial))
+    ray.get(store.initialise.remote(initial))
     coordinator = start_coordinator(_labeling_cfg(cfg, tmp / name, index_path, quota=100))
     return Pool(cfg, label_dir, index["key"].to_pylist(), index["video"].to_numpy(), store, coordinator)
 
@@ -176,8 +177,8 @@ def partition(labels: dict[str, int]) -> set[frozenset[str]]:
 
 
 def changed_keys(pool: Pool, version: int) -> set[str]:
-    table = pq.read_table(pool.label_dir / f"v{version:08d}.parquet").to_pydict()
-    return {k for k, v in zip(table["key"], table["version"]) if v == version}
+    rows, _ = LabelStore(pool.label_dir).read_delta(version)
+    return {pool.keys[r] for r in rows.tolist()}
 
 
 def test_dynamix_rounds_publish_whole_versions(dynamix_pool):
@@ -189,10 +190,11 @@ def test_dynamix_rounds_publish_whole_versions(dynamix_pool):
         while not stop.is_set():
             try:
                 delta = ray.get(pool.store.changes_since.remote(None))
-                assert len(delta.keys) == len(pool.keys), f"v{delta.version}: {len(delta.keys)} rows"
+                _, pids = delta.labels()
+                assert delta.full and len(pids) == len(pool.keys), f"v{delta.version}: {len(pids)} rows"
                 seen.add(delta.version)
-                for path in pool.label_dir.glob("v*.parquet"):
-                    rows = pq.read_table(path).num_rows
+                for path in pool.label_dir.glob("v*.snap.npy"):
+                    rows = len(np.load(path))
                     assert rows == len(pool.keys), f"{path.name}: {rows} rows"
             except Exception as exc:  # noqa: BLE001  (reported by the main thread)
                 errors.append(repr(exc))
@@ -241,7 +243,7 @@ def test_full_queue_drops_the_oldest_requests(dynamix_pool, tmp_path):
     # takes nothing off the queue while three more requests arrive against a queue of one
     fifo = tmp_path / "held.fifo"
     os.mkfifo(fifo)
-    held = ray.get(pool.coordinator.workers_for_test.remote())[0].embed.remote({"reads": [(str(fifo), [0], [1])]})
+    held = ray.get(pool.coordinator.workers_for_test.remote())[0].embed.remote({"reads": [(str(fifo), [512], [1])]})
     ray.get(pool.coordinator.request.remote(0, step, all_videos(pool)))
     wait_until(lambda: pool.stats()["in_flight"])
     accepted = [ray.get(pool.coordinator.request.remote(0, step, videos)) for videos in ([0, 1], [2, 3], [4, 5])]
@@ -284,7 +286,7 @@ def test_killing_a_pool_actor_mid_round_loses_nothing(remix_pool, tmp_path):
     victim = ray.get(pool.coordinator.workers_for_test.remote())[0]
     fifo = tmp_path / "never_written.fifo"
     os.mkfifo(fifo)
-    blocked = victim.embed.remote({"reads": [(str(fifo), [0], [1])]})
+    blocked = victim.embed.remote({"reads": [(str(fifo), [512], [1])]})
     ray.get(pool.coordinator.request.remote(0, 0, videos))
     wait_until(lambda: pool.stats()["in_flight"])
     time.sleep(2.0)  # in flight = picked; the chunks go out once the current labels are read (milliseconds)
@@ -318,7 +320,7 @@ def test_a_chunk_that_keeps_losing_its_actor_fails_the_round_with_its_cause(ray_
         victim = workers[0]
         fifo = tmp_path / "never_written.fifo"
         os.mkfifo(fifo)
-        blocked = victim.embed.remote({"reads": [(str(fifo), [0], [1])]})  # holds the victim's chunk in flight
+        blocked = victim.embed.remote({"reads": [(str(fifo), [512], [1])]})  # holds the victim's chunk in flight
         ray.get(pool.coordinator.request.remote(0, 0, all_videos(pool)))
         wait_until(lambda: pool.stats()["in_flight"])
         time.sleep(2.0)

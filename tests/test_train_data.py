@@ -33,7 +33,12 @@ def tiny(tmp_path_factory):
     pq.write_table(index, index_path)
     multi = MultiCameraSet.load([str(shards / "synth_m0"), str(shards / "synth_m1")])
     labels = dict(zip(index["key"].to_pylist(), index["label"].to_pylist()))
-    return {"root": root, "index_path": index_path, "multi": multi, "labels": labels}
+    return {"root": root, "index_path": index_path, "multi": multi, "labels": labels, "keys": index["key"].to_pylist()}
+
+
+def by_row(tiny, labels: dict[str, int]) -> np.ndarray:
+    """The feed's label array (one int32 per row of the run's index) from key -> label."""
+    return np.array([labels[k] for k in tiny["keys"]], dtype=np.int32)
 
 
 def _sampler_cfg(**extra) -> SamplerConfig:
@@ -45,7 +50,7 @@ def _sampler_cfg(**extra) -> SamplerConfig:
 def _make(tiny, *, rank=0, world=1, labels=None, cache_videos=12, state=None, snapshot_at=lambda s: False, **cfg):
     """feed + sampler (+ restored state) + producer, built in the worker's order."""
     multi = tiny["multi"]
-    feed = VideoFeed(rank_video_rows(tiny["index_path"], rank, world), dict(tiny["labels"] if labels is None else labels),
+    feed = VideoFeed(rank_video_rows(tiny["index_path"], rank, world), by_row(tiny, tiny["labels"] if labels is None else labels),
                      multi.num_identities, cache_videos=cache_videos)
     sampler = MixedBatchSampler(_sampler_cfg(**cfg), refs=multi.keys, pids=multi.pid, camids=multi.camid,
                                 datasets=multi.dataset, video_stream=feed, total_steps=TOTAL_STEPS,
@@ -74,16 +79,20 @@ def _assert_same_batches(got: list, want: list) -> None:
 def test_feed_is_seekable_and_cycles_over_the_ranks_videos(tiny):
     video = pq.read_table(tiny["index_path"], columns=["video"])["video"].to_numpy()
     mine = sorted(set(video[video % 2 == 1].tolist()))  # rank 1 of 2
-    feed = VideoFeed(rank_video_rows(tiny["index_path"], 1, 2), tiny["labels"], bank_offset=0)
+    feed = VideoFeed(rank_video_rows(tiny["index_path"], 1, 2), by_row(tiny, tiny["labels"]), bank_offset=0)
     for position in (0, 3, 1000 * len(mine) + 2):  # far into a long run: opening costs nothing
         got = [v.video_id for v in itertools.islice(feed(position), 2 * len(mine))]
         assert got == [mine[(position + i) % len(mine)] for i in range(2 * len(mine))]
     assert feed.videos_read == 0  # handing out videos reads no image; batches do
+    # each image's row number is its position in the run's index (the address of its label)
+    for row in feed.rows:
+        assert [tiny["keys"][r] for r in row["rows"].tolist()] == list(row["keys"])
+        assert feed.video_rows(row["video"]) is row["rows"]
 
 
 def test_feed_images_equal_the_tar_members(tiny):
     rows = rank_video_rows(tiny["index_path"], 0, 1)
-    feed = VideoFeed(rows, tiny["labels"], bank_offset=0, cache_videos=1)
+    feed = VideoFeed(rows, by_row(tiny, tiny["labels"]), bank_offset=0, cache_videos=1)
     row = rows[1]
     with tarfile.open(row["tars"][0]) as tar:
         members = {m.name.split(".", 1)[0]: m for m in tar.getmembers() if m.name.endswith((".jpg", ".png", ".jpeg"))}
@@ -92,7 +101,7 @@ def test_feed_images_equal_the_tar_members(tiny):
     # labels enter with the bank offset; unlabelled images stay -1
     samples = next(feed(1))
     want = [tiny["labels"][k] + 7 if tiny["labels"][k] >= 0 else -1 for k in row["keys"]]
-    assert next(VideoFeed(rows, tiny["labels"], bank_offset=7)(1)).pids.tolist() == want
+    assert next(VideoFeed(rows, by_row(tiny, tiny["labels"]), bank_offset=7)(1)).pids.tolist() == want
     assert samples.video_id == row["video"]
 
 

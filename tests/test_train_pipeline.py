@@ -129,7 +129,9 @@ def _dead_port() -> int:
 
 
 @pytest.mark.parametrize("variant", [
-    pytest.param({}, id="dynamix-replicated"),
+    # the store keeps only the newest label version beyond those the kept checkpoints pinned, and
+    # snapshots every 2: the restart must find its checkpoint's version all the same
+    pytest.param({"labeling__keep_versions": 1, "labeling__snapshot_every": 2}, id="dynamix-replicated"),
     pytest.param({"centroids__loss_mode": "sharded"}, id="dynamix-sharded"),
     # ReMix's first pseudo-labels come from the untrained encoder: one identity per video is what
     # every video of the tiny set is sure to have (as in recipes/remix_demo.yaml)
@@ -143,12 +145,14 @@ def test_worker_and_labeling_actor_killed_tracking_down(ray_local, tiny_data, va
     shards hold the published centroids), and every metric reaches MLflow once the server is back."""
     from mlflow.tracking import MlflowClient
 
+    from dynamix_core.labeling import LabelStore
     from pipelines.tracking import flush_spool
     from pipelines.train.driver import run_training
     from pipelines.train.run_files import load_json, load_tensors, read_jsonl
 
     max_steps, checkpoint_every = 48, 8
     name = "faults-" + "-".join(f"{v}" for v in variant.values() if isinstance(v, str)) if variant else "faults"
+    name = name if name != "faults-" else "faults"
     cfg = tiny_config(tiny_data, name, run__max_steps=max_steps, run__checkpoint_every=checkpoint_every,
                       tracking__uri=f"http://127.0.0.1:{_dead_port()}", scaling__max_failures=3, **variant)
     run_dir = Path(cfg.run.storage) / cfg.run.name
@@ -189,8 +193,13 @@ def test_worker_and_labeling_actor_killed_tracking_down(ray_local, tiny_data, va
     # consistency after the restart: the final checkpoint's label version is one the store published
     ckpt = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
     progress = load_json(ckpt / "progress.json")
-    versions = [int(p.stem[1:]) for p in (run_dir / "labels").glob("v*.parquet")]
+    labels = LabelStore(run_dir / "labels")
+    versions = labels.committed_versions()
     assert progress["step"] == max_steps and progress["label_version"] in versions
+    assert len(labels.read(progress["label_version"])) > 0  # readable: pinned by the checkpoint
+    if cfg.labeling.keep_versions == 1:  # retention ran: versions between the pins and the latest are gone
+        history_versions = [r["version"] for r in labels.history()]
+        assert max(versions) == max(history_versions) and len(versions) < len(history_versions), (versions, history_versions)
     banks = [load_tensors(ckpt / f"bank_rank{r}.pt") for r in (0, 1)]
     assert banks[0]["num_identities"] == banks[1]["num_identities"]
     if cfg.centroids.loss_mode == "sharded":  # each shard holds rows written during training

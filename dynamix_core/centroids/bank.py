@@ -64,16 +64,30 @@ class CentroidBank:
     # --- writing rows --------------------------------------------------------------------------
 
     def resize(self, new_num_identities: int) -> None:
-        """Grow the bank to ``new_num_identities`` identities; new rows are zero and never written."""
+        """Grow the bank to ``new_num_identities`` identities; new rows are zero and never written.
+
+        Storage grows geometrically (to at least twice the rows held), so identities arriving a few
+        per label version cost amortised O(1) per row instead of a copy of the bank per version;
+        the spare rows are zero / -1 and not part of :meth:`state_dict`."""
         if new_num_identities < self.num_identities:
             raise ValueError(
                 f"CentroidBank.resize: cannot shrink from {self.num_identities} to {new_num_identities} identities "
                 "(identity indices are never reused)"
             )
-        extra = self._num_local_rows(new_num_identities) - self.centroids.shape[0]
-        self.centroids = torch.cat([self.centroids, self.centroids.new_zeros(extra, self.dim)])
-        self.row_video = torch.cat([self.row_video, self.row_video.new_full((extra,), -1)])
-        self.last_updated_step = torch.cat([self.last_updated_step, self.last_updated_step.new_full((extra,), -1)])
+        rows = self._num_local_rows(new_num_identities)
+        storage = self.centroids if self.centroids._base is None else self.centroids._base
+        capacity = storage.shape[0]
+        if rows > capacity:
+            capacity = max(rows, 2 * capacity, 16)
+            held = self.centroids.shape[0]
+            grown = [self.centroids.new_zeros(capacity, self.dim), self.row_video.new_full((capacity,), -1),
+                     self.last_updated_step.new_full((capacity,), -1)]
+            for new_t, old_t in zip(grown, (self.centroids, self.row_video, self.last_updated_step)):
+                new_t[:held] = old_t
+            self.centroids, self.row_video, self.last_updated_step = grown
+        self.centroids = _rows_of(self.centroids, rows)
+        self.row_video = _rows_of(self.row_video, rows)
+        self.last_updated_step = _rows_of(self.last_updated_step, rows)
         self.num_identities = new_num_identities
 
     @torch.no_grad()
@@ -236,15 +250,16 @@ class CentroidBank:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by this bank (centroids + per-row video and step)."""
-        return sum(t.numel() * t.element_size() for t in (self.centroids, self.row_video, self.last_updated_step))
+        """Bytes held by this bank (centroids + per-row video and step, spare capacity included)."""
+        return sum(t.untyped_storage().nbytes() for t in (self.centroids, self.row_video, self.last_updated_step))
 
     def state_dict(self) -> dict[str, Tensor | int]:
+        # a view into spare capacity would be saved with its whole storage: save the rows in use
         return {
             "num_identities": self.num_identities,
-            "centroids": self.centroids,
-            "row_video": self.row_video,
-            "last_updated_step": self.last_updated_step,
+            "centroids": _compact(self.centroids),
+            "row_video": _compact(self.row_video),
+            "last_updated_step": _compact(self.last_updated_step),
         }
 
     def load_state_dict(self, state: dict[str, Tensor | int]) -> None:
@@ -262,3 +277,16 @@ class CentroidBank:
         self.centroids = centroids.to(device).clone()
         self.row_video = state["row_video"].to(device).clone()
         self.last_updated_step = state["last_updated_step"].to(device).clone()
+
+
+def _rows_of(tensor: Tensor, rows: int) -> Tensor:
+    """The first ``rows`` rows of ``tensor``'s storage (a view; the rest is spare capacity)."""
+    base = tensor if tensor._base is None else tensor._base
+    return base[:rows]
+
+
+def _compact(tensor: Tensor) -> Tensor:
+    """``tensor`` itself when it owns exactly its storage, else a copy of just its elements."""
+    if tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone()

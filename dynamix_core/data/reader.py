@@ -6,7 +6,8 @@
     batch = to_batch(samples, ViewTransform(TransformConfig(), "standard"), seed=epoch)
 
 The shard set is what ``dynamix ingest`` wrote: ``manifest.parquet`` (one row per image, with its
-``shard``) and the ``shard-NNNNNN.tar`` files, read sequentially. Pseudo-labels are never baked
+``shard``) and the ``shard-NNNNNN.tar`` files, read sequentially, from a folder or an object-store
+URI (``s3://bucket/prefix``, see :mod:`dynamix_core.storage`). Pseudo-labels are never baked
 into shards (SPEC 1.1): a label table (parquet ``key, pid, version``) is joined at read time and
 its rows override ``pid``.
 """
@@ -22,9 +23,9 @@ from typing import Iterable, Iterator, Mapping
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
+from dynamix_core import storage
 from dynamix_core.data.images import decode_image
 from dynamix_core.data.records import BadInputError, InputReport, Record
 from dynamix_core.data.shards import DATASET_SCHEMA, MANIFEST_NAME, iter_tar_samples
@@ -48,18 +49,19 @@ class Sample:
 
 
 def read_dataset_manifest(root: str | Path) -> pa.Table:
-    """``root/manifest.parquet``, or a :class:`FileNotFoundError` saying the ingest is unfinished."""
-    path = Path(root) / MANIFEST_NAME
-    if not path.is_file():
+    """``root/manifest.parquet`` (``root`` a folder or a URI), or a :class:`FileNotFoundError` saying
+    the ingest is unfinished (a :class:`~dynamix_core.storage.StorageError` when the bucket is missing)."""
+    path = storage.join(root, MANIFEST_NAME)
+    if not storage.exists(path):
         raise FileNotFoundError(
             f"{path} not found: {root} is not a finished ingest (run or re-run `dynamix ingest --out {root}`)"
         )
-    return pq.read_table(path, schema=DATASET_SCHEMA)
+    return storage.read_table(path, schema=DATASET_SCHEMA)
 
 
 def read_label_table(path: str | Path) -> dict[str, int]:
     """``key -> pid`` from a label table (parquet ``key, pid, version``), the highest version per key."""
-    table = pq.read_table(path, columns=["key", "pid", "version"])
+    table = storage.read_table(path, columns=["key", "pid", "version"])
     if table.num_rows == 0:
         return {}
     order = pc.sort_indices(table, sort_keys=[("key", "ascending"), ("version", "ascending")])
@@ -80,7 +82,7 @@ class ShardReader:
         labels: str | Path | Mapping[str, int] | None = None,
         report: InputReport | None = None,
     ):
-        self.root = Path(root)
+        self.root = root if storage.is_remote(root) else Path(root)
         self.manifest = read_dataset_manifest(self.root)
         shard_col = self.manifest.column("shard").to_pylist()
         self.shards: list[str] = list(dict.fromkeys(shard_col))  # manifest (= write) order
@@ -94,7 +96,7 @@ class ShardReader:
     def iter_samples(self, shards: Iterable[str] | None = None) -> Iterator[Sample]:
         """Every valid sample of ``shards`` (default: all), in tar order."""
         for name in self.shards if shards is None else shards:
-            tar_path = self.root / name
+            tar_path = storage.join(self.root, name) if storage.is_remote(self.root) else self.root / name
             before, count = len(self.report), 0
             for record, data, ext in iter_tar_samples(tar_path, self.report):
                 if self.labels is not None and record.key in self.labels:

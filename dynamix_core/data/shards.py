@@ -13,13 +13,16 @@ small codec below rather than :mod:`tarfile`, whose per-member overhead is sever
 
 Writes are atomic: the tar and then the manifest go to temporary names in the same folder and are
 ``os.replace``d into place, so a killed writer never leaves a partial file under a final name, and a
-manifest under its final name implies its tar is complete.
+manifest under its final name implies its tar is complete. A shard set can also live on an object
+store (``s3://bucket/prefix``, :mod:`dynamix_core.storage`): the tar is written to a local temporary
+file and uploaded whole, the manifest after it, and members are read with ranged GETs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -27,6 +30,7 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dynamix_core import storage
 from dynamix_core.data.records import RECORD_FIELDS, InputReport, Record
 
 IMAGE_EXTS = ("jpg", "png")
@@ -49,9 +53,9 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
 
-def shard_manifest_path(tar_path: Path) -> Path:
-    """The per-shard parquet manifest next to ``tar_path``."""
-    return tar_path.with_suffix(".parquet")
+def shard_manifest_path(tar_path: str | Path) -> str | Path:
+    """The per-shard parquet manifest next to ``tar_path`` (a path or a URI)."""
+    return storage.with_suffix(tar_path, ".parquet")
 
 
 def tmp_path(final: Path) -> Path:
@@ -67,8 +71,15 @@ def remove_stale_tmp(folder: Path) -> list[Path]:
     return stale
 
 
-def write_table_atomic(table: pa.Table, path: Path) -> None:
-    """Write a parquet file under a temporary name, then move it into place."""
+def write_table_atomic(table: pa.Table, path: str | Path) -> None:
+    """Write a parquet file under a temporary name, then move it into place (on an object store:
+    serialise it, then upload it in one piece)."""
+    if storage.is_remote(path):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        storage.write_bytes_atomic(path, sink.getvalue().to_pybytes())
+        return
+    path = Path(path)
     tmp = tmp_path(path)
     pq.write_table(table, tmp)
     os.replace(tmp, path)
@@ -113,7 +124,7 @@ def _member_header(name: str) -> bytes:
 class ShardInfo:
     """What a :class:`ShardWriter` committed."""
 
-    tar_path: Path
+    tar_path: str | Path
     num_samples: int
     tar_bytes: int
 
@@ -127,11 +138,18 @@ class ShardWriter:
             info = writer.commit({"plan_digest": digest})
 
     Nothing appears under the final names before :meth:`commit`; leaving the block without
-    committing (an exception) deletes the temporary tar."""
+    committing (an exception) deletes the temporary tar. For an object-store ``tar_path`` the tar
+    is built in a local temporary file and uploaded whole by :meth:`commit`."""
 
-    def __init__(self, tar_path: Path):
-        self.tar_path = Path(tar_path)
-        self._tmp = tmp_path(self.tar_path)
+    def __init__(self, tar_path: str | Path):
+        self.remote = storage.is_remote(tar_path)
+        self.tar_path = tar_path if self.remote else Path(tar_path)
+        if self.remote:
+            fd, tmp = tempfile.mkstemp(prefix=f".{storage.name(tar_path)}{TMP_MARK}", suffix=".tar")
+            os.close(fd)
+            self._tmp = Path(tmp)
+        else:
+            self._tmp = tmp_path(self.tar_path)
         self._fh = open(self._tmp, "wb", buffering=_IO_BUFFER)
         self._offset = 0
         self._rows: list[dict] = []
@@ -169,7 +187,13 @@ class ShardWriter:
         self._fh.write(bytes(2 * BLOCK))  # end-of-archive marker
         self._fh.close()
         tar_bytes = self._tmp.stat().st_size
-        os.replace(self._tmp, self.tar_path)
+        if self.remote:
+            try:
+                storage.upload_file(self._tmp, self.tar_path)
+            finally:
+                self._tmp.unlink()
+        else:
+            os.replace(self._tmp, self.tar_path)
         table = pa.Table.from_pylist(self._rows, schema=SHARD_SCHEMA).replace_schema_metadata(
             {**metadata, "tar_bytes": str(tar_bytes), "num_samples": str(len(self._rows))}
         )
@@ -177,22 +201,22 @@ class ShardWriter:
         return ShardInfo(self.tar_path, len(self._rows), tar_bytes)
 
 
-def read_shard_metadata(tar_path: Path) -> dict[str, str] | None:
+def read_shard_metadata(tar_path: str | Path) -> dict[str, str] | None:
     """The metadata a finished shard was written with, or ``None`` when its manifest is missing
     or its tar is missing or of a different size than the manifest records (a stale pair)."""
     manifest = shard_manifest_path(tar_path)
-    if not manifest.is_file() or not tar_path.is_file():
+    if not storage.exists(manifest) or not storage.exists(tar_path):
         return None
-    raw = pq.read_schema(manifest).metadata or {}
+    raw = storage.read_schema(manifest).metadata or {}
     meta = {k.decode(): v.decode() for k, v in raw.items() if not k.startswith(b"ARROW:")}
-    if meta.get("tar_bytes") != str(tar_path.stat().st_size):
+    if meta.get("tar_bytes") != str(storage.size(tar_path)):
         return None
     return meta
 
 
-def read_shard_manifest(tar_path: Path) -> pa.Table:
+def read_shard_manifest(tar_path: str | Path) -> pa.Table:
     """The per-shard manifest table (without schema metadata)."""
-    return pq.read_table(shard_manifest_path(tar_path), schema=SHARD_SCHEMA).replace_schema_metadata(None)
+    return storage.read_table(shard_manifest_path(tar_path), schema=SHARD_SCHEMA).replace_schema_metadata(None)
 
 
 # ---------------------------------------------------------------------------------------------- read
@@ -262,24 +286,26 @@ def read_members(tar_path: str | Path, offsets: Iterable[int], sizes: Iterable[i
 
     Each read also takes the 512-byte tar header in front of the data and checks it (checksum, size,
     and the member name when ``keys`` are given): a shard rewritten since its manifest was read
-    raises :class:`StaleShardError` instead of handing out another image's bytes."""
+    raises :class:`StaleShardError` instead of handing out another image's bytes. ``tar_path`` may
+    be a URI: header and data are one ranged read, and nearby members share one GET."""
     offsets, sizes = list(offsets), list(sizes)
     names = list(keys) if keys is not None else [None] * len(offsets)
+    if len(sizes) != len(offsets) or len(names) != len(offsets):
+        raise ValueError(f"{tar_path}: {len(offsets)} offsets, {len(sizes)} sizes and {len(names)} keys")
+    for offset in offsets:
+        if offset < BLOCK:
+            raise StaleShardError(f"{tar_path}: offset {offset} leaves no room for a tar header")
+    blocks = storage.read_ranges(tar_path, [(offset - BLOCK, BLOCK + size) for offset, size in zip(offsets, sizes)])
     out = []
-    with open(tar_path, "rb") as fh:
-        for offset, size, key in zip(offsets, sizes, names, strict=True):
-            if offset < BLOCK:
-                raise StaleShardError(f"{tar_path}: offset {offset} leaves no room for a tar header")
-            fh.seek(offset - BLOCK)
-            block = fh.read(BLOCK + size)
-            if len(block) != BLOCK + size:
-                raise StaleShardError(f"{tar_path}: truncated at offset {offset}; re-read the shard set's manifest "
-                                      f"(the shard was rewritten?)")
-            problem = _member_at(block[:BLOCK], size, key)
-            if problem is not None:
-                raise StaleShardError(f"{tar_path}: at offset {offset}: {problem}; the shard changed after its "
-                                      f"manifest was read: re-read the shard set (restart the reader)")
-            out.append(block[BLOCK:])
+    for block, offset, size, key in zip(blocks, offsets, sizes, names):
+        if len(block) != BLOCK + size:
+            raise StaleShardError(f"{tar_path}: truncated at offset {offset}; re-read the shard set's manifest "
+                                  f"(the shard was rewritten?)")
+        problem = _member_at(block[:BLOCK], size, key)
+        if problem is not None:
+            raise StaleShardError(f"{tar_path}: at offset {offset}: {problem}; the shard changed after its "
+                                  f"manifest was read: re-read the shard set (restart the reader)")
+        out.append(block[BLOCK:])
     return out
 
 
@@ -337,7 +363,7 @@ def _member_problem(name: str, is_file: bool, ext: str) -> str | None:
 
 
 def _finish_sample(
-    tar_path: Path, key: str, parts: dict[str, bytes], report: InputReport
+    tar_path: str | Path, key: str, parts: dict[str, bytes], report: InputReport
 ) -> tuple[Record, bytes, str] | None:
     where = f"{tar_path}:{key}"
     exts = [e for e in IMAGE_EXTS if e in parts]
@@ -356,7 +382,7 @@ def _finish_sample(
     return record, parts[exts[0]], exts[0]
 
 
-def iter_tar_samples(tar_path: Path, report: InputReport) -> Iterator[tuple[Record, bytes, str]]:
+def iter_tar_samples(tar_path: str | Path, report: InputReport) -> Iterator[tuple[Record, bytes, str]]:
     """Stream ``(record, image bytes, ext)`` from one shard in tar order, validating as it goes.
 
     A member with an absolute or ``..`` path, an unexpected member, a sample without its json or
@@ -365,7 +391,7 @@ def iter_tar_samples(tar_path: Path, report: InputReport) -> Iterator[tuple[Reco
     key: str | None = None
     parts: dict[str, bytes] = {}
     try:
-        with open(tar_path, "rb", buffering=_IO_BUFFER) as fh:
+        with storage.open_input(tar_path, buffer_size=_IO_BUFFER) as fh:
             for name, is_file, data in _iter_tar_members(fh):
                 member_key, ext = _sample_key(name)
                 problem = _member_problem(name, is_file, ext)

@@ -1,16 +1,26 @@
-"""Versioned label tables (SPEC 1.1, 2.3a): pseudo-labels live beside the shards, joined at read time.
+"""Versioned pseudo-labels addressed by row (SPEC 1.1, 2.3a): the run's single-camera images have a
+fixed order (the rows of its ``index.parquet``), and a label version is an int32 pid per row.
 
-On disk (one folder)::
+A version costs what it changed, not the size of the table. On disk (one folder)::
 
-    v00000000.parquet   key (str), pid (int64), version (int64)   one full snapshot per version
-    v00000001.parquet   ...
-    history.jsonl       one audit record per version
+    v00000000.snap.npy        every pid (int32, -1 = unlabeled): version 0 and every ``snapshot_every``-th
+    v00000007.delta.npz       rows (int64, sorted) whose pid version 7 changed, and their pids (int32)
+    v00000007.centroids.npz   centroids version 7 published: ids, centroids (float32), videos
+    centroids-base.npz        the newest publication of every identity up to ``base_version`` (merged
+                              from retired centroid files): ids, centroids, videos, version
+    history.jsonl             one audit record per version
+    pins.json                 versions a checkpoint references (kept whatever their age)
 
-``version`` in a snapshot is the version in which that row's pid was last set, so the rows a version
-changed are those with ``version == v``. Every file is written to a temporary name in the same folder
-and ``os.replace``d, so a reader sees the old file or the new one, never half of one. The audit record
-is also stored in the snapshot's parquet metadata (written atomically with the data); ``history``
-falls back to it for a version whose log line a crash prevented.
+Version ``v`` is read as the newest snapshot at or below ``v`` plus the deltas after it. The delta
+file is a version's commit point: its snapshot and centroid files are written before it, so a
+version exists exactly when its delta (snapshot for version 0) is readable; files of an uncommitted
+version are overwritten by the next commit. Every file is written to a temporary name in the folder
+and renamed, so a reader sees the old file or the new one, never half of one.
+
+Retention (:meth:`LabelStore.collect`): version 0 (the initial labels), the last ``keep_versions``
+versions and every pinned one stay readable, and so do the deltas after the oldest of them (a trainer that holds it can be moved
+forward by deltas alone); older label files are deleted and older centroid files are merged into
+the base, so "which centroids did versions (a, b] publish" stays answerable for any retained ``a``.
 
 A version file that is missing or unreadable is reported (naming the file) and the newest readable
 version stays in force: :meth:`LabelStore.latest_version` skips it with a warning, :meth:`read` of it
@@ -19,185 +29,301 @@ raises :class:`LabelStoreError`.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import re
-import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+import zipfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-_VERSION_FILE = re.compile(r"^v(\d{8})\.parquet$")
-_META_KEY = b"dynamix_label_history"
+from dynamix_core import storage
+
+_FILE = re.compile(r"^v(\d{8})\.(snap\.npy|delta\.npz|centroids\.npz)$")
 HISTORY_FILE = "history.jsonl"
+PINS_FILE = "pins.json"
+BASE_FILE = "centroids-base.npz"
 
 
 class LabelStoreError(RuntimeError):
     """A label version file is missing, unreadable or invalid."""
 
 
-@dataclass(frozen=True)
-class LabelTable:
-    """One version of the labels: sample key -> pid (int64, -1 = unlabeled)."""
-
-    keys: np.ndarray  # (N,) str
-    pids: np.ndarray  # (N,) int64
-    set_in: np.ndarray  # (N,) int64 version that last set each pid
-    version: int
-
-    def __post_init__(self) -> None:
-        if not (len(self.keys) == len(self.pids) == len(self.set_in)):
-            raise ValueError(
-                f"keys ({len(self.keys)}), pids ({len(self.pids)}), set_in ({len(self.set_in)}) differ in length"
-            )
-        uniq, counts = np.unique(self.keys, return_counts=True)
-        if len(uniq) != len(self.keys):
-            raise ValueError(f"label table v{self.version}: duplicate keys {uniq[counts > 1][:5].tolist()}")
-
-    @classmethod
-    def initial(cls, keys, pids) -> "LabelTable":
-        keys = np.asarray(keys, dtype=object)
-        return cls(keys, np.asarray(pids, dtype=np.int64), np.zeros(len(keys), dtype=np.int64), 0)
-
-    def lookup(self, keys) -> np.ndarray:
-        """pids of ``keys`` (every key must be in the table)."""
-        keys = np.asarray(keys, dtype=object)
-        order = np.argsort(self.keys)
-        pos = np.searchsorted(self.keys[order], keys)
-        pos = np.minimum(pos, len(order) - 1)
-        found = self.keys[order][pos] == keys
-        if not found.all():
-            raise KeyError(f"keys not in label table v{self.version}: {keys[~found][:5].tolist()}")
-        return self.pids[order][pos]
-
-    def updated(self, keys, pids) -> "LabelTable":
-        """The next version: ``keys`` get ``pids`` (keys must exist), every other row is unchanged."""
-        keys = np.asarray(keys, dtype=object)
-        order = np.argsort(self.keys)
-        pos = np.searchsorted(self.keys[order], keys)
-        pos = np.minimum(pos, len(order) - 1)
-        if not (self.keys[order][pos] == keys).all():
-            raise KeyError(f"update of keys absent from label table v{self.version}")
-        rows = order[pos]
-        new_pids, new_set = self.pids.copy(), self.set_in.copy()
-        version = self.version + 1
-        changed = new_pids[rows] != np.asarray(pids, dtype=np.int64)
-        new_pids[rows] = np.asarray(pids, dtype=np.int64)
-        new_set[rows[changed]] = version
-        return LabelTable(self.keys, new_pids, new_set, version)
+def merge_newest(ids, rows, videos, versions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One row per identity: its newest publication (highest version; later position wins a tie)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) == 0:
+        return ids, np.asarray(rows, np.float32), np.asarray(videos, np.int64), np.asarray(versions, np.int64)
+    order = np.lexsort((np.arange(len(ids)), np.asarray(versions), ids))  # by id, then version, then position
+    last = np.r_[ids[order][1:] != ids[order][:-1], True]
+    keep = order[last]
+    return ids[keep], np.asarray(rows)[keep], np.asarray(videos)[keep], np.asarray(versions)[keep]
 
 
 class LabelStore:
-    """A folder of label-table versions plus the audit log."""
+    """A folder of row-addressed label versions, their published centroids and the audit log."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+    def __init__(self, root: str | Path, *, snapshot_every: int = 32, keep_versions: int = 8):
+        """``root``: a local folder or an object-store URI (``s3://bucket/run/labels``)."""
+        if snapshot_every < 1 or keep_versions < 1:
+            raise ValueError(f"snapshot_every ({snapshot_every}) and keep_versions ({keep_versions}) must be >= 1")
+        self.root = str(root)
+        storage.makedirs(self.root)
+        self.snapshot_every = snapshot_every
+        self.keep_versions = keep_versions
 
-    def path_of(self, version: int) -> Path:
-        return self.root / f"v{version:08d}.parquet"
+    # --- paths -------------------------------------------------------------------------------------
 
-    def _listed_versions(self) -> list[int]:
-        on_disk = {int(m.group(1)) for p in self.root.iterdir() if (m := _VERSION_FILE.match(p.name))}
-        logged = {int(r["version"]) for r in self._log_records()}
-        return sorted(on_disk | logged)
+    def path(self, name: str) -> str:
+        return storage.join(self.root, name)
+
+    def snapshot_path(self, version: int) -> str:
+        return self.path(f"v{version:08d}.snap.npy")
+
+    def delta_path(self, version: int) -> str:
+        return self.path(f"v{version:08d}.delta.npz")
+
+    def centroid_path(self, version: int) -> str:
+        return self.path(f"v{version:08d}.centroids.npz")
+
+    def commit_path(self, version: int) -> str:
+        """The file whose presence makes ``version`` exist."""
+        return self.snapshot_path(0) if version == 0 else self.delta_path(version)
+
+    def listing(self) -> dict[str, int]:
+        """``name -> size`` of the files in the store (one LIST on an object store)."""
+        return storage.listdir(self.root)
+
+    def _files(self, listing: dict[str, int] | None = None) -> dict[str, set[int]]:
+        found: dict[str, set[int]] = {"snap.npy": set(), "delta.npz": set(), "centroids.npz": set()}
+        for name in self.listing() if listing is None else listing:
+            if m := _FILE.match(name):
+                found[m.group(2)].add(int(m.group(1)))
+        return found
+
+    # --- reading -----------------------------------------------------------------------------------
+
+    def committed_versions(self) -> list[int]:
+        files = self._files()
+        return sorted(files["delta.npz"] | ({0} & files["snap.npy"]))
 
     def latest_version(self) -> int | None:
         """Newest readable version (None if there is none); newer unreadable ones are warned about."""
-        for version in reversed(self._listed_versions()):
+        for version in reversed(self.committed_versions()):
             try:
-                self._read_table(version)
+                self.read(version)
                 return version
             except LabelStoreError as exc:
                 warnings.warn(f"{exc}; falling back to the previous version", stacklevel=2)
         return None
 
-    def read(self, version: int | None = None) -> LabelTable:
-        """One version (default: the latest readable one)."""
+    def _load(self, path: str, version: int, what: str):
+        try:
+            raw = storage.read_bytes(path)
+        except FileNotFoundError:
+            raise LabelStoreError(f"label version {version}: {what} file {path} is missing") from None
+        try:
+            data = np.load(io.BytesIO(raw), allow_pickle=False)
+            if isinstance(data, np.lib.npyio.NpzFile):
+                data = {k: data[k] for k in data.files}
+            return data
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+            raise LabelStoreError(f"label version {version}: cannot read {path}: {exc}") from exc
+
+    def read_snapshot(self, version: int) -> np.ndarray:
+        pids = self._load(self.snapshot_path(version), version, "snapshot")
+        if pids.ndim != 1 or pids.dtype != np.int32:
+            raise LabelStoreError(f"label version {version}: {self.snapshot_path(version)} holds {pids.dtype} "
+                                  f"{pids.shape}, expected a 1-d int32 pid array")
+        return pids
+
+    def read_delta(self, version: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows version ``version`` changed and their new pids."""
+        data = self._load(self.delta_path(version), version, "delta")
+        if not {"rows", "pids"} <= set(data) or len(data["rows"]) != len(data["pids"]):
+            raise LabelStoreError(f"label version {version}: {self.delta_path(version)} must hold equal-length "
+                                  f"'rows' and 'pids', has {sorted(data)}")
+        return data["rows"].astype(np.int64), data["pids"].astype(np.int32)
+
+    def read(self, version: int | None = None) -> np.ndarray:
+        """The pid of every row at ``version`` (default: the latest readable one), int32."""
         if version is None:
             version = self.latest_version()
             if version is None:
                 raise LabelStoreError(f"no readable label version in {self.root}")
-        return self._read_table(version)
+        files = self._files()
+        if version != 0 and version not in files["delta.npz"]:
+            raise LabelStoreError(f"label version {version}: delta file {self.delta_path(version)} is missing")
+        snaps = sorted(v for v in files["snap.npy"] if v <= version)
+        for base in reversed(snaps):  # the newest snapshot whose chain is complete
+            try:
+                pids = self.read_snapshot(base).copy()
+                for v in range(base + 1, version + 1):
+                    rows, new = self.read_delta(v)
+                    pids[rows] = new
+                return pids
+            except LabelStoreError:
+                if base == snaps[0]:
+                    raise
+        raise LabelStoreError(f"label version {version}: no snapshot at or below it in {self.root}")
 
-    def _read_table(self, version: int) -> LabelTable:
-        path = self.path_of(version)
-        if not path.is_file():
-            raise LabelStoreError(f"label version {version}: file {path} is missing")
-        try:
-            table = pq.read_table(path)
-        except (OSError, pa.ArrowException) as exc:
-            raise LabelStoreError(f"label version {version}: cannot read {path}: {exc}") from exc
-        if table.column_names != ["key", "pid", "version"]:
-            raise LabelStoreError(
-                f"label version {version}: {path} has columns {table.column_names}, expected key, pid, version"
-            )
-        try:
-            return LabelTable(
-                np.asarray(table["key"].to_pylist(), dtype=object),
-                table["pid"].to_numpy().astype(np.int64),
-                table["version"].to_numpy().astype(np.int64),
-                version,
-            )
-        except ValueError as exc:
-            raise LabelStoreError(f"label version {version}: {path}: {exc}") from exc
+    def changed_rows(self, since: int, until: int) -> np.ndarray:
+        """Rows whose pid versions (since, until] set (sorted, unique); needs every delta in between."""
+        parts = [self.read_delta(v)[0] for v in range(since + 1, until + 1)]
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
 
-    def write(
-        self, table: LabelTable, *, parent: int | None, step: int, videos_relabeled=(), num_splits: int = 0,
-        num_merges: int = 0,
-    ) -> int:
-        """Store ``table`` as its version (must not exist yet) and append its audit record."""
-        path = self.path_of(table.version)
-        if path.exists():
-            raise LabelStoreError(f"label version {table.version} already exists at {path}; versions are immutable")
-        record = {
-            "version": table.version, "parent": parent, "step": int(step),
-            "videos_relabeled": sorted(int(v) for v in videos_relabeled), "num_splits": int(num_splits),
-            "num_merges": int(num_merges), "num_rows": len(table.keys),
-            "num_changed": int((table.set_in == table.version).sum()), "timestamp": time.time(),
-        }
-        arrow = pa.table(
-            {"key": pa.array(table.keys.tolist(), pa.string()), "pid": pa.array(table.pids, pa.int64()),
-             "version": pa.array(table.set_in, pa.int64())}
-        ).replace_schema_metadata({_META_KEY: json.dumps(record).encode()})
-        _atomic_write(path, lambda tmp: pq.write_table(arrow, tmp))
-        records = [r for r in self._log_records() if r["version"] != table.version] + [record]
-        text = "".join(json.dumps(r) + "\n" for r in records)
-        _atomic_write(self.root / HISTORY_FILE, lambda tmp: Path(tmp).write_text(text))
-        return table.version
+    def can_move(self, since: int, until: int) -> bool:
+        """Whether the deltas (since, until] are all still on disk."""
+        deltas = self._files()["delta.npz"]
+        return all(v in deltas for v in range(since + 1, until + 1))
+
+    # --- centroids ---------------------------------------------------------------------------------
+
+    def read_base(self) -> dict[str, np.ndarray]:
+        path = self.path(BASE_FILE)
+        if not storage.exists(path):
+            return {"ids": np.zeros(0, np.int64), "centroids": np.zeros((0, 0), np.float32),
+                    "videos": np.zeros(0, np.int64), "version": np.zeros(0, np.int64), "base_version": np.array(0)}
+        return self._load(path, -1, "centroid base")
+
+    def centroids_between(self, since: int | None, until: int, owned=None):
+        """The newest publication up to ``until`` of every identity whose newest publication is in
+        (since, until] (``since=None``: every identity); ``owned(ids) -> bool mask`` keeps a shard.
+        Returns ids, centroids, videos."""
+        lo = -1 if since is None else since
+        base = self.read_base()
+        if until < int(base["base_version"]):
+            raise LabelStoreError(f"centroids up to version {until} were merged into {self.path(BASE_FILE)} "
+                                  f"(at version {int(base['base_version'])}); only newer ones can be listed")
+        ids, rows, videos, versions = [base["ids"]], [base["centroids"]], [base["videos"]], [base["version"]]
+        for v in sorted(self._files()["centroids.npz"]):
+            if int(base["base_version"]) < v <= until:
+                z = self._load(self.centroid_path(v), v, "centroid")
+                ids.append(z["ids"]), rows.append(z["centroids"]), videos.append(z["videos"])
+                versions.append(np.full(len(z["ids"]), v, np.int64))
+        dims = {r.shape[1] for r in rows if len(r)}
+        if len(dims) > 1:
+            raise LabelStoreError(f"centroids of different widths {sorted(dims)} in {self.root}")
+        dim = dims.pop() if dims else 0
+        rows = [r.reshape(len(r), dim) for r in rows]
+        ids_M, rows_MD, videos_M, versions_M = merge_newest(np.concatenate(ids), np.concatenate(rows),
+                                                            np.concatenate(videos), np.concatenate(versions))
+        keep = versions_M > lo
+        if owned is not None:
+            keep &= owned(ids_M)
+        return ids_M[keep], rows_MD[keep].astype(np.float32), videos_M[keep]
+
+    # --- writing -----------------------------------------------------------------------------------
+
+    def write(self, version: int, *, rows: np.ndarray, pids_after: np.ndarray, parent: int | None, step: int,
+              centroids: tuple | None = None, record: dict | None = None) -> int:
+        """Commit ``version``: ``rows`` changed to ``pids_after[rows]`` (``pids_after`` is the whole
+        table at this version; version 0 stores it whole). ``centroids`` = (ids, rows, videos)."""
+        if storage.exists(self.commit_path(version)):
+            raise LabelStoreError(f"label version {version} already exists at {self.commit_path(version)}; "
+                                  "versions are immutable")
+        pids_after = np.asarray(pids_after, dtype=np.int32)
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        if centroids is not None and len(centroids[0]):
+            ids, cents, vids = centroids
+            _atomic_npz(self.centroid_path(version), ids=np.asarray(ids, np.int64),
+                        centroids=np.asarray(cents, np.float32), videos=np.asarray(vids, np.int64))
+        full = {"version": version, "parent": parent, "step": int(step), "num_rows": len(pids_after),
+                "num_changed": len(rows), "timestamp": time.time(), **(record or {})}
+        if version % self.snapshot_every == 0:
+            _atomic_bytes(self.snapshot_path(version), _npy_bytes(pids_after))
+        if version > 0:  # the commit point; it carries its audit record in case the log line is lost
+            _atomic_npz(self.delta_path(version), rows=rows, pids=pids_after[rows], record=np.array(json.dumps(full)))
+        records = [r for r in self._log_records() if r["version"] != version] + [full]
+        _atomic_bytes(self.path(HISTORY_FILE), "".join(json.dumps(r) + "\n" for r in records).encode())
+        return version
 
     def _log_records(self) -> list[dict]:
-        path = self.root / HISTORY_FILE
-        if not path.is_file():
+        try:
+            text = storage.read_bytes(self.path(HISTORY_FILE)).decode()
+        except FileNotFoundError:
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def history(self) -> list[dict]:
-        """Audit records by version; a snapshot whose log line is missing contributes its embedded copy."""
-        records = {r["version"]: r for r in self._log_records()}
-        for p in self.root.iterdir():
-            m = _VERSION_FILE.match(p.name)
-            if m and int(m.group(1)) not in records:
-                try:
-                    meta = pq.read_schema(p).metadata or {}
-                except (OSError, pa.ArrowException):
-                    continue  # unreadable snapshot: latest_version() reports it
-                if _META_KEY in meta:
-                    records[int(m.group(1))] = json.loads(meta[_META_KEY])
+        """Audit records of the committed versions, by version (retired versions keep their record)."""
+        committed = set(self.committed_versions())
+        newest = max(committed, default=-1)  # records above it belong to versions that were lost
+        records = {r["version"]: r for r in self._log_records() if r["version"] <= newest}
+        for v in committed - set(records):  # a crash between the commit and its log line
+            if v == 0:
+                records[0] = {"version": 0, "parent": None, "step": 0}
+                continue
+            try:
+                records[v] = json.loads(str(self._load(self.delta_path(v), v, "delta")["record"]))
+            except (LabelStoreError, KeyError):
+                continue  # unreadable: latest_version() reports it
         return [records[v] for v in sorted(records)]
 
+    # --- retention ---------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    def pins(self) -> list[int]:
+        try:
+            return json.loads(storage.read_bytes(self.path(PINS_FILE)))
+        except FileNotFoundError:
+            return []
+
+    def pin(self, version: int, keep: int) -> list[int]:
+        """Keep ``version`` readable (a checkpoint references it); only the newest ``keep`` pins count."""
+        pins = [v for v in self.pins() if v != version] + [int(version)]
+        pins = sorted(pins)[-keep:] if keep > 0 else []
+        _atomic_bytes(self.path(PINS_FILE), json.dumps(pins).encode())
+        return pins
+
+    def collect(self, latest: int) -> int:
+        """Delete what no retained version needs; merge retired centroid files into the base.
+        Returns the oldest retained version."""
+        pins = [v for v in self.pins() if v <= latest]
+        oldest = min([max(0, latest - self.keep_versions + 1)] + pins)
+        files = self._files()
+        snaps = [v for v in files["snap.npy"] if v <= oldest]
+        chain_start = max(snaps) if snaps else 0
+        for v in files["snap.npy"]:
+            if 0 < v < chain_start:  # version 0 (the initial labels) stays: quality is measured against it
+                storage.delete(self.snapshot_path(v))
+        for v in files["delta.npz"]:
+            if v < chain_start:  # the snapshot at chain_start stands for everything before it
+                storage.delete(self.delta_path(v))
+        retire = sorted(v for v in files["centroids.npz"] if v <= oldest)
+        if retire:
+            base = self.read_base()
+            ids, rows, videos, versions = [base["ids"]], [base["centroids"]], [base["videos"]], [base["version"]]
+            for v in retire:
+                z = self._load(self.centroid_path(v), v, "centroid")
+                ids.append(z["ids"]), rows.append(z["centroids"]), videos.append(z["videos"])
+                versions.append(np.full(len(z["ids"]), v, np.int64))
+            dim = max(r.shape[1] if r.ndim == 2 else 0 for r in rows)
+            merged = merge_newest(np.concatenate(ids), np.concatenate([r.reshape(len(r), dim) for r in rows]),
+                                  np.concatenate(videos), np.concatenate(versions))
+            _atomic_npz(self.path(BASE_FILE), ids=merged[0], centroids=merged[1].astype(np.float32),
+                        videos=merged[2], version=merged[3], base_version=np.array(retire[-1]))
+            for v in retire:
+                storage.delete(self.centroid_path(v))
+        return oldest
+
+    def disk_bytes(self) -> int:
+        return sum(self.listing().values())
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _atomic_npz(path: str, **arrays) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    _atomic_bytes(path, buf.getvalue())
+
+
+def _atomic_bytes(path: str, data: bytes) -> None:
+    """Local: temp file + fsync + rename; object store: one whole-object upload."""
+    storage.write_bytes_atomic(path, data)

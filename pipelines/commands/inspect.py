@@ -3,6 +3,7 @@ shard count and sizes, the ingest's skipped inputs, and any label tables.
 
     dynamix inspect data/shards/synth_m0
     dynamix inspect data/shards/synth_video --labels runs/r1/labels.parquet --json
+    dynamix inspect s3://bucket/shards/synth_m0
 
 Label tables are read from DIR/labels/*.parquet and from each --labels file.
 """
@@ -16,17 +17,17 @@ LABELS_DIR = "labels"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("dir", help="an ingest output folder (holding manifest.parquet)")
+    p.add_argument("dir", help="an ingest output folder or object-store URI (holding manifest.parquet)")
     p.add_argument("--labels", action="append", default=[], metavar="FILE",
                    help="a label table (parquet key, pid, version) to summarise too; repeatable")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
-def inspect_shard_set(root: Path, label_files: list[Path]) -> dict:
-    """The summary of the shard set at ``root`` as plain data."""
+def inspect_shard_set(root: str | Path, label_files: list[str | Path]) -> dict:
+    """The summary of the shard set at ``root`` (a folder or a URI) as plain data."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
+    from dynamix_core import storage
     from dynamix_core.data.reader import read_dataset_manifest
     from dynamix_core.data.shards import SUMMARY_NAME
 
@@ -47,15 +48,21 @@ def inspect_shard_set(root: Path, label_files: list[Path]) -> dict:
                        "cameras": distinct(part, "camid"), "videos": distinct(part, "video_id")})
 
     shard_names = list(dict.fromkeys(manifest.column("shard").to_pylist()))
-    shard_bytes = sorted((root / name).stat().st_size for name in shard_names)
-    summary_path = root / SUMMARY_NAME
-    ingest = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    sizes = storage.listdir(root)  # one listing, not a request per shard on an object store
+    missing = [name for name in shard_names if name not in sizes]
+    if missing:
+        raise FileNotFoundError(f"{root}: shards {missing[:3]} of its manifest are missing; re-run the ingest")
+    shard_bytes = sorted(sizes[name] for name in shard_names)
+    summary_path = storage.join(root, SUMMARY_NAME)
+    ingest = json.loads(storage.read_bytes(summary_path)) if SUMMARY_NAME in sizes else {}
 
-    tables = sorted((root / LABELS_DIR).glob("*.parquet")) + list(label_files)
+    label_dir = storage.join(root, LABELS_DIR)
+    tables = [storage.join(label_dir, n) for n in sorted(storage.listdir(label_dir)) if n.endswith(".parquet")]
+    tables += list(label_files)
     keys = manifest.column("key")
     labels = []
     for path in tables:
-        table = pq.read_table(path, columns=["key", "pid", "version"])
+        table = storage.read_table(path, columns=["key", "pid", "version"])
         labels.append({
             "path": str(path), "rows": table.num_rows,
             "versions": pc.count_distinct(table.column("version")).as_py(),
@@ -108,6 +115,9 @@ def format_summary(s: dict) -> str:
 
 
 def run(args) -> int:
-    summary = inspect_shard_set(Path(args.dir), [Path(p) for p in args.labels])
+    from dynamix_core import storage
+
+    root = args.dir if storage.is_remote(args.dir) else Path(args.dir)
+    summary = inspect_shard_set(root, args.labels)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0

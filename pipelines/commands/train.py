@@ -58,7 +58,13 @@ def run(args) -> int:
     result = run_training(cfg)
     summary = {k: v for k, v in result.metrics.items() if k.startswith(("eval/", "images_per_s", "data_wait", "label_wait"))}
     print(print_summary_table(summary))
-    print(f"run folder: {result.run_dir}   momentum encoder: {result.weights_path}   MLflow run: {result.mlflow_run_id}")
+    from dynamix_core import storage
+    from pipelines.train.driver import WEIGHTS_FILE
+
+    # a run on an object store: the exported object there (result.weights_path is its local copy)
+    weights = storage.join(result.run_dir, WEIGHTS_FILE) if storage.is_remote(result.run_dir) and result.weights_path \
+        else result.weights_path
+    print(f"run folder: {result.run_dir}   momentum encoder: {weights}   MLflow run: {result.mlflow_run_id}")
     if result.registered:
         print(result.registered)
     return 0

@@ -61,6 +61,11 @@ def run_pretraining(cfg: PretrainConfig, *, progress: bool = True) -> PretrainRe
     from dynamix_core.model import check_backbone
 
     check_backbone(cfg.model.backbone, cfg.model.img_size, cfg.model.ibn)  # before the data and the cluster
+    if "://" in cfg.run.storage:  # Path("s3://b/x") would quietly become a local folder named "s3:"
+        from dynamix_core.config import ConfigError
+
+        raise ConfigError(f"run.storage={cfg.run.storage}: pre-training keeps its runs in a local or mounted folder "
+                          "(object stores are supported by `dynamix train`; its data.single may be a URI)")
     cfg = resolve_paths(cfg)
     init_ray(cfg.scaling.address)
     storage = Path(cfg.run.storage).resolve()

@@ -18,6 +18,7 @@ from dynamix_core.losses import LossConfig
 from dynamix_core.model import ModelConfig
 from dynamix_core.sampling import SamplerConfig
 from dynamix_core.training.optim import OptimConfig
+from pipelines.runs import default_runs_root
 from pipelines.train.methods_config import CLUSTER_METHODS, ClusterMethodSection
 
 Method = Literal["dynamix", "remix", "multicam", "cluster_contrast", "domainmix", "calr"]
@@ -26,7 +27,9 @@ Method = Literal["dynamix", "remix", "multicam", "cluster_contrast", "domainmix"
 @dataclass(kw_only=True)
 class RunSection:
     name: str = field("dynamix", help="run name: re-running with the same name and storage resumes it")
-    storage: str = field("runs", help="root folder or object-store URI of runs (checkpoints under STORAGE/NAME)")
+    storage: str = field(default_factory=default_runs_root,
+                         help="root folder or object-store URI (s3://bucket/prefix) of runs: everything of a run under "
+                              "STORAGE/NAME (default: $DYNAMIX_STORAGE_URI/runs, else runs)")
     seed: int = field(0, help="global seed (each rank adds its rank)")
     max_steps: int = field(1000, help="optimizer steps of the whole run")
     log_every: int = field(10, help="steps between metric reports (loss terms, lr, images/s, wait fractions)")
@@ -56,6 +59,9 @@ class LabelingSection:
     max_chunk_retries: int = field(3, help="times a chunk whose labeling actor died is retried on another actor before its round fails")
     first_round_timeout_s: float = field(3600.0, help="ReMix: seconds the driver waits for the first pseudo-labels (every video) before training; the run fails after that")
     embed_batch_size: int = field(128, help="images embedded at once by a labeling actor")
+    chunk_videos: int = field(64, help="videos per labeling task: an actor holds the images and features of one chunk at a time")
+    keep_versions: int = field(8, help="label versions kept readable besides those a kept checkpoint references (older ones are deleted)")
+    snapshot_every: int = field(32, help="every this many label versions the whole table is stored; the others store only their changed rows")
     quota: int | None = field(None, help="ReMix: single-camera images pseudo-labelled per round (default: size of the multi-camera train set)")
     ground_truth: list[str] = field(default_factory=list, help="SynthReID ground_truth.parquet files: pseudo-label quality (pairwise F, purity) is measured against them")
     cluster: ClusterConfig = field(default_factory=ClusterConfig, help="ReMix: DBSCAN inside each video")
@@ -75,7 +81,8 @@ class ScalingSection:
 
 @dataclass(kw_only=True)
 class TrackingSection:
-    uri: str | None = field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite under the run folder)")
+    uri: str | None = field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite in the run folder; "
+                                       "for a run.storage on an object store, in a local folder the run logs)")
     experiment: str = field("dynamix", help="MLflow experiment")
     registered_model: str | None = field(
         None, help="register the trained momentum encoder as a version of this MLflow model when the run ends "
@@ -129,6 +136,9 @@ class TrainConfig:
         if self.uses_labeling_pool and self.labeling.queue_size < self.scaling.num_workers:
             raise ConfigError(f"labeling.queue_size={self.labeling.queue_size} drops requests at every publish of "
                               f"scaling.num_workers={self.scaling.num_workers} ranks; set it >= {self.scaling.num_workers}")
+        for name in ("chunk_videos", "keep_versions", "snapshot_every"):
+            if getattr(self.labeling, name) < 1:
+                raise ConfigError(f"labeling.{name}: {getattr(self.labeling, name)} must be >= 1")
         if self.labeling.max_chunk_retries < 0:
             raise ConfigError(f"labeling.max_chunk_retries: {self.labeling.max_chunk_retries} must be >= 0")
         if self.centroids.loss_mode == "sharded" and self.scaling.num_workers < 2:

@@ -47,6 +47,8 @@ class MultiCameraSet:
 
     @classmethod
     def load(cls, roots: list[str]) -> "MultiCameraSet":
+        from dynamix_core import storage
+
         tables = []
         for root in roots:
             t = read_dataset_manifest(root).filter(pc.equal(pc.field("split"), "train"))
@@ -66,8 +68,8 @@ class MultiCameraSet:
         cam_map = IdentityMap((r["dataset"], r["source_camid"]) for r in rows)
         data: list[bytes] = []
         by_shard: dict[str, list[int]] = {}
-        for i, r in enumerate(rows):
-            by_shard.setdefault(str(Path(r["root"]) / r["shard"]), []).append(i)
+        for i, r in enumerate(rows):  # a root may be a URI (s3://...): its shards are read by ranged GETs
+            by_shard.setdefault(storage.join(r["root"], r["shard"]), []).append(i)
         data = [b""] * len(rows)
         for tar, idx in by_shard.items():
             for i, blob in zip(idx, read_members(tar, [rows[i]["offset"] for i in idx], [rows[i]["size"] for i in idx])):
@@ -84,14 +86,18 @@ class MultiCameraSet:
 def single_camera_index(roots: list[str]) -> pa.Table:
     """One row per single-camera image of every set in ``roots``: key, global ``video`` (sorted
     ``(dataset, video_id)``), initial ``label`` (sorted ``(dataset, source_pid)``; -1 unlabeled),
-    frame, and where its bytes are (``tar``, ``offset``, ``size``). Rows are grouped by video."""
+    frame, and where its bytes are (``tar``: an absolute path, or a URI for a shard set on an object
+    store; ``offset``, ``size``). Rows are grouped by video."""
+    from dynamix_core import storage
+
     tables = []
     for root in roots:
         t = read_dataset_manifest(root)
         t = t.filter(pc.equal(pc.field("domain"), "single"))
         if t.num_rows == 0:
             raise FileNotFoundError(f"{root}: no single-camera images (domain=single) in this shard set")
-        tar = pc.binary_join_element_wise(pa.array([str(Path(root).resolve())] * t.num_rows), t["shard"], "/")
+        base = root.rstrip("/") if storage.is_remote(root) else str(Path(root).resolve())
+        tar = pc.binary_join_element_wise(pa.array([base] * t.num_rows), t["shard"], "/")
         tables.append(t.append_column("tar", tar))
     t = pa.concat_tables(tables)
     cols = t.select(["key", "dataset", "video_id", "source_pid", "frame", "tar", "offset", "size"]).to_pydict()
@@ -106,16 +112,19 @@ def single_camera_index(roots: list[str]) -> pa.Table:
     return out.take(pc.sort_indices(out, [("video", "ascending"), ("frame", "ascending"), ("key", "ascending")]))
 
 
-def video_rows(index: pa.Table) -> list[dict]:
-    """Group the index into one row per video (the unit the stream hands out)."""
+def video_rows(index: pa.Table, row_ids: np.ndarray | None = None) -> list[dict]:
+    """Group the index into one row per video (the unit the stream hands out); ``rows`` are each
+    image's row numbers in the run's index (the address of its label), default ``0..n-1``."""
     video = index["video"].to_numpy()
+    row_ids = np.arange(len(video), dtype=np.int64) if row_ids is None else np.asarray(row_ids, dtype=np.int64)
     bounds = np.flatnonzero(np.diff(video)) + 1
     starts, ends = np.r_[0, bounds], np.r_[bounds, len(video)]
-    cols = index.to_pydict()
+    cols = index.select(["key", "frame", "offset", "size", "tar"]).to_pydict()
     rows = []
     for s, e in zip(starts, ends):
         rows.append({"video": int(video[s]), "keys": cols["key"][s:e], "frames": cols["frame"][s:e],
-                     "offsets": cols["offset"][s:e], "sizes": cols["size"][s:e], "tars": cols["tar"][s:e]})
+                     "offsets": cols["offset"][s:e], "sizes": cols["size"][s:e], "tars": cols["tar"][s:e],
+                     "rows": row_ids[s:e]})
     return rows
 
 
@@ -129,20 +138,22 @@ def load_video_images(row: dict) -> list[bytes]:
 
 
 def rank_video_rows(index_path: str | Path, rank: int, world_size: int) -> list[dict]:
-    """This rank's videos (``video % world_size == rank``) of the run's single-camera index."""
-    import pyarrow.parquet as pq
+    """This rank's videos (``video % world_size == rank``) of the run's single-camera index (a file,
+    or an object of a run on an object store)."""
+    from dynamix_core import storage
 
-    index = pq.read_table(index_path, columns=["key", "video", "label", "frame", "tar", "offset", "size"])
-    mine = index.filter(pa.array(index["video"].to_numpy() % world_size == rank))
-    return video_rows(mine) if mine.num_rows else []
+    index = storage.read_table(index_path, columns=["key", "video", "label", "frame", "tar", "offset", "size"])
+    mask = index["video"].to_numpy() % world_size == rank
+    mine = index.filter(pa.array(mask))
+    return video_rows(mine, np.flatnonzero(mask)) if mine.num_rows else []
 
 
 class VideoFeed:
     """This rank's single-camera stream (the sampler's ``VideoStream``), seekable.
 
     Position ``p`` is the video ``rows[p % n]`` of pass ``p // n``: opening the stream at a
-    checkpoint's position reads nothing that came before it. Labels come from ``labels`` (key ->
-    single identity, -1 = none) when a video enters the stream. Images are read from the shards
+    checkpoint's position reads nothing that came before it. Labels come from ``labels`` (int32,
+    the single identity of every row of the run's index, -1 = none) when a video enters the stream. Images are read from the shards
     when a batch first needs them and kept in an LRU cache of ``cache_videos`` videos; a video that
     left the cache (or was restored from a checkpoint into the sampler's buffer) is simply read
     again, so no eviction can lose a buffered video."""
@@ -152,7 +163,7 @@ class VideoFeed:
     #: and the step is waiting for this batch)
     max_idle_passes = 3
 
-    def __init__(self, rows: list[dict], labels: dict[str, int], bank_offset: int, cache_videos: int = 256,
+    def __init__(self, rows: list[dict], labels: np.ndarray, bank_offset: int, cache_videos: int = 256,
                  read: Callable[[dict], list[bytes]] = load_video_images):
         self.rows = rows
         self.row_of = {int(r["video"]): r for r in rows}
@@ -178,22 +189,22 @@ class VideoFeed:
             if self.progress != seen_progress:
                 idle, seen_progress = 0, self.progress
             elif idle >= self.max_idle_passes * num_rows:
-                labeled = sum(any(self.labels.get(k, -1) >= 0 for k in r["keys"]) for r in self.rows)
+                labeled = sum(bool((self.labels[r["rows"]] >= 0).any()) for r in self.rows)
                 raise RuntimeError(
                     f"single-camera stream: {self.max_idle_passes} full passes over this rank's {num_rows} videos "
                     f"({labeled} of them labelled) did not fill a batch; the sampler needs more labelled videos "
                     "per rank than exist: lower sampler.num_videos / sampler.ids_per_video, or use fewer workers")
             idle += 1
             row = self.rows[pos % num_rows]
-            keys = list(row["keys"])
-            labels = np.array([self.labels.get(k, -1) for k in keys], dtype=np.int64)
+            labels = self.labels[row["rows"]].astype(np.int64)
             pids = np.where(labels >= 0, labels + self.bank_offset, -1)
-            yield VideoSamples(video_id=int(row["video"]), refs=np.array(keys), pids=pids)
+            yield VideoSamples(video_id=int(row["video"]), refs=np.array(row["keys"]), pids=pids)
 
-    def video_keys(self, video: int) -> list[str] | None:
-        """Keys of one of this rank's videos in stream order (None for a video of another rank)."""
+    def video_rows(self, video: int) -> np.ndarray | None:
+        """Index rows (label addresses) of one of this rank's videos in stream order (None for a
+        video of another rank)."""
         row = self.row_of.get(int(video))
-        return None if row is None else list(row["keys"])
+        return None if row is None else row["rows"]
 
     def image(self, video: int, key: str) -> bytes:
         """Encoded bytes of image ``key`` of ``video`` (read with its whole video on a cache miss)."""

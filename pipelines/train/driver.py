@@ -4,6 +4,13 @@ seekable video streams, a ``TorchTrainer``, MLflow tracking, the final weights a
 Re-running the same command (same run name and storage) resumes: Ray Train restores the newest
 checkpoint under ``STORAGE/NAME``, the label store recovers its newest version from
 ``STORAGE/NAME/labels``, and the MLflow run with the same ``dynamix.run_name`` tag is continued.
+
+``run.storage`` may be an object-store URI (``s3://bucket/prefix``, :mod:`dynamix_core.storage`):
+every file of the run is then an object under ``STORAGE/NAME`` (config, metric history, starts,
+result, exported weights, label store, checkpoints: Ray Train writes and reads them through the
+same pyarrow file system, endpoint included). What must be a local file stays in the run's local
+folder (:func:`~pipelines.train.run_files.local_run_dir`): MLflow's spools, the default sqlite
+tracking store, and the copy of the exported weights that is logged and registered.
 """
 
 from __future__ import annotations
@@ -20,20 +27,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dynamix_core import storage
 from dynamix_core.config import dump_yaml, to_dict
 from dynamix_core.data.records import make_key
 from pipelines.train.config import TrainConfig
-from pipelines.train.run_files import fsync_dir, load_tensors, read_jsonl, write_atomic
+from pipelines.train.run_files import fsync_dir, load_tensors, local_run_dir, read_jsonl, write_atomic
 
 log = logging.getLogger("dynamix.train")
 
 
+#: the deployable encoder a finished run exports into its folder
+WEIGHTS_FILE = "momentum_encoder.safetensors"
+
+
 @dataclass
 class TrainResult:
-    run_dir: Path
+    run_dir: Path | str  # a local folder, or the run's URI (s3://bucket/runs/NAME) on an object store
     metrics: dict
     history: list[dict]
-    weights_path: Path | None
+    weights_path: Path | None  # a local file: for a run on an object store, the local copy of its WEIGHTS_FILE
     mlflow_run_id: str | None
     labeling: dict = field(default_factory=dict)
     registered: str | None = None  # what tracking.registered_model registration did (one line)
@@ -64,7 +76,7 @@ def _ground_truth(index: pa.Table, paths: list[str]) -> np.ndarray | None:
     shard_datasets = {k.split("_train_", 1)[0] for k in index["key"].to_pylist()[:1000]}
     offset = 0
     for path in paths:
-        t = pq.read_table(path, columns=["key", "true_pid"]).to_pydict()
+        t = storage.read_table(path, columns=["key", "true_pid"]).to_pydict()
         for ds in shard_datasets:
             for k, p in zip(t["key"], t["true_pid"]):
                 truth[make_key(ds, "train", k)] = int(p) + offset
@@ -84,14 +96,16 @@ def _multi_train_size(roots: list[str]) -> int:
     return sum(read_dataset_manifest(r).filter(pc.equal(pc.field("split"), "train")).num_rows for r in roots)
 
 
-def _labeling_cfg(cfg: TrainConfig, run_dir: Path, index_path: Path, quota: int) -> dict:
+def _labeling_cfg(cfg: TrainConfig, run_dir: Path | str, index_path: str, quota: int) -> dict:
     return {
-        "mode": cfg.method, "run_name": cfg.run.name, "label_root": str(run_dir / "labels"),
+        "mode": cfg.method, "run_name": cfg.run.name, "label_root": storage.join(run_dir, "labels"),
         "index_path": str(index_path), "total_steps": cfg.run.max_steps, "seed": cfg.run.seed,
         "quota": quota, "pool_size": cfg.labeling.pool_size, "cpus_per_actor": cfg.labeling.cpus_per_actor,
         "use_gpu": cfg.scaling.use_gpu, "queue_size": cfg.labeling.queue_size,
         "max_chunk_retries": cfg.labeling.max_chunk_retries,
         "max_staleness": cfg.labeling.max_staleness, "embed_batch_size": cfg.labeling.embed_batch_size,
+        "chunk_videos": cfg.labeling.chunk_videos, "keep_versions": cfg.labeling.keep_versions,
+        "snapshot_every": cfg.labeling.snapshot_every,
         "model": to_dict(cfg.model), "transform": to_dict(cfg.data.transform),
         "relabel": to_dict(cfg.labeling.relabel), "cluster": to_dict(cfg.labeling.cluster),
     }
@@ -111,14 +125,12 @@ def check_ingest(root: str, field_name: str) -> str:
     a typo fails in the driver with ``field_name`` and the path named instead of inside every worker."""
     from dynamix_core.data.reader import read_dataset_manifest
 
-    if "://" in root:
-        return root
-    path = Path(root).resolve()
+    path = root if "://" in root else str(Path(root).resolve())  # a URI (s3://...) is checked as it is
     try:
         read_dataset_manifest(path)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{field_name}: {exc}") from None
-    return str(path)
+    return path
 
 
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:
@@ -133,23 +145,23 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
     )
     truth = []
     for p in cfg.labeling.ground_truth:
-        if not Path(p).is_file():
+        if not storage.exists(p):
             raise FileNotFoundError(f"labeling.ground_truth: {p} does not exist")
-        truth.append(str(Path(p).resolve()))
+        truth.append(p if storage.is_remote(p) else str(Path(p).resolve()))
     return dataclasses.replace(cfg, data=data, labeling=dataclasses.replace(cfg.labeling, ground_truth=truth))
 
 
-def changed_settings(previous_config: Path, cfg) -> dict[str, tuple[str, str]]:
+def changed_settings(previous_config: Path | str, cfg) -> dict[str, tuple[str, str]]:
     """``{dotted key: (previous, now)}`` for the settings that differ from the run folder's
-    ``config.yaml`` (a re-run of the same run with, e.g., a larger ``run.max_steps``); empty for a
-    new run."""
+    ``config.yaml`` (a file or an object; a re-run of the same run with, e.g., a larger
+    ``run.max_steps``); empty for a new run."""
     import yaml
 
     from pipelines.tracking import flatten_params
 
-    if not previous_config.is_file():
+    if not storage.exists(previous_config):
         return {}
-    before = flatten_params(yaml.safe_load(previous_config.read_text()) or {})
+    before = flatten_params(yaml.safe_load(storage.read_bytes(previous_config).decode()) or {})
     now = flatten_params(yaml.safe_load(dump_yaml(cfg)))  # the same round trip as the saved file
     return {k: (before[k], v) for k, v in now.items() if k in before and before[k] != v}
 
@@ -168,14 +180,24 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
 
     check_backbone(cfg.model.backbone, cfg.model.img_size, cfg.model.ibn)  # before the data and the cluster
     cfg = resolve_paths(cfg)
+    remote = storage.is_remote(cfg.run.storage)
+    root = cfg.run.storage.rstrip("/") if remote else Path(storage.local_path(cfg.run.storage)).resolve()
+    run_dir = storage.join(root, cfg.run.name) if remote else root / cfg.run.name
+    storage.makedirs(run_dir)  # an object store: a missing bucket or refused credentials fail here, before Ray
+    local_dir = local_run_dir(run_dir)  # the run folder itself for a local run
     init_ray(cfg.scaling.address)
-    storage = Path(cfg.run.storage).resolve() if "://" not in cfg.run.storage else cfg.run.storage
-    run_dir = Path(storage) / cfg.run.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    changed = changed_settings(run_dir / "config.yaml", cfg)
-    write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-    tracking_uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir / 'mlflow.db'}"
-    tracker = ResilientTracker(tracking_uri, cfg.tracking.experiment, cfg.run.name, str(run_dir / "spool_driver"))
+    changed = changed_settings(storage.join(run_dir, "config.yaml"), cfg)
+    storage.write_bytes_atomic(storage.join(run_dir, "config.yaml"), dump_yaml(cfg))
+    if remote:  # MLflow uploads the artifact from a local file, later
+        write_atomic(local_dir / "config.yaml", dump_yaml(cfg))
+    tracking_uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking_uri:
+        tracking_uri = f"sqlite:///{local_dir / 'mlflow.db'}"
+        if remote:
+            log.warning("%s is on an object store, where MLflow's sqlite store cannot live: the run's MLflow "
+                        "records go to %s (set tracking.uri or MLFLOW_TRACKING_URI to a tracking server to "
+                        "keep them elsewhere)", run_dir, local_dir / "mlflow.db")
+    tracker = ResilientTracker(tracking_uri, cfg.tracking.experiment, cfg.run.name, str(local_dir / "spool_driver"))
     # MLflow params are immutable: a resumed run with changed settings records them as tags
     params = flatten_params(to_dict(cfg))
     tracker.log_params({k: v for k, v in params.items() if k not in changed})
@@ -184,14 +206,14 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     if changed and progress:
         print(f"[train] resuming {cfg.run.name} with changed settings: "
               + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()), flush=True)
-    tracker.log_artifact(str(run_dir / "config.yaml"))
+    tracker.log_artifact(str(local_dir / "config.yaml"))
     # resolve the MLflow run before the workers start, so rank 0 logs into this run rather than
     # racing to create one by name (None when the server is unreachable: both then resolve by name
     # once it is back, and find the same run)
     tracker.flush(timeout_s=30)
 
     loop_config = {"train": to_dict(cfg), "num_single_identities": 0, "run_dir": str(run_dir),
-                   "tracking_uri": tracking_uri, "mlflow_run_id": tracker.run_id}
+                   "local_dir": str(local_dir), "tracking_uri": tracking_uri, "mlflow_run_id": tracker.run_id}
     try:
         coordinator = None
         if cfg.uses_labeling_pool:
@@ -206,19 +228,21 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             if (per_rank == 0).any():
                 raise ValueError(f"data.single: {int(per_rank.sum())} videos cannot feed {cfg.scaling.num_workers} "
                                  "workers (each needs at least one); lower scaling.num_workers")
-            index_path = run_dir / "labels" / "index.parquet"
-            index_path.parent.mkdir(parents=True, exist_ok=True)
+            label_root = storage.join(run_dir, "labels")
+            index_path = storage.join(label_root, "index.parquet")
+            storage.makedirs(label_root)
             sink = pa.BufferOutputStream()
             pq.write_table(index, sink)
-            write_atomic(index_path, sink.getvalue().to_pybytes())  # read by every worker and the pool
-            store = get_or_create_store(cfg.run.name, str(run_dir / "labels"))
+            storage.write_bytes_atomic(index_path, sink.getvalue().to_pybytes())  # read by every worker and the pool
+            store = get_or_create_store(cfg.run.name, label_root, snapshot_every=cfg.labeling.snapshot_every,
+                                        keep_versions=cfg.labeling.keep_versions)
             initial = index["label"].to_numpy() if cfg.method == "dynamix" else np.full(index.num_rows, -1)
-            ray.get(store.initialise.remote(index["key"].to_pylist(), initial))
+            ray.get(store.initialise.remote(initial))  # one label per row of index.parquet
             quota = cfg.labeling.quota or _multi_train_size(cfg.data.multi)  # SPEC 2.2: default = |multi train|
             coordinator = start_coordinator(_labeling_cfg(cfg, run_dir, index_path, quota))
             num_single = int(index["label"].to_numpy().max()) + 1 if cfg.method == "dynamix" else 0
             loop_config.update({"num_single_identities": num_single, "store_name": store_actor_name(cfg.run.name),
-                                "coordinator_name": coordinator_name(cfg.run.name), "index_path": str(index_path)})
+                                "coordinator_name": coordinator_name(cfg.run.name), "index_path": index_path})
             version, _ = ray.get(store.latest.remote())
             if cfg.method == "remix" and version == 0:
                 # ReMix: the first pseudo-labels come from the initial momentum encoder before training
@@ -235,11 +259,12 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                          resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-            run_config=RunConfig(name=cfg.run.name, storage_path=str(storage),
+            run_config=RunConfig(name=cfg.run.name, **_ray_storage(root),
                                  failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
         )
-        with _ProgressPrinter(run_dir / "history.jsonl", cfg.run.max_steps) if progress else contextlib.nullcontext():
+        with _ProgressPrinter(storage.join(run_dir, "history.jsonl"), cfg.run.max_steps) if progress \
+                else contextlib.nullcontext():
             result = trainer.fit()
         labeling = {} if coordinator is None else ray.get(coordinator.stats.remote())
     except BaseException:
@@ -254,16 +279,29 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     metrics = dict(result.metrics or {})
     weights_path = None
     if result.checkpoint is not None:
-        weights_path = _export_momentum(result.checkpoint, run_dir)
+        weights_path = _export_momentum(result.checkpoint, run_dir, local_dir)
         tracker.log_artifact(str(weights_path))
     tracker.close()
-    write_atomic(run_dir / "result.json", json.dumps({"metrics": metrics, "labeling": labeling}, indent=2, default=float))
+    storage.write_bytes_atomic(storage.join(run_dir, "result.json"),
+                               json.dumps({"metrics": metrics, "labeling": labeling}, indent=2, default=float))
     registered = None
     if cfg.tracking.registered_model and weights_path is not None:
         from pipelines.train.registration import register_trained
 
         registered = register_trained(cfg, weights_path, tracking_uri, tracker.run_id, metrics)
     return TrainResult(run_dir, metrics, history, weights_path, tracker.run_id, labeling, registered)
+
+
+def _ray_storage(root: Path | str) -> dict:
+    """``RunConfig`` storage arguments for the runs' root. An object store is passed as the pyarrow
+    file system :mod:`dynamix_core.storage` resolves (Ray would otherwise build its own from the URI,
+    without the endpoint of ``AWS_ENDPOINT_URL``) and the bucket path; the file system object travels
+    pickled to Ray Train's controller and workers, endpoint and region included, while credentials
+    come from each process's own environment."""
+    if not storage.is_remote(root):
+        return {"storage_path": str(root)}
+    fs, path = storage.resolve(root)
+    return {"storage_path": path, "storage_filesystem": fs}
 
 
 def _wait_first_round(coordinator, store, timeout_s: float, progress: bool) -> None:
@@ -314,10 +352,11 @@ class _ProgressPrinter:
 
     prefix = "train"
 
-    def __init__(self, history: Path, max_steps: int):
+    def __init__(self, history: Path | str, max_steps: int):
         import threading
 
         self.history, self.max_steps = history, max_steps
+        self.interval_s = 5.0 if storage.is_remote(history) else 1.0  # one GET per look on an object store
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -331,15 +370,13 @@ class _ProgressPrinter:
 
     def _run(self) -> None:
         # a re-run of a finished or interrupted run: its earlier rows are not news
-        earlier = read_jsonl(self.history) if self.history.is_file() else []
+        earlier = read_jsonl(self.history)
         printed = len(earlier)
         if earlier:
             last = earlier[-1].get("step", "?")
             print(f"[{self.prefix}] continuing the run (recorded up to step {last}): it resumes from its last "
                   "checkpoint", flush=True)
-        while not self.stop.wait(1.0):
-            if not self.history.is_file():
-                continue
+        while not self.stop.wait(self.interval_s):
             lines = read_jsonl(self.history)
             if len(lines) < printed:  # a torn line was cut off
                 printed = len(lines)
@@ -350,27 +387,34 @@ class _ProgressPrinter:
     def format(self, m: dict) -> str:
         """One console line for the history row ``m``."""
         evals = "".join(f"  {k[5:]} {100 * v:.1f}" for k, v in m.items() if k in ("eval/mAP", "eval/rank1"))
+        # label versions (DynaMix / ReMix) or clusters (the clustering recipes): whichever the run has
+        labels = f"  labels v{int(m['label_version'])}" if "label_version" in m else ""
+        if "cluster/num_clusters" in m:
+            labels += f"  clusters {int(m['cluster/num_clusters'])}"
         return (f"[train] step {m['step']:>6}/{self.max_steps}  loss {m.get('loss/total', float('nan')):.3f}"
                 f"  lr {m['lr']:.2e}  {m['images_per_s']:.0f} img/s  data-wait {100 * m['data_wait_fraction']:.0f}%"
-                f"  labels v{int(m['label_version'])}{evals}")
+                f"{labels}{evals}")
 
 
-def _read_history(run_dir: Path) -> list[dict]:
-    return read_jsonl(run_dir / "history.jsonl")
+def _read_history(run_dir: Path | str) -> list[dict]:
+    return read_jsonl(storage.join(run_dir, "history.jsonl"))
 
 
-def _export_momentum(checkpoint, run_dir: Path) -> Path:
-    """The deployable model: the momentum encoder's weights as safetensors."""
-    import torch
+def _export_momentum(checkpoint, run_dir: Path | str, local_dir: Path) -> Path:
+    """The deployable model: the momentum encoder's weights as safetensors, written in the local
+    folder of the run (its run folder, when local) and uploaded whole to a run on an object store
+    (Ray downloads the checkpoint from there first); returns the local file."""
     from safetensors.torch import save_file
 
     with checkpoint.as_directory() as d:
         state = load_tensors(Path(d) / "trainer.pt")["momentum"]
-    out = run_dir / "momentum_encoder.safetensors"
+    out = local_dir / WEIGHTS_FILE
     tmp = out.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, out)
-    fsync_dir(run_dir)
+    fsync_dir(local_dir)
+    if storage.is_remote(run_dir):
+        storage.upload_file(out, storage.join(run_dir, WEIGHTS_FILE))
     return out

@@ -41,9 +41,17 @@ class TargetSet:
         labeled = [bool(r["source_pid"]) for r in rows]  # "" (or None) = unlabeled
         pid_map = IdentityMap((r["dataset"], r["source_pid"]) for r, known in zip(rows, labeled) if known)
         cam_map = IdentityMap((r["dataset"], r["source_camid"]) for r in rows)
-        data = []
-        for r in rows:  # small sets: one read per image is fine
-            data.extend(read_members(f"{root}/{r['shard']}", [r["offset"]], [r["size"]], [r["key"]]))
+        from dynamix_core import storage
+
+        by_shard: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):  # one read per shard (ranged GETs on an object store), not per image
+            by_shard.setdefault(r["shard"], []).append(i)
+        data: list[bytes] = [b""] * len(rows)
+        for shard, idx in by_shard.items():
+            blobs = read_members(storage.join(root, shard), [rows[i]["offset"] for i in idx],
+                                 [rows[i]["size"] for i in idx], [rows[i]["key"] for i in idx])
+            for i, blob in zip(idx, blobs):
+                data[i] = blob
         split = np.array([r["split"] for r in rows])
         pid = np.array([pid_map[(r["dataset"], r["source_pid"])] if known else -1
                         for r, known in zip(rows, labeled)], dtype=np.int64)

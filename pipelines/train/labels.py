@@ -31,14 +31,15 @@ class LabelClient:
         return {"since": since, "until": until, "rank": self.rank, "world_size": self.world_size,
                 "sharded": self.sharded, "bank_offset": self.bank_offset}
 
-    def initial_labels(self, bank: CentroidBank, step: int) -> dict[str, int]:
-        """The whole current table, and every centroid published so far (for this rank's rows)."""
+    def initial_labels(self, bank: CentroidBank, step: int) -> np.ndarray:
+        """The whole current table (int32, one label per row of the run's index), and every centroid
+        published so far (for this rank's rows)."""
         delta = ray.get(self.store.changes_since.remote(**self.query(None)))
         self.version = delta.version
         self.apply_centroids(bank, delta, step)
-        return dict(zip(delta.keys.tolist(), delta.pids.tolist()))
+        return delta.apply(None)
 
-    def resume(self, checkpoint_version: int | None, step: int | None = None) -> dict[str, int]:
+    def resume(self, checkpoint_version: int | None, step: int | None = None) -> np.ndarray:
         """After a restart: the whole table of the checkpoint's version, the one its sampler state
         was planned with (the restored bank already holds that version's centroids, updated since);
         the next :meth:`poll` brings in the newer versions, their labels and centroids. Rank 0 also
@@ -46,9 +47,16 @@ class LabelClient:
         step and requests)."""
         if step is not None and self.rank == 0 and self.coordinator is not None:
             ray.get(self.coordinator.trainers_restarted.remote(step))
-        delta = ray.get(self.store.changes_since.remote(None, until=checkpoint_version))
+        delta = ray.get(self.store.changes_since.remote(None, until=checkpoint_version, with_centroids=False))
         self.version = delta.version
-        return dict(zip(delta.keys.tolist(), delta.pids.tolist()))
+        return delta.apply(None)
+
+    def pin(self, keep: int) -> None:
+        """A checkpoint is being written with this rank's label version: the store keeps it readable
+        while it is one of the newest ``keep`` checkpoints (rank 0 only; waits for the store, so the
+        pin is on disk before the checkpoint exists)."""
+        if self.rank == 0 and self.version is not None:
+            ray.get(self.store.pin.remote(self.version, keep))
 
     def apply_centroids(self, bank: CentroidBank, delta, step: int) -> None:
         """Grow the bank to every identity of the delta's version (the same size on every rank, so
@@ -79,10 +87,11 @@ class LabelClient:
         self._pending = None
         return version
 
-    def poll(self, labels: dict[str, int], sampler, feed, bank: CentroidBank, lock, step: int) -> bool:
-        """Switch to a newer version if one is ready. With several ranks, rank 0 decides and every
-        rank switches to that same version at this same step (one tiny broadcast per step), so the
-        replicated centroid banks stay identical."""
+    def poll(self, sampler, feed, bank: CentroidBank, lock, step: int) -> bool:
+        """Switch to a newer version if one is ready: ``feed.labels`` (int32 per row), the labels of
+        the sampler's buffered videos and this rank's centroid rows. With several ranks, rank 0
+        decides and every rank switches to that same version at this same step (one tiny broadcast
+        per step), so the replicated centroid banks stay identical."""
         target = self._latest_ready() if self.rank == 0 else None
         if self.world_size > 1:
             import torch.distributed as dist
@@ -94,14 +103,14 @@ class LabelClient:
             return False
         t0 = time.perf_counter()
         delta = ray.get(self.store.changes_since.remote(**self.query(self.version, until=target)))
-        for key, pid in zip(delta.keys.tolist(), delta.pids.tolist()):
-            labels[key] = pid
+        delta.labels()  # fetched before taking the lock: the producer thread keeps going meanwhile
         with lock:
+            feed.labels = delta.apply(feed.labels)
             for vid in sampler.buffered_video_ids():
-                keys = feed.video_keys(vid)
-                if keys is None:
+                rows = feed.video_rows(vid)
+                if rows is None:
                     continue
-                pids = np.array([labels.get(k, -1) for k in keys], dtype=np.int64)
+                pids = feed.labels[rows].astype(np.int64)
                 sampler.update_labels(vid, np.where(pids >= 0, pids + self.bank_offset, -1))
             self.apply_centroids(bank, delta, step)
         self.version = delta.version

@@ -2,32 +2,70 @@
 the metric history that tolerates a torn line and records each step once across restarts, the
 record of every (re)start, and checkpoint state that loads with ``torch.load(weights_only=True)``
 (tensors in ``.pt``; the RNG states, which hold no tensors worth pickling, as JSON beside them).
+
+The run folder may be an object-store URI (``s3://bucket/runs/NAME``, :mod:`dynamix_core.storage`).
+An object cannot be appended to, so there the JSON-lines files are rewritten whole (one upload, seen
+whole or not at all) at every record; they stay small (one line per metric report or restart).
+What cannot live in a bucket stays in a local folder of the run (:func:`local_run_dir`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import random
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dynamix_core import storage
 from dynamix_core.atomic import fsync_dir, write_atomic  # noqa: F401  (re-exported for the run files)
 
 log = logging.getLogger("dynamix.train")
 
 
+def local_run_dir(run_dir: str | Path) -> Path:
+    """The local folder of a run on an object store, for what must be a local file: the default
+    MLflow sqlite store, the MLflow spools, the copy of the exported weights that is logged and
+    registered. ``$XDG_CACHE_HOME/dynamix/runs/NAME-HASH`` (``~/.cache`` by default; the system
+    temporary folder when that is not writable), HASH from the run's URI so that runs of the same name
+    in two buckets stay apart. A local run folder is its own local folder."""
+    if not storage.is_remote(run_dir):
+        return Path(run_dir)
+    run_dir = str(run_dir).rstrip("/")
+    leaf = f"{storage.name(run_dir)}-{hashlib.sha256(run_dir.encode()).hexdigest()[:10]}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    for base in (cache, Path(tempfile.gettempdir())):
+        folder = base / "dynamix" / "runs" / leaf
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return folder
+        except OSError:
+            continue
+    raise OSError(f"{run_dir}: no writable local folder for the run's local files (tried {cache} and "
+                  f"{tempfile.gettempdir()}); set XDG_CACHE_HOME to a writable folder")
+
+
+def _read_text(path: str | Path) -> str | None:
+    """The text of a local file or an object (None when there is none)."""
+    try:
+        return storage.read_bytes(path).decode(errors="replace")
+    except FileNotFoundError:
+        return None
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """The records of a JSON-lines file; a torn or garbled line (a crash mid-append) is skipped with a warning."""
-    path = Path(path)
-    if not path.is_file():
+    text = _read_text(path)
+    if text is None:
         return []
     rows = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -42,16 +80,22 @@ class MetricHistory:
 
     A restart replays the steps after its checkpoint; their rows (and MLflow values) from the
     attempt that first reached them are kept, and the replay does not write them again. Opening
-    cuts a torn last line off (rewriting the file atomically)."""
+    cuts a torn last line off (rewriting the file atomically). On an object store every record
+    rewrites the whole object (it holds one line per report)."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.remote = storage.is_remote(path)
+        self.path = str(path) if self.remote else Path(path)
         rows = read_jsonl(self.path)
         self.steps = {int(r["step"]) for r in rows if "step" in r}
+        self._text = "".join(json.dumps(r) + "\n" for r in rows)  # what an object store holds
+        if self.remote:
+            self._file = None
+            return
         if self.path.is_file():
             text = self.path.read_text(errors="replace")
             if len([ln for ln in text.splitlines() if ln.strip()]) != len(rows) or not text.endswith("\n"):
-                write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+                write_atomic(self.path, self._text)
         self._file = open(self.path, "a")
 
     def __contains__(self, step: int) -> bool:
@@ -62,19 +106,30 @@ class MetricHistory:
         step = int(metrics["step"])
         if step in self.steps:
             return
-        self._file.write(json.dumps(metrics) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        line = json.dumps(metrics) + "\n"
+        if self.remote:
+            storage.write_bytes_atomic(self.path, self._text + line)
+            self._text += line
+        else:
+            self._file.write(line)
+            self._file.flush()
+            os.fsync(self._file.fileno())
         self.steps.add(step)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def record_start(run_dir: str | Path, start_step: int) -> None:
     """Append this (re)start of the worker group to ``starts.jsonl``: the step it resumed at."""
+    line = json.dumps({"start_step": start_step, "time": time.time()}) + "\n"
+    if storage.is_remote(run_dir):  # no append on an object store: rewrite it whole
+        path = storage.join(run_dir, "starts.jsonl")
+        storage.write_bytes_atomic(path, (_read_text(path) or "") + line)
+        return
     with open(Path(run_dir) / "starts.jsonl", "a") as fh:
-        fh.write(json.dumps({"start_step": start_step, "time": time.time()}) + "\n")
+        fh.write(line)
         fh.flush()
         os.fsync(fh.fileno())
 

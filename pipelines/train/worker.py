@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipelines.train.run_files import (MetricHistory, load_json, load_tensors, record_start, rng_state, save_json,
-                                       set_rng_state)
+from pipelines.train.run_files import (MetricHistory, load_json, load_tensors, local_run_dir, record_start, rng_state,
+                                       save_json, set_rng_state)
 
 log = logging.getLogger("dynamix.train")
 
@@ -78,7 +78,7 @@ def train_loop_per_worker(config: dict) -> None:
                         data_parallel=world > 1,
                         replicate_bank_updates=world > 1 and cfg.centroids.loss_mode != "sharded")
 
-    labels: dict[str, int] = {}
+    labels = np.zeros(0, dtype=np.int32)  # single identity of every row of the run's index
     client = None
     if cfg.uses_single:
         import ray as _ray
@@ -110,8 +110,7 @@ def train_loop_per_worker(config: dict) -> None:
             start_step = int(progress["step"])
             if client is not None:
                 # labels of the checkpoint's version, then newer versions are pulled as usual
-                labels.clear()
-                labels.update(client.resume(progress["label_version"], start_step))
+                feed.labels = client.resume(progress["label_version"], start_step)
         log.info("rank %d resumed at step %d", rank, start_step)
 
     target = TargetSet.load(cfg.data.target, cfg.data.transform) if (cfg.data.target and rank == 0) else None
@@ -133,7 +132,7 @@ def train_loop_per_worker(config: dict) -> None:
                 _refresh_multi_centroids(trainer, bank, multi, cfg, device, step)
             if client is not None:
                 label_t0 = client.wait_s
-                client.poll(labels, sampler, feed, bank, producer.lock, step)
+                client.poll(sampler, feed, bank, producer.lock, step)
                 window["label_wait"] += client.wait_s - label_t0
                 if step % cfg.labeling.publish_every == 0:
                     with producer.lock:
@@ -165,6 +164,8 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics.update({f"eval/{k}": v for k, v in evaluate_target(trainer.momentum, target, cfg.eval, device).items()})
             ckpt = None
             if done % cfg.run.checkpoint_every == 0 or done == cfg.run.max_steps:
+                if client is not None:
+                    client.pin(cfg.run.keep_checkpoints)  # the store keeps this checkpoint's label version
                 ckpt = _write_checkpoint(trainer, bank, sampler, producer, done, rank, client)
             if rank == 0 and client is not None:
                 # relabel quality of finished rounds, fetched without waiting
@@ -197,13 +198,21 @@ def train_loop_per_worker(config: dict) -> None:
 def open_rank0_records(config: dict, cfg, start_step: int):
     """Rank 0's MLflow tracker and metric history (a restart's replayed steps keep their first
     records), after noting this start in ``starts.jsonl``."""
+    from dynamix_core import storage
     from pipelines.tracking import ResilientTracker
 
-    run_dir = Path(config["run_dir"])
+    run_dir = config["run_dir"]  # a folder, or a URI (s3://...) when run.storage is an object store
     record_start(run_dir, start_step)
+    # the MLflow spool is a local buffer: in the run folder, or in the driver's local folder of a
+    # run on an object store (this node's own one when that path cannot be made here)
+    local = Path(config.get("local_dir") or local_run_dir(run_dir))
+    try:
+        local.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        local = local_run_dir(run_dir)
     tracker = ResilientTracker(config["tracking_uri"], cfg.tracking.experiment, cfg.run.name,
-                               str(run_dir / "spool_rank0"), run_id=config.get("mlflow_run_id"))
-    return tracker, MetricHistory(run_dir / "history.jsonl")
+                               str(local / "spool_rank0"), run_id=config.get("mlflow_run_id"))
+    return tracker, MetricHistory(storage.join(run_dir, "history.jsonl"))
 
 
 def record_metrics(tracker, history, metrics: dict, step: int) -> None:

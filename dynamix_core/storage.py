@@ -1,0 +1,393 @@
+"""Storage by URI: local paths, ``file://``, ``s3://`` and ``gs://``, through :mod:`pyarrow.fs` (the
+filesystem layer Ray Data itself reads and writes with, so one URI means the same thing to both).
+
+    data = read_range("s3://bucket/shards/shard-000000.tar", offset, size)   # one ranged GET
+    write_bytes_atomic("s3://bucket/shards/manifest.parquet", payload)        # one upload, visible whole
+
+S3 and S3-compatible stores (MinIO, Ceph, moto) are configured by the standard variables: the
+endpoint from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (e.g. ``http://minio:9000``), the
+region from ``AWS_REGION`` or ``AWS_DEFAULT_REGION`` (else looked up from the bucket on AWS), the
+credentials by the AWS SDK's default chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
+``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and ``~/.aws``, instance metadata). ``gs://`` uses Google's
+default credentials (``GOOGLE_APPLICATION_CREDENTIALS``). Buckets are never created here.
+
+Local paths keep plain-file semantics (``open``, ``os.replace`` after an fsync). On an object store
+an object appears only when its upload completes, so every write here is one whole-object upload:
+a killed writer leaves the old object or none, never half of one. Errors are one line naming the
+URI and what to do (:class:`StorageError`; a missing object stays a :class:`FileNotFoundError`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+import re
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from dynamix_core.atomic import write_atomic
+
+REMOTE_SCHEMES = ("s3", "gs", "gcs")
+#: S3 requests are retried by the AWS SDK's standard strategy (exponential backoff) this many times
+S3_MAX_ATTEMPTS = 3
+#: ranged reads of one object closer than this are fetched by one GET (tar members of a video are
+#: separated by their json member, one or two 512-byte blocks)
+COALESCE_GAP = 256 * 2**10
+COALESCE_MAX = 64 * 2**20  # ... up to this many bytes per GET
+_SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+class StorageError(OSError):
+    """An object store could not be used (missing bucket, no access, endpoint unreachable); the
+    message is one line naming the URI and what to do."""
+
+
+def scheme(uri: str | Path) -> str:
+    """``"s3"``, ``"gs"``, ``"file"``, or ``""`` for a plain path."""
+    match = _SCHEME_RE.match(str(uri))
+    return match[1].lower() if match else ""
+
+
+def is_remote(uri: str | Path) -> bool:
+    """Whether ``uri`` names an object store rather than the local file system."""
+    return scheme(uri) in REMOTE_SCHEMES
+
+
+def local_path(uri: str | Path) -> str:
+    """The file system path of a local ``uri`` (a plain path or ``file://``)."""
+    text = str(uri)
+    if scheme(text) == "file":
+        return text[len("file://"):]
+    if scheme(text):
+        raise ValueError(f"{text}: not a local path")
+    return text
+
+
+def join(uri: str | Path, *parts: str) -> str:
+    """``uri`` with ``parts`` appended (``/``-separated on object stores)."""
+    text = str(uri)
+    if not scheme(text):
+        return os.path.join(text, *parts)
+    return posixpath.join(text.rstrip("/") if not text.endswith("://") else text, *parts)
+
+
+def name(uri: str | Path) -> str:
+    """The last component of ``uri`` (``shard-000000.tar``)."""
+    return posixpath.basename(str(uri).rstrip("/"))
+
+
+def with_suffix(uri: str | Path, suffix: str) -> str | Path:
+    """``uri`` with its extension replaced (a :class:`Path` stays a Path)."""
+    if isinstance(uri, Path):
+        return uri.with_suffix(suffix)
+    head, sep, base = str(uri).rpartition("/")
+    dot = base.rfind(".")
+    return head + sep + (base[:dot] if dot > 0 else base) + suffix
+
+
+# ------------------------------------------------------------------------------------- file systems
+
+
+def _split_bucket(uri: str) -> tuple[str, str]:
+    """``("bucket", "bucket/key")`` of ``s3://bucket/key``."""
+    path = str(uri).split("://", 1)[1].strip("/")
+    if not path:
+        raise StorageError(f"{uri}: no bucket in the URI; expected {scheme(uri)}://BUCKET/PREFIX")
+    return path.split("/", 1)[0], path
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint from the environment (None: AWS itself)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+@functools.lru_cache(maxsize=None)
+def _bucket_region(bucket: str) -> str | None:
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except OSError:  # no access to the lookup: let the SDK's default region apply
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _s3_filesystem(endpoint: str | None, region: str | None, _credentials: tuple) -> pafs.S3FileSystem:
+    # _credentials only keys the cache: a process whose variables change gets a fresh client
+    return pafs.S3FileSystem(
+        endpoint_override=endpoint, region=region, allow_bucket_creation=False, allow_bucket_deletion=False,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _gcs_filesystem() -> pafs.GcsFileSystem:
+    return pafs.GcsFileSystem()
+
+
+def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path)`` for ``uri``; the same filesystem object is reused per configuration."""
+    kind = scheme(uri)
+    if kind == "s3":
+        bucket, path = _split_bucket(str(uri))
+        endpoint = s3_endpoint()
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+        if region is None and endpoint is None:
+            region = _bucket_region(bucket)
+        credentials = tuple(os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "AWS_PROFILE"))
+        return _s3_filesystem(endpoint, region, credentials), path
+    if kind in ("gs", "gcs"):
+        return _gcs_filesystem(), _split_bucket(str(uri))[1]
+    return pafs.LocalFileSystem(), os.path.abspath(local_path(uri))
+
+
+def _where(uri: str) -> str:
+    if scheme(uri) == "s3":
+        endpoint = s3_endpoint()
+        variable = "AWS_ENDPOINT_URL_S3" if os.environ.get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL"
+        return f"the S3 endpoint {endpoint} ({variable})" if endpoint else "AWS S3"
+    return "Google Cloud Storage"
+
+
+def _error(uri: str, action: str, exc: OSError) -> OSError:
+    """``exc`` from pyarrow as one line naming ``uri`` and what to do."""
+    text = " ".join(str(exc).split())
+    detail = text.split("; Details:")[0][-300:]
+    if isinstance(exc, FileNotFoundError):
+        return _not_found(uri)
+    if "NO_SUCH_BUCKET" in text or "bucket does not exist" in text:
+        return _missing_bucket(uri)
+    if "NETWORK_CONNECTION" in text or "Could not resolve" in text or "Could not connect" in text:
+        hint = "check AWS_ENDPOINT_URL and the network" if scheme(uri) == "s3" else "check the network"
+        return StorageError(f"{uri}: cannot {action}: {_where(uri)} is unreachable ({detail}); {hint}")
+    if ("ACCESS_DENIED" in text or "HTTP status 403" in text or "InvalidAccessKeyId" in text
+            or "SignatureDoesNotMatch" in text or "credentials" in text.lower()):
+        fix = ("set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)" if scheme(uri) == "s3"
+               else "set GOOGLE_APPLICATION_CREDENTIALS")
+        return StorageError(f"{uri}: cannot {action}: access denied by {_where(uri)}; {fix} to credentials "
+                            "allowed to use this bucket")
+    return StorageError(f"{uri}: cannot {action}: {detail}")
+
+
+def _missing_bucket(uri: str) -> StorageError:
+    bucket = _split_bucket(uri)[0]
+    return StorageError(f"{uri}: bucket {bucket!r} does not exist at {_where(uri)}; create it "
+                        f"(e.g. `aws s3 mb {scheme(uri)}://{bucket}`) or fix the URI")
+
+
+_known_buckets: set[tuple] = set()
+
+
+def _check_bucket(uri: str) -> None:
+    """Raise the missing-bucket error when ``uri``'s bucket does not exist (checked once per bucket)."""
+    fs, _ = resolve(uri)
+    bucket = _split_bucket(uri)[0]
+    if (id(fs), bucket) in _known_buckets:
+        return
+    try:
+        info = fs.get_file_info(bucket)
+    except OSError:  # e.g. not allowed to list the bucket: cannot tell, the object call reports
+        return
+    if info.type == pafs.FileType.NotFound:
+        raise _missing_bucket(uri)
+    _known_buckets.add((id(fs), bucket))
+
+
+def _not_found(uri: str) -> OSError:
+    """A missing object: the missing-bucket error when that is why, else FileNotFoundError."""
+    if is_remote(uri):
+        try:
+            _check_bucket(uri)
+        except StorageError as exc:
+            return exc
+    return FileNotFoundError(f"{uri} not found")
+
+
+class _Errors:
+    """``with _Errors(uri, "read"):`` turns pyarrow's OSErrors into one-line ones."""
+
+    def __init__(self, uri: str, action: str):
+        self.uri, self.action = uri, action
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is not None and isinstance(exc, OSError) and not isinstance(exc, StorageError):
+            raise _error(self.uri, self.action, exc) from None
+        return False
+
+
+# -------------------------------------------------------------------------------------------- reads
+
+
+def exists(uri: str | Path) -> bool:
+    """Whether the file or object ``uri`` exists (a missing bucket raises :class:`StorageError`)."""
+    if not is_remote(uri):
+        return os.path.isfile(local_path(uri))
+    fs, path = resolve(uri)
+    with _Errors(str(uri), "look up"):
+        found = fs.get_file_info(path).type == pafs.FileType.File
+    if not found:
+        _check_bucket(str(uri))
+    return found
+
+
+def size(uri: str | Path) -> int:
+    """The size of the file or object ``uri`` in bytes."""
+    if not is_remote(uri):
+        return os.stat(local_path(uri)).st_size
+    fs, path = resolve(uri)
+    with _Errors(str(uri), "look up"):
+        info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise _not_found(str(uri))
+    return info.size
+
+
+def open_input(uri: str | Path, buffer_size: int = 4 * 2**20) -> BinaryIO:
+    """``uri`` opened for sequential reading (``read(n)``), with ``buffer_size`` read ahead."""
+    if not is_remote(uri):
+        return open(local_path(uri), "rb", buffering=buffer_size)
+    fs, path = resolve(uri)
+    with _Errors(str(uri), "open"):
+        return fs.open_input_stream(path, buffer_size=buffer_size)
+
+
+def read_bytes(uri: str | Path) -> bytes:
+    """The whole content of ``uri``."""
+    if not is_remote(uri):
+        return Path(local_path(uri)).read_bytes()
+    fs, path = resolve(uri)
+    with _Errors(str(uri), "read"):
+        with fs.open_input_file(path) as fh:
+            return fh.read()
+
+
+def read_range(uri: str | Path, offset: int, length: int) -> bytes:
+    """``length`` bytes of ``uri`` from ``offset`` (fewer at the end of the file): one ranged GET
+    on an object store, not a download of the object."""
+    return read_ranges(uri, [(offset, length)])[0]
+
+
+def _coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int, list[int]]]:
+    """Spans ``(start, end, [range indices])`` covering ``ranges``, nearby ones merged."""
+    spans: list[tuple[int, int, list[int]]] = []
+    for i in sorted(range(len(ranges)), key=lambda i: ranges[i][0]):
+        start, end = ranges[i][0], ranges[i][0] + ranges[i][1]
+        if spans and start - spans[-1][1] <= COALESCE_GAP and max(end, spans[-1][1]) - spans[-1][0] <= COALESCE_MAX:
+            s, e, members = spans[-1]
+            spans[-1] = (s, max(e, end), members + [i])
+        else:
+            spans.append((start, end, [i]))
+    return spans
+
+
+def read_ranges(uri: str | Path, ranges: Iterable[tuple[int, int]]) -> list[bytes]:
+    """The bytes of each ``(offset, length)`` of ``uri``, in the given order (shorter where the
+    file ends first). On an object store nearby ranges share one ranged GET."""
+    ranges = list(ranges)
+    if not is_remote(uri):
+        out = []
+        with open(local_path(uri), "rb") as fh:
+            for offset, length in ranges:
+                fh.seek(offset)
+                out.append(fh.read(length))
+        return out
+    fs, path = resolve(uri)
+    out: list[bytes] = [b""] * len(ranges)
+    with _Errors(str(uri), "read"):
+        with fs.open_input_file(path) as fh:
+            total = fh.size()
+            for start, end, members in _coalesce(ranges):
+                lo, hi = min(start, total), min(end, total)
+                span = fh.read_at(hi - lo, lo) if hi > lo else b""
+                for i in members:  # every member starts at or after the span's start
+                    offset, length = ranges[i]
+                    out[i] = span[offset - start:offset - start + length]
+    return out
+
+
+def listdir(uri: str | Path) -> dict[str, int]:
+    """``name -> size`` of the files directly inside the folder ``uri`` (empty when it does not exist).
+    One LIST request per 1000 objects on an object store."""
+    if not is_remote(uri):
+        folder = local_path(uri)
+        if not os.path.isdir(folder):
+            return {}
+        return {e.name: e.stat().st_size for e in os.scandir(folder) if e.is_file()}
+    fs, path = resolve(uri)
+    with _Errors(str(uri), "list"):
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    if not infos:
+        _check_bucket(str(uri))
+    return {posixpath.basename(i.path): i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def read_table(uri: str | Path, **kwargs) -> pa.Table:
+    """A parquet file as a table (``kwargs`` go to :func:`pyarrow.parquet.read_table`)."""
+    if not is_remote(uri):
+        return pq.read_table(local_path(uri), **kwargs)
+    return pq.read_table(pa.BufferReader(read_bytes(uri)), **kwargs)
+
+
+def read_schema(uri: str | Path) -> pa.Schema:
+    """The schema (with its metadata) of a parquet file."""
+    if not is_remote(uri):
+        return pq.read_schema(local_path(uri))
+    return pq.read_schema(pa.BufferReader(read_bytes(uri)))
+
+
+# ------------------------------------------------------------------------------------------- writes
+
+
+def makedirs(uri: str | Path) -> None:
+    """Create the folder ``uri`` (local); on an object store, check that the bucket exists
+    (prefixes need no creating), so a wrong bucket fails before any work."""
+    if not is_remote(uri):
+        os.makedirs(local_path(uri), exist_ok=True)
+        return
+    _check_bucket(str(uri))
+
+
+def write_bytes_atomic(uri: str | Path, data: bytes | str) -> None:
+    """Replace ``uri`` with ``data``: readers and crashes see the old content or the new, never half
+    (local: temp file + fsync + rename; object store: one upload, visible only once complete)."""
+    data = data.encode() if isinstance(data, str) else data
+    if not is_remote(uri):
+        write_atomic(local_path(uri), data)
+        return
+    fs, path = resolve(uri)
+    with _Errors(str(uri), "write"):
+        # one write + close: the stream is never left for a destructor to complete half-written
+        stream = fs.open_output_stream(path)
+        stream.write(data)
+        stream.close()
+
+
+def upload_file(local: str | Path, uri: str | Path) -> None:
+    """Copy the finished local file ``local`` to ``uri`` in one upload (the object appears only when
+    the upload completes; pyarrow streams it in parts, so memory stays bounded)."""
+    if not is_remote(uri):
+        raise ValueError(f"{uri}: upload_file copies to an object store; use os.replace for local files")
+    fs, path = resolve(uri)
+    with _Errors(str(uri), "upload"):
+        pafs.copy_files(os.path.abspath(local), path, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)
+
+
+def delete(uri: str | Path, missing_ok: bool = True) -> None:
+    """Remove the file or object ``uri``."""
+    if not is_remote(uri):
+        Path(local_path(uri)).unlink(missing_ok=missing_ok)
+        return
+    fs, path = resolve(uri)
+    try:
+        with _Errors(str(uri), "delete"):
+            fs.delete_file(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise

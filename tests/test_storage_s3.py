@@ -1,0 +1,281 @@
+"""Object storage by URI against a real S3 API on loopback (moto's server, started by the tests):
+the storage helpers, `dynamix ingest --out s3://...`, `dynamix inspect s3://...`, and the training
+data layer reading shards from the bucket.
+
+References are independent of the code under test's remote path: slices of the bytes written, a
+local ingest of the same source (itself checked against the source files by tests/test_ingest.py),
+and the server's own object versions (a bucket with versioning keeps one version per upload, so
+"a re-run writes nothing" is read from the server, not from the ingest's own counters)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from conftest import TINY_SYNTH, free_port
+from dynamix_core import storage
+from dynamix_core.data.reader import ShardReader, read_dataset_manifest
+from dynamix_core.data.records import Record
+from dynamix_core.data.shards import ShardWriter, StaleShardError, read_members
+from dynamix_core.data.transforms import TransformConfig
+from dynamix_core.storage import StorageError
+from pipelines.cli import main
+from pipelines.ingest import IngestConfig, run_ingest
+from pipelines.train.data import MultiCameraSet, load_video_images, single_camera_index
+from pipelines.train.evaluate import TargetSet
+
+SETS = {"synth_m0": "multi", "synth_video": "single", "synth_target": "target"}
+SHARD_COUNT = 40  # several shards per set
+
+
+def _client(bucket_uri: str):
+    """A boto3 client of the loopback S3 (an independent client, for server-side checks) and the bucket."""
+    return boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]), bucket_uri.removeprefix("s3://")
+
+
+def _versions(bucket_uri: str) -> dict[str, int]:
+    """Uploads per key, from the server (the bucket must have versioning on)."""
+    client, bucket = _client(bucket_uri)
+    counts: dict[str, int] = {}
+    for v in client.list_object_versions(Bucket=bucket).get("Versions", []):
+        counts[v["Key"]] = counts.get(v["Key"], 0) + 1
+    return counts
+
+
+def _ingest(source: Path, out, name: str, **kw):
+    cfg = IngestConfig(root=source, out=out, dataset=name, workers=0, shard_max_count=SHARD_COUNT, **kw)
+    return run_ingest(cfg, progress=False)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """A tiny SynthReID (a multi-camera, a single-camera and a target set) ingested into local folders."""
+    from dynamix_core.config import load_config
+    from dynamix_core.data.synth import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("synth")
+    generate(load_config(SynthConfig, None, TINY_SYNTH + ["num_videos=3"]), root / "data", progress=False)
+    for name, kind in SETS.items():
+        _ingest(root / "data" / kind / name, root / "local" / name, name)
+    return root
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def test_round_trip_ranged_reads_and_listing(s3_bucket, monkeypatch):
+    data = np.random.default_rng(0).bytes(300_000)
+    uri = storage.join(s3_bucket, "dir", "blob.bin")
+    storage.write_bytes_atomic(uri, data)
+    assert storage.read_bytes(uri) == data and storage.size(uri) == len(data) and storage.exists(uri)
+    assert storage.read_range(uri, 1000, 517) == data[1000:1517]
+    assert storage.read_range(uri, len(data) - 10, 100) == data[-10:]  # the end of the object: shorter
+    # unordered, overlapping, far apart and past the end; merged into shared GETs or one GET each
+    ranges = [(290_000, 5000), (10, 20), (12, 100), (200_000, 1), (400_000, 10), (299_990, 50)]
+    expected = [data[o:o + n] for o, n in ranges]
+    assert storage.read_ranges(uri, ranges) == expected
+    monkeypatch.setattr(storage, "COALESCE_GAP", 0)
+    monkeypatch.setattr(storage, "COALESCE_MAX", 64)
+    assert storage.read_ranges(uri, ranges) == expected
+    with storage.open_input(uri, buffer_size=4096) as fh:
+        assert fh.read(700) + fh.read(300) == data[:1000]
+
+    assert storage.listdir(storage.join(s3_bucket, "dir")) == {"blob.bin": len(data)}
+    assert storage.listdir(storage.join(s3_bucket, "nothing")) == {}
+    missing = storage.join(s3_bucket, "dir", "other.bin")
+    assert not storage.exists(missing)
+    with pytest.raises(FileNotFoundError, match="other.bin"):
+        storage.read_bytes(missing)
+    storage.delete(uri)
+    assert storage.listdir(storage.join(s3_bucket, "dir")) == {}
+
+
+def test_writes_leave_no_temporary_or_partial_object(s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where a shard's local temporary tar goes
+    prefix = storage.join(s3_bucket, "shards")
+    storage.write_bytes_atomic(storage.join(prefix, "ingest.json"), "old")
+    storage.write_bytes_atomic(storage.join(prefix, "ingest.json"), "new content")
+    assert storage.read_bytes(storage.join(prefix, "ingest.json")) == b"new content"
+
+    record = Record(key="ds_train_0000", dataset="ds", split="train", domain="multi", pid=0, camid=0,
+                    source_pid="1", source_camid="c1")
+    tar_uri = storage.join(prefix, "shard-000000.tar")
+    with pytest.raises(RuntimeError, match="writer killed"):
+        with ShardWriter(tar_uri) as writer:
+            writer.add(record, b"\xff\xd8 image bytes \xff\xd9", "jpg")
+            raise RuntimeError("writer killed")
+    assert storage.listdir(prefix) == {"ingest.json": len(b"new content")}  # nothing of the shard
+    assert list(tmp_path.iterdir()) == []  # and no local leftovers
+
+    with ShardWriter(tar_uri) as writer:
+        writer.add(record, b"\xff\xd8 image bytes \xff\xd9", "jpg")
+        info = writer.commit({"plan_digest": "x"})
+    assert sorted(storage.listdir(prefix)) == ["ingest.json", "shard-000000.parquet", "shard-000000.tar"]
+    assert storage.size(tar_uri) == info.tar_bytes and list(tmp_path.iterdir()) == []
+    client, bucket = _client(s3_bucket)
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []  # none left open
+
+
+def test_errors_are_one_line_naming_the_bucket_or_endpoint(s3_bucket, monkeypatch, capsys):
+    missing = "s3://no-such-bucket-dynamix/shards"
+    calls = [lambda: storage.read_bytes(storage.join(missing, "manifest.parquet")),
+             lambda: storage.write_bytes_atomic(storage.join(missing, "x"), b"1"),
+             lambda: storage.makedirs(missing),
+             lambda: storage.listdir(missing),
+             lambda: read_dataset_manifest(missing)]
+    for call in calls:
+        with pytest.raises(StorageError, match="bucket 'no-such-bucket-dynamix' does not exist") as info:
+            call()
+        assert "\n" not in str(info.value) and missing in str(info.value)
+
+    # the CLI: one line on stderr, exit 2, before the source is even listed
+    assert main(["ingest", "--root", "/nonexistent/source", "--format", "market1501", "--out", missing,
+                 "--workers", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no-such-bucket-dynamix" in err[0]
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    with pytest.raises(StorageError, match="unreachable") as info:
+        storage.read_bytes(storage.join(s3_bucket, "x"))
+    assert dead in str(info.value) and "\n" not in str(info.value)
+
+
+# -------------------------------------------------------------------------------------------- ingest
+
+
+def _same_as_local(out: str, local: Path) -> None:
+    """The objects under ``out`` are the files of ``local``, byte for byte."""
+    remote = storage.listdir(out)
+    assert sorted(remote) == sorted(p.name for p in local.iterdir())
+    for name in remote:
+        assert storage.read_bytes(storage.join(out, name)) == (local / name).read_bytes(), name
+
+
+def test_ingest_to_s3_equals_a_local_ingest_and_a_rerun_writes_nothing(synth, s3_bucket, capsys):
+    client, bucket = _client(s3_bucket)
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    def argv(name: str) -> list[str]:
+        return ["ingest", "--root", str(synth / "data" / SETS[name] / name), "--out", f"{s3_bucket}/shards/{name}",
+                "--dataset", name, "--workers", "0", "--shard-max-count", str(SHARD_COUNT), "--no-progress"]
+
+    for name in SETS:
+        assert main(argv(name)) == 0
+        _same_as_local(f"{s3_bucket}/shards/{name}", synth / "local" / name)
+        assert len(storage.listdir(f"{s3_bucket}/shards/{name}")) > 5  # several shards
+    uploads = _versions(s3_bucket)
+    assert set(uploads.values()) == {1}
+
+    capsys.readouterr()
+    for name in SETS:  # a re-run: nothing uploaded, nothing deleted
+        assert main(argv(name)) == 0
+        assert capsys.readouterr().out.startswith("up to date")
+    assert _versions(s3_bucket) == uploads
+
+
+def test_incremental_reingest_on_s3_skips_unchanged_shards(synth, s3_bucket, tmp_path):
+    client, bucket = _client(s3_bucket)
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    source = tmp_path / "src"
+    shutil.copytree(synth / "data" / "multi" / "synth_m0", source)
+    held = tmp_path / "held"
+    held.mkdir()
+    for path in sorted((source / "bounding_box_train").iterdir())[-12:]:  # the source before it grew
+        path.rename(held / path.name)
+    out, local = f"{s3_bucket}/m0", tmp_path / "local"
+    _ingest(source, out, "synth_m0")
+    _ingest(source, local, "synth_m0")
+    before = _versions(s3_bucket)
+    tars_before = {k for k in before if k.endswith(".tar")}
+
+    for path in held.iterdir():  # the source grows
+        path.rename(source / "bounding_box_train" / path.name)
+    result = _ingest(source, out, "synth_m0")
+    _ingest(source, local, "synth_m0")
+    _same_as_local(out, local)
+    after = _versions(s3_bucket)
+    # new images go to new shards; every earlier shard is left as it was (one upload each)
+    assert {k: after[k] for k in tars_before} == {k: 1 for k in tars_before}
+    new_tars = {k for k in after if k.endswith(".tar")} - tars_before
+    assert len(new_tars) == result.shards_written >= 1 and result.shards_skipped == len(tars_before)
+
+
+def test_inspect_prints_the_same_summary_as_for_the_local_copy(synth, s3_bucket, capsys):
+    out = f"{s3_bucket}/shards/synth_m0"
+    _ingest(synth / "data" / "multi" / "synth_m0", out, "synth_m0")
+    local = synth / "local" / "synth_m0"
+    outputs = []
+    for where in (out, str(local)):
+        assert main(["inspect", where]) == 0
+        outputs.append(capsys.readouterr().out.splitlines())
+    assert outputs[0][0].startswith(out) and outputs[1][0].startswith(str(local))
+    assert outputs[0][1:] == outputs[1][1:] and len(outputs[0]) > 5
+    summaries = []
+    for where in (out, str(local)):
+        assert main(["inspect", where, "--json"]) == 0
+        summaries.append({k: v for k, v in json.loads(capsys.readouterr().out).items() if k != "dir"})
+    assert summaries[0] == summaries[1]
+
+
+# ------------------------------------------------------------------------------------- reading shards
+
+
+def test_training_data_loads_from_s3_shards_as_from_local_ones(synth, s3_bucket):
+    remote = {name: f"{s3_bucket}/shards/{name}" for name in SETS}
+    for name, kind in SETS.items():
+        _ingest(synth / "data" / kind / name, remote[name], name)
+    local = {name: str(synth / "local" / name) for name in SETS}
+
+    multi_s3, multi_local = MultiCameraSet.load([remote["synth_m0"]]), MultiCameraSet.load([local["synth_m0"]])
+    assert multi_s3.keys == multi_local.keys and multi_s3.data == multi_local.data
+    assert multi_s3.pid.tolist() == multi_local.pid.tolist() and multi_s3.camid.tolist() == multi_local.camid.tolist()
+
+    index_s3, index_local = single_camera_index([remote["synth_video"]]), single_camera_index([local["synth_video"]])
+    assert index_s3.drop(["tar"]).equals(index_local.drop(["tar"]))
+    assert index_s3["tar"].to_pylist() == [remote["synth_video"] + "/" + Path(t).name
+                                           for t in index_local["tar"].to_pylist()]
+    videos = 0
+    for video in pc.unique(index_s3["video"]).to_pylist():
+        rows = {}
+        for name, index in (("s3", index_s3), ("local", index_local)):
+            part = index.filter(pc.equal(index["video"], video)).to_pydict()
+            rows[name] = {"tars": part["tar"], "offsets": part["offset"], "sizes": part["size"]}
+        assert load_video_images(rows["s3"]) == load_video_images(rows["local"])
+        videos += 1
+    assert videos == 3
+
+    target_s3 = TargetSet.load(remote["synth_target"], TransformConfig())
+    target_local = TargetSet.load(local["synth_target"], TransformConfig())
+    assert target_s3.q_data == target_local.q_data and target_s3.g_data == target_local.g_data
+    assert target_s3.g_pid.tolist() == target_local.g_pid.tolist() and len(target_s3.g_data) > 0
+
+    for name in SETS:  # the sequential reader too
+        got = [(s.record, s.data) for s in ShardReader(remote[name]).iter_samples()]
+        assert got == [(s.record, s.data) for s in ShardReader(local[name]).iter_samples()] and got
+
+
+def test_member_reads_on_s3_refuse_a_rewritten_or_truncated_shard(synth, s3_bucket):
+    out = f"{s3_bucket}/shards/synth_m0"
+    _ingest(synth / "data" / "multi" / "synth_m0", out, "synth_m0")
+    manifest = read_dataset_manifest(out).to_pylist()
+    first = [r for r in manifest if r["shard"] == "shard-000000.tar"]
+    tar = f"{out}/shard-000000.tar"
+    offsets, sizes, keys = [r["offset"] for r in first], [r["size"] for r in first], [r["key"] for r in first]
+    local_tar = synth / "local" / "synth_m0" / "shard-000000.tar"
+    assert read_members(tar, offsets, sizes, keys) == read_members(local_tar, offsets, sizes, keys)
+
+    other = storage.read_bytes(f"{out}/shard-000001.tar")  # a re-ingest rewrote the shard meanwhile
+    storage.write_bytes_atomic(tar, other)
+    with pytest.raises(StaleShardError, match="shard changed after its manifest was read"):
+        read_members(tar, offsets, sizes, keys)
+    storage.write_bytes_atomic(tar, local_tar.read_bytes()[:offsets[-1]])  # cut inside the last member
+    with pytest.raises(StaleShardError, match="truncated"):
+        read_members(tar, offsets[-1:], sizes[-1:], keys[-1:])
