@@ -141,3 +141,11 @@ def test_stream_without_enough_labelled_videos_fails_clearly(tiny):
     _, _, producer = _make(tiny, labels=labels)
     with pytest.raises(RuntimeError, match="3 full passes over this rank's 8 videos \\(1 of them labelled\\)"):
         _take(producer, 1)
+
+
+def test_a_feed_without_labels_hands_out_unlabelled_videos(tiny):
+    """Pre-training streams the same videos with no labels at all (labels=None)."""
+    rows = rank_video_rows(tiny["index_path"], 0, 1)
+    first = next(VideoFeed(rows, None, bank_offset=0)(0))
+    assert first.video_id == rows[0]["video"] and (first.pids == -1).all()
+    assert list(first.refs) == list(rows[0]["keys"])

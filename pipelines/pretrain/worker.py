@@ -51,7 +51,7 @@ def pretrain_loop_per_worker(config: dict) -> None:
 
     # this rank's videos of the run index, seekable: a resume reads nothing before its position,
     # and the videos a restored sampler buffers are read again when a batch needs them
-    feed = VideoFeed(rank_video_rows(config["index_path"], rank, world), {}, 0,
+    feed = VideoFeed(rank_video_rows(config["index_path"], rank, world), None, 0,
                      cache_videos=2 * cfg.data.buffer_videos)
     sampler = UnlabeledImageSampler(feed, batch_size=cfg.data.batch_size,
                                     buffer_size=min(cfg.data.buffer_videos, config["videos_per_rank"][rank]),

@@ -153,7 +153,8 @@ class VideoFeed:
 
     Position ``p`` is the video ``rows[p % n]`` of pass ``p // n``: opening the stream at a
     checkpoint's position reads nothing that came before it. Labels come from ``labels`` (int32,
-    the single identity of every row of the run's index, -1 = none) when a video enters the stream. Images are read from the shards
+    the single identity of every row of the run's index, -1 = none; None = no labels at all) when a
+    video enters the stream. Images are read from the shards
     when a batch first needs them and kept in an LRU cache of ``cache_videos`` videos; a video that
     left the cache (or was restored from a checkpoint into the sampler's buffer) is simply read
     again, so no eviction can lose a buffered video."""
@@ -163,7 +164,7 @@ class VideoFeed:
     #: and the step is waiting for this batch)
     max_idle_passes = 3
 
-    def __init__(self, rows: list[dict], labels: np.ndarray, bank_offset: int, cache_videos: int = 256,
+    def __init__(self, rows: list[dict], labels: np.ndarray | None, bank_offset: int, cache_videos: int = 256,
                  read: Callable[[dict], list[bytes]] = load_video_images):
         self.rows = rows
         self.row_of = {int(r["video"]): r for r in rows}
@@ -189,16 +190,22 @@ class VideoFeed:
             if self.progress != seen_progress:
                 idle, seen_progress = 0, self.progress
             elif idle >= self.max_idle_passes * num_rows:
-                labeled = sum(bool((self.labels[r["rows"]] >= 0).any()) for r in self.rows)
+                labeled = sum(bool((self._labels_of(r) >= 0).any()) for r in self.rows)
                 raise RuntimeError(
                     f"single-camera stream: {self.max_idle_passes} full passes over this rank's {num_rows} videos "
                     f"({labeled} of them labelled) did not fill a batch; the sampler needs more labelled videos "
                     "per rank than exist: lower sampler.num_videos / sampler.ids_per_video, or use fewer workers")
             idle += 1
             row = self.rows[pos % num_rows]
-            labels = self.labels[row["rows"]].astype(np.int64)
+            labels = self._labels_of(row)
             pids = np.where(labels >= 0, labels + self.bank_offset, -1)
             yield VideoSamples(video_id=int(row["video"]), refs=np.array(row["keys"]), pids=pids)
+
+    def _labels_of(self, row: dict) -> np.ndarray:
+        """Labels of one video's images (all -1 without labels: pre-training)."""
+        if self.labels is None:
+            return np.full(len(row["rows"]), -1, dtype=np.int64)
+        return self.labels[row["rows"]].astype(np.int64)
 
     def video_rows(self, video: int) -> np.ndarray | None:
         """Index rows (label addresses) of one of this rank's videos in stream order (None for a
