@@ -86,6 +86,7 @@ class LabelStoreService:
         #: what the newest commits of this process changed and published, so that the trainers'
         #: switch to them reads nothing from storage: version -> (rows, (ids, centroids, videos))
         self._recent: collections.OrderedDict = collections.OrderedDict()
+        self._held: int | None = None  # the version trainers last switched to (kept by retention)
         self._recover()
 
     def _share(self, payload):
@@ -185,7 +186,8 @@ class LabelStoreService:
                                            np.asarray(centroid_videos, np.int64)))
         while len(self._recent) > self.recent_versions:
             self._recent.popitem(last=False)
-        self.store.collect(version)
+        # the trainers' current version stays too: a checkpoint pins it only when one is written
+        self.store.collect(version, held=[self._held])
         return version
 
     def pin(self, version: int, keep: int) -> list[int]:
@@ -269,6 +271,7 @@ class LabelStoreService:
         if until > self.version:
             raise LabelStoreError(f"label version {until} does not exist yet (latest is {self.version})")
         full, rows, pids, shared = self._cached(("labels", since, until), lambda: self._labels(since, until))
+        self._held = until
         if with_centroids:
             ids_M, rows_MD, videos_M = self._cached(
                 ("centroids", None if full else since, until),

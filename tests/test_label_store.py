@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dynamix_core.labeling.label_table import LabelStoreError
+from dynamix_core.labeling.label_table import LabelStore, LabelStoreError
 from services.label_store import LabelStoreService, get_or_create_store
 
 ROWS = 6
@@ -209,3 +209,30 @@ def test_a_version_rank_0_chose_stays_servable_after_newer_commits_retire_it(tmp
         delta = svc.changes_since(since, until=until)
         held = None if since is None else tables[since].copy()
         assert delta.apply(held).tolist() == tables[until].tolist(), (since, until)
+
+
+def test_the_version_trainers_hold_outlives_newer_commits_until_a_checkpoint_pins_it(tmp_path):
+    """A checkpoint pins its label version when it is written, which may be many commits after the
+    trainers switched to it: retention must keep the version trainers hold meanwhile (the fresh-clone
+    kill/restart test resumed from a checkpoint whose version had already been deleted)."""
+    svc = LabelStoreService(str(tmp_path), snapshot_every=2, keep_versions=1)
+    svc.initialise(PIDS_V0)
+
+    def commit(step):
+        return svc.commit([step % ROWS], [10 + step], step=step, centroid_ids=[], centroids=np.zeros((0, DIM)),
+                          centroid_videos=[])
+
+    commit(1), commit(2), commit(3)
+    held = svc.changes_since(None).version  # the trainers switch to v3
+    table = svc.changes_since(None).apply(None)
+    for step in range(4, 9):
+        commit(step)
+    fresh = LabelStore(str(tmp_path))  # storage alone, as a restarted store or a resume reads it
+    assert fresh.read(held).tolist() == table.tolist()
+    svc.pin(held, keep=2)  # the checkpoint is written now
+    svc.changes_since(held)  # the trainers move on to the latest
+    for step in range(9, 14):
+        commit(step)
+    assert fresh.read(held).tolist() == table.tolist()  # pinned
+    with pytest.raises(LabelStoreError, match="v00000001.delta.npz is missing"):
+        fresh.read(1)  # older than every version held or pinned: retired

@@ -36,6 +36,7 @@ import time
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -277,10 +278,11 @@ class LabelStore:
         _atomic_bytes(self.path(PINS_FILE), json.dumps(pins).encode())
         return pins
 
-    def collect(self, latest: int) -> int:
+    def collect(self, latest: int, held: Iterable[int] = ()) -> int:
         """Delete what no retained version needs; merge retired centroid files into the base.
+        ``held``: versions in use right now (the trainers' current one), retained like pins.
         Returns the oldest retained version."""
-        pins = [v for v in self.pins() if v <= latest]
+        pins = [v for v in [*self.pins(), *held] if v is not None and v <= latest]
         oldest = min([max(0, latest - self.keep_versions + 1)] + pins)
         files = self._files()
         snaps = [v for v in files["snap.npy"] if v <= oldest]
