@@ -69,9 +69,7 @@ def reference_full_table(rows: int, tmp: Path) -> dict:
     back = pq.read_table(path)
     read_s = time.perf_counter() - t0
     held = dict(zip(back["key"].to_pylist()[:200_000], back["pid"].to_pylist()[:200_000]))  # a key->pid dict, sampled
-    import sys as _sys
-
-    dict_mb = (_sys.getsizeof(held) + sum(_sys.getsizeof(k) + 28 for k in held)) / 2**20 * rows / len(held)
+    dict_mb = (sys.getsizeof(held) + sum(sys.getsizeof(k) + 28 for k in held)) / 2**20 * rows / len(held)
     return {"reference_commit_s": write_s, "reference_switch_s": read_s, "reference_version_disk_mb": path.stat().st_size / 2**20,
             "reference_trainer_label_mb": dict_mb}
 
