@@ -257,6 +257,16 @@ def open_input(uri: str | Path, buffer_size: int = 4 * 2**20) -> BinaryIO:
         return fs.open_input_stream(path, buffer_size=buffer_size)
 
 
+def open_random(uri: str | Path) -> BinaryIO:
+    """``uri`` opened for random access (``seek``/``read``: a parquet footer, then row groups); on an
+    object store each read is a ranged GET."""
+    if not is_remote(uri):
+        return open(local_path(uri), "rb")
+    fs, path = resolve(uri)
+    with _Errors(str(uri), "open"):
+        return fs.open_input_file(path)
+
+
 def read_bytes(uri: str | Path) -> bytes:
     """The whole content of ``uri``."""
     if not is_remote(uri):

@@ -130,6 +130,25 @@ class LabelStoreService:
         return {"version": self.version, "step": self.step, "num_identities": self.num_identities,
                 "num_rows": 0 if self.pids is None else len(self.pids)}
 
+    def free_ids(self) -> np.ndarray:
+        """Identities below ``num_identities`` that no row holds any more, except those the newest
+        commit retired; the coordinator gives new identities these numbers first, so the
+        trainers' centroid banks stop growing with every relabel and reuse the retired rows.
+
+        Reuse is safe for labels: a trainer moving from any version to a later one receives every
+        row changed in between and the centroids published in between, and a reused number is
+        always published with its new centroid. The newest commit's retirements wait one more
+        commit so that a batch a trainer prepared under the previous version never meets a bank
+        row that already holds another identity. After a restart the newest commit's changes
+        are not in memory: nothing is reused until this process has committed once."""
+        if self.pids is None or self.version not in self._recent:
+            return np.zeros(0, dtype=np.int64)
+        held = self.pids[self.pids >= 0]
+        free = np.bincount(held, minlength=self.num_identities)[: self.num_identities] == 0
+        _, before, _ = self._recent[self.version]
+        free[before[(before >= 0) & (before < self.num_identities)]] = False
+        return np.flatnonzero(free).astype(np.int64)
+
     def initialise(self, pids: np.ndarray) -> int:
         """Version 0: one label per row of the run's index (tracker labels, or all -1 for ReMix); a
         no-op when a version exists already (for the same number of rows)."""
@@ -146,6 +165,14 @@ class LabelStoreService:
         self.version, self.pids, self.step = 0, table, 0
         self.num_identities = self._identities_at[0] = int(table.max(initial=-1)) + 1
         return 0
+
+    def initialise_from_index(self, index_path: str, with_labels: bool) -> int:
+        """:meth:`initialise` from the run's index itself (its ``label`` column, or all -1), so the
+        driver never holds a per-row array."""
+        from dynamix_core import storage
+
+        pids = storage.read_table(index_path, columns=["label"])["label"].to_numpy().astype(np.int32)
+        return self.initialise(pids if with_labels else np.full(len(pids), -1, dtype=np.int32))
 
     def read_rows(self, rows) -> tuple[int, np.ndarray]:
         """The latest version and the labels of ``rows`` in it (int32)."""
@@ -341,3 +368,4 @@ def get_or_create_store(run_name: str, root: str, namespace: str = "dynamix", *,
             f"another run named {run_name!r} (other run.storage) is running or was left behind; stop it "
             f"(dynamix stop) or choose another run.name")
     return store
+

@@ -385,12 +385,18 @@ class LabelingCoordinatorService:
             return
         rows, labels, before, truth, ids, cents, cvideos, videos = [], [], [], [], [], [], [], []
         counts: collections.Counter = collections.Counter()
+        # new identities take the numbers of retired ones first (the banks reuse their rows), then
+        # numbers after every identity so far
+        free = collections.deque(ray.get(self.store.free_ids.remote()).tolist())
         for cid, res in sorted(rnd.results.items()):
             lab = np.asarray(res["labels"], dtype=np.int64)
             remap = {}
             for old in np.unique(lab[lab >= res["new_from"]]).tolist():
-                remap[old] = self.next_global_id
-                self.next_global_id += 1
+                if free:
+                    remap[old] = free.popleft()
+                else:
+                    remap[old] = self.next_global_id
+                    self.next_global_id += 1
             rows.append(np.asarray(res["rows"], dtype=np.int64))
             labels.append(np.array([remap.get(x, x) for x in lab.tolist()], dtype=np.int64))
             ids.append(np.array([remap.get(x, x) for x in np.asarray(res["centroid_ids"]).tolist()], dtype=np.int64))

@@ -6,6 +6,8 @@ checkpoint's version."""
 
 from __future__ import annotations
 
+import itertools
+
 import os
 import uuid
 
@@ -80,7 +82,7 @@ def test_poll_switches_labels_buffer_and_bank_and_resume_returns_the_checkpoint_
     import threading
 
     from dynamix_core.sampling import SingleCameraSampler
-    from pipelines.train.data import VideoFeed
+    from pipelines.train.data import RankVideos, VideoFeed
     from services.label_store import get_or_create_store
 
     name = f"client-{uuid.uuid4().hex[:6]}"
@@ -91,8 +93,10 @@ def test_poll_switches_labels_buffer_and_bank_and_resume_returns_the_checkpoint_
         bank = build_centroid_bank(CentroidBankConfig(storage_dtype="float32"), BANK_OFFSET + 3, DIM)
         labels = client.initial_labels(bank, step=0)
         assert labels.dtype == np.int32 and labels.tolist() == PIDS_V0.tolist() and client.version == 0
-        rows = [{"video": 11, "keys": KEYS[4:], "rows": np.arange(4, 8)}]  # the video of rows 4..7, buffered
-        feed = VideoFeed(rows, labels, BANK_OFFSET)
+        # the video of rows 4..7, buffered (its images are not needed here: a stream of its keys)
+        videos = RankVideos("", video=[11], row_start=[4], count=[4], tar=[""])
+        feed = VideoFeed(videos, labels, BANK_OFFSET,
+                         stream=lambda _, p: ((q, KEYS[4:], [b""] * 4) for q in itertools.count(p)))
         sampler = SingleCameraSampler(feed, images_per_id=2, buffer_size=1, max_video_uses=2)
         assert sampler.buffered_video_ids() == [11]
 

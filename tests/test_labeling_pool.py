@@ -26,7 +26,7 @@ from dynamix_core.config import load_config, to_dict
 from dynamix_core.data.synth import SynthConfig, generate
 from pipelines.ingest import IngestConfig, run_ingest
 from pipelines.train.config import TrainConfig
-from pipelines.train.data import single_camera_index
+from pipelines.train.index import write_single_camera_index
 from pipelines.train.driver import _initial_momentum_state, _labeling_cfg
 from dynamix_core.labeling.label_table import LabelStore
 from services.label_store import get_or_create_store
@@ -95,9 +95,9 @@ def start_pool(shards: Path, tmp: Path, method: str, *overrides: str) -> Pool:
         f"labeling.max_staleness={MAX_STALENESS}", "labeling.cluster.eps=0.05", *overrides])
     label_dir = tmp / name / "labels"
     label_dir.mkdir(parents=True)
-    index = single_camera_index([str(shards)])
     index_path = label_dir / "index.parquet"
-    pq.write_table(index, index_path)
+    write_single_camera_index([str(shards)], index_path)
+    index = pq.read_table(index_path)
     store = get_or_create_store(name, str(label_dir))
     initial = index["label"].to_numpy() if method == "dynamix" else np.full(index.num_rows, -1)
     ray.get(store.initialise.remote(initial))
@@ -137,12 +137,13 @@ def assert_valid_partition(pool: Pool, labels: dict[str, int]) -> set[int]:
     return set(videos_of)
 
 
-def assert_centroids_of_version(pool: Pool, version: int, labels: dict[str, int]) -> None:
-    """The centroids published by ``version`` are exactly its identities, each the unit mean of its
-    members' features computed here independently with the same weights, in its own video."""
+def assert_centroids_of_version(pool: Pool, version: int, labels: dict[str, int], keys: set[str] | None = None) -> None:
+    """The centroids published by ``version`` are exactly the identities of ``keys`` (default: all),
+    each the unit mean of its members' features computed here independently with the same
+    weights, in its own video."""
     delta = ray.get(pool.store.changes_since.remote(version - 1))
     assert delta.version == version
-    in_use = {g for g in labels.values() if g >= 0}
+    in_use = {g for k, g in labels.items() if g >= 0 and (keys is None or k in keys)}
     assert sorted(delta.centroid_ids.tolist()) == sorted(in_use)
     np.testing.assert_allclose(np.linalg.norm(delta.centroids, axis=1), 1.0, atol=1e-5)
 
@@ -271,6 +272,36 @@ def test_remix_round_labels_every_requested_video(remix_pool):
     in_use = assert_valid_partition(pool, labels)
     assert len(in_use) > len(all_videos(pool))  # eps 0.05 gives several pseudo-identities per video
     assert_centroids_of_version(pool, latest, labels)
+
+
+def test_repeated_remix_rounds_reuse_retired_identity_numbers(ray_local, shards, tmp_path):
+    """A ReMix round renumbers the clusters of the videos it relabels. Without reuse the numbers
+    (and each trainer's bank rows) grow by those clusters every round; with it, the 4th round over
+    the same two videos takes the numbers the 2nd retired (the 3rd could not: the newest commit's
+    retirements are held back one commit). Every version stays a valid partition with exactly
+    its identities' centroids published."""
+    pool = start_pool(shards, tmp_path, "remix")
+    try:
+        some = all_videos(pool)[:2]
+        in_some = {k for k, v in zip(pool.keys, pool.video.tolist()) if v in some}
+        ids_of_some = []
+        for videos in (all_videos(pool), some, some, some):
+            pool.publish(next(STEPS))
+            pool.run_round(0, videos)
+            latest = ray.get(pool.store.latest.remote())[0]
+            labels = pool.labels(latest)
+            assert_valid_partition(pool, labels)
+            assert_centroids_of_version(pool, latest, labels, None if videos is not some else in_some)
+            ids_of_some.append({labels[k] for k in in_some if labels[k] >= 0})
+        first, second, third, fourth = ids_of_some
+        total = ray.get(pool.store.current.remote())["num_identities"]
+        assert not (first & second) and not (third & (first | second))  # nothing free yet, or held back
+        assert fourth & first, "round 4 reused none of the numbers round 2 retired"
+        assert fourth <= first | set(range(max(third) + 1, total))
+        # only round 4's identities without a reused number got new ones
+        assert total == max(third) + 1 + len(fourth - first) < max(third) + 1 + len(fourth)
+    finally:
+        pool.close()
 
 
 def test_killing_a_pool_actor_mid_round_loses_nothing(remix_pool, tmp_path):

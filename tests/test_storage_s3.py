@@ -17,7 +17,6 @@ from pathlib import Path
 
 import boto3
 import numpy as np
-import pyarrow.compute as pc
 import pytest
 
 from conftest import TINY_SYNTH, free_port
@@ -29,7 +28,8 @@ from dynamix_core.data.transforms import TransformConfig
 from dynamix_core.storage import StorageError
 from pipelines.cli import main
 from pipelines.ingest import IngestConfig, run_ingest
-from pipelines.train.data import MultiCameraSet, load_video_images, single_camera_index
+from pipelines.train.data import MultiCameraSet, RankVideos, read_video
+from pipelines.train.index import write_single_camera_index
 from pipelines.train.evaluate import TargetSet
 
 SETS = {"synth_m0": "multi", "synth_video": "single", "synth_target": "target"}
@@ -228,7 +228,7 @@ def test_inspect_prints_the_same_summary_as_for_the_local_copy(synth, s3_bucket,
 # ------------------------------------------------------------------------------------- reading shards
 
 
-def test_training_data_loads_from_s3_shards_as_from_local_ones(synth, s3_bucket):
+def test_training_data_loads_from_s3_shards_as_from_local_ones(synth, s3_bucket, tmp_path):
     remote = {name: f"{s3_bucket}/shards/{name}" for name in SETS}
     for name, kind in SETS.items():
         _ingest(synth / "data" / kind / name, remote[name], name)
@@ -238,19 +238,19 @@ def test_training_data_loads_from_s3_shards_as_from_local_ones(synth, s3_bucket)
     assert multi_s3.keys == multi_local.keys and multi_s3.data == multi_local.data
     assert multi_s3.pid.tolist() == multi_local.pid.tolist() and multi_s3.camid.tolist() == multi_local.camid.tolist()
 
-    index_s3, index_local = single_camera_index([remote["synth_video"]]), single_camera_index([local["synth_video"]])
-    assert index_s3.drop(["tar"]).equals(index_local.drop(["tar"]))
+    # the run's index written to the bucket from the bucket's shards, and each video read back by it
+    index_uri, index_file = f"{s3_bucket}/runs/r/labels/index.parquet", str(tmp_path / "index.parquet")
+    info = write_single_camera_index([remote["synth_video"]], index_uri)
+    write_single_camera_index([local["synth_video"]], index_file)
+    index_s3, index_local = storage.read_table(index_uri), storage.read_table(index_file)
+    assert index_s3.num_rows == info.num_rows and index_s3.drop(["tar"]).equals(index_local.drop(["tar"]))
     assert index_s3["tar"].to_pylist() == [remote["synth_video"] + "/" + Path(t).name
                                            for t in index_local["tar"].to_pylist()]
-    videos = 0
-    for video in pc.unique(index_s3["video"]).to_pylist():
-        rows = {}
-        for name, index in (("s3", index_s3), ("local", index_local)):
-            part = index.filter(pc.equal(index["video"], video)).to_pydict()
-            rows[name] = {"tars": part["tar"], "offsets": part["offset"], "sizes": part["size"]}
-        assert load_video_images(rows["s3"]) == load_video_images(rows["local"])
-        videos += 1
-    assert videos == 3
+    videos_s3, videos_local = RankVideos.load(index_uri, 0, 1), RankVideos.load(index_file, 0, 1)
+    for i in range(len(videos_s3)):
+        keys, images = read_video(index_uri, videos_s3.item(i))
+        assert (keys, images) == read_video(index_file, videos_local.item(i)) and len(keys) > 5
+    assert len(videos_s3) == 3
 
     target_s3 = TargetSet.load(remote["synth_target"], TransformConfig())
     target_local = TargetSet.load(local["synth_target"], TransformConfig())

@@ -1,14 +1,15 @@
-"""The training worker's data layer without Ray: the seekable single-camera stream (``VideoFeed``) and
-the background ``BatchProducer``, on a real tiny SynthReID ingested into real shards.
+"""The training worker's data layer: the run's index (built shard by shard), the seekable
+single-camera stream (``VideoFeed`` over a local or a Ray Data stream) and the background
+``BatchProducer``, on a real tiny SynthReID ingested into real shards.
 
-Reference for the images: the shard tar read with :mod:`tarfile` (not the manifest's offsets the
-feed uses); for resume: the batches of an uninterrupted producer."""
+References: for the index, the manifest read whole and numbered in the test; for the images, the
+shard tar read with :mod:`tarfile` (not the manifest's offsets the feed uses); for resume, the
+batches of an uninterrupted producer; for the Ray Data stream, the in-process one."""
 
 from __future__ import annotations
 
 import itertools
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -19,7 +20,8 @@ from conftest import make_tiny_reid
 from dynamix_core.config import load_config
 from dynamix_core.data.transforms import TransformConfig
 from dynamix_core.sampling import MixedBatchSampler, SamplerConfig
-from pipelines.train.data import BatchProducer, MultiCameraSet, VideoFeed, rank_video_rows, single_camera_index
+from pipelines.train.data import BatchProducer, MultiCameraSet, RankVideos, VideoFeed, ray_video_stream
+from pipelines.train.index import videos_path, write_single_camera_index
 
 TOTAL_STEPS = 12
 
@@ -28,9 +30,9 @@ TOTAL_STEPS = 12
 def tiny(tmp_path_factory):
     root = make_tiny_reid(tmp_path_factory.mktemp("tinydata"), num_videos=8)
     shards = root / "shards"
-    index = single_camera_index([str(shards / "synth_video")])
     index_path = root / "index.parquet"
-    pq.write_table(index, index_path)
+    write_single_camera_index([str(shards / "synth_video")], index_path)
+    index = pq.read_table(index_path)
     multi = MultiCameraSet.load([str(shards / "synth_m0"), str(shards / "synth_m1")])
     labels = dict(zip(index["key"].to_pylist(), index["label"].to_pylist()))
     return {"root": root, "index_path": index_path, "multi": multi, "labels": labels, "keys": index["key"].to_pylist()}
@@ -50,7 +52,7 @@ def _sampler_cfg(**extra) -> SamplerConfig:
 def _make(tiny, *, rank=0, world=1, labels=None, cache_videos=12, state=None, snapshot_at=lambda s: False, **cfg):
     """feed + sampler (+ restored state) + producer, built in the worker's order."""
     multi = tiny["multi"]
-    feed = VideoFeed(rank_video_rows(tiny["index_path"], rank, world), by_row(tiny, tiny["labels"] if labels is None else labels),
+    feed = VideoFeed(RankVideos.load(tiny["index_path"], rank, world), by_row(tiny, tiny["labels"] if labels is None else labels),
                      multi.num_identities, cache_videos=cache_videos)
     sampler = MixedBatchSampler(_sampler_cfg(**cfg), refs=multi.keys, pids=multi.pid, camids=multi.camid,
                                 datasets=multi.dataset, video_stream=feed, total_steps=TOTAL_STEPS,
@@ -76,42 +78,97 @@ def _assert_same_batches(got: list, want: list) -> None:
             assert torch.equal(getattr(a, name), getattr(b, name)), f"batch {step}: {name} differs"
 
 
+def test_index_rows_equal_a_reference_numbering_of_the_manifest(tiny):
+    """Every single-camera image once, video/label numbered as the sorted (dataset, id) pairs, each
+    video's rows contiguous in (frame, key) order, and the videos table pointing at them."""
+    manifest = pq.read_table(tiny["root"] / "shards" / "synth_video" / "manifest.parquet").to_pylist()
+    single = [r for r in manifest if r["domain"] == "single"]
+    vid_of = {p: i for i, p in enumerate(sorted({(r["dataset"], str(r["video_id"])) for r in single}))}
+    lab_of = {p: i for i, p in enumerate(sorted({(r["dataset"], r["source_pid"]) for r in single if r["source_pid"]}))}
+    want = {r["key"]: (vid_of[(r["dataset"], str(r["video_id"]))],
+                       lab_of.get((r["dataset"], r["source_pid"]), -1), r["frame"], r["offset"], r["size"])
+            for r in single}
+    index = pq.read_table(tiny["index_path"])
+    got = {r["key"]: (r["video"], r["label"], r["frame"], r["offset"], r["size"]) for r in index.to_pylist()}
+    assert index.num_rows == len(single) and got == want
+    video = index["video"].to_numpy()
+    videos = pq.read_table(videos_path(tiny["index_path"])).to_pylist()
+    assert len(videos) == len(set(video.tolist()))  # contiguous: one run of rows per video
+    for v in videos:
+        rows = index.slice(v["row_start"], v["count"])
+        assert set(rows["video"].to_pylist()) == {v["video"]} and set(rows["tar"].to_pylist()) == {v["tar"]}
+        order = list(zip(rows["frame"].to_pylist(), rows["key"].to_pylist()))
+        assert order == sorted(order)
+    assert sum(v["count"] for v in videos) == index.num_rows
+
+
+def test_index_of_a_manifest_with_a_split_shard_fails_clearly(tmp_path, tiny):
+    import pyarrow as pa
+
+    src = tiny["root"] / "shards" / "synth_video"
+    manifest = pq.read_table(src / "manifest.parquet")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    # rows of another shard in the middle of shard-000000's: not a manifest ingest writes
+    shard = manifest["shard"].to_pylist()
+    shard[3:6] = ["shard-000001.tar"] * 3
+    pq.write_table(manifest.set_column(manifest.schema.get_field_index("shard"), "shard", pa.array(shard)),
+                   bad / "manifest.parquet")
+    with pytest.raises(ValueError, match="video 0 also has images in an earlier shard|not contiguous"):
+        write_single_camera_index([str(bad)], tmp_path / "index.parquet")
+    assert not (tmp_path / "index.parquet").exists() and not list(tmp_path.glob(".index*"))  # nothing half-written
+
+
 def test_feed_is_seekable_and_cycles_over_the_ranks_videos(tiny):
-    video = pq.read_table(tiny["index_path"], columns=["video"])["video"].to_numpy()
-    mine = sorted(set(video[video % 2 == 1].tolist()))  # rank 1 of 2
-    feed = VideoFeed(rank_video_rows(tiny["index_path"], 1, 2), by_row(tiny, tiny["labels"]), bank_offset=0)
+    videos = pq.read_table(videos_path(tiny["index_path"]))["video"].to_numpy()
+    mine = [int(v) for v in videos if v % 2 == 1]  # rank 1 of 2, in index order
+    feed = VideoFeed(RankVideos.load(tiny["index_path"], 1, 2), by_row(tiny, tiny["labels"]), bank_offset=0)
     for position in (0, 3, 1000 * len(mine) + 2):  # far into a long run: opening costs nothing
         got = [v.video_id for v in itertools.islice(feed(position), 2 * len(mine))]
         assert got == [mine[(position + i) % len(mine)] for i in range(2 * len(mine))]
-    assert feed.videos_read == 0  # handing out videos reads no image; batches do
+    assert feed.videos_read == 0  # the stream brought every image a batch could ask for
     # each image's row number is its position in the run's index (the address of its label)
-    for row in feed.rows:
-        assert [tiny["keys"][r] for r in row["rows"].tolist()] == list(row["keys"])
-        assert feed.video_rows(row["video"]) is row["rows"]
+    for v in mine:
+        sample = next(s for s in feed(0) if s.video_id == v)
+        assert [tiny["keys"][r] for r in feed.video_rows(v).tolist()] == list(sample.refs)
+    assert feed.video_rows(int(videos[videos % 2 == 0][0])) is None  # another rank's video
+
+
+def test_ray_data_stream_hands_out_what_the_local_stream_does(tiny, ray_local):
+    """The worker's stream (Ray Data tasks reading ahead, in windows) against the in-process one:
+    the same videos, keys and bytes, in position order, across window boundaries."""
+    videos = RankVideos.load(tiny["index_path"], 0, 1)
+    n = len(videos)
+    local = list(itertools.islice(VideoFeed(videos, None, 0).stream(videos, 5), 3 * n))
+    remote = list(itertools.islice(ray_video_stream(videos, 5, window=n + 1, videos_per_task=2), 3 * n))
+    assert [p for p, _, _ in remote] == list(range(5, 5 + 3 * n))
+    assert [(p, k, i) for p, k, i in remote] == [(p, k, i) for p, k, i in local]
 
 
 def test_feed_images_equal_the_tar_members(tiny):
-    rows = rank_video_rows(tiny["index_path"], 0, 1)
-    feed = VideoFeed(rows, by_row(tiny, tiny["labels"]), bank_offset=0, cache_videos=1)
-    row = rows[1]
-    with tarfile.open(row["tars"][0]) as tar:
+    videos = RankVideos.load(tiny["index_path"], 0, 1)
+    feed = VideoFeed(videos, by_row(tiny, tiny["labels"]), bank_offset=0, cache_videos=1)
+    video = int(videos.video[1])
+    keys = [tiny["keys"][r] for r in videos.rows(1).tolist()]
+    with tarfile.open(videos.tar[1]) as tar:
         members = {m.name.split(".", 1)[0]: m for m in tar.getmembers() if m.name.endswith((".jpg", ".png", ".jpeg"))}
-        for key in row["keys"][:3]:
-            assert feed.image(row["video"], key) == tar.extractfile(members[key]).read()
+        for key in keys[:3]:
+            assert feed.image(video, key) == tar.extractfile(members[key]).read()  # read on its own: a miss
+    assert feed.videos_read == 1
     # labels enter with the bank offset; unlabelled images stay -1
     samples = next(feed(1))
-    want = [tiny["labels"][k] + 7 if tiny["labels"][k] >= 0 else -1 for k in row["keys"]]
-    assert next(VideoFeed(rows, by_row(tiny, tiny["labels"]), bank_offset=7)(1)).pids.tolist() == want
-    assert samples.video_id == row["video"]
+    want = [tiny["labels"][k] + 7 if tiny["labels"][k] >= 0 else -1 for k in keys]
+    assert next(VideoFeed(videos, by_row(tiny, tiny["labels"]), bank_offset=7)(1)).pids.tolist() == want
+    assert samples.video_id == video and list(samples.refs) == keys
 
 
 def test_buffered_videos_survive_cache_eviction(tiny):
     """A cache smaller than the sampler's buffer (or a stream passing many unlabelled videos) once
     dropped buffered videos: the next batch drawing one died with KeyError."""
     labels = dict(tiny["labels"])
-    rows = rank_video_rows(tiny["index_path"], 0, 1)
-    for row in rows[::2]:  # every other video unlabelled: the sampler skips them, the stream passes them
-        labels.update({k: -1 for k in row["keys"]})
+    videos = RankVideos.load(tiny["index_path"], 0, 1)
+    for i in range(0, len(videos), 2):  # every other video unlabelled: the sampler skips them, the stream passes them
+        labels.update({tiny["keys"][r]: -1 for r in videos.rows(i).tolist()})
     feed, _, producer = _make(tiny, labels=labels, cache_videos=1)
     batches = _take(producer, 8)
     assert all(b.pid_B.shape[0] == 16 for b in batches)
@@ -129,15 +186,16 @@ def test_resume_gives_the_batches_of_the_uninterrupted_run(tiny):
     feed, _, resumed = _make(tiny, rank=0, world=2, state=state)
     after = _take(resumed, TOTAL_STEPS - checkpoint)
     _assert_same_batches(after, full[checkpoint:])
-    # only videos the resumed batches drew were read: nothing before the checkpoint was re-read
-    drawn = {int(v) for b in after for v in b.video_B.tolist() if v >= 0}
-    assert feed.videos_read == len(drawn)
+    # nothing before the checkpoint was re-read: the stream opened at the checkpoint's position, and
+    # only the videos the checkpoint's sampler buffer held were read on their own
+    assert feed.first_position == state["single"]["position"]
+    assert 0 < feed.videos_read <= len(state["single"]["buffer"])
 
 
 def test_stream_without_enough_labelled_videos_fails_clearly(tiny):
     labels = {k: -1 for k in tiny["labels"]}
-    first = rank_video_rows(tiny["index_path"], 0, 1)[0]
-    labels.update({k: tiny["labels"][k] for k in first["keys"]})  # one labelled video; a batch needs 2
+    first = RankVideos.load(tiny["index_path"], 0, 1).rows(0)
+    labels.update({tiny["keys"][r]: tiny["labels"][tiny["keys"][r]] for r in first.tolist()})  # one labelled video; a batch needs 2
     _, _, producer = _make(tiny, labels=labels)
     with pytest.raises(RuntimeError, match="3 full passes over this rank's 8 videos \\(1 of them labelled\\)"):
         _take(producer, 1)
@@ -145,7 +203,7 @@ def test_stream_without_enough_labelled_videos_fails_clearly(tiny):
 
 def test_a_feed_without_labels_hands_out_unlabelled_videos(tiny):
     """Pre-training streams the same videos with no labels at all (labels=None)."""
-    rows = rank_video_rows(tiny["index_path"], 0, 1)
-    first = next(VideoFeed(rows, None, bank_offset=0)(0))
-    assert first.video_id == rows[0]["video"] and (first.pids == -1).all()
-    assert list(first.refs) == list(rows[0]["keys"])
+    videos = RankVideos.load(tiny["index_path"], 0, 1)
+    first = next(VideoFeed(videos, None, bank_offset=0)(0))
+    assert first.video_id == videos.video[0] and (first.pids == -1).all()
+    assert list(first.refs) == [tiny["keys"][r] for r in videos.rows(0).tolist()]

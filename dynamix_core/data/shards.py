@@ -71,17 +71,22 @@ def remove_stale_tmp(folder: Path) -> list[Path]:
     return stale
 
 
+#: rows per parquet row group of the manifests: a reader streaming a manifest in record batches
+#: (the run index builder) decodes one row group at a time, so this bounds what it holds
+ROW_GROUP_ROWS = 65536
+
+
 def write_table_atomic(table: pa.Table, path: str | Path) -> None:
     """Write a parquet file under a temporary name, then move it into place (on an object store:
     serialise it, then upload it in one piece)."""
     if storage.is_remote(path):
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
+        pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS)
         storage.write_bytes_atomic(path, sink.getvalue().to_pybytes())
         return
     path = Path(path)
     tmp = tmp_path(path)
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
     os.replace(tmp, path)
 
 

@@ -1,6 +1,6 @@
 """The pre-training job: local Ray (or ``--address``), one Ray Data stream of whole single-camera
-videos per worker (the training's streams: :func:`pipelines.train.data.single_camera_index`,
-``video_rows``, ``load_video_images``), a ``TorchTrainer`` running
+videos per worker (the training's streams: :func:`pipelines.train.index.write_single_camera_index`,
+:class:`pipelines.train.data.RankVideos`, :func:`pipelines.train.data.ray_video_stream`), a ``TorchTrainer`` running
 :func:`pipelines.pretrain.worker.pretrain_loop_per_worker`, MLflow tracking, and at the end the
 backbone as ``STORAGE/NAME/backbone.safetensors`` plus ``report.html``.
 
@@ -19,7 +19,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
 
 from dynamix_core.config import ConfigError, dump_yaml, to_dict
 from pipelines.pretrain.config import PretrainConfig
@@ -56,7 +55,7 @@ def run_pretraining(cfg: PretrainConfig, *, progress: bool = True) -> PretrainRe
     from pipelines.pretrain.worker import pretrain_loop_per_worker
     from pipelines.report import print_summary_table, write_report
     from pipelines.tracking import ResilientTracker
-    from pipelines.train.data import single_camera_index, video_rows
+    from pipelines.train.index import write_single_camera_index
 
     from dynamix_core.model import check_backbone
 
@@ -81,21 +80,16 @@ def run_pretraining(cfg: PretrainConfig, *, progress: bool = True) -> PretrainRe
 
     # the index locates every image by shard and offset: each worker streams its own videos from it
     # (seekable: a resumed worker starts at its checkpoint's position and re-reads its buffered videos)
-    index = single_camera_index(cfg.data.single).select(["key", "video", "label", "frame", "tar", "offset", "size"])
     index_path = run_dir / "index.parquet"
-    tmp = index_path.with_name(f".{index_path.name}.tmp")
-    pq.write_table(index, tmp)
-    os.replace(tmp, index_path)
-    rows = video_rows(index)
+    info = write_single_camera_index(cfg.data.single, index_path)  # streamed: bounded memory here
     videos_per_rank = []
-    for r in range(cfg.scaling.num_workers):
-        mine = [row for row in rows if row["video"] % cfg.scaling.num_workers == r]
-        if len(mine) * cfg.data.max_images_per_video < cfg.data.batch_size:
+    for r, count in enumerate(info.videos_per_rank(cfg.scaling.num_workers).tolist()):
+        if count * cfg.data.max_images_per_video < cfg.data.batch_size:
             raise ConfigError(
-                f"data.single: worker {r} gets {len(mine)} of the {len(rows)} videos, which cannot fill a batch of "
+                f"data.single: worker {r} gets {count} of the {len(info.videos)} videos, which cannot fill a batch of "
                 f"data.batch_size={cfg.data.batch_size} with at most data.max_images_per_video="
                 f"{cfg.data.max_images_per_video} per video; lower scaling.num_workers or data.batch_size")
-        videos_per_rank.append(len(mine))
+        videos_per_rank.append(count)
     trainer = TorchTrainer(
         pretrain_loop_per_worker,
         train_loop_config={"pretrain": to_dict(cfg), "run_dir": str(run_dir), "tracking_uri": tracking_uri,

@@ -30,7 +30,7 @@ def pretrain_loop_per_worker(config: dict) -> None:
     from dynamix_core.training.step import _all_gather
     from pipelines.pretrain.batches import PairProducer
     from pipelines.pretrain.config import PretrainConfig
-    from pipelines.train.data import VideoFeed, rank_video_rows
+    from pipelines.train.data import RankVideos, VideoFeed, ray_video_stream
     from pipelines.train.evaluate import TargetSet
     from pipelines.train.run_files import load_json, load_tensors, set_rng_state
     from pipelines.train.worker import open_rank0_records, record_metrics, worker_context
@@ -51,8 +51,8 @@ def pretrain_loop_per_worker(config: dict) -> None:
 
     # this rank's videos of the run index, seekable: a resume reads nothing before its position,
     # and the videos a restored sampler buffers are read again when a batch needs them
-    feed = VideoFeed(rank_video_rows(config["index_path"], rank, world), None, 0,
-                     cache_videos=2 * cfg.data.buffer_videos)
+    feed = VideoFeed(RankVideos.load(config["index_path"], rank, world), None, 0,
+                     cache_videos=2 * cfg.data.buffer_videos, stream=ray_video_stream)
     sampler = UnlabeledImageSampler(feed, batch_size=cfg.data.batch_size,
                                     buffer_size=min(cfg.data.buffer_videos, config["videos_per_rank"][rank]),
                                     max_images_per_video=cfg.data.max_images_per_video,
@@ -115,6 +115,7 @@ def pretrain_loop_per_worker(config: dict) -> None:
                            "t0": time.perf_counter()})
     finally:
         producer.close()
+        feed.close()
         if tracker is not None:
             tracker.close()
             history.close()

@@ -14,11 +14,12 @@ import itertools
 import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +33,7 @@ from dynamix_core.data.shards import read_members  # validates each tar header b
 from dynamix_core.data.transforms import TransformConfig, ViewTransform, sample_generator
 from dynamix_core.sampling import BatchPlan, VideoSamples
 from dynamix_core.training import StepBatch
+from pipelines.train.stream import read_video, read_video_batch
 
 
 @dataclass
@@ -83,150 +85,206 @@ class MultiCameraSet:
         )
 
 
-def single_camera_index(roots: list[str]) -> pa.Table:
-    """One row per single-camera image of every set in ``roots``: key, global ``video`` (sorted
-    ``(dataset, video_id)``), initial ``label`` (sorted ``(dataset, source_pid)``; -1 unlabeled),
-    frame, and where its bytes are (``tar``: an absolute path, or a URI for a shard set on an object
-    store; ``offset``, ``size``). Rows are grouped by video."""
-    from dynamix_core import storage
+class RankVideos:
+    """This rank's videos (``video % world_size == rank``) in index order: one entry per video (its
+    index rows ``row_start .. row_start + count - 1`` and its shard), nothing per image. The keys,
+    offsets and sizes of a video's images are read from the index when the video is streamed."""
 
-    tables = []
-    for root in roots:
-        t = read_dataset_manifest(root)
-        t = t.filter(pc.equal(pc.field("domain"), "single"))
-        if t.num_rows == 0:
-            raise FileNotFoundError(f"{root}: no single-camera images (domain=single) in this shard set")
-        base = root.rstrip("/") if storage.is_remote(root) else str(Path(root).resolve())
-        tar = pc.binary_join_element_wise(pa.array([base] * t.num_rows), t["shard"], "/")
-        tables.append(t.append_column("tar", tar))
-    t = pa.concat_tables(tables)
-    cols = t.select(["key", "dataset", "video_id", "source_pid", "frame", "tar", "offset", "size"]).to_pydict()
-    video_map = IdentityMap(zip(cols["dataset"], map(str, cols["video_id"])))
-    labeled = [(d, p) for d, p in zip(cols["dataset"], cols["source_pid"]) if p]
-    label_map = IdentityMap(labeled)
-    video = np.array([video_map[(d, str(v))] for d, v in zip(cols["dataset"], cols["video_id"])], dtype=np.int64)
-    label = np.array([label_map.get((d, p)) if p else -1 for d, p in zip(cols["dataset"], cols["source_pid"])],
-                     dtype=np.int64)
-    out = pa.table({"key": cols["key"], "video": video, "label": label, "frame": cols["frame"],
-                    "tar": cols["tar"], "offset": cols["offset"], "size": cols["size"]})
-    return out.take(pc.sort_indices(out, [("video", "ascending"), ("frame", "ascending"), ("key", "ascending")]))
+    def __init__(self, index_path: str | Path, video: np.ndarray, row_start: np.ndarray, count: np.ndarray,
+                 tar: list[str]):
+        self.index_path = str(index_path)
+        self.video = np.asarray(video, dtype=np.int64)
+        self.row_start = np.asarray(row_start, dtype=np.int64)
+        self.count = np.asarray(count, dtype=np.int64)
+        self.tar = tar
+        self._ordinal = {int(v): i for i, v in enumerate(self.video)}
 
+    @classmethod
+    def load(cls, index_path: str | Path, rank: int, world_size: int) -> "RankVideos":
+        from dynamix_core import storage
+        from pipelines.train.index import videos_path
 
-def video_rows(index: pa.Table, row_ids: np.ndarray | None = None) -> list[dict]:
-    """Group the index into one row per video (the unit the stream hands out); ``rows`` are each
-    image's row numbers in the run's index (the address of its label), default ``0..n-1``."""
-    video = index["video"].to_numpy()
-    row_ids = np.arange(len(video), dtype=np.int64) if row_ids is None else np.asarray(row_ids, dtype=np.int64)
-    bounds = np.flatnonzero(np.diff(video)) + 1
-    starts, ends = np.r_[0, bounds], np.r_[bounds, len(video)]
-    cols = index.select(["key", "frame", "offset", "size", "tar"]).to_pydict()
-    rows = []
-    for s, e in zip(starts, ends):
-        rows.append({"video": int(video[s]), "keys": cols["key"][s:e], "frames": cols["frame"][s:e],
-                     "offsets": cols["offset"][s:e], "sizes": cols["size"][s:e], "tars": cols["tar"][s:e],
-                     "rows": row_ids[s:e]})
-    return rows
+        t = storage.read_table(videos_path(index_path))
+        mine = t.filter(pa.array(t["video"].to_numpy() % world_size == rank))
+        return cls(index_path, mine["video"].to_numpy(), mine["row_start"].to_numpy(), mine["count"].to_numpy(),
+                   mine["tar"].to_pylist())
+
+    def __len__(self) -> int:
+        return len(self.video)
+
+    def ordinal(self, video: int) -> int | None:
+        return self._ordinal.get(int(video))
+
+    def rows(self, i: int) -> np.ndarray:
+        """Index rows (label addresses) of the ``i``-th video."""
+        return np.arange(self.row_start[i], self.row_start[i] + self.count[i], dtype=np.int64)
+
+    def item(self, i: int) -> dict:
+        return {"video": int(self.video[i]), "row_start": int(self.row_start[i]), "count": int(self.count[i]),
+                "tar": self.tar[i]}
 
 
-def load_video_images(row: dict) -> list[bytes]:
-    """The encoded images of one video row, in the row's order (read by offset from its shard)."""
-    tars = row["tars"]
-    if len(set(tars)) == 1:
-        return read_members(tars[0], row["offsets"], row["sizes"])
-    # a video spanning shard sets cannot happen (ingest keeps videos whole); stay correct anyway
-    return [read_members(t, [o], [s])[0] for t, o, s in zip(tars, row["offsets"], row["sizes"])]
+def local_video_stream(videos: RankVideos, position: int) -> Iterator[tuple[int, list[str], list[bytes]]]:
+    """``(position, keys, images)`` from ``position`` on, read in this process one video at a time."""
+    n = len(videos)
+    for pos in itertools.count(position):
+        yield (pos, *read_video(videos.index_path, videos.item(pos % n)))
 
 
-def rank_video_rows(index_path: str | Path, rank: int, world_size: int) -> list[dict]:
-    """This rank's videos (``video % world_size == rank``) of the run's single-camera index (a file,
-    or an object of a run on an object store)."""
-    from dynamix_core import storage
+def ray_video_stream(videos: RankVideos, position: int, window: int = 1024, concurrency: int = 2,
+                     videos_per_task: int = 16, read_ahead_mb: int = 256) -> Iterator[tuple[int, list[str], list[bytes]]]:
+    """``(position, keys, images)`` from ``position`` on, read by Ray Data tasks ahead of the consumer
+    (streaming execution with backpressure: this process holds what is in flight, not the pass).
 
-    index = storage.read_table(index_path, columns=["key", "video", "label", "frame", "tar", "offset", "size"])
-    mask = index["video"].to_numpy() % world_size == rank
-    mine = index.filter(pa.array(mask))
-    return video_rows(mine, np.flatnonzero(mask)) if mine.num_rows else []
+    Positions go out in windows of ``window`` (each one Ray Data dataset of per-video items); the
+    items carry only what the read needs (row range and shard), so no table travels with the
+    tasks. Rows are handed out in position order whatever order the tasks finish in (Ray Data's own
+    ``preserve_order`` made the stream 2.7x slower on this 2-core box). The tasks ask
+    for no CPU (the trainers hold the cluster's CPUs; reading is I/O), at most ``concurrency`` run at
+    once per stream, and what was read ahead is capped at ``read_ahead_mb`` of object store."""
+    import pickle
+
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = False  # 2.7x slower here when on; the loop below reorders
+    ctx.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
+        object_store_memory=read_ahead_mb * 2**20)
+    n = len(videos)
+    start = position
+    while True:
+        pos = np.arange(start, start + max(window, 1), dtype=np.int64)
+        i = pos % n
+        ds = ray.data.from_items([{"pos": int(p), "video": int(videos.video[k]), "row_start": int(videos.row_start[k]),
+                                   "count": int(videos.count[k]), "tar": videos.tar[k]} for p, k in zip(pos, i)],
+                                 override_num_blocks=max(1, min(256, len(pos) // videos_per_task)))
+        ds = ds.map_batches(read_video_batch, fn_kwargs={"index_path": videos.index_path}, batch_size=videos_per_task,
+                            batch_format="numpy", num_cpus=0,
+                            compute=ray.data.TaskPoolStrategy(size=concurrency))
+        pending: dict[int, bytes] = {}
+        expect = start
+        for row in ds.iter_rows():
+            pending[int(row["pos"])] = row["data"]
+            while expect in pending:
+                keys, images = pickle.loads(pending.pop(expect))
+                yield expect, keys, images
+                expect += 1
+        if expect != start + len(pos):
+            raise RuntimeError(f"single-camera stream: Ray Data returned {expect - start} of {len(pos)} videos")
+        start += len(pos)
 
 
 class VideoFeed:
     """This rank's single-camera stream (the sampler's ``VideoStream``), seekable.
 
-    Position ``p`` is the video ``rows[p % n]`` of pass ``p // n``: opening the stream at a
-    checkpoint's position reads nothing that came before it. Labels come from ``labels`` (int32,
-    the single identity of every row of the run's index, -1 = none; None = no labels at all) when a
-    video enters the stream. Images are read from the shards
-    when a batch first needs them and kept in an LRU cache of ``cache_videos`` videos; a video that
-    left the cache (or was restored from a checkpoint into the sampler's buffer) is simply read
-    again, so no eviction can lose a buffered video."""
+    Position ``p`` is the video ``videos[p % n]`` of pass ``p // n``: opening the stream at a
+    checkpoint's position reads nothing that came before it. ``stream`` reads the videos from a
+    position on (:func:`ray_video_stream` in a training worker: Ray Data tasks read ahead;
+    :func:`local_video_stream` by default). Labels come from ``labels`` (int32, the single identity of
+    every row of the run's index, -1 = none; None = no labels at all: pre-training) when a video
+    enters the stream. A streamed video's images go into an LRU cache of ``cache_videos`` videos;
+    a buffered video that left the cache (or was restored from a checkpoint into the sampler's
+    buffer) is read again on its own, so no eviction can lose a buffered video. What this feed
+    holds grows with its videos and the cache, not with the images of the pass."""
 
     #: videos handed out in a row without a batch being planned, in passes over this rank's videos,
     #: before the feed gives up: labels cannot change meanwhile (they are applied between steps,
     #: and the step is waiting for this batch)
     max_idle_passes = 3
 
-    def __init__(self, rows: list[dict], labels: np.ndarray | None, bank_offset: int, cache_videos: int = 256,
-                 read: Callable[[dict], list[bytes]] = load_video_images):
-        self.rows = rows
-        self.row_of = {int(r["video"]): r for r in rows}
+    def __init__(self, videos: RankVideos | None, labels: np.ndarray | None, bank_offset: int, cache_videos: int = 256,
+                 stream: Callable[[RankVideos, int], Iterator[tuple]] = local_video_stream):
+        self.videos = videos if videos is not None else RankVideos("", [], [], [], [])
         self.labels = labels
         self.bank_offset = bank_offset
         self.cache_videos = cache_videos
-        self.read = read
+        self.stream = stream
         self.images: OrderedDict[int, dict[str, bytes]] = OrderedDict()
         self.lock = threading.Lock()
-        self.videos_read = 0  # videos read from storage so far (a resume must not re-read the past)
+        self.videos_read = 0  # videos read on their own (cache misses), not by the stream
+        self.first_position = None  # the first position the stream read (a resume must not re-read the past)
         self.progress = 0  # batches planned so far (see max_idle_passes)
+        self._open: "weakref.WeakSet" = weakref.WeakSet()  # streams handed out (closed by close())
+
+    def close(self) -> None:
+        """End the streams handed out (a Ray Data stream stops its reads while Ray is still up;
+        left to the garbage collector it would try after Ray is gone). Call once the consumer
+        thread has stopped."""
+        for gen in list(self._open):
+            try:
+                gen.close()
+            except ValueError:  # still running in a thread that did not stop: it ends with the process
+                pass
 
     def note_progress(self) -> None:
         """Called when a batch was planned: the stream is not stuck."""
         self.progress += 1
 
     def __call__(self, position: int) -> Iterator[VideoSamples]:
-        num_rows = len(self.rows)
+        gen = self._samples(position)
+        self._open.add(gen)
+        return gen
+
+    def _samples(self, position: int) -> Iterator[VideoSamples]:
+        num_videos = len(self.videos)
+        if num_videos == 0:
+            return
         idle, seen_progress = 0, self.progress
-        for pos in itertools.count(position):
-            if num_rows == 0:
-                return
+        for pos, keys, images in self.stream(self.videos, position):
+            if self.first_position is None:
+                self.first_position = pos
             if self.progress != seen_progress:
                 idle, seen_progress = 0, self.progress
-            elif idle >= self.max_idle_passes * num_rows:
-                labeled = sum(bool((self._labels_of(r) >= 0).any()) for r in self.rows)
+            elif idle >= self.max_idle_passes * num_videos:
+                labeled = sum(bool((self._labels_of(i) >= 0).any()) for i in range(num_videos))
                 raise RuntimeError(
-                    f"single-camera stream: {self.max_idle_passes} full passes over this rank's {num_rows} videos "
+                    f"single-camera stream: {self.max_idle_passes} full passes over this rank's {num_videos} videos "
                     f"({labeled} of them labelled) did not fill a batch; the sampler needs more labelled videos "
                     "per rank than exist: lower sampler.num_videos / sampler.ids_per_video, or use fewer workers")
             idle += 1
-            row = self.rows[pos % num_rows]
-            labels = self._labels_of(row)
+            i = pos % num_videos
+            video = int(self.videos.video[i])
+            self._cache(video, dict(zip(keys, images)))
+            labels = self._labels_of(i)
             pids = np.where(labels >= 0, labels + self.bank_offset, -1)
-            yield VideoSamples(video_id=int(row["video"]), refs=np.array(row["keys"]), pids=pids)
+            yield VideoSamples(video_id=video, refs=np.array(keys), pids=pids)
 
-    def _labels_of(self, row: dict) -> np.ndarray:
-        """Labels of one video's images (all -1 without labels: pre-training)."""
+    def _labels_of(self, i: int) -> np.ndarray:
+        """Labels of the ``i``-th video's images (all -1 without labels: pre-training)."""
         if self.labels is None:
-            return np.full(len(row["rows"]), -1, dtype=np.int64)
-        return self.labels[row["rows"]].astype(np.int64)
+            return np.full(int(self.videos.count[i]), -1, dtype=np.int64)
+        s = self.videos.row_start[i]
+        return self.labels[s:s + self.videos.count[i]].astype(np.int64)
 
     def video_rows(self, video: int) -> np.ndarray | None:
         """Index rows (label addresses) of one of this rank's videos in stream order (None for a
         video of another rank)."""
-        row = self.row_of.get(int(video))
-        return None if row is None else row["rows"]
+        i = self.videos.ordinal(video)
+        return None if i is None else self.videos.rows(i)
+
+    def _cache(self, video: int, images: dict[str, bytes]) -> None:
+        with self.lock:
+            self.images[video] = images
+            self.images.move_to_end(video)
+            while len(self.images) > self.cache_videos:
+                self.images.popitem(last=False)
 
     def image(self, video: int, key: str) -> bytes:
         """Encoded bytes of image ``key`` of ``video`` (read with its whole video on a cache miss)."""
         with self.lock:
             images = self.images.get(video)
-            if images is None:
-                row = self.row_of[video]
-                images = dict(zip(row["keys"], self.read(row)))
-                self.videos_read += 1
-                self.images[video] = images
-                while len(self.images) > self.cache_videos:
-                    self.images.popitem(last=False)
-            else:
+            if images is not None:
                 self.images.move_to_end(video)
-            return images[key]
+                return images[key]
+        i = self.videos.ordinal(video)
+        if i is None:
+            raise KeyError(f"video {video} is not one of this rank's videos")
+        keys, data = read_video(self.videos.index_path, self.videos.item(i))
+        self.videos_read += 1
+        images = dict(zip(keys, data))
+        self._cache(video, images)
+        return images[key]
 
 
 class BatchProducer:

@@ -23,13 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from dynamix_core import storage
 from dynamix_core.config import dump_yaml, to_dict
-from dynamix_core.data.records import make_key
 from pipelines.train.config import TrainConfig
 from pipelines.train.run_files import fsync_dir, load_tensors, local_run_dir, read_jsonl, write_atomic
 
@@ -65,27 +61,6 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), namespace="dynamix", include_dashboard=False,
                  **ray_init_kwargs())
     quiet_ray_libraries()
-
-
-def _ground_truth(index: pa.Table, paths: list[str]) -> np.ndarray | None:
-    """True identity per index row from SynthReID-style ``ground_truth.parquet`` files (key, true_pid)."""
-    if not paths:
-        return None
-    truth: dict[str, int] = {}
-    # shard keys are make_key(dataset, "train", source key) (the LUPerson-NL parser's rule)
-    shard_datasets = {k.split("_train_", 1)[0] for k in index["key"].to_pylist()[:1000]}
-    offset = 0
-    for path in paths:
-        t = storage.read_table(path, columns=["key", "true_pid"]).to_pydict()
-        for ds in shard_datasets:
-            for k, p in zip(t["key"], t["true_pid"]):
-                truth[make_key(ds, "train", k)] = int(p) + offset
-        offset += int(max(t["true_pid"], default=-1)) + 1
-    keys = index["key"].to_pylist()
-    missing = [k for k in keys if k not in truth]
-    if missing:
-        raise FileNotFoundError(f"labeling.ground_truth {paths}: no ground truth for {len(missing)} keys, e.g. {missing[:3]}")
-    return np.array([truth[k] for k in keys], dtype=np.int64)
 
 
 def _multi_train_size(roots: list[str]) -> int:
@@ -172,7 +147,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     from pipelines.tracking import ResilientTracker, flatten_params
-    from pipelines.train.data import single_camera_index
+    from pipelines.train.index import write_single_camera_index
     from services.label_store import get_or_create_store, store_actor_name
     from services.labeling_pool import coordinator_name, start_coordinator
 
@@ -217,30 +192,25 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     try:
         coordinator = None
         if cfg.uses_labeling_pool:
-            index = single_camera_index(cfg.data.single)
-            truth = _ground_truth(index, cfg.labeling.ground_truth)
-            if truth is not None:
-                index = index.append_column("truth", pa.array(truth))
-            # each rank streams its own videos (video % num_workers == rank) straight from the shards,
-            # by the run's index.parquet: a seekable stream, so a restart resumes where its checkpoint was
-            per_rank = np.bincount(np.unique(index["video"].to_numpy()) % cfg.scaling.num_workers,
-                                   minlength=cfg.scaling.num_workers)
-            if (per_rank == 0).any():
-                raise ValueError(f"data.single: {int(per_rank.sum())} videos cannot feed {cfg.scaling.num_workers} "
-                                 "workers (each needs at least one); lower scaling.num_workers")
             label_root = storage.join(run_dir, "labels")
             index_path = storage.join(label_root, "index.parquet")
             storage.makedirs(label_root)
-            sink = pa.BufferOutputStream()
-            pq.write_table(index, sink)
-            storage.write_bytes_atomic(index_path, sink.getvalue().to_pybytes())  # read by every worker and the pool
+            # the run's fixed row order (read by every worker and the pool), written shard by shard: the
+            # driver holds per-video figures, never the rows
+            info = write_single_camera_index(cfg.data.single, index_path, cfg.labeling.ground_truth)
+            # each rank streams its own videos (video % num_workers == rank) straight from the shards,
+            # by the index: a seekable stream, so a restart resumes where its checkpoint was
+            per_rank = info.videos_per_rank(cfg.scaling.num_workers)
+            if (per_rank == 0).any():
+                raise ValueError(f"data.single: {int(per_rank.sum())} videos cannot feed {cfg.scaling.num_workers} "
+                                 "workers (each needs at least one); lower scaling.num_workers")
             store = get_or_create_store(cfg.run.name, label_root, snapshot_every=cfg.labeling.snapshot_every,
                                         keep_versions=cfg.labeling.keep_versions)
-            initial = index["label"].to_numpy() if cfg.method == "dynamix" else np.full(index.num_rows, -1)
-            ray.get(store.initialise.remote(initial))  # one label per row of index.parquet
+            # version 0, one label per row of the index: read by the store itself from the index
+            ray.get(store.initialise_from_index.remote(index_path, cfg.method == "dynamix"))
             quota = cfg.labeling.quota or _multi_train_size(cfg.data.multi)  # SPEC 2.2: default = |multi train|
             coordinator = start_coordinator(_labeling_cfg(cfg, run_dir, index_path, quota))
-            num_single = int(index["label"].to_numpy().max()) + 1 if cfg.method == "dynamix" else 0
+            num_single = info.num_labels if cfg.method == "dynamix" else 0
             loop_config.update({"num_single_identities": num_single, "store_name": store_actor_name(cfg.run.name),
                                 "coordinator_name": coordinator_name(cfg.run.name), "index_path": index_path})
             version, _ = ray.get(store.latest.remote())

@@ -55,7 +55,7 @@ def train_loop_per_worker(config: dict) -> None:
     from dynamix_core.sampling import MixedBatchSampler
     from dynamix_core.training import TrainStep
     from pipelines.train.config import TrainConfig
-    from pipelines.train.data import BatchProducer, MultiCameraSet, VideoFeed, rank_video_rows
+    from pipelines.train.data import BatchProducer, MultiCameraSet, RankVideos, VideoFeed, ray_video_stream
     from pipelines.train.evaluate import TargetSet, evaluate_target
     from pipelines.train.labels import LabelClient
 
@@ -88,10 +88,11 @@ def train_loop_per_worker(config: dict) -> None:
         client = LabelClient(store, coordinator, rank=rank, world_size=world,
                              sharded=cfg.centroids.loss_mode == "sharded", bank_offset=bank_offset, version=None)
         labels = client.initial_labels(bank, step=0)
-        feed = VideoFeed(rank_video_rows(config["index_path"], rank, world), labels, bank_offset,
-                         cache_videos=4 * cfg.sampler.video_buffer_size)
+        # this rank's videos stream from the shards through Ray Data, from the checkpoint's position on
+        feed = VideoFeed(RankVideos.load(config["index_path"], rank, world), labels, bank_offset,
+                         cache_videos=4 * cfg.sampler.video_buffer_size, stream=ray_video_stream)
     else:
-        feed = VideoFeed([], labels, bank_offset)
+        feed = VideoFeed(None, labels, bank_offset)
     sampler = MixedBatchSampler(cfg.sampler, refs=multi.keys, pids=multi.pid, camids=multi.camid,
                                 datasets=multi.dataset, video_stream=feed, total_steps=cfg.run.max_steps,
                                 rank=rank, world_size=world)
@@ -190,6 +191,7 @@ def train_loop_per_worker(config: dict) -> None:
             window.update({"data_wait": 0.0, "compute": 0.0, "label_wait": 0.0, "images": 0, "t0": time.perf_counter()})
     finally:
         producer.close()
+        feed.close()
         if tracker is not None:
             tracker.close()
             history.close()

@@ -1,0 +1,77 @@
+"""Reading one video of the run's index from its shard: the work of the Ray Data tasks behind a
+trainer's single-camera stream (:func:`pipelines.train.data.ray_video_stream`) and of a trainer's cache
+miss. Kept apart from :mod:`pipelines.train.data` so that a read task's worker process imports
+only this (pyarrow, the shard reader), not the model and training code."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from dynamix_core.data.shards import read_members  # validates each tar header before reading
+
+
+def _index_file(index_path: str):
+    """An open ``pq.ParquetFile`` of the run's index with its row-group starts, cached per process (a
+    trainer and a read task's worker open it once; the newest few indexes stay open)."""
+    from dynamix_core import storage
+
+    with _CACHE_LOCK:
+        cached = _INDEX_FILES.pop(index_path, None)
+        if cached is None:
+            pf = pq.ParquetFile(storage.open_random(index_path))
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+            cached = (pf, np.r_[0, np.cumsum(sizes)], threading.Lock())
+        _INDEX_FILES[index_path] = cached  # newest last
+        while len(_INDEX_FILES) > _OPEN_INDEXES:
+            _forget(next(iter(_INDEX_FILES)))
+        return cached
+
+
+def _forget(index_path: str) -> None:
+    cached = _INDEX_FILES.pop(index_path, None)
+    if cached is not None:
+        cached[0].close()
+
+
+_INDEX_FILES: dict[str, tuple] = {}
+_CACHE_LOCK = threading.Lock()
+_OPEN_INDEXES = 4
+
+
+def read_video(index_path: str, item: dict, _retry: bool = True) -> tuple[list[str], list[bytes]]:
+    """Keys and encoded images of one video (``item``: video, row_start, count, tar) in index order:
+    its index rows from the row groups holding them, then its members from the shard."""
+    pf, starts, lock = _index_file(index_path)
+    s, e = item["row_start"], item["row_start"] + item["count"]
+    first, last = int(np.searchsorted(starts, s, side="right") - 1), int(np.searchsorted(starts, e - 1, side="right") - 1)
+    with lock:  # one file handle: row-group reads do not interleave
+        t = pf.read_row_groups(list(range(max(first, 0), last + 1)), columns=["key", "video", "offset", "size"]) \
+            if 0 <= first <= last < pf.metadata.num_row_groups else None
+    if t is not None:
+        t = t.slice(s - int(starts[first]), e - s)
+    if t is None or t.num_rows != item["count"] or not (t["video"].to_numpy() == item["video"]).all():
+        if _retry:  # an index file rewritten under the same name since this process opened it
+            with _CACHE_LOCK:
+                _forget(index_path)
+            return read_video(index_path, item, _retry=False)
+        raise RuntimeError(f"{index_path}: rows {s}..{e - 1} are not video {item['video']}; the index and its "
+                           f"videos table disagree (the run's labels/ folder was modified): start a new run.name")
+    keys = t["key"].to_pylist()
+    return keys, read_members(item["tar"], t["offset"].to_pylist(), t["size"].to_pylist())
+
+
+def read_video_batch(batch: dict, index_path: str):
+    """Ray Data task: read the videos of a batch of stream positions; one row per video, its keys
+    and images pickled into one binary value (an Arrow binary column travels without conversion)."""
+    import pickle
+
+    import pyarrow as pa
+
+    out = []
+    for video, row_start, count, tar in zip(batch["video"], batch["row_start"], batch["count"], batch["tar"]):
+        item = {"video": int(video), "row_start": int(row_start), "count": int(count), "tar": str(tar)}
+        out.append(pickle.dumps(read_video(index_path, item), protocol=5))
+    return pa.table({"pos": pa.array(np.asarray(batch["pos"], dtype=np.int64)), "data": pa.array(out, pa.binary())})
