@@ -131,48 +131,72 @@ def local_video_stream(videos: RankVideos, position: int) -> Iterator[tuple[int,
         yield (pos, *read_video(videos.index_path, videos.item(pos % n)))
 
 
-def ray_video_stream(videos: RankVideos, position: int, window: int = 1024, concurrency: int = 2,
-                     videos_per_task: int = 16, read_ahead_mb: int = 256) -> Iterator[tuple[int, list[str], list[bytes]]]:
-    """``(position, keys, images)`` from ``position`` on, read by Ray Data tasks ahead of the consumer
-    (streaming execution with backpressure: this process holds what is in flight, not the pass).
+def ray_video_stream(videos: RankVideos, position: int, window: int = 64, concurrency: int = 2,
+                     videos_per_task: int = 8) -> Iterator[tuple[int, list[str], list[bytes]]]:
+    """``(position, keys, images)`` from ``position`` on, read by Ray Data tasks ahead of the consumer.
 
-    Positions go out in windows of ``window`` (each one Ray Data dataset of per-video items); the
-    items carry only what the read needs (row range and shard), so no table travels with the
-    tasks. Rows are handed out in position order whatever order the tasks finish in (Ray Data's own
-    ``preserve_order`` made the stream 2.7x slower on this 2-core box). The tasks ask
-    for no CPU (the trainers hold the cluster's CPUs; reading is I/O), at most ``concurrency`` run at
-    once per stream, and what was read ahead is capped at ``read_ahead_mb`` of object store."""
+    Positions go out in windows of ``window`` videos, each one Ray Data dataset (``from_items`` of
+    per-video items carrying only the row range and shard, then ``map_batches`` read tasks); while
+    one window is consumed the next one is already running, so the trainer holds and the tasks
+    read at most two windows ahead, whatever the consumer's pace (a bound in videos, not bytes:
+    a read-ahead of thousands of videos would take the CPUs the training needs). Rows are handed
+    out in position order whatever order the tasks finish in (Ray Data's own ``preserve_order``
+    made the stream 2.7x slower on this 2-core box). The tasks ask for no CPU (the trainers hold
+    the cluster's CPUs; reading is I/O), and at most ``concurrency`` run at once per window."""
     import pickle
+    from concurrent.futures import ThreadPoolExecutor
 
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    ctx.execution_options.preserve_order = False  # 2.7x slower here when on; the loop below reorders
-    ctx.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
-        object_store_memory=read_ahead_mb * 2**20)
+    ctx.execution_options.preserve_order = False
     n = len(videos)
-    start = position
-    while True:
-        pos = np.arange(start, start + max(window, 1), dtype=np.int64)
+
+    def start(first: int):
+        """Start the window from position ``first``: its iterator and first row (the execution
+        runs on in Ray Data's own thread once the first row is asked for)."""
+        pos = np.arange(first, first + window, dtype=np.int64)
         i = pos % n
         ds = ray.data.from_items([{"pos": int(p), "video": int(videos.video[k]), "row_start": int(videos.row_start[k]),
                                    "count": int(videos.count[k]), "tar": videos.tar[k]} for p, k in zip(pos, i)],
-                                 override_num_blocks=max(1, min(256, len(pos) // videos_per_task)))
+                                 override_num_blocks=max(1, window // videos_per_task))
         ds = ds.map_batches(read_video_batch, fn_kwargs={"index_path": videos.index_path}, batch_size=videos_per_task,
-                            batch_format="numpy", num_cpus=0,
-                            compute=ray.data.TaskPoolStrategy(size=concurrency))
-        pending: dict[int, bytes] = {}
-        expect = start
-        for row in ds.iter_rows():
-            pending[int(row["pos"])] = row["data"]
-            while expect in pending:
-                keys, images = pickle.loads(pending.pop(expect))
-                yield expect, keys, images
-                expect += 1
-        if expect != start + len(pos):
-            raise RuntimeError(f"single-camera stream: Ray Data returned {expect - start} of {len(pos)} videos")
-        start += len(pos)
+                            batch_format="numpy", num_cpus=0, compute=ray.data.TaskPoolStrategy(size=concurrency))
+        rows = iter(ds.iter_rows())
+        return rows, next(rows, None)
+
+    helper = ThreadPoolExecutor(1, thread_name_prefix="video-stream")
+    rows = None
+    upcoming = None
+    try:
+        first = position
+        upcoming = helper.submit(start, first)
+        while True:
+            rows, row = upcoming.result()
+            upcoming = helper.submit(start, first + window)  # the next window reads while this one is used
+            pending: dict[int, bytes] = {}
+            expect = first
+            while row is not None:
+                pending[int(row["pos"])] = row["data"]
+                while expect in pending:
+                    keys, images = pickle.loads(pending.pop(expect))
+                    yield expect, keys, images
+                    expect += 1
+                row = next(rows, None)
+            if expect != first + window:
+                raise RuntimeError(f"single-camera stream: Ray Data returned {expect - first} of {window} videos")
+            first += window
+    finally:
+        # stop both windows' executions now (left to the garbage collector, an execution waiting
+        # for its consumer can keep the process from exiting)
+        helper.shutdown(wait=False, cancel_futures=True)
+        windows = [rows]
+        if upcoming is not None and upcoming.done() and not upcoming.cancelled() and upcoming.exception() is None:
+            windows.append(upcoming.result()[0])
+        for it in windows:
+            if hasattr(it, "close"):
+                it.close()
 
 
 class VideoFeed:
