@@ -2,7 +2,10 @@
 replaced design in the same run.
 
     .venv/bin/python benchmarks/bench_stream_memory.py --rows 100000 500000 2000000 --json bench_results/stream_memory.json
-    .venv/bin/python benchmarks/bench_stream_memory.py --quick       # 20K and 100K rows (make bench)
+    .venv/bin/python benchmarks/bench_stream_memory.py --quick       # 20K and 100K rows (run_all.py --quick)
+
+``make bench`` runs it at the defaults (100K, 500K and 2M rows: about 15 minutes on 2 cores, 3 GB of
+shards in a temporary folder).
 
 For each size a real shard set is written with the project's ``ShardWriter`` (one dataset of
 ``rows / 480`` videos, ~20 tracker identities per video, 256-byte stand-ins for the JPEGs: the
