@@ -87,11 +87,11 @@ class _Maps:
         for ds, (vids, gids) in list(self.video.items()):
             order = np.argsort(np.asarray(vids, dtype=np.int64), kind="stable")
             self.video[ds] = (np.asarray(vids, dtype=np.int64)[order], np.asarray(gids, dtype=np.int64)[order])
-        self.label: dict[str, tuple[pa.Array, int]] = {}
+        self.label: dict[str, tuple[np.ndarray, int]] = {}  # sorted names (searched, never rehashed)
         first = 0
         for ds in sorted({d for d, _ in labels}):
-            names = sorted(p for d, p in labels if d == ds)
-            self.label[ds] = (pa.array(names, pa.string()), first)
+            names = np.array(sorted(p for d, p in labels if d == ds), dtype=object)
+            self.label[ds] = (names, first)
             first += len(names)
         self.num_labels = first
         self.num_videos = len(videos)
@@ -107,9 +107,9 @@ class _Maps:
             video[mask] = gids[np.searchsorted(vids, vid_np[mask])]
             if ds in self.label:
                 names, first = self.label[ds]
-                pos = pc.index_in(source_pid.filter(pa.array(mask)), value_set=names)
-                label[mask] = np.where(pc.is_null(pos).to_numpy(zero_copy_only=False), -1,
-                                       pos.fill_null(0).to_numpy(zero_copy_only=False) + first)
+                pids = np.array(source_pid.filter(pa.array(mask)).fill_null("").to_pylist(), dtype=object)
+                pos = np.minimum(np.searchsorted(names, pids), len(names) - 1)
+                label[mask] = np.where(names[pos] == pids, pos + first, -1)
         return video, label
 
 
@@ -290,9 +290,3 @@ def write_single_camera_index(roots: list[str], index_path: str | Path,
         if storage.is_remote(index_path):
             os.rmdir(tmp_dir)
     return IndexInfo(num_rows=num_rows, videos=np.concatenate(video_ids), num_labels=num_labels)
-
-
-def single_camera_index(roots: list[str], truth_paths: list[str] | None = None) -> pa.Table:
-    """The whole index as one table (for tests and small tools; runs write it with
-    :func:`write_single_camera_index`)."""
-    return pa.concat_tables(list(iter_index(roots, truth_paths)))
