@@ -6,9 +6,9 @@
    :class:`IdentityMaps`, and plans shards deterministically: single-camera videos are packed whole
    and contiguous (a video never straddles two shards), other images by count and estimated size
    (file sizes, LMDB value lengths).
-2. Ray Data tasks write the shards (``from_items(plans).map(write)``): each reads the image bytes,
-   validates them by a full decode, and writes ``shard-NNNNNN.tar`` + its parquet manifest
-   atomically. ``workers=0`` runs the same writer in this process, without Ray.
+2. Ray Data tasks write the shards (``from_items(plans).map(write)``, each plan one Arrow IPC item):
+   each reads the image bytes, validates them by a full decode, and writes ``shard-NNNNNN.tar`` + its
+   parquet manifest atomically. ``workers=0`` runs the same writer in this process, without Ray.
 3. The driver writes ``ingest.json`` (the summary) and, last, ``manifest.parquet`` (one row per
    image, with its shard), both atomically and only when their content changed.
 
@@ -49,7 +49,7 @@ from dynamix_core.config import ConfigError, field
 from dynamix_core.data.images import image_problem, sniff_format
 from dynamix_core.data.lmdb_io import open_lmdb
 from dynamix_core.data.parsers import FORMATS, detect_format_why, parse_source
-from dynamix_core.data.records import IdentityMaps, ImageRef, InputReport, RawSample, Record
+from dynamix_core.data.records import RECORD_FIELDS, IdentityMaps, ImageRef, InputReport, RawSample, Record
 from dynamix_core.data.shards import (
     BLOCK,
     DATASET_SCHEMA,
@@ -71,6 +71,15 @@ PLAN_NAME = "plan.parquet"
 PLAN_SCHEMA = pa.schema([("key", pa.string()), ("dataset", pa.string()), ("shard", pa.int32()),
                          ("pid", pa.int64()), ("camid", pa.int64()), ("video_id", pa.int64()),
                          ("source_pid", pa.string()), ("source_camid", pa.string())])
+#: one planned image as a shard-writing task receives it (:meth:`ShardPlan.to_item`)
+PLAN_ITEM_SCHEMA = pa.schema([("key", pa.string()), ("dataset", pa.string()), ("split", pa.string()),
+                              ("pid", pa.int64()), ("camid", pa.int64()), ("video_id", pa.int64()),
+                              ("tracklet_id", pa.int64()), ("frame", pa.int64()), ("domain", pa.string()),
+                              ("source_pid", pa.string()), ("source_camid", pa.string()),
+                              ("container", pa.string()), ("member", pa.string()), ("ext", pa.string()),
+                              ("bytes", pa.int64())])
+_REPEATED = {"dataset", "split", "domain", "container", "ext"}  # few distinct values: dictionary-encoded
+assert tuple(PLAN_ITEM_SCHEMA.names[:len(RECORD_FIELDS)]) == RECORD_FIELDS  # from_item builds Records positionally
 #: problems listed one by one in ingest.json (all of them are counted)
 MAX_LISTED_PROBLEMS = 1000
 
@@ -127,17 +136,28 @@ class ShardPlan:
         return hashlib.sha1(json.dumps(self.to_rows(), sort_keys=True).encode()).hexdigest()
 
     def to_item(self) -> dict:
-        """A Ray Data row: the plan travels as one JSON string (compact, schema-free)."""
-        return {"index": self.index, "plan": json.dumps(self.to_rows())}
+        """A Ray Data row: the plan travels as one Arrow IPC stream (columnar, repeated strings
+        dictionary-encoded: 0.39x the bytes of the JSON rows it replaced; ``docs/spec.md`` 1.3)."""
+        records = [r for r, _, _ in self.samples]
+        columns = {name: [getattr(r, name) for r in records] for name in RECORD_FIELDS}
+        columns["container"] = [i.container for _, i, _ in self.samples]
+        columns["member"] = [i.member for _, i, _ in self.samples]
+        columns["ext"] = [i.ext for _, i, _ in self.samples]
+        columns["bytes"] = [n for _, _, n in self.samples]
+        arrays = [pa.array(columns[f.name], f.type) for f in PLAN_ITEM_SCHEMA]
+        arrays = [a.dictionary_encode() if f.name in _REPEATED else a for a, f in zip(arrays, PLAN_ITEM_SCHEMA)]
+        table = pa.table(arrays, names=PLAN_ITEM_SCHEMA.names)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as stream:
+            stream.write_table(table)
+        return {"index": self.index, "plan": sink.getvalue().to_pybytes()}
 
     @classmethod
     def from_item(cls, item: dict) -> "ShardPlan":
-        samples = []
-        for row in json.loads(item["plan"]):
-            image = ImageRef(row.pop("container"), row.pop("member"), row.pop("ext"))
-            size = row.pop("bytes")
-            samples.append((Record(**row), image, size))
-        return cls(int(item["index"]), samples)
+        c = pa.ipc.open_stream(item["plan"]).read_all().cast(PLAN_ITEM_SCHEMA).to_pydict()  # dictionaries decoded
+        records = [Record(*values) for values in zip(*(c[name] for name in RECORD_FIELDS))]
+        images = [ImageRef(*values) for values in zip(c["container"], c["member"], c["ext"])]
+        return cls(int(item["index"]), list(zip(records, images, c["bytes"])))
 
 
 def _where(image: ImageRef) -> str:

@@ -431,3 +431,38 @@ def test_an_unreadable_plan_file_means_a_fresh_plan(tmp_path):
     result = ingest(tmp_path / "src", tmp_path / "out", shard_max_count=3)
     assert result.shards_written == 0 and result.shards_skipped == 4
     assert (tmp_path / "out" / "plan.parquet").read_bytes()[:4] == b"PAR1"
+
+
+def test_shard_plans_travel_as_compact_arrow_and_keep_their_digest():
+    """A plan goes to its writer task as an Arrow IPC stream (not JSON rows), round-trips exactly
+    (None members, PNGs, several datasets), and keeps the digest earlier ingests stored in their
+    shards (sha1 of the sorted-key JSON rows), so their finished shards are still skipped."""
+    import hashlib
+    import json as _json
+
+    import pyarrow as _pa
+
+    from dynamix_core.data.records import ImageRef, Record
+    from pipelines.ingest import ShardPlan
+
+    rows = []
+    for i in range(50):
+        single = i % 3 == 0
+        rows.append({"key": f"{'lup' if single else 'mkt'}_{i:04d}", "dataset": "luperson_nl" if single else "market1501",
+                     "split": "train", "pid": -1 if i % 7 == 0 else i // 2, "camid": i % 6,
+                     "video_id": i // 10 if single else -1, "tracklet_id": i % 4 if single else -1,
+                     "frame": i if single else -1, "domain": "single" if single else "multi",
+                     "source_pid": "" if i % 7 == 0 else str(i // 2), "source_camid": f"c{i % 6}",
+                     "container": "/data/lup/lmdb" if single else f"/data/market/{i:04d}.png",
+                     "member": f"{i:08d}" if single else None, "ext": "jpg" if single else "png", "bytes": 1000 + i})
+    fields = ("key", "dataset", "split", "pid", "camid", "video_id", "tracklet_id", "frame", "domain",
+              "source_pid", "source_camid")
+    plan = ShardPlan(7, [(Record(**{k: r[k] for k in fields}), ImageRef(r["container"], r["member"], r["ext"]), r["bytes"])
+                         for r in rows])
+    item = plan.to_item()
+    assert item["index"] == 7 and isinstance(item["plan"], bytes)
+    assert _pa.ipc.open_stream(item["plan"]).read_all().num_rows == len(rows)
+    assert len(item["plan"]) < len(_json.dumps(rows).encode())
+    back = ShardPlan.from_item(item)
+    assert back.index == 7 and back.samples == plan.samples
+    assert back.digest == plan.digest == hashlib.sha1(_json.dumps(rows, sort_keys=True).encode()).hexdigest()
