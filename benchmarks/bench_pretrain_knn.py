@@ -80,6 +80,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="pre-training steps (default: the demo recipe's)")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (init and sampling)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--batch", type=int, default=None, help="images per step (default: the recipe's)")
+    ap.add_argument("--max-images-per-video", type=int, default=None,
+                    help="frames of one video in a batch (default: the recipe's; more = negatives sharing a background)")
+    ap.add_argument("--buffer-videos", type=int, default=None, help="videos the sampler draws from (default: the recipe's)")
+    ap.add_argument("--crop-min", type=float, default=None, help="smallest random-crop scale of both views (default: the recipe's)")
+    ap.add_argument("--view-threads", type=int, default=1, help="threads decoding and augmenting each batch")
     ap.add_argument("--out", type=Path, help="also write the markdown report here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -96,7 +102,13 @@ def main() -> int:
         prepare_data(data, progress=False)
     shards = data / "shards"
     size = {"height": height, "width": width}
+    if args.crop_min is not None:
+        size["crop_scale"] = (args.crop_min, 1.0)
     views = [TransformConfig(**{**vars(v), **size}) for v in (recipe.data.view1, recipe.data.view2)]
+    size = {"height": height, "width": width}
+    batch = args.batch or recipe.data.batch_size
+    per_video = args.max_images_per_video or recipe.data.max_images_per_video
+    buffer_videos = args.buffer_videos or recipe.data.buffer_videos
     targets = {name: TargetSet.load(str(shards / name), TransformConfig(**size)) for name in SETS}
     videos = LocalVideos.from_shards([shards / "synth_video"])
     results: dict[str, dict[str, list[float]]] = {name: {"random": [], "pretrained": []} for name in SETS}
@@ -107,9 +119,9 @@ def main() -> int:
         for name, target in targets.items():
             results[name]["random"].append(average_precision_loop(*features(backbone, target, device), target.q_pid,
                                                                   target.g_pid, target.q_cam, target.g_cam))
-        cfg = LocalPretrainConfig(steps=steps, batch_size=recipe.data.batch_size, buffer_videos=recipe.data.buffer_videos,
-                                  max_images_per_video=recipe.data.max_images_per_video, seed=seed,
-                                  objective=recipe.objective, optim=recipe.optim, view1=views[0], view2=views[1])
+        cfg = LocalPretrainConfig(steps=steps, batch_size=batch, buffer_videos=buffer_videos,
+                                  max_images_per_video=per_video, seed=seed, objective=recipe.objective,
+                                  optim=recipe.optim, view1=views[0], view2=views[1], view_threads=args.view_threads)
         trained = pretrain_local(backbone, videos, cfg, device=device).backbone()
         for name, target in targets.items():
             results[name]["pretrained"].append(average_precision_loop(*features(trained, target, device), target.q_pid,
@@ -122,7 +134,8 @@ def main() -> int:
         return f"{100 * statistics.fmean(values):.1f}" + (f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else "")
 
     lines = [f"# Bare backbone mAP (%), no fine-tuning: {recipe.model.backbone} at {height}x{width}, MoCo v3 "
-             f"pre-training {steps} steps x {recipe.data.batch_size} images on SynthReID's single-camera set, "
+             f"pre-training {steps} steps x {batch} images ({per_video} per video, {buffer_videos} videos buffered, "
+             f"crop scale {views[0].crop_scale}) on SynthReID's single-camera set, "
              f"seeds {seeds}, {minutes:.1f} min on {device.type}", "",
              "| split | chance | random init | pre-trained | pre-trained - random |", "|---|---:|---:|---:|---:|"]
     for name, target in targets.items():

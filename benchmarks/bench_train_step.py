@@ -96,9 +96,11 @@ def make_batch(size: Size, device: torch.device, gen: torch.Generator) -> dict[s
 class TrainStep:
     """The three step variants over one encoder, momentum encoder, optimizer and centroid memories."""
 
-    def __init__(self, size: Size, device: torch.device, gen: torch.Generator):
+    def __init__(self, size: Size, device: torch.device, gen: torch.Generator, compile_model: bool = False):
         self.size, self.device = size, device
         self.encoder = build_encoder(ModelConfig(backbone=size.backbone, img_size=size.img_size)).to(device)
+        # as the train worker does with scaling.compile: the online encoder's forward is compiled
+        self.forward = torch.compile(self.encoder) if compile_model else self.encoder
         self.momentum = MomentumEncoder(self.encoder).to(device)
         self.optimizer = torch.optim.AdamW(self.encoder.parameters(), lr=3.5e-4, fused=device.type == "cuda")
         self.loss_cfg = LossConfig()
@@ -115,6 +117,9 @@ class TrainStep:
         self.cam_centroid_CD = F.normalize(torch.randn(len(cam_pid_C), dim, generator=gen), dim=1).to(device)
         self.num_steps = 0
 
+    def embed(self, img_BCHW: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.forward(img_BCHW), dim=1)
+
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.size.bf16)
 
@@ -127,14 +132,14 @@ class TrainStep:
     def encoder_only(self, batch: dict[str, torch.Tensor]) -> None:
         """Reference: forward+backward of both views and the optimizer step, nothing else."""
         with self._autocast():
-            z = self.encoder.embed(torch.cat([batch["img_std"], batch["img_str"]]))
+            z = self.embed(torch.cat([batch["img_std"], batch["img_str"]]))
             loss = z.float().square().mean()
         self._optimize(loss)
 
     def with_momentum(self, batch: dict[str, torch.Tensor]) -> None:
         """Reference: the encoder step plus the momentum forward and the EMA update."""
         with self._autocast():
-            z = self.encoder.embed(torch.cat([batch["img_std"], batch["img_str"]]))
+            z = self.embed(torch.cat([batch["img_std"], batch["img_str"]]))
             key = self.momentum.embed(batch["img_std"])
             loss = (z[: len(key)].float() * key.float()).sum(dim=1).mean()
         self._optimize(loss)
@@ -144,7 +149,7 @@ class TrainStep:
         """The DynaMix step: both views, momentum keys, the four losses, AdamW, EMA, bank update."""
         cfg, pid, is_multi = self.loss_cfg, batch["pid"], batch["is_multi"]
         with self._autocast():
-            z_2BD = self.encoder.embed(torch.cat([batch["img_std"], batch["img_str"]]))
+            z_2BD = self.embed(torch.cat([batch["img_std"], batch["img_str"]]))
             key_BD = self.momentum.embed(batch["img_std"])
             z_BD, z_str_BD = z_2BD.chunk(2)
             terms = {
@@ -191,6 +196,7 @@ def counted_flops(step: Callable, batch) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="ViT-Ti at 32x16: a smoke run of the harness")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the online encoder, as scaling.compile does (GPU)")
     ap.add_argument("--out", type=Path, help="also write the markdown report here")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -198,13 +204,18 @@ def main() -> int:
     if device.type == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
     gen = torch.Generator().manual_seed(0)
-    step = TrainStep(size, device, gen)
+    step = TrainStep(size, device, gen, compile_model=args.compile)
     batch = make_batch(size, device, gen)
 
     variants = [("encoder fwd+bwd (reference)", step.encoder_only),
                 ("+ momentum fwd + EMA", step.with_momentum),
                 ("full DynaMix step (4 losses, bank)", step.full)]
+    compiled, step.forward = step.forward, step.encoder  # FLOPs counted eagerly (the same model)
     flops = [counted_flops(fn, batch) for _, fn in variants]
+    step.forward = compiled
+    if args.compile:  # compile outside the timed steps
+        for _, fn in variants:
+            fn(batch)
     seconds = median_seconds_per_step([fn for _, fn in variants], batch, size, device)
     rows = [(name, sec, flop) for (name, _), sec, flop in zip(variants, seconds, flops)]
 
@@ -212,7 +223,8 @@ def main() -> int:
     ref_sec = rows[0][1]
     lines = [
         f"# Training step: {size.backbone} at {size.img_size[0]}x{size.img_size[1]}, batch {size.batch} images x 2 views, "
-        f"bank {size.num_identities:,} x {step.encoder.embed_dim}, {'bf16 autocast' if size.bf16 else 'fp32'}, {device_name}",
+        f"bank {size.num_identities:,} x {step.encoder.embed_dim}, {'bf16 autocast' if size.bf16 else 'fp32'}"
+        f"{', torch.compile' if args.compile else ''}, {device_name}",
         "",
         "| variant | ms/step | images/s | time vs reference | counted GFLOP/image | TFLOP/s | MFU (989 TFLOP/s) |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -47,3 +47,43 @@ def test_layers_import_only_downwards():
             bad += [f"{rel} imports {name}" for name in _imports(path)
                     if name.split(".")[0] in forbidden and (rel, name) not in PENDING]
     assert bad == []
+
+
+# ------------------------------------------------------------------------------ the GPU machine's Python
+# It has torch, timm, pyarrow and scikit-learn but not Ray, MLflow, webdataset, lmdb or faiss
+# (docs/stack.md). benchmarks/gpu_checks.sh runs there; these imports are what its scripts need.
+GPU_IMAGE_SCRIPT = r"""
+import sys
+for name in ("ray", "mlflow", "webdataset", "lmdb", "faiss", "cuml", "s3fs"):
+    sys.modules[name] = None  # import raises ImportError, as where the package is not installed
+import dynamix_core.data.synth.videos, dynamix_core.labeling, dynamix_core.pretrain.local, dynamix_core.centroids
+import pipelines.train.evaluate, pipelines.pretrain.config
+print("OK")
+"""
+
+
+def test_gpu_benchmark_imports_need_no_ray_lmdb_webdataset_or_faiss():
+    out = subprocess.run([sys.executable, "-c", GPU_IMAGE_SCRIPT], cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-2000:]
+
+
+COMPAT_SCRIPT = r"""
+import torch
+loaded = []
+torch.ops.load_library = loaded.append  # stands in for an extension that loads (CUDA torch + CUDA torchvision)
+import dynamix_core._compat as compat
+print("LOADED:" + ",".join(p.rsplit("/", 1)[-1] for p in loaded))
+print("DEFINED:" + ",".join(op for op in ("nms", "qnms") if compat._has_op(op)))
+"""
+
+
+def test_torchvision_shim_defines_nothing_where_the_extension_loads():
+    """Where torchvision's extension loads it registers torchvision::nms itself; a schema defined
+    before it aborts the process (seen on the GPU image). The shim must load it first and then keep out."""
+    out = subprocess.run([sys.executable, "-c", COMPAT_SCRIPT], cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = dict(line.split(":", 1) for line in out.stdout.split())
+    assert lines["LOADED"].startswith("_C"), out.stdout
+    assert lines["DEFINED"] == "", out.stdout

@@ -10,6 +10,7 @@ machine (whose Python has no Ray); production runs go through ``pipelines.pretra
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -63,6 +64,7 @@ class LocalPretrainConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_fraction=0.1))
     view1: TransformConfig = field(default_factory=TransformConfig)
     view2: TransformConfig = field(default_factory=TransformConfig)
+    view_threads: int = 1  # threads decoding and augmenting a batch (PIL releases the GIL); same views for any count
 
 
 def pretrain_local(backbone: nn.Module, videos: LocalVideos, cfg: LocalPretrainConfig, *, device: torch.device,
@@ -75,10 +77,20 @@ def pretrain_local(backbone: nn.Module, videos: LocalVideos, cfg: LocalPretrainC
                                     buffer_size=min(cfg.buffer_videos, len(videos.videos)),
                                     max_images_per_video=cfg.max_images_per_video, seed=cfg.seed)
     two_views = TwoViews(cfg.view1, cfg.view2)
-    for step in range(cfg.steps):
-        refs, _ = sampler.next_batch()
-        views = [two_views(videos.images[key], key, cfg.seed * 1000003 + 7919 * step) for key in refs]
-        out = step_fn(torch.stack([v[0] for v in views]).to(device), torch.stack([v[1] for v in views]).to(device), step)
-        if on_step is not None:
-            on_step(step, out)
+    pool = ThreadPoolExecutor(cfg.view_threads) if cfg.view_threads > 1 else None
+    try:
+        for step in range(cfg.steps):
+            refs, _ = sampler.next_batch()
+            seed = cfg.seed * 1000003 + 7919 * step
+
+            def make(key: str, seed: int = seed) -> tuple[torch.Tensor, torch.Tensor]:
+                return two_views(videos.images[key], key, seed)
+
+            views = list(pool.map(make, refs)) if pool is not None else [make(key) for key in refs]
+            out = step_fn(torch.stack([v[0] for v in views]).to(device), torch.stack([v[1] for v in views]).to(device), step)
+            if on_step is not None:
+                on_step(step, out)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return step_fn

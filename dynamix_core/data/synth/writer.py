@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-import lmdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
@@ -64,6 +63,9 @@ class VideoStoreWriter:
     bytes each) and doubles whenever it fills, so any scale works without a huge sparse file."""
 
     def __init__(self, root: Path, num_images: int, height: int, width: int):
+        import lmdb  # here, so the synth plans import where lmdb is not installed (the GPU image)
+
+        self._map_full = lmdb.MapFullError
         self.root = root
         map_size = num_images * (height * width * 3 // 2 + LMDB_OVERHEAD_BYTES) + (16 << 20)
         # lock=False: the folder is private to this process until it is renamed into place, and a
@@ -82,7 +84,7 @@ class VideoStoreWriter:
                     for (key, *_), data in zip(rows, jpegs):
                         txn.put(key.encode(), data)
                 break
-            except lmdb.MapFullError:
+            except self._map_full:
                 self.env.set_mapsize(2 * self.env.info()["map_size"])
         for key, tracker_pid, true_pid, tracklet, frame in rows:
             self.keys.append(key)
