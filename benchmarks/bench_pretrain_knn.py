@@ -102,10 +102,8 @@ def main() -> int:
         prepare_data(data, progress=False)
     shards = data / "shards"
     size = {"height": height, "width": width}
-    if args.crop_min is not None:
-        size["crop_scale"] = (args.crop_min, 1.0)
-    views = [TransformConfig(**{**vars(v), **size}) for v in (recipe.data.view1, recipe.data.view2)]
-    size = {"height": height, "width": width}
+    crop = {} if args.crop_min is None else {"crop_scale": (args.crop_min, 1.0)}
+    views = [TransformConfig(**{**vars(v), **size, **crop}) for v in (recipe.data.view1, recipe.data.view2)]
     batch = args.batch or recipe.data.batch_size
     per_video = args.max_images_per_video or recipe.data.max_images_per_video
     buffer_videos = args.buffer_videos or recipe.data.buffer_videos
