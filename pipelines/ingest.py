@@ -31,6 +31,7 @@ limits, an earlier shard left with no image, or an inconsistent plan file mean a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -54,6 +55,7 @@ from dynamix_core.data.shards import (
     BLOCK,
     DATASET_SCHEMA,
     MANIFEST_NAME,
+    SHARD_SCHEMA,
     SUMMARY_NAME,
     ShardWriter,
     read_shard_manifest,
@@ -72,14 +74,12 @@ PLAN_SCHEMA = pa.schema([("key", pa.string()), ("dataset", pa.string()), ("shard
                          ("pid", pa.int64()), ("camid", pa.int64()), ("video_id", pa.int64()),
                          ("source_pid", pa.string()), ("source_camid", pa.string())])
 #: one planned image as a shard-writing task receives it (:meth:`ShardPlan.to_item`)
-PLAN_ITEM_SCHEMA = pa.schema([("key", pa.string()), ("dataset", pa.string()), ("split", pa.string()),
-                              ("pid", pa.int64()), ("camid", pa.int64()), ("video_id", pa.int64()),
-                              ("tracklet_id", pa.int64()), ("frame", pa.int64()), ("domain", pa.string()),
-                              ("source_pid", pa.string()), ("source_camid", pa.string()),
-                              ("container", pa.string()), ("member", pa.string()), ("ext", pa.string()),
-                              ("bytes", pa.int64())])
+PLAN_ITEM_SCHEMA = pa.schema([SHARD_SCHEMA.field(name) for name in RECORD_FIELDS]
+                             + [("container", pa.string()), ("member", pa.string()), ("ext", pa.string()),
+                                ("bytes", pa.int64())])
+# from_item builds Records positionally, in RECORD_FIELDS order
+assert RECORD_FIELDS == tuple(f.name for f in dataclasses.fields(Record))
 _REPEATED = {"dataset", "split", "domain", "container", "ext"}  # few distinct values: dictionary-encoded
-assert tuple(PLAN_ITEM_SCHEMA.names[:len(RECORD_FIELDS)]) == RECORD_FIELDS  # from_item builds Records positionally
 #: problems listed one by one in ingest.json (all of them are counted)
 MAX_LISTED_PROBLEMS = 1000
 
