@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_checks.sh throughput      # training-step MFU, pre-training images/s + MFU, bank, DBSCAN
 #   bash benchmarks/gpu_checks.sh pretrain-knn DATA   # bare-backbone kNN mAP after MoCo v3, variants in parallel
+#   bash benchmarks/gpu_checks.sh pretrain-knn-seeds DATA   # one variant (STEPS, default 900), seeds 0 1 2 in parallel
 #
 # DATA is a folder prepared by `dynamix demo` (its shards/synth_video, synth_target, synth_m0).
 # QUICK=1 runs every step at its smoke size (CPU); ONLY="train_step pretrain" runs only the steps named. Each step has its own time limit, so one slow
@@ -52,5 +53,15 @@ pretrain-knn)
         --buffer-videos 8 --crop-min 0.5 --out "$OUT/knn_video_crop.md" &
     wait
     ;;
-*) echo "unknown phase $PHASE (throughput or pretrain-knn)" >&2; exit 2 ;;
+pretrain-knn-seeds)
+    # the best variant of pretrain-knn (8 frames from each of 8 videos per 64-image batch), one process per seed
+    DATA=${2:?the data folder}
+    for seed in 0 1 2; do
+        step "${LIMIT:-450}" "knn_seed$seed" $PY benchmarks/bench_pretrain_knn.py --data "$DATA" --seeds $seed --threads 1 \
+            --view-threads "${VIEW_THREADS:-5}" --steps "${STEPS:-900}" --batch 64 --max-images-per-video 8 --buffer-videos 8 \
+            $Q --out "$OUT/knn_seed$seed.md" &
+    done
+    wait
+    ;;
+*) echo "unknown phase $PHASE (throughput, pretrain-knn or pretrain-knn-seeds)" >&2; exit 2 ;;
 esac

@@ -13,7 +13,8 @@ from scratch too, so the rows differ only in data and initialisation. Per row: m
 deviation over seeds of the target mAP and Rank-1 (markdown table + bar plot under
 ``OUT/experiments/``), plus the bare pre-trained backbone's target mAP against its random init (the
 kNN monitor before and after pre-training). Runs are named by row, seed and steps: a re-run skips
-finished runs and resumes an interrupted one.
+finished runs and resumes an interrupted one; the settings given with ``--set`` and ``--pretrain-set``
+are part of the names (a short hash), so other settings never reuse these runs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 from pipelines.demo import REPO, SETS, demo_config, prepare_data
-from pipelines.experiment import _mean_std, aggregate, plot_rows
+from pipelines.experiment import _mean_std, aggregate, plot_rows, run_name_for
 
 SUITE = "pretraining"
 PRETRAIN_RECIPE = REPO / "recipes" / "pretrain_demo.yaml"
@@ -61,7 +62,18 @@ def pretrain_config(out: Path, seed: int, steps: int | None, overrides: list[str
     extra += [f"run.max_steps={steps}"] if steps else []
     extra += list(overrides) + ([f"scaling.address={address}"] if address else [])
     cfg = load_config(PretrainConfig, PRETRAIN_RECIPE, extra)
-    return load_config(PretrainConfig, PRETRAIN_RECIPE, extra + [f"run.name={SUITE}-pretrain-s{seed}-{cfg.run.max_steps}"])
+    name = run_name_for(f"{SUITE}-pretrain", seed, cfg.run.max_steps, list(overrides))  # settings in the name
+    return load_config(PretrainConfig, PRETRAIN_RECIPE, extra + [f"run.name={name}"])
+
+
+def training_run_name(row: str, seed: int, steps: int, *, overrides: list[str], pretrain_overrides: list[str],
+                      pretrain_steps: int | None) -> str:
+    """One name per row, seed, budget and settings: every row trains the pre-training's backbone and
+    image size, so the pre-training settings are part of every row's name (a re-run with other
+    settings trains afresh instead of reusing these runs)."""
+    settings = list(overrides) + [f"pretrain:{o}" for o in pretrain_overrides]
+    settings += [f"pretrain:run.max_steps={pretrain_steps}"] if pretrain_steps else []
+    return run_name_for(f"{SUITE}-{row}", seed, steps, settings)
 
 
 def _pretrained_backbone(cfg) -> tuple[Path, dict]:
@@ -114,7 +126,9 @@ def run_ablation(out: Path, *, steps: int, seeds: int, pretrain_steps: int | Non
             extra = same_model + [f"run.seed={seed}", f"run.max_steps={steps}", "run.eval_every=0"]
             extra += [f"model.weights={weights}", "model.weights_scope=backbone"] if pretrained else []
             extra += list(overrides) + ([f"scaling.address={address}"] if address else [])
-            metrics = _train(out, recipe, f"{SUITE}-{row}-s{seed}-{steps}", extra)
+            name = training_run_name(row, seed, steps, overrides=list(overrides),
+                                     pretrain_overrides=list(pretrain_overrides), pretrain_steps=pretrain_steps)
+            metrics = _train(out, recipe, name, extra)
             runs[row].append({"seed": seed, "mAP": float(metrics["eval/mAP"]), "rank1": float(metrics["eval/rank1"])})
     rows = [aggregate(row, description, runs[row]) for row, description, *_ in ROWS]
     folder = out / "experiments"

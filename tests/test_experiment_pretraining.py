@@ -41,3 +41,24 @@ def test_the_experiment_command_offers_the_suite():
                                                   "--pretrain-steps", "30", "--pretrain-set", "data.batch_size=16"])
     assert (args.suite, args.steps, args.seeds, args.pretrain_steps) == ("pretraining", 20, 2, 30)
     assert args.pretrain_overrides == ["data.batch_size=16"]
+
+
+def test_run_names_change_with_the_settings_they_ran_with(tmp_path):
+    """A re-run with other pre-training or training settings must not reuse finished runs of the old
+    settings (they are skipped by name)."""
+    from pipelines.experiment_pretraining import pretrain_config, training_run_name
+
+    small = ["model.backbone=test_resnet", "data.batch_size=16"]
+    names = {pretrain_config(tmp_path, 0, None, o, None).run.name for o in ([], small, small[:1])}
+    assert len(names) == 3
+    assert pretrain_config(tmp_path, 0, None, small, None).run.name == pretrain_config(tmp_path, 0, None, small[::-1],
+                                                                                       None).run.name
+    assert pretrain_config(tmp_path, 1, None, [], None).run.name != pretrain_config(tmp_path, 0, None, [], None).run.name
+    assert pretrain_config(tmp_path, 0, 50, [], None).run.name != pretrain_config(tmp_path, 0, None, [], None).run.name
+    base = training_run_name("b", 0, 200, overrides=[], pretrain_overrides=[], pretrain_steps=None)
+    assert base != training_run_name("b", 0, 200, overrides=[], pretrain_overrides=small, pretrain_steps=None)
+    assert base != training_run_name("b", 0, 200, overrides=[], pretrain_overrides=[], pretrain_steps=50)
+    assert base != training_run_name("b", 0, 200, overrides=["optim.lr=0.1"], pretrain_overrides=[], pretrain_steps=None)
+    assert base != training_run_name("b", 1, 200, overrides=[], pretrain_overrides=[], pretrain_steps=None)
+    assert base == training_run_name("b", 0, 200, overrides=[], pretrain_overrides=[], pretrain_steps=None)
+    assert base.startswith("pretraining-b-s0-200")
