@@ -237,10 +237,14 @@ def write_plan(plans: list["ShardPlan"], path: str | Path, previous: PreviousPla
                max_count: int) -> None:
     """``plan.parquet``, atomically and only when it differs from ``previous`` (what
     :func:`read_previous_plan` read from the same file with the same limits; None: write)."""
-    rows = [(r.key, r.dataset, p.index, r.pid, r.camid, r.video_id, r.source_pid, r.source_camid)
-            for p in plans for r, _, _ in p.samples]
-    columns = list(zip(*rows)) if rows else [[] for _ in PLAN_SCHEMA]
-    table = pa.table([pa.array(col, f.type) for col, f in zip(columns, PLAN_SCHEMA)], schema=PLAN_SCHEMA)
+    def shard_table(p: ShardPlan) -> pa.Table:  # one shard at a time: no Python row list of the whole plan
+        records = [r for r, _, _ in p.samples]
+        columns = [[r.key for r in records], [r.dataset for r in records], [p.index] * len(records),
+                   [r.pid for r in records], [r.camid for r in records], [r.video_id for r in records],
+                   [r.source_pid for r in records], [r.source_camid for r in records]]
+        return pa.table([pa.array(c, f.type) for c, f in zip(columns, PLAN_SCHEMA)], schema=PLAN_SCHEMA)
+
+    table = pa.concat_tables([shard_table(p) for p in plans]).combine_chunks() if plans else PLAN_SCHEMA.empty_table()
     if previous is not None and previous.table.equals(table):
         return
     write_table_atomic(table.replace_schema_metadata({"shard_max_bytes": str(max_bytes),

@@ -100,11 +100,12 @@ def parse_luperson(root: Path, report: InputReport, *, dataset: str) -> list[Raw
     content = load_keys_pickle(keys_path)
     keys = content["keys"] if isinstance(content, dict) and "keys" in content else content
     samples = []
+    store, one = str(lmdb_dir), {}  # one string object per store and per video, shared by their images
     for _, key, match in _valid_keys(keys, keys_path, lmdb_dir, report, LUPERSON_KEY_RE, "CC_TT_VVVV_IIIIIIII"):
-        video = match["video"]
+        video = one.setdefault(match["video"], match["video"])
         samples.append(RawSample(
             dataset=dataset, split="train", source_pid=None, source_camid=video,
-            image=ImageRef(str(lmdb_dir), member=key), key=make_key(dataset, "train", key),
+            image=ImageRef(store, member=key), key=make_key(dataset, "train", key),
             domain="single", source_video=video,
         ))
     return samples
@@ -121,8 +122,12 @@ def parse_luperson_nl(root: Path, report: InputReport, *, dataset: str) -> list[
         raise BadInputError(f"{keys_path}: 'keys' and 'pids' must be lists of equal length (LUPerson-NL)")
     samples = []
     pid_of_tracklet: dict[tuple[str, str], int] = {}
+    # one string object per store, video, tracklet and identity, shared by their images (about 170 of
+    # the ~1,200 bytes per image that planning holds; benchmarks/bench_ingest_memory.py)
+    store, one, identity = str(lmdb_dir), {}, {}
     for i, key, match in _valid_keys(keys, keys_path, lmdb_dir, report, LUPERSON_NL_KEY_RE, "VVVVV_PPPPPP_FFFFFFF_OO"):
-        video, tracklet, pid = match["video"], match["tracklet"], pids[i]
+        video, tracklet, pid = one.setdefault(match["video"], match["video"]), match["tracklet"], pids[i]
+        tracklet = one.setdefault(tracklet, tracklet)
         if type(pid) is not int:
             report.reject(f"{lmdb_dir}[{key}]", f"bad pid: {pid!r} in {keys_path.name}, expected an int")
             continue
@@ -131,9 +136,10 @@ def parse_luperson_nl(root: Path, report: InputReport, *, dataset: str) -> list[
             report.reject(f"{lmdb_dir}[{key}]",
                           f"label mismatch: pid {pid}, but tracklet {video}_{tracklet} has pid {first}")
             continue
+        source_pid = identity.get((video, tracklet)) or identity.setdefault((video, tracklet), f"{video}_{tracklet}")
         samples.append(RawSample(
-            dataset=dataset, split="train", source_pid=f"{video}_{tracklet}", source_camid=video,
-            image=ImageRef(str(lmdb_dir), member=key), key=make_key(dataset, "train", key),
+            dataset=dataset, split="train", source_pid=source_pid, source_camid=video,
+            image=ImageRef(store, member=key), key=make_key(dataset, "train", key),
             domain="single", source_video=video, source_tracklet=tracklet, frame=int(match["frame"]),
         ))
     return samples

@@ -1,0 +1,162 @@
+"""Memory of ingest planning on a LUPerson-NL store, per image, against the input list itself.
+
+    .venv/bin/python benchmarks/bench_ingest_memory.py --rows 100000 400000 --json bench_results/ingest_memory.json
+    .venv/bin/python benchmarks/bench_ingest_memory.py --quick        # 20K and 100K rows (run_all.py --quick)
+
+Issue 13 item 4 asks for ingest planning in bounded memory; LUPerson-NL is the set that is large
+(10M images). For each size a real LUPerson-NL store is written (``keys.pkl`` with keys and tracker
+pids, an LMDB whose values are 32-byte stand-ins for the JPEGs: planning reads their sizes, never
+their bytes), with ``rows / 480`` videos and ~23 images per tracklet, the shape of the real set
+(10.7M images, 21K videos, 433K identities). Then, each in a fresh Python process, so that the peak
+resident memory (``ru_maxrss``) is that of the measured work:
+
+* **plan**: what ``dynamix ingest`` does before it writes any shard, with the project's functions:
+  :func:`parse_source`, :meth:`IdentityMaps.build`, :func:`plan_shards` and :func:`write_plan` (the
+  ``plan.parquet`` of a fresh output folder);
+* **reference** (``keys``): only loading ``keys.pkl``, the Python list of keys and pids that any
+  planner reading this format holds. Its cost per row is the floor of the current design.
+
+Reported: peak RSS above the process's RSS after its imports, in MB and bytes per image, the plan's
+ratio to the reference, and the time of each. ``growth`` would be flat for a bounded planner; the
+current one is O(images) (it holds every sample, record and plan in Python objects), so bytes per
+image is the figure to watch, and ``at 10M`` extrapolates it linearly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+IMAGES_PER_VIDEO = 480
+IMAGES_PER_TRACKLET = 23
+VALUE = b"\xff\xd8" + b"\0" * 28 + b"\xff\xd9"  # 32 bytes; planning reads the length only
+
+
+def write_store(root: Path, rows: int) -> None:
+    """A LUPerson-NL store of ``rows`` images (SPEC 1.2: keys.pkl {"keys", "pids"} + lmdb/)."""
+    import lmdb
+
+    keys, pids = [], []
+    for i in range(rows):
+        video, frame = divmod(i, IMAGES_PER_VIDEO)
+        tracklet = frame // IMAGES_PER_TRACKLET
+        keys.append(f"{video:05d}_{tracklet:06d}_{frame:07d}_00")
+        pids.append(video * 100 + tracklet)
+    (root / "lmdb").mkdir(parents=True)
+    env = lmdb.open(str(root / "lmdb"), map_size=rows * 256 + (64 << 20))
+    with env.begin(write=True) as txn:
+        for key in keys:
+            txn.put(key.encode(), VALUE)
+    env.close()
+    with open(root / "keys.pkl", "wb") as fh:
+        pickle.dump({"keys": keys, "pids": pids}, fh, protocol=4)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure(role: str, store: str, out: str) -> dict:
+    """One role in this (fresh) process: peak RSS above the RSS after imports, and seconds."""
+    import pyarrow  # noqa: F401  (imported before the baseline, as the planner imports it)
+
+    from dynamix_core.data.parsers import parse_source
+    from dynamix_core.data.parsers.luperson import load_keys_pickle
+    from dynamix_core.data.records import IdentityMaps, InputReport
+    from pipelines.ingest import PLAN_NAME, plan_shards, write_plan
+
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    if role == "keys":
+        held = load_keys_pickle(Path(store) / "keys.pkl")
+        rows = len(held["keys"])
+    else:
+        report = InputReport(strict=False)
+        samples = parse_source("luperson_nl", store, report, dataset="lupnl")
+        maps = IdentityMaps.build(samples)
+        limits = {"max_bytes": 1 << 30, "max_count": 10000}
+        plans = plan_shards(samples, maps, report, **limits)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_plan(plans, Path(out) / PLAN_NAME, None, **limits)
+        rows = sum(len(p.samples) for p in plans)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    return {"role": role, "rows": rows, "peak_mb": round(peak - base, 1), "seconds": round(seconds, 2)}
+
+
+def run_role(role: str, store: Path, out: Path) -> dict:
+    cmd = [sys.executable, __file__, "--role", role, "--store", str(store), "--plan-out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    if done.returncode != 0:
+        raise SystemExit(f"bench_ingest_memory: {role} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 400_000], help="store sizes (images)")
+    ap.add_argument("--quick", action="store_true", help="20K and 100K rows")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--out", type=Path, help="also write the markdown report here")
+    ap.add_argument("--role", choices=["keys", "plan"], help=argparse.SUPPRESS)  # internal: one measurement
+    ap.add_argument("--store", help=argparse.SUPPRESS)
+    ap.add_argument("--plan-out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.role:
+        print(json.dumps(measure(args.role, args.store, args.plan_out)))
+        return 0
+
+    sizes = [20_000, 100_000] if args.quick else args.rows
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_ingest_memory_") as tmp:
+        for rows in sizes:
+            store = Path(tmp) / f"store{rows}"
+            t0 = time.perf_counter()
+            write_store(store, rows)
+            print(f"[bench] {rows:,} rows: store written in {time.perf_counter() - t0:.0f} s", flush=True)
+            ref = run_role("keys", store, Path(tmp) / f"out{rows}")
+            plan = run_role("plan", store, Path(tmp) / f"out{rows}")
+            if plan["rows"] != rows:
+                raise SystemExit(f"bench_ingest_memory: planned {plan['rows']} of {rows} rows")
+            results.append({"rows": rows, "keys_mb": ref["peak_mb"], "plan_mb": plan["peak_mb"],
+                            "keys_bytes_per_row": round(ref["peak_mb"] * 2**20 / rows),
+                            "plan_bytes_per_row": round(plan["peak_mb"] * 2**20 / rows),
+                            "plan_over_keys": round(plan["peak_mb"] / max(ref["peak_mb"], 1e-9), 2),
+                            "keys_s": ref["seconds"], "plan_s": plan["seconds"]})
+            print(f"[bench] {results[-1]}", flush=True)
+            for p in Path(tmp).glob(f"*{rows}"):
+                subprocess.run(["rm", "-rf", str(p)], check=True)
+    lines = ["# Ingest planning memory on a LUPerson-NL store (peak RSS above the process's start)", "",
+             "| rows | reference: keys.pkl loaded, MB (B/row) | plan, MB (B/row) | plan / reference | at 10M rows | "
+             "plan s |", "|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['rows']:,} | {r['keys_mb']:.0f} ({r['keys_bytes_per_row']}) | {r['plan_mb']:.0f} "
+                     f"({r['plan_bytes_per_row']}) | {r['plan_over_keys']:.2f}x | "
+                     f"{r['plan_bytes_per_row'] * 10_000_000 / 2**30:.1f} GB | {r['plan_s']:.1f} |")
+    lines += ["", "plan = parse_source + IdentityMaps.build + plan_shards + write_plan (pipelines/ingest.py), "
+                  "each role in a fresh process."]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
