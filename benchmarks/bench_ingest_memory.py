@@ -11,8 +11,8 @@ their bytes), with ``rows / 480`` videos and ~23 images per tracklet, the shape 
 resident memory (``ru_maxrss``) is that of the measured work:
 
 * **plan**: what ``dynamix ingest`` does before it writes any shard, with the project's functions:
-  :func:`parse_source`, :meth:`IdentityMaps.build`, :func:`plan_shards` and :func:`write_plan` (the
-  ``plan.parquet`` of a fresh output folder);
+  :func:`pipelines.ingest.plan_ingest` (parse, identity maps, shard plans) and :func:`write_plan`
+  (the ``plan.parquet`` of a fresh output folder), with the default shard limits;
 * **reference** (``keys``): only loading ``keys.pkl``, the Python list of keys and pids that any
   planner reading this format holds. Its cost per row is the floor of the current design.
 
@@ -72,10 +72,9 @@ def measure(role: str, store: str, out: str) -> dict:
     """One role in this (fresh) process: peak RSS above the RSS after imports, and seconds."""
     import pyarrow  # noqa: F401  (imported before the baseline, as the planner imports it)
 
-    from dynamix_core.data.parsers import parse_source
     from dynamix_core.data.parsers.luperson import load_keys_pickle
-    from dynamix_core.data.records import IdentityMaps, InputReport
-    from pipelines.ingest import PLAN_NAME, plan_shards, write_plan
+    from dynamix_core.data.records import InputReport
+    from pipelines.ingest import PLAN_NAME, IngestConfig, plan_ingest, write_plan
 
     base = _rss_mb()
     t0 = time.perf_counter()
@@ -83,13 +82,11 @@ def measure(role: str, store: str, out: str) -> dict:
         held = load_keys_pickle(Path(store) / "keys.pkl")
         rows = len(held["keys"])
     else:
-        report = InputReport(strict=False)
-        samples = parse_source("luperson_nl", store, report, dataset="lupnl")
-        maps = IdentityMaps.build(samples)
-        limits = {"max_bytes": 1 << 30, "max_count": 10000}
-        plans = plan_shards(samples, maps, report, **limits)
+        cfg = IngestConfig(root=Path(store), out=out, format="luperson_nl", dataset="lupnl")
+        _, _, previous, plans = plan_ingest(cfg, InputReport(strict=False))  # what run_ingest does first
         Path(out).mkdir(parents=True, exist_ok=True)
-        write_plan(plans, Path(out) / PLAN_NAME, None, **limits)
+        write_plan(plans, Path(out) / PLAN_NAME, previous, max_bytes=cfg.shard_max_bytes,
+                   max_count=cfg.shard_max_count)
         rows = sum(len(p.samples) for p in plans)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
@@ -145,8 +142,7 @@ def main() -> int:
         lines.append(f"| {r['rows']:,} | {r['keys_mb']:.0f} ({r['keys_bytes_per_row']}) | {r['plan_mb']:.0f} "
                      f"({r['plan_bytes_per_row']}) | {r['plan_over_keys']:.2f}x | "
                      f"{r['plan_bytes_per_row'] * 10_000_000 / 2**30:.1f} GB | {r['plan_s']:.1f} |")
-    lines += ["", "plan = parse_source + IdentityMaps.build + plan_shards + write_plan (pipelines/ingest.py), "
-                  "each role in a fresh process."]
+    lines += ["", "plan = plan_ingest + write_plan (pipelines/ingest.py), each role in a fresh process."]
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -458,20 +458,29 @@ class IngestResult:
     format_why: str = "given with --format"  # or "auto-detected: <what in the layout decided it>"
 
 
+def plan_ingest(cfg: IngestConfig, report: InputReport) -> tuple[str, str, PreviousPlan | None, list[ShardPlan]]:
+    """Parse the source and plan its shards: ``(format, why that format, the folder's previous plan,
+    the shard plans)``. The parsed samples die with this call (the plans keep what the shards need),
+    so they are not held while ``plan.parquet`` and the shards are written."""
+    fmt, why = (cfg.format, "given with --format") if cfg.format != "auto" else detect_format_why(cfg.root)
+    samples = parse_source(fmt, cfg.root, report, dataset=cfg.dataset, **cfg.options)
+    limits = {"max_bytes": cfg.shard_max_bytes, "max_count": cfg.shard_max_count}
+    previous = read_previous_plan(str(cfg.out), **limits)
+    fixed = previous.fixed_maps(samples) if previous is not None else None
+    maps = IdentityMaps.build(samples, fixed)
+    plans = plan_shards(samples, maps, report, **limits, previous=previous if fixed is not None else None)
+    return fmt, why, previous, plans
+
+
 def run_ingest(cfg: IngestConfig, *, progress: bool = True) -> IngestResult:
     """Run (or resume) one ingest; raises :class:`BadInputError` in strict mode at the first bad input."""
     start = time.perf_counter()
     if storage.is_remote(cfg.out):
         storage.makedirs(cfg.out)  # a missing bucket or unreachable store fails before the source is listed
     report = InputReport(strict=cfg.strict)
-    fmt, why = (cfg.format, "given with --format") if cfg.format != "auto" else detect_format_why(cfg.root)
-    samples = parse_source(fmt, cfg.root, report, dataset=cfg.dataset, **cfg.options)
+    fmt, why, previous, plans = plan_ingest(cfg, report)
     out_dir = str(cfg.out)
     limits = {"max_bytes": cfg.shard_max_bytes, "max_count": cfg.shard_max_count}
-    previous = read_previous_plan(out_dir, **limits)
-    fixed = previous.fixed_maps(samples) if previous is not None else None
-    maps = IdentityMaps.build(samples, fixed)
-    plans = plan_shards(samples, maps, report, **limits, previous=previous if fixed is not None else None)
     storage.makedirs(out_dir)  # a local folder (an object store has no folders to create)
     if not storage.is_remote(out_dir):
         remove_stale_tmp(Path(out_dir))  # (an object store never holds temporary objects: uploads are whole)
