@@ -29,6 +29,7 @@ import json
 import os
 import pickle
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -85,8 +86,7 @@ def measure(role: str, store: str, out: str) -> dict:
         cfg = IngestConfig(root=Path(store), out=out, format="luperson_nl", dataset="lupnl")
         _, _, previous, plans = plan_ingest(cfg, InputReport(strict=False))  # what run_ingest does first
         Path(out).mkdir(parents=True, exist_ok=True)
-        write_plan(plans, Path(out) / PLAN_NAME, previous, max_bytes=cfg.shard_max_bytes,
-                   max_count=cfg.shard_max_count)
+        write_plan(plans, Path(out) / PLAN_NAME, previous, **cfg.shard_limits)
         rows = sum(len(p.samples) for p in plans)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
@@ -134,7 +134,7 @@ def main() -> int:
                             "keys_s": ref["seconds"], "plan_s": plan["seconds"]})
             print(f"[bench] {results[-1]}", flush=True)
             for p in Path(tmp).glob(f"*{rows}"):
-                subprocess.run(["rm", "-rf", str(p)], check=True)
+                shutil.rmtree(p)
     lines = ["# Ingest planning memory on a LUPerson-NL store (peak RSS above the process's start)", "",
              "| rows | reference: keys.pkl loaded, MB (B/row) | plan, MB (B/row) | plan / reference | at 10M rows | "
              "plan s |", "|---:|---:|---:|---:|---:|---:|"]

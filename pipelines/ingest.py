@@ -116,6 +116,11 @@ class IngestConfig:
         if self.workers < 0:
             raise ConfigError(f"workers: must be >= 0 (0 = no Ray), got {self.workers}")
 
+    @property
+    def shard_limits(self) -> dict[str, int]:
+        """The keyword arguments of the planning functions that bound a shard."""
+        return {"max_bytes": self.shard_max_bytes, "max_count": self.shard_max_count}
+
 
 # ------------------------------------------------------------------------------------------ planning
 
@@ -464,7 +469,7 @@ def plan_ingest(cfg: IngestConfig, report: InputReport) -> tuple[str, str, Previ
     so they are not held while ``plan.parquet`` and the shards are written."""
     fmt, why = (cfg.format, "given with --format") if cfg.format != "auto" else detect_format_why(cfg.root)
     samples = parse_source(fmt, cfg.root, report, dataset=cfg.dataset, **cfg.options)
-    limits = {"max_bytes": cfg.shard_max_bytes, "max_count": cfg.shard_max_count}
+    limits = cfg.shard_limits
     previous = read_previous_plan(str(cfg.out), **limits)
     fixed = previous.fixed_maps(samples) if previous is not None else None
     maps = IdentityMaps.build(samples, fixed)
@@ -480,11 +485,10 @@ def run_ingest(cfg: IngestConfig, *, progress: bool = True) -> IngestResult:
     report = InputReport(strict=cfg.strict)
     fmt, why, previous, plans = plan_ingest(cfg, report)
     out_dir = str(cfg.out)
-    limits = {"max_bytes": cfg.shard_max_bytes, "max_count": cfg.shard_max_count}
     storage.makedirs(out_dir)  # a local folder (an object store has no folders to create)
     if not storage.is_remote(out_dir):
         remove_stale_tmp(Path(out_dir))  # (an object store never holds temporary objects: uploads are whole)
-    write_plan(plans, storage.join(out_dir, PLAN_NAME), previous, **limits)  # first: a resumed run plans the same shards
+    write_plan(plans, storage.join(out_dir, PLAN_NAME), previous, **cfg.shard_limits)  # first: a resumed run plans the same shards
 
     # a re-run over an unchanged source has nothing to write: check here instead of starting Ray
     all_done = all(_finished_shard(p, out_dir) is not None for p in plans)

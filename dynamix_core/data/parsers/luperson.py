@@ -122,8 +122,8 @@ def parse_luperson_nl(root: Path, report: InputReport, *, dataset: str) -> list[
         raise BadInputError(f"{keys_path}: 'keys' and 'pids' must be lists of equal length (LUPerson-NL)")
     samples = []
     pid_of_tracklet: dict[tuple[str, str], int] = {}
-    # one string object per store, video, tracklet and identity, shared by their images (about 170 of
-    # the ~1,200 bytes per image that planning holds; benchmarks/bench_ingest_memory.py)
+    # one string object per store, video, tracklet and identity, shared by their images instead of one
+    # per image (planning holds every sample; benchmarks/bench_ingest_memory.py measures it per image)
     store, one, identity = str(lmdb_dir), {}, {}
     for i, key, match in _valid_keys(keys, keys_path, lmdb_dir, report, LUPERSON_NL_KEY_RE, "VVVVV_PPPPPP_FFFFFFF_OO"):
         video, tracklet, pid = one.setdefault(match["video"], match["video"]), match["tracklet"], pids[i]
@@ -136,7 +136,9 @@ def parse_luperson_nl(root: Path, report: InputReport, *, dataset: str) -> list[
             report.reject(f"{lmdb_dir}[{key}]",
                           f"label mismatch: pid {pid}, but tracklet {video}_{tracklet} has pid {first}")
             continue
-        source_pid = identity.get((video, tracklet)) or identity.setdefault((video, tracklet), f"{video}_{tracklet}")
+        source_pid = identity.get((video, tracklet))
+        if source_pid is None:
+            source_pid = identity[(video, tracklet)] = f"{video}_{tracklet}"
         samples.append(RawSample(
             dataset=dataset, split="train", source_pid=source_pid, source_camid=video,
             image=ImageRef(store, member=key), key=make_key(dataset, "train", key),
