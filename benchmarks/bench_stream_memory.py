@@ -23,7 +23,12 @@ measured work:
   :func:`pipelines.train.data.ray_video_stream` (Ray Data tasks on a local Ray reading the tars) into
   a :class:`~pipelines.train.data.VideoFeed` with a 64-video cache;
 * **trainer** (``reference``): the replaced ``rank_video_rows`` (every image of the rank as Python
-  lists) and the same pass read in-process through the same 64-video cache.
+  lists) and the same pass read in-process through the same 64-video cache;
+* **labeling coordinator** (``new``): its per-video ``VideoTable`` and the chunks of a round over
+  every video (ReMix's first round), 64 videos each, built one after another as it sends them;
+* **labeling coordinator** (``reference``): the replaced state, the whole index as compact numpy
+  columns (~30 bytes a row) plus each video's row array, and the same chunks built from it.
+  Neither includes the actors, the label store or the labels read per chunk.
 
 The figures are each process's peak RSS in MB (``ru_maxrss``) and its peak private memory (sampled
 from ``/proc/self/smaps_rollup``; it leaves out the Ray object-store pages the trainer maps while
@@ -224,8 +229,56 @@ def trainer_reference(root: str, out: str) -> dict:
     return {"rows": int(len(labels)), "images_read": images, "seconds": time.perf_counter() - t0, "start_mb": before}
 
 
+def coordinator_new(root: str, out: str) -> dict:
+    """The labeling coordinator's index state (``VideoTable``: per video) and the chunks of a round over
+    every video (ReMix's first round), 64 videos each, built one after another as the coordinator
+    sends them. The actors, the label store and the labels read per chunk are not included."""
+    from pipelines.train.index import VideoTable
+
+    index_path = str(Path(out) / "index.parquet")
+    before = _rss_mb()
+    t0 = time.perf_counter()
+    table = VideoTable(index_path)
+    images = 0
+    for start in range(0, len(table), 64):
+        images += len(table.read_chunk(table.video[start:start + 64])["rows"])
+    return {"rows": images, "seconds": time.perf_counter() - t0, "start_mb": before}
+
+
+def coordinator_reference(root: str, out: str) -> dict:
+    """The replaced coordinator: the whole index as compact numpy columns plus each video's row array,
+    the same chunks built from them."""
+    import pyarrow.parquet as pq
+
+    import pipelines.train.index  # noqa: F401  (the same libraries as the new coordinator loads)
+
+    index_path = str(Path(out) / "index.parquet")
+    before = _rss_mb()
+    t0 = time.perf_counter()
+    index = pq.read_table(index_path, columns=["video", "frame", "tar", "offset", "size"])
+    video = index["video"].to_numpy().astype(np.int64)
+    frame = index["frame"].to_numpy().astype(np.int32)
+    tar = index["tar"].combine_chunks().dictionary_encode()
+    tar_names, tar_code = tar.dictionary.to_pylist(), tar.indices.to_numpy(zero_copy_only=False).astype(np.int32)
+    offset, size = index["offset"].to_numpy().astype(np.int64), index["size"].to_numpy().astype(np.int32)
+    del index
+    order = np.argsort(video, kind="stable")
+    bounds = np.flatnonzero(np.diff(video[order])) + 1
+    rows_of_video = {int(video[r[0]]): r for r in np.split(order, bounds) if len(r)}
+    ids = sorted(rows_of_video)
+    images = 0
+    for start in range(0, len(ids), 64):
+        rows = np.concatenate([rows_of_video[v] for v in ids[start:start + 64]])
+        rows = rows[np.argsort(tar_code[rows], kind="stable")]
+        reads = [(tar_names[c], offset[rows[tar_code[rows] == c]].tolist(), size[rows[tar_code[rows] == c]].tolist())
+                 for c in dict.fromkeys(tar_code[rows].tolist())]
+        images += len(rows) if reads and len(frame[rows]) else 0
+    return {"rows": images, "seconds": time.perf_counter() - t0, "start_mb": before}
+
+
 ROLES = {"driver_new": driver_new, "driver_reference": driver_reference,
-         "trainer_new": trainer_new, "trainer_reference": trainer_reference}
+         "trainer_new": trainer_new, "trainer_reference": trainer_reference,
+         "coordinator_new": coordinator_new, "coordinator_reference": coordinator_reference}
 
 
 def measure(role: str, root: Path, out: Path) -> dict:
@@ -250,12 +303,14 @@ def run(sizes: list[int], work: Path) -> dict:
             runs = work / f"run_{rows}_{design}"
             entry[f"driver_{design}"] = measure(f"driver_{design}", root, runs)
             entry[f"trainer_{design}"] = measure(f"trainer_{design}", root, work / f"run_{rows}_new")
+            entry[f"coordinator_{design}"] = measure(f"coordinator_{design}", root, work / f"run_{rows}_new")
             print(f"[bench] {rows:,} rows, {design}: driver {entry[f'driver_{design}']['peak_mb']:.0f} MB, "
-                  f"trainer {entry[f'trainer_{design}']['peak_mb']:.0f} MB", flush=True)
+                  f"trainer {entry[f'trainer_{design}']['peak_mb']:.0f} MB, "
+                  f"coordinator {entry[f'coordinator_{design}']['peak_mb']:.0f} MB", flush=True)
         results.append(entry)
     first, last = results[0], results[-1]
     growth = {f"{who}_{design}{suffix}": last[f"{who}_{design}"][key] / first[f"{who}_{design}"][key]
-              for who in ("driver", "trainer") for design in ("new", "reference")
+              for who in ("driver", "trainer", "coordinator") for design in ("new", "reference")
               for suffix, key in (("", "peak_mb"), ("_private", "private_peak_mb"))}
     return {"sizes": sizes, "results": results, "growth": growth}
 
@@ -282,6 +337,15 @@ def to_markdown(res: dict) -> str:
                  f"(reference {g['trainer_reference']:.2f}x); private peak: driver {g['driver_new_private']:.2f}x "
                  f"(reference {g['driver_reference_private']:.2f}x), trainer {g['trainer_new_private']:.2f}x "
                  f"(reference {g['trainer_reference_private']:.2f}x). The issue asks for within 1.20x.")
+    lines += ["", "Labeling coordinator (its index state and the chunks of a round over every video, 64 videos "
+              "each; actors and store not included), peak RSS (private peak) in MB:", "",
+              "| rows | coordinator (new: per video) | coordinator (reference: compact columns per image) | s (new / ref) |",
+              "|---:|---:|---:|---:|"]
+    for r in res["results"]:
+        lines.append(f"| {r['rows']:,} | {mb(r['coordinator_new'])} | {mb(r['coordinator_reference'])} | "
+                     f"{r['coordinator_new']['seconds']:.1f} / {r['coordinator_reference']['seconds']:.1f} |")
+    lines += ["", f"Coordinator peak RSS growth: {g['coordinator_new']:.2f}x (reference {g['coordinator_reference']:.2f}x); "
+              f"private peak {g['coordinator_new_private']:.2f}x (reference {g['coordinator_reference_private']:.2f}x)."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,8 +1,9 @@
 """The labeling service: a pool of Ray actors that embed single-camera videos with the trainers'
 momentum encoder and pseudo-label (ReMix) or relabel (DynaMix) them, and a coordinator that
 queues requests, dispatches chunks of videos to the pool, retries the work of a killed actor on
-another one, and publishes each finished round to the label store as a new version plus
-per-identity centroids.
+another one, and publishes a round's results to the label store as they come: a new version plus
+per-identity centroids each time finished chunks cover ``commit_videos`` videos, and at the end.
+The coordinator holds the index per video and a few chunks, never anything per image of the run.
 
     trainers --publish_weights(step, weights)--> coordinator --process(chunk)--> LabelingWorker x N
     trainers --request(rank, step, videos)-----> coordinator --commit(version)--> label store
@@ -119,13 +120,20 @@ class LabelingWorkerService:
 
 @dataclass
 class _Round:
-    """One labeling round in flight: chunks out at workers, results back."""
+    """One labeling round in flight. Its videos are cut into chunks of ``chunk_videos`` that are built
+    (index rows read, current labels fetched) only when they are sent, at most ``2 x pool_size`` out at
+    once; finished chunks are committed as soon as they cover ``commit_videos`` videos, so the
+    coordinator holds a few chunks and one commit's results, whatever the size of the round."""
 
     round_id: int
     step: int  # training step of the request
     weights_step: int
-    chunks: dict[int, dict]
-    results: dict[int, dict] = field(default_factory=dict)
+    videos: np.ndarray
+    num_chunks: int
+    chunks: dict[int, dict] = field(default_factory=dict)  # sent and not yet committed
+    results: dict[int, dict] = field(default_factory=dict)  # finished and not yet committed
+    done: int = 0  # chunks finished, committed or not
+    versions: list[int] = field(default_factory=list)  # label versions this round published
     started: float = field(default_factory=time.perf_counter)
     generation: int = 0  # the trainer group it was started for (see ``trainers_restarted``)
 
@@ -142,27 +150,13 @@ class LabelingCoordinatorService:
         self.mode = cfg["mode"]
         self.store = get_or_create_store(cfg["run_name"], cfg["label_root"], snapshot_every=cfg.get("snapshot_every", 32),
                                          keep_versions=cfg.get("keep_versions", 8))
-        # the index in compact columns (no keys: labels are addressed by row); the shard path is a
-        # dictionary code, as there are far fewer shards than images
-        columns = ["video", "frame", "tar", "offset", "size"]
-        schema = storage.read_schema(cfg["index_path"])
-        index = storage.read_table(cfg["index_path"], columns=columns + (["truth"] if "truth" in schema.names else []))
-        self.video = index["video"].to_numpy().astype(np.int64)
-        self.frame = index["frame"].to_numpy().astype(np.int32)
-        tar = index["tar"].combine_chunks().dictionary_encode()
-        self.tar_names = tar.dictionary.to_pylist()
-        self.tar = tar.indices.to_numpy(zero_copy_only=False).astype(np.int32)
-        self.offset = index["offset"].to_numpy().astype(np.int64)
-        self.size = index["size"].to_numpy().astype(np.int32)
-        self.truth = index["truth"].to_numpy().astype(np.int32) if "truth" in index.column_names else None
-        del index
-        order = np.argsort(self.video, kind="stable")
-        bounds = np.flatnonzero(np.diff(self.video[order])) + 1
-        self.rows_of_video = {int(self.video[r[0]]): r for r in np.split(order, bounds) if len(r)}
-        video_ids = np.array(sorted(self.rows_of_video), dtype=np.int64)
+        # the index per video, nothing per image: a chunk's rows are read from the index when it is sent
+        from pipelines.train.index import VideoTable
+
+        self.index = VideoTable(cfg["index_path"])
+        video_ids = self.index.video
         self.scheduler = RelabelScheduler(video_ids, cfg["total_steps"], cfg["relabel"]["warmup_fraction"])
-        sizes = np.array([len(self.rows_of_video[v]) for v in video_ids])
-        self.quota = VideoQuotaSampler(video_ids, sizes, cfg["quota"], seed=cfg["seed"])
+        self.quota = VideoQuotaSampler(video_ids, self.index.count, cfg["quota"], seed=cfg["seed"])
         # which videos this relabel pass has done and where the ReMix quota stands survive a
         # restart of this actor or of the run (saved after every published round)
         self.state_path = storage.join(cfg["label_root"], "coordinator_state.json")
@@ -188,6 +182,7 @@ class LabelingCoordinatorService:
         # between the two the queue is empty and ``round`` may still be None (labels being read)
         self.busy = False
         self.round_counter = 0
+        self.peak_chunks_held = 0  # most chunks (sent + finished, not committed) held at once
         self.errors: list[str] = []
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="labeling-dispatch", daemon=True)
@@ -236,7 +231,8 @@ class LabelingCoordinatorService:
             rnd = self.round
             return {"counters": dict(self.counters), "reports": list(self.reports), "errors": list(self.errors[-5:]),
                     "in_flight": self.busy, "queued": len(self.queue),
-                    "chunks": 0 if rnd is None else len(rnd.chunks), "chunks_done": 0 if rnd is None else len(rnd.results)}
+                    "chunks": 0 if rnd is None else rnd.num_chunks, "chunks_done": 0 if rnd is None else rnd.done,
+                    "peak_chunks_held": self.peak_chunks_held}
 
     def wait_idle(self, timeout_s: float = 600.0) -> bool:
         """Block until nothing is queued or in flight (used by the first ReMix round and tests);
@@ -255,7 +251,7 @@ class LabelingCoordinatorService:
         return self.cfg["label_root"]
 
     def video_ids(self) -> list[int]:
-        return sorted(self.rows_of_video)
+        return self.index.video.tolist()
 
     def workers_for_test(self) -> list:
         return list(self.workers)
@@ -292,30 +288,19 @@ class LabelingCoordinatorService:
                 return step, due
         return None
 
-    def _chunks(self, videos: np.ndarray) -> dict[int, dict]:
-        """Chunks of at most ``chunk_videos`` videos (an actor holds one chunk's images and features
-        at a time), with the current labels of their rows read from the store (never the whole table)."""
-        per_chunk = max(1, int(self.cfg.get("chunk_videos", 64)))
-        chunks = {}
-        for i, start in enumerate(range(0, len(videos), per_chunk)):
-            rows = np.concatenate([self.rows_of_video[int(v)] for v in videos[start:start + per_chunk]])
-            rows = rows[np.argsort(self.tar[rows], kind="stable")]  # read order: shard by shard
-            reads = []
-            for code in dict.fromkeys(self.tar[rows].tolist()):
-                sel = rows[self.tar[rows] == code]
-                reads.append((self.tar_names[code], self.offset[sel].tolist(), self.size[sel].tolist()))
-            chunks[i] = {
-                "chunk_id": i, "mode": self.mode, "rows": rows, "video": self.video[rows],
-                "frames": self.frame[rows], "labels": None, "reads": reads,
-                "truth": None if self.truth is None else self.truth[rows],
-                "relabel": self.cfg["relabel"], "cluster": self.cfg["cluster"],
-            }
-        if chunks:
-            _, labels = ray.get(self.store.read_rows.remote(np.concatenate([c["rows"] for c in chunks.values()])))
-            bounds = np.cumsum([len(c["rows"]) for c in chunks.values()])[:-1]
-            for chunk, part in zip(chunks.values(), np.split(labels.astype(np.int64), bounds)):
-                chunk["labels"] = part
-        return chunks
+    def _chunk(self, rnd: _Round, chunk_id: int) -> dict:
+        """Chunk ``chunk_id`` of the round: at most ``chunk_videos`` videos (an actor holds one chunk's
+        images and features at a time), their index rows read from the index by row range, the current
+        labels of those rows read from the store (never the whole table)."""
+        per_chunk = self._chunk_videos()
+        chunk = self.index.read_chunk(rnd.videos[chunk_id * per_chunk:(chunk_id + 1) * per_chunk])
+        _, labels = ray.get(self.store.read_rows.remote(chunk["rows"]))
+        chunk.update({"chunk_id": chunk_id, "mode": self.mode, "labels": labels.astype(np.int64),
+                      "relabel": self.cfg["relabel"], "cluster": self.cfg["cluster"]})
+        return chunk
+
+    def _chunk_videos(self) -> int:
+        return max(1, int(self.cfg.get("chunk_videos", 64)))
 
     def _start_round(self) -> bool:
         picked = self._pick_videos()
@@ -327,8 +312,8 @@ class LabelingCoordinatorService:
         with self.lock:
             weights_step, _ = self.weights
             self.round_counter += 1
-            self.round = _Round(self.round_counter, step, weights_step,
-                                self._chunks(videos), generation=self.generation)
+            self.round = _Round(self.round_counter, step, weights_step, np.asarray(videos, dtype=np.int64),
+                                -(-len(videos) // self._chunk_videos()), generation=self.generation)
         return True
 
     def _submit(self, rnd: _Round, chunk_id: int, worker_index: int):
@@ -339,9 +324,29 @@ class LabelingCoordinatorService:
         return worker.process.remote(rnd.chunks[chunk_id], weights_step, [ref])
 
     def _run_round(self, rnd: _Round) -> None:
+        """Send the round's chunks as the pool frees up (at most two per actor out at once) and commit
+        the finished ones each time they cover ``commit_videos`` videos, and at the end. A commit
+        found stale ends the round: its other chunks are not sent."""
         max_retries = self.cfg["max_chunk_retries"]
-        pending = {self._submit(rnd, cid, cid): (cid, 0) for cid in rnd.chunks}
-        while pending and not self._stop.is_set():
+        max_out = 2 * len(self.workers)
+        commit_videos = max(1, int(self.cfg.get("commit_videos", 256)))
+        pending: dict = {}
+        next_chunk = 0
+        while not self._stop.is_set():
+            while next_chunk < rnd.num_chunks and len(pending) < max_out:
+                chunk = self._chunk(rnd, next_chunk)
+                with self.lock:
+                    rnd.chunks[next_chunk] = chunk
+                    self.peak_chunks_held = max(self.peak_chunks_held, len(rnd.chunks))
+                pending[self._submit(rnd, next_chunk, next_chunk)] = (next_chunk, 0)
+                next_chunk += 1
+            finished_videos = sum(len(r["videos"]) for r in rnd.results.values())
+            if rnd.results and (finished_videos >= commit_videos or (not pending and next_chunk == rnd.num_chunks)):
+                if not self._commit(rnd):
+                    return
+                continue
+            if not pending:
+                return
             done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
             for ref in done:
                 cid, retries = pending.pop(ref)
@@ -370,25 +375,30 @@ class LabelingCoordinatorService:
                     continue
                 with self.lock:
                     rnd.results[cid] = result
+                    rnd.done += 1
 
-    def _commit(self, rnd: _Round) -> None:
+    def _commit(self, rnd: _Round) -> bool:
+        """Publish the round's finished chunks as one label version; False (nothing published, the
+        round to be ended) when the round is stale."""
         with self.lock:
             latest, generation = self.latest_step, self.generation
         if rnd.generation != generation:
             self.counters["rounds_stale"] += 1
             log.info("labeling round %d discarded: started before the trainers restarted", rnd.round_id)
-            return
+            return False
         if rnd.weights_step < latest - self.cfg["max_staleness"]:
             self.counters["rounds_stale"] += 1
             log.info("labeling round %d discarded: weights of step %d, trainers at %d (max_staleness %d)",
                      rnd.round_id, rnd.weights_step, latest, self.cfg["max_staleness"])
-            return
+            return False
+        with self.lock:
+            results = sorted(rnd.results.items())
         rows, labels, before, truth, ids, cents, cvideos, videos = [], [], [], [], [], [], [], []
         counts: collections.Counter = collections.Counter()
         # new identities take the numbers of retired ones first (the banks reuse their rows), then
         # numbers after every identity so far
         free = collections.deque(ray.get(self.store.free_ids.remote()).tolist())
-        for cid, res in sorted(rnd.results.items()):
+        for cid, res in results:
             lab = np.asarray(res["labels"], dtype=np.int64)
             remap = {}
             for old in np.unique(lab[lab >= res["new_from"]]).tolist():
@@ -423,8 +433,14 @@ class LabelingCoordinatorService:
                        "num_videos": float(len(set(videos))), "num_images": float(len(after_N)),
                        "round_seconds": time.perf_counter() - rnd.started})
         with self.lock:
+            for cid, _ in results:  # committed: neither the chunk nor its result is held any longer
+                del rnd.results[cid], rnd.chunks[cid]
+            rnd.versions.append(version)
             self.reports.append(report)
-            self.counters["rounds"] += 1
+            self.counters["commits"] += 1
+            if rnd.done == rnd.num_chunks and not rnd.results:
+                self.counters["rounds"] += 1
+        return True
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -432,10 +448,7 @@ class LabelingCoordinatorService:
                 if not self._start_round():
                     time.sleep(0.05)
                     continue
-                rnd = self.round
-                self._run_round(rnd)
-                if not self._stop.is_set():
-                    self._commit(rnd)
+                self._run_round(self.round)
             except Exception as exc:  # a bad round must not kill the service: report it and go on
                 cause = f"round at step {getattr(self.round, 'step', '?')}: {type(exc).__name__}: {exc}".splitlines()[0]
                 with self.lock:

@@ -140,12 +140,17 @@ def assert_valid_partition(pool: Pool, labels: dict[str, int]) -> set[int]:
 def assert_centroids_of_version(pool: Pool, version: int, labels: dict[str, int], keys: set[str] | None = None) -> None:
     """The centroids published by ``version`` are exactly the identities of ``keys`` (default: all),
     each the unit mean of its members' features computed here independently with the same
-    weights, in its own video."""
-    delta = ray.get(pool.store.changes_since.remote(version - 1))
-    assert delta.version == version
+    weights, in its own video. The latest version is read as trainers read it (the store's
+    ``changes_since``), an older one from the store's folder."""
+    if version == ray.get(pool.store.latest.remote())[0]:
+        delta = ray.get(pool.store.changes_since.remote(version - 1))
+        assert delta.version == version
+        ids, centroids, videos = delta.centroid_ids, delta.centroids, delta.centroid_videos
+    else:
+        ids, centroids, videos = LabelStore(pool.label_dir).centroids_between(version - 1, version)
     in_use = {g for k, g in labels.items() if g >= 0 and (keys is None or k in keys)}
-    assert sorted(delta.centroid_ids.tolist()) == sorted(in_use)
-    np.testing.assert_allclose(np.linalg.norm(delta.centroids, axis=1), 1.0, atol=1e-5)
+    assert sorted(ids.tolist()) == sorted(in_use)
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
 
     index = pq.read_table(pool.label_dir / "index.parquet").to_pydict()
     assert len(set(index["tar"])) == 1  # one shard: one read covers the whole index, in index order
@@ -153,7 +158,7 @@ def assert_centroids_of_version(pool: Pool, version: int, labels: dict[str, int]
     worker.model.load_state_dict(_initial_momentum_state(pool.cfg))
     feat_ND = worker.embed({"reads": [(index["tar"][0], index["offset"], index["size"])]})
     label_N = np.array([labels[k] for k in index["key"]])
-    for g, row, video in zip(delta.centroid_ids, delta.centroids, delta.centroid_videos):
+    for g, row, video in zip(ids, centroids, videos):
         members = label_N == g
         mean = feat_ND[members].sum(0)
         np.testing.assert_allclose(row, mean / np.linalg.norm(mean), atol=1e-4)
@@ -300,6 +305,39 @@ def test_repeated_remix_rounds_reuse_retired_identity_numbers(ray_local, shards,
         assert fourth <= first | set(range(max(third) + 1, total))
         # only round 4's identities without a reused number got new ones
         assert total == max(third) + 1 + len(fourth - first) < max(third) + 1 + len(fourth)
+    finally:
+        pool.close()
+
+
+def test_a_round_publishes_its_results_as_they_come_not_whole(ray_local, shards, tmp_path):
+    """Issue 13: a round is not collected whole before it is published (the first ReMix round covers
+    every video of the run). With one video per chunk and commits of two videos, a round over the 6
+    videos publishes 3 versions of 2 videos each. Each changes only its videos' rows and publishes
+    exactly its identities' centroids (unit means of features computed here); after the last, every
+    video is labelled. The coordinator never held more chunks than its 2 x pool_size out at once plus
+    one commit's worth."""
+    pool = start_pool(shards, tmp_path, "remix", "labeling.chunk_videos=1", "labeling.commit_videos=2")
+    try:
+        videos = all_videos(pool)
+        pool.publish(next(STEPS))
+        first = ray.get(pool.store.latest.remote())[0]
+        pool.run_round(0, videos)
+        latest = ray.get(pool.store.latest.remote())[0]
+        assert latest == first + 3
+        history = pool.history()[-3:]
+        assert [r["version"] for r in history] == [first + 1, first + 2, first + 3]
+        assert [len(r["videos_relabeled"]) for r in history] == [2, 2, 2]
+        assert sorted(v for r in history for v in r["videos_relabeled"]) == videos
+        for record in history:
+            in_commit = {k for k, v in zip(pool.keys, pool.video.tolist()) if v in record["videos_relabeled"]}
+            changed = changed_keys(pool, record["version"])
+            assert changed and changed <= in_commit
+            assert_centroids_of_version(pool, record["version"], pool.labels(record["version"]), in_commit)
+        assert_valid_partition(pool, pool.labels(latest))
+        stats = pool.stats()
+        assert stats["counters"]["rounds"] == 1 and stats["counters"]["commits"] == 3
+        assert len(stats["reports"]) == 3
+        assert 1 <= stats["peak_chunks_held"] <= 2 * 2 + 2
     finally:
         pool.close()
 

@@ -207,3 +207,43 @@ def test_a_feed_without_labels_hands_out_unlabelled_videos(tiny):
     first = next(VideoFeed(videos, None, bank_offset=0)(0))
     assert first.video_id == videos.video[0] and (first.pids == -1).all()
     assert list(first.refs) == [tiny["keys"][r] for r in videos.rows(0).tolist()]
+
+
+def test_video_table_reads_a_chunk_as_the_whole_index_says(tiny, tmp_path):
+    """The labeling coordinator holds only the per-video table and reads a chunk's rows from the index
+    when it sends it: rows, videos, frames and the shard reads of any subset of videos equal those
+    selected here from the whole index, and each read's members are that video's images in the tar."""
+    from pipelines.train.index import VideoTable
+
+    from pipelines.ingest import IngestConfig, run_ingest
+
+    shards = tmp_path / "shards"  # the tiny videos again, a few videos per shard
+    run_ingest(IngestConfig(root=tiny["root"] / "data" / "single" / "synth_video", out=shards, dataset="synth_video",
+                            workers=0, shard_max_count=150), progress=False)
+    index_path = tmp_path / "index.parquet"
+    write_single_camera_index([str(shards)], index_path)
+    table = VideoTable(index_path)
+    whole = pq.read_table(index_path).to_pydict()
+    assert len(set(whole["tar"])) >= 3
+    assert table.video.tolist() == sorted(set(whole["video"]))
+    rng = np.random.default_rng(0)
+    for videos in (table.video[[3, 0, 5]], rng.permutation(table.video), table.video[:1]):
+        chunk = table.read_chunk(videos)
+        want = sorted((t, r) for r, (v, t) in enumerate(zip(whole["video"], whole["tar"])) if v in set(videos.tolist()))
+        tars = [t for t, offs, _ in chunk["reads"] for _ in offs]
+        got = list(zip(tars, chunk["rows"].tolist()))
+        assert sorted(got) == want  # the videos' rows, each once, with its shard
+        assert len(set(tars)) == len(chunk["reads"]) and got == sorted(got, key=lambda p: (tars.index(p[0]), p[1]))
+        rows = chunk["rows"].tolist()  # shard by shard, index order inside a shard
+        assert chunk["video"].tolist() == [whole["video"][r] for r in rows]
+        assert chunk["frames"].tolist() == [whole["frame"][r] for r in rows]
+        assert [(o, s) for _, offs, sizes in chunk["reads"] for o, s in zip(offs, sizes)] == \
+            [(whole["offset"][r], whole["size"][r]) for r in rows]
+    tar_path, offsets, sizes = table.read_chunk(table.video[2:3])["reads"][0]
+    with tarfile.open(tar_path) as tar:
+        by_offset = {m.offset_data: tar.extractfile(m).read() for m in tar.getmembers()}
+    from dynamix_core.data.shards import read_members
+
+    assert read_members(tar_path, offsets, sizes) == [by_offset[o] for o in offsets]
+    with pytest.raises(KeyError, match="not in the run's index"):
+        table.read_chunk(np.array([int(table.video.max()) + 1]))

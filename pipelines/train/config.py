@@ -60,6 +60,7 @@ class LabelingSection:
     first_round_timeout_s: float = field(3600.0, help="ReMix: seconds the driver waits for the first pseudo-labels (every video) before training; the run fails after that")
     embed_batch_size: int = field(128, help="images embedded at once by a labeling actor")
     chunk_videos: int = field(64, help="videos per labeling task: an actor holds the images and features of one chunk at a time")
+    commit_videos: int = field(256, help="a round's finished chunks are published as one label version each time they cover this many videos (and at the round's end): a big round streams its results instead of holding them")
     keep_versions: int = field(8, help="label versions kept readable besides those a kept checkpoint references (older ones are deleted)")
     snapshot_every: int = field(32, help="every this many label versions the whole table is stored; the others store only their changed rows")
     quota: int | None = field(None, help="ReMix: single-camera images pseudo-labelled per round (default: size of the multi-camera train set)")
@@ -136,7 +137,7 @@ class TrainConfig:
         if self.uses_labeling_pool and self.labeling.queue_size < self.scaling.num_workers:
             raise ConfigError(f"labeling.queue_size={self.labeling.queue_size} drops requests at every publish of "
                               f"scaling.num_workers={self.scaling.num_workers} ranks; set it >= {self.scaling.num_workers}")
-        for name in ("chunk_videos", "keep_versions", "snapshot_every"):
+        for name in ("chunk_videos", "commit_videos", "keep_versions", "snapshot_every"):
             if getattr(self.labeling, name) < 1:
                 raise ConfigError(f"labeling.{name}: {getattr(self.labeling, name)} must be >= 1")
         if self.labeling.max_chunk_retries < 0:

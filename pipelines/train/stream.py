@@ -41,26 +41,40 @@ _CACHE_LOCK = threading.Lock()
 _OPEN_INDEXES = 4
 
 
-def read_video(index_path: str, item: dict, _retry: bool = True) -> tuple[list[str], list[bytes]]:
-    """Keys and encoded images of one video (``item``: video, row_start, count, tar) in index order:
-    its index rows from the row groups holding them, then its members from the shard."""
+def read_index_rows(index_path: str, start: int, stop: int, columns: list[str]):
+    """Rows ``start .. stop - 1`` of the run's index (``columns`` of them, as a ``pa.Table``), read from
+    the row groups holding them only; None or fewer rows when the file does not hold them."""
     pf, starts, lock = _index_file(index_path)
-    s, e = item["row_start"], item["row_start"] + item["count"]
-    first, last = int(np.searchsorted(starts, s, side="right") - 1), int(np.searchsorted(starts, e - 1, side="right") - 1)
+    first = int(np.searchsorted(starts, start, side="right") - 1)
+    last = int(np.searchsorted(starts, stop - 1, side="right") - 1)
+    if not 0 <= first <= last < pf.metadata.num_row_groups:
+        return None
     with lock:  # one file handle: row-group reads do not interleave
-        t = pf.read_row_groups(list(range(max(first, 0), last + 1)), columns=["key", "video", "offset", "size"]) \
-            if 0 <= first <= last < pf.metadata.num_row_groups else None
-    if t is not None:
-        t = t.slice(s - int(starts[first]), e - s)
-    if t is None or t.num_rows != item["count"] or not (t["video"].to_numpy() == item["video"]).all():
-        if _retry:  # an index file rewritten under the same name since this process opened it
+        t = pf.read_row_groups(list(range(first, last + 1)), columns=columns)
+    return t.slice(start - int(starts[first]), stop - start)
+
+
+def read_video_rows(index_path: str, video: int, start: int, stop: int, columns: list[str], _retry: bool = True):
+    """``columns`` (plus ``video``) of one video's index rows ``start .. stop - 1``, checked to be that
+    video. A mismatch is retried once on a freshly opened file (an index rewritten under the same
+    name since this process opened it), then fails naming the rows."""
+    t = read_index_rows(index_path, start, stop, sorted(set(columns) | {"video"}))
+    if t is None or t.num_rows != stop - start or not (t["video"].to_numpy() == video).all():
+        if _retry:
             with _CACHE_LOCK:
                 _forget(index_path)
-            return read_video(index_path, item, _retry=False)
-        raise RuntimeError(f"{index_path}: rows {s}..{e - 1} are not video {item['video']}; the index and its "
+            return read_video_rows(index_path, video, start, stop, columns, _retry=False)
+        raise RuntimeError(f"{index_path}: rows {start}..{stop - 1} are not video {video}; the index and its "
                            f"videos table disagree (the run's labels/ folder was modified): start a new run.name")
-    keys = t["key"].to_pylist()
-    return keys, read_members(item["tar"], t["offset"].to_pylist(), t["size"].to_pylist())
+    return t
+
+
+def read_video(index_path: str, item: dict) -> tuple[list[str], list[bytes]]:
+    """Keys and encoded images of one video (``item``: video, row_start, count, tar) in index order:
+    its index rows from the row groups holding them, then its members from the shard."""
+    s = item["row_start"]
+    t = read_video_rows(index_path, item["video"], s, s + item["count"], ["key", "offset", "size"])
+    return t["key"].to_pylist(), read_members(item["tar"], t["offset"].to_pylist(), t["size"].to_pylist())
 
 
 def read_video_batch(batch: dict, index_path: str):
