@@ -145,6 +145,24 @@ def test_ray_data_stream_hands_out_what_the_local_stream_does(tiny, ray_local):
     assert [(p, k, i) for p, k, i in remote] == [(p, k, i) for p, k, i in local]
 
 
+def test_closing_the_ray_data_stream_stops_every_window_it_started(tiny, ray_local):
+    """A stream closed right after a window ends has its next window already starting in its helper
+    thread. Closing must stop that window too: an execution left running after ``close`` peeks
+    task streams while the process shuts Ray down, and Ray's core worker aborts (seen in
+    bench_stream_memory: "PeekObjectRefStream API can be used only when the stream has been created
+    and not removed", and "The core worker has already been shutdown")."""
+    import threading
+
+    videos = RankVideos.load(tiny["index_path"], 0, 1)
+    for _ in range(3):
+        stream = ray_video_stream(videos, 0, window=3, videos_per_task=1)
+        assert [p for p, _, _ in itertools.islice(stream, 3)] == [0, 1, 2]  # exactly one window
+        stream.close()
+        alive = [t.name for t in threading.enumerate()
+                 if t.is_alive() and t.name.startswith(("StreamingExecutor-", "video-stream"))]
+        assert not alive, f"still running after close(): {alive}"
+
+
 def test_feed_images_equal_the_tar_members(tiny):
     videos = RankVideos.load(tiny["index_path"], 0, 1)
     feed = VideoFeed(videos, by_row(tiny, tiny["labels"]), bank_offset=0, cache_videos=1)

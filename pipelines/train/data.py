@@ -189,8 +189,10 @@ def ray_video_stream(videos: RankVideos, position: int, window: int = 64, concur
             first += window
     finally:
         # stop both windows' executions now (left to the garbage collector, an execution waiting
-        # for its consumer can keep the process from exiting)
-        helper.shutdown(wait=False, cancel_futures=True)
+        # for its consumer can keep the process from exiting, and one still running when Ray shuts
+        # down makes Ray's core worker abort). The next window may be starting in the helper thread
+        # right now: wait for it (its first row: seconds at most), then close it too.
+        helper.shutdown(wait=True, cancel_futures=True)
         windows = [rows]
         if upcoming is not None and upcoming.done() and not upcoming.cancelled() and upcoming.exception() is None:
             windows.append(upcoming.result()[0])
