@@ -8,7 +8,7 @@ Issue 13 item 4 asks for ingest planning in bounded memory; LUPerson-NL is the s
 pids, an LMDB whose values are 32-byte stand-ins for the JPEGs: planning reads their sizes, never
 their bytes), with ``rows / 480`` videos and ~23 images per tracklet, the shape of the real set
 (10.7M images, 21K videos, 433K identities). Then, each in a fresh Python process, so that the peak
-resident memory (``ru_maxrss``) is that of the measured work:
+resident memory (``VmHWM``) is that of the measured work:
 
 * **plan**: what ``dynamix ingest`` does before it writes any shard, with the project's functions:
   :func:`pipelines.ingest.plan_ingest` (parse, identity maps, shard plans) and :func:`write_plan`
@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import pickle
-import resource
 import shutil
 import subprocess
 import sys
@@ -89,7 +88,9 @@ def measure(role: str, store: str, out: str) -> dict:
         write_plan(plans, Path(out) / PLAN_NAME, previous, **cfg.shard_limits)
         rows = sum(len(p.samples) for p in plans)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    # VmHWM, not ru_maxrss: a child keeps the ru_maxrss of the process it was forked from
+    peak = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("VmHWM:")) / 1024
     return {"role": role, "rows": rows, "peak_mb": round(peak - base, 1), "seconds": round(seconds, 2)}
 
 

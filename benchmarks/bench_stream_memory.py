@@ -10,7 +10,7 @@ shards in a temporary folder).
 For each size a real shard set is written with the project's ``ShardWriter`` (one dataset of
 ``rows / 480`` videos, ~20 tracker identities per video, 256-byte stand-ins for the JPEGs: the
 stream moves bytes and never decodes them; about 21 videos per shard) plus its ``manifest.parquet``.
-Then, each in a fresh Python process, so that peak resident memory (``ru_maxrss``) is that of the
+Then, each in a fresh Python process, so that peak resident memory (``VmHWM``) is that of the
 measured work:
 
 * **driver** (``new``): :func:`pipelines.train.index.write_single_camera_index`, the run's index
@@ -30,7 +30,7 @@ measured work:
   columns (~30 bytes a row) plus each video's row array, and the same chunks built from it.
   Neither includes the actors, the label store or the labels read per chunk.
 
-The figures are each process's peak RSS in MB (``ru_maxrss``) and its peak private memory (sampled
+The figures are each process's peak RSS in MB (``VmHWM``) and its peak private memory (sampled
 from ``/proc/self/smaps_rollup``; it leaves out the Ray object-store pages the trainer maps while
 reading the stream, which are shared memory capped by the stream's ``read_ahead_mb``); ``growth`` is
 the largest size's over the smallest's (the issue asks for within 20 %). The Ray Data read tasks run
@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -90,8 +89,23 @@ def write_shard_set(root: Path, rows: int) -> None:
     write_table_atomic(pa.concat_tables(tables).cast(DATASET_SCHEMA), root / MANIFEST_NAME)
 
 
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Resident memory now."""
+    return _status_mb("VmRSS")
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process (``VmHWM``). Not ``ru_maxrss``: on Linux a child keeps the
+    ``ru_maxrss`` of the process it was forked from, so every role measured after the benchmark wrote
+    a 2M-row shard set reported the benchmark's own ~725 MB."""
+    return _status_mb("VmHWM")
 
 
 class PrivatePeak:
@@ -364,7 +378,7 @@ def main() -> int:
     if args.role:  # one measured process
         private = PrivatePeak()
         figures = ROLES[args.role](args.root, args.work)
-        print(json.dumps({**figures, "peak_mb": _rss_mb(), "private_peak_mb": private.stop()}))
+        print(json.dumps({**figures, "peak_mb": _peak_rss_mb(), "private_peak_mb": private.stop()}))
         return 0
     sizes = [20_000, 100_000] if args.quick else sorted(args.rows)
     if args.keep:
