@@ -9,7 +9,8 @@ endpoint from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (e.g. ``http://min
 region from ``AWS_REGION`` or ``AWS_DEFAULT_REGION`` (else looked up from the bucket on AWS), the
 credentials by the AWS SDK's default chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
 ``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and ``~/.aws``, instance metadata). ``gs://`` uses Google's
-default credentials (``GOOGLE_APPLICATION_CREDENTIALS``). Buckets are never created here.
+default credentials (``GOOGLE_APPLICATION_CREDENTIALS``), or an emulator without credentials when
+``CLOUD_STORAGE_EMULATOR_ENDPOINT`` is set (the tests run one on loopback). Buckets are never created here.
 
 Local paths keep plain-file semantics (``open``, ``os.replace`` after an fsync). On an object store
 an object appears only when its upload completes, so every write here is one whole-object upload:
@@ -19,6 +20,7 @@ URI and what to do (:class:`StorageError`; a missing object stays a :class:`File
 
 from __future__ import annotations
 
+import datetime
 import functools
 import os
 import posixpath
@@ -35,6 +37,8 @@ from dynamix_core.atomic import write_atomic
 REMOTE_SCHEMES = ("s3", "gs", "gcs")
 #: S3 requests are retried by the AWS SDK's standard strategy (exponential backoff) this many times
 S3_MAX_ATTEMPTS = 3
+#: GCS requests are retried for this many seconds at most
+GCS_RETRY_S = 30.0
 #: ranged reads of one object closer than this are fetched by one GET (tar members of a video are
 #: separated by their json member, one or two 512-byte blocks)
 COALESCE_GAP = 256 * 2**10
@@ -123,9 +127,22 @@ def _s3_filesystem(endpoint: str | None, region: str | None, _credentials: tuple
     )
 
 
+def gcs_endpoint() -> str | None:
+    """A Google Cloud Storage emulator's endpoint from the environment (``CLOUD_STORAGE_EMULATOR_ENDPOINT``,
+    the variable Google's C++ client reads, e.g. ``http://127.0.0.1:9023``; None: Google itself)."""
+    return os.environ.get("CLOUD_STORAGE_EMULATOR_ENDPOINT") or None
+
+
 @functools.lru_cache(maxsize=None)
-def _gcs_filesystem() -> pafs.GcsFileSystem:
-    return pafs.GcsFileSystem()
+def _gcs_filesystem(endpoint: str | None) -> pafs.GcsFileSystem:
+    # requests are retried for GCS_RETRY_S at most (the client's default is many minutes: an
+    # unreachable endpoint would look like a hang)
+    retry = datetime.timedelta(seconds=GCS_RETRY_S)
+    if endpoint is None:
+        return pafs.GcsFileSystem(retry_time_limit=retry)
+    scheme_, _, host = endpoint.rpartition("://")
+    return pafs.GcsFileSystem(anonymous=True, scheme=scheme_ or "http", endpoint_override=host.rstrip("/"),
+                              retry_time_limit=retry)
 
 
 def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
@@ -140,7 +157,7 @@ def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
         credentials = tuple(os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "AWS_PROFILE"))
         return _s3_filesystem(endpoint, region, credentials), path
     if kind in ("gs", "gcs"):
-        return _gcs_filesystem(), _split_bucket(str(uri))[1]
+        return _gcs_filesystem(gcs_endpoint()), _split_bucket(str(uri))[1]
     return pafs.LocalFileSystem(), os.path.abspath(local_path(uri))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 turns token auth on by default
@@ -123,6 +124,70 @@ def s3_bucket(s3_server, monkeypatch) -> str:
     bucket = f"dynamix-test-{uuid.uuid4().hex[:12]}"
     pafs.S3FileSystem(endpoint_override=s3_server, region="us-east-1", allow_bucket_creation=True).create_dir(bucket)
     return f"s3://{bucket}"
+
+
+#: the Google Cloud Storage emulator, run as its own process: in pyarrow 25 a GCS input file opens its
+#: HTTP stream while holding the GIL, so an emulator thread in the test process could never answer.
+#: Its HTTP server is made multi-threaded: a ranged read arrives while an earlier GET is still open.
+_GCS_EMULATOR = r"""
+import sys
+from functools import partial
+from http.server import ThreadingHTTPServer
+
+import gcp_storage_emulator.server as emulator
+
+
+def run(self):
+    self._httpd = ThreadingHTTPServer((self._host, self._port), partial(emulator.RequestHandler, self._storage))
+    self._httpd.daemon_threads = True
+    self.is_running.set()
+    self._httpd.serve_forever()
+
+
+emulator.APIThread.run = run
+emulator.create_server("127.0.0.1", int(sys.argv[1]), in_memory=True).run()
+"""
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A Google Cloud Storage JSON API on loopback for the whole session (gcp-storage-emulator, in its
+    own process); its endpoint URL. Started and stopped here, never another address."""
+    import subprocess
+    import time
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _GCS_EMULATOR, str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("the GCS emulator did not start")
+            time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server, monkeypatch) -> str:
+    """A new empty bucket on the loopback GCS with ``CLOUD_STORAGE_EMULATOR_ENDPOINT`` pointing at it
+    (restored after the test); returns its URI, ``gs://<bucket>``."""
+    import datetime
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    monkeypatch.setenv("CLOUD_STORAGE_EMULATOR_ENDPOINT", gcs_server)
+    bucket = f"dynamix-test-{uuid.uuid4().hex[:12]}"
+    pafs.GcsFileSystem(anonymous=True, scheme="http", endpoint_override=gcs_server.removeprefix("http://"),
+                       project_id="dynamix-test", retry_time_limit=datetime.timedelta(seconds=5)).create_dir(bucket)
+    return f"gs://{bucket}"
 
 
 def live_actor_pids(class_name: str) -> list[int]:
