@@ -247,7 +247,7 @@ def coordinator_new(root: str, out: str) -> dict:
     """The labeling coordinator's index state (``VideoTable``: per video) and the chunks of a round over
     every video (ReMix's first round), 64 videos each, built one after another as the coordinator
     sends them. The actors, the label store and the labels read per chunk are not included."""
-    from pipelines.train.index import VideoTable
+    from dynamix_core.data.run_index import VideoTable
 
     index_path = str(Path(out) / "index.parquet")
     before = _rss_mb()

@@ -151,7 +151,7 @@ class LabelingCoordinatorService:
         self.store = get_or_create_store(cfg["run_name"], cfg["label_root"], snapshot_every=cfg.get("snapshot_every", 32),
                                          keep_versions=cfg.get("keep_versions", 8))
         # the index per video, nothing per image: a chunk's rows are read from the index when it is sent
-        from pipelines.train.index import VideoTable
+        from dynamix_core.data.run_index import VideoTable
 
         self.index = VideoTable(cfg["index_path"])
         video_ids = self.index.video

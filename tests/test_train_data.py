@@ -231,7 +231,7 @@ def test_video_table_reads_a_chunk_as_the_whole_index_says(tiny, tmp_path):
     """The labeling coordinator holds only the per-video table and reads a chunk's rows from the index
     when it sends it: rows, videos, frames and the shard reads of any subset of videos equal those
     selected here from the whole index, and each read's members are that video's images in the tar."""
-    from pipelines.train.index import VideoTable
+    from dynamix_core.data.run_index import VideoTable
 
     from pipelines.ingest import IngestConfig, run_ingest
 

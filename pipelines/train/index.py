@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dynamix_core import storage
+from dynamix_core.data.run_index import videos_path
 from dynamix_core.data.shards import MANIFEST_NAME
 
 #: rows per parquet row group of the index: a trainer reading one video reads about this many rows
@@ -39,12 +40,6 @@ INDEX_SCHEMA = pa.schema([("key", pa.string()), ("video", pa.int64()), ("label",
                           ("tar", pa.string()), ("offset", pa.int64()), ("size", pa.int64())])
 VIDEOS_SCHEMA = pa.schema([("video", pa.int64()), ("row_start", pa.int64()), ("count", pa.int64()),
                            ("tar", pa.string())])
-
-
-def videos_path(index_path: str | Path) -> str:
-    """``index.videos.parquet`` beside ``index.parquet`` (a path or a URI)."""
-    text = str(index_path)
-    return (text[: -len(".parquet")] if text.endswith(".parquet") else text) + ".videos.parquet"
 
 
 @dataclass
@@ -58,55 +53,6 @@ class IndexInfo:
     def videos_per_rank(self, world_size: int) -> np.ndarray:
         """How many videos each rank streams (``video % world_size == rank``)."""
         return np.bincount(self.videos % world_size, minlength=world_size)
-
-
-class VideoTable:
-    """The run's index per video, what the labeling coordinator holds: each video's first row, row
-    count and shard (``index.videos.parquet``), sorted by video id; nothing per image. A chunk of
-    videos gets its rows' frames, member offsets and sizes (and ground truth) read from the index by
-    row range when it is needed (:meth:`read_chunk`)."""
-
-    def __init__(self, index_path: str | Path):
-        self.index_path = str(index_path)
-        self.has_truth = "truth" in storage.read_schema(self.index_path).names
-        table = storage.read_table(videos_path(self.index_path))
-        order = np.argsort(table["video"].to_numpy(), kind="stable")
-        self.video = table["video"].to_numpy().astype(np.int64)[order]
-        self.row_start = table["row_start"].to_numpy().astype(np.int64)[order]
-        self.count = table["count"].to_numpy().astype(np.int64)[order]
-        tar = table["tar"].combine_chunks().dictionary_encode()  # far fewer shards than videos
-        self.tar_names = tar.dictionary.to_pylist()
-        self.tar = tar.indices.to_numpy(zero_copy_only=False).astype(np.int32)[order]
-
-    def __len__(self) -> int:
-        return len(self.video)
-
-    def read_chunk(self, videos: np.ndarray) -> dict:
-        """``rows`` (label addresses), ``video``, ``frames``, ``truth`` (or None) of these videos' images,
-        shard by shard, and ``reads``: ``(tar, offsets, sizes)`` per shard in the same order."""
-        from pipelines.train.stream import read_video_rows
-
-        ords = np.searchsorted(self.video, np.asarray(videos, dtype=np.int64))
-        if len(ords) and (ords.max() >= len(self.video) or (self.video[ords] != videos).any()):
-            raise KeyError(f"{self.index_path}: videos {sorted(set(np.asarray(videos).tolist()) - set(self.video.tolist()))[:5]} "
-                           "are not in the run's index")
-        ords = ords[np.lexsort((self.row_start[ords], self.tar[ords]))]  # read order: shard by shard
-        columns = ["frame", "offset", "size"] + (["truth"] if self.has_truth else [])
-        parts = [read_video_rows(self.index_path, int(self.video[o]), int(self.row_start[o]),
-                                 int(self.row_start[o] + self.count[o]), columns) for o in ords]
-        col = {c: np.concatenate([p[c].to_numpy() for p in parts]) if parts else np.zeros(0, np.int64)
-               for c in columns + ["video"]}
-        reads, first = [], 0
-        for code in dict.fromkeys(self.tar[ords].tolist()):
-            n = int(self.count[ords][self.tar[ords] == code].sum())
-            reads.append((self.tar_names[code], col["offset"][first:first + n].tolist(),
-                          col["size"][first:first + n].tolist()))
-            first += n
-        rows = np.concatenate([np.arange(self.row_start[o], self.row_start[o] + self.count[o]) for o in ords]) \
-            if len(ords) else np.zeros(0, np.int64)
-        return {"rows": rows.astype(np.int64), "video": col["video"].astype(np.int64),
-                "frames": col["frame"].astype(np.int32), "reads": reads,
-                "truth": col["truth"].astype(np.int64) if self.has_truth else None}
 
 
 def _manifest_batches(root: str, columns: list[str]) -> Iterator[pa.RecordBatch]:

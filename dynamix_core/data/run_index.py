@@ -1,0 +1,122 @@
+"""The index of a training run's single-camera images, read by row range: each video's rows are
+contiguous in ``index.parquet`` (written by :mod:`pipelines.train.index`), and
+``index.videos.parquet`` gives each video's first row, row count and shard. The trainers' Ray Data
+read tasks, a trainer's cache misses and the labeling coordinator read only the row groups that hold
+the rows they need (ranged reads on an object store). Ray-free: the labeling service uses it too."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from dynamix_core import storage
+
+
+def videos_path(index_path: str | Path) -> str:
+    """``index.videos.parquet`` beside ``index.parquet`` (a path or a URI)."""
+    text = str(index_path)
+    return (text[: -len(".parquet")] if text.endswith(".parquet") else text) + ".videos.parquet"
+
+
+def _index_file(index_path: str):
+    """An open ``pq.ParquetFile`` of the run's index with its row-group starts, cached per process (a
+    trainer and a read task's worker open it once; the newest few indexes stay open)."""
+    with _CACHE_LOCK:
+        cached = _INDEX_FILES.pop(index_path, None)
+        if cached is None:
+            pf = pq.ParquetFile(storage.open_random(index_path))
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+            cached = (pf, np.r_[0, np.cumsum(sizes)], threading.Lock())
+        _INDEX_FILES[index_path] = cached  # newest last
+        while len(_INDEX_FILES) > _OPEN_INDEXES:
+            _forget(next(iter(_INDEX_FILES)))
+        return cached
+
+
+def _forget(index_path: str) -> None:
+    cached = _INDEX_FILES.pop(index_path, None)
+    if cached is not None:
+        cached[0].close()
+
+
+_INDEX_FILES: dict[str, tuple] = {}
+_CACHE_LOCK = threading.Lock()
+_OPEN_INDEXES = 4
+
+
+def read_index_rows(index_path: str, start: int, stop: int, columns: list[str]):
+    """Rows ``start .. stop - 1`` of the run's index (``columns`` of them, as a ``pa.Table``), read from
+    the row groups holding them only; None or fewer rows when the file does not hold them."""
+    pf, starts, lock = _index_file(index_path)
+    first = int(np.searchsorted(starts, start, side="right") - 1)
+    last = int(np.searchsorted(starts, stop - 1, side="right") - 1)
+    if not 0 <= first <= last < pf.metadata.num_row_groups:
+        return None
+    with lock:  # one file handle: row-group reads do not interleave
+        t = pf.read_row_groups(list(range(first, last + 1)), columns=columns)
+    return t.slice(start - int(starts[first]), stop - start)
+
+
+def read_video_rows(index_path: str, video: int, start: int, stop: int, columns: list[str], _retry: bool = True):
+    """``columns`` (plus ``video``) of one video's index rows ``start .. stop - 1``, checked to be that
+    video. A mismatch is retried once on a freshly opened file (an index rewritten under the same
+    name since this process opened it), then fails naming the rows."""
+    t = read_index_rows(index_path, start, stop, sorted(set(columns) | {"video"}))
+    if t is None or t.num_rows != stop - start or not (t["video"].to_numpy() == video).all():
+        if _retry:
+            with _CACHE_LOCK:
+                _forget(index_path)
+            return read_video_rows(index_path, video, start, stop, columns, _retry=False)
+        raise RuntimeError(f"{index_path}: rows {start}..{stop - 1} are not video {video}; the index and its "
+                           f"videos table disagree (the run's labels/ folder was modified): start a new run.name")
+    return t
+
+
+class VideoTable:
+    """The run's index per video, what the labeling coordinator holds: each video's first row, row
+    count and shard (``index.videos.parquet``), sorted by video id; nothing per image. A chunk of
+    videos gets its rows' frames, member offsets and sizes (and ground truth) read from the index by
+    row range when it is needed (:meth:`read_chunk`)."""
+
+    def __init__(self, index_path: str | Path):
+        self.index_path = str(index_path)
+        self.has_truth = "truth" in storage.read_schema(self.index_path).names
+        table = storage.read_table(videos_path(self.index_path))
+        order = np.argsort(table["video"].to_numpy(), kind="stable")
+        self.video = table["video"].to_numpy().astype(np.int64)[order]
+        self.row_start = table["row_start"].to_numpy().astype(np.int64)[order]
+        self.count = table["count"].to_numpy().astype(np.int64)[order]
+        tar = table["tar"].combine_chunks().dictionary_encode()  # far fewer shards than videos
+        self.tar_names = tar.dictionary.to_pylist()
+        self.tar = tar.indices.to_numpy(zero_copy_only=False).astype(np.int32)[order]
+
+    def __len__(self) -> int:
+        return len(self.video)
+
+    def read_chunk(self, videos: np.ndarray) -> dict:
+        """``rows`` (label addresses), ``video``, ``frames``, ``truth`` (or None) of these videos' images,
+        shard by shard, and ``reads``: ``(tar, offsets, sizes)`` per shard in the same order."""
+        ords = np.searchsorted(self.video, np.asarray(videos, dtype=np.int64))
+        if len(ords) and (ords.max() >= len(self.video) or (self.video[ords] != videos).any()):
+            raise KeyError(f"{self.index_path}: videos {sorted(set(np.asarray(videos).tolist()) - set(self.video.tolist()))[:5]} "
+                           "are not in the run's index")
+        ords = ords[np.lexsort((self.row_start[ords], self.tar[ords]))]  # read order: shard by shard
+        columns = ["frame", "offset", "size"] + (["truth"] if self.has_truth else [])
+        parts = [read_video_rows(self.index_path, int(self.video[o]), int(self.row_start[o]),
+                                 int(self.row_start[o] + self.count[o]), columns) for o in ords]
+        col = {c: np.concatenate([p[c].to_numpy() for p in parts]) if parts else np.zeros(0, np.int64)
+               for c in columns + ["video"]}
+        reads, first = [], 0
+        for code in dict.fromkeys(self.tar[ords].tolist()):
+            n = int(self.count[ords][self.tar[ords] == code].sum())
+            reads.append((self.tar_names[code], col["offset"][first:first + n].tolist(),
+                          col["size"][first:first + n].tolist()))
+            first += n
+        rows = np.concatenate([np.arange(self.row_start[o], self.row_start[o] + self.count[o]) for o in ords]) \
+            if len(ords) else np.zeros(0, np.int64)
+        return {"rows": rows.astype(np.int64), "video": col["video"].astype(np.int64),
+                "frames": col["frame"].astype(np.int32), "reads": reads,
+                "truth": col["truth"].astype(np.int64) if self.has_truth else None}
