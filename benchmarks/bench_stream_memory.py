@@ -284,9 +284,10 @@ def coordinator_reference(root: str, out: str) -> dict:
     for start in range(0, len(ids), 64):
         rows = np.concatenate([rows_of_video[v] for v in ids[start:start + 64]])
         rows = rows[np.argsort(tar_code[rows], kind="stable")]
-        reads = [(tar_names[c], offset[rows[tar_code[rows] == c]].tolist(), size[rows[tar_code[rows] == c]].tolist())
-                 for c in dict.fromkeys(tar_code[rows].tolist())]
-        images += len(rows) if reads and len(frame[rows]) else 0
+        chunk = {"frames": frame[rows],  # what the replaced coordinator sent with a chunk
+                 "reads": [(tar_names[c], offset[rows[tar_code[rows] == c]].tolist(),
+                            size[rows[tar_code[rows] == c]].tolist()) for c in dict.fromkeys(tar_code[rows].tolist())]}
+        images += len(chunk["frames"])
     return {"rows": images, "seconds": time.perf_counter() - t0, "start_mb": before}
 
 

@@ -49,13 +49,15 @@ def test_ingest_inspect_and_the_run_index_on_gcs_equal_the_local_ones(synth, gcs
     assert main(argv(name)) == 0
     _same_as_local(remote, local)
     assert len(storage.listdir(remote)) > 5  # several shards
-    stamps = {n: storage.resolve(storage.join(remote, n))[0].get_file_info(storage.resolve(storage.join(remote, n))[1]).mtime
-              for n in storage.listdir(remote)}
+    def mtimes() -> dict:
+        fs, path = storage.resolve(remote)
+        return {n: fs.get_file_info(f"{path}/{n}").mtime for n in storage.listdir(remote)}
+
+    stamps = mtimes()
     capsys.readouterr()
     assert main(argv(name)) == 0  # a re-run uploads nothing
     assert capsys.readouterr().out.startswith("up to date")
-    assert {n: storage.resolve(storage.join(remote, n))[0].get_file_info(storage.resolve(storage.join(remote, n))[1]).mtime
-            for n in storage.listdir(remote)} == stamps
+    assert mtimes() == stamps
 
     assert main(["inspect", remote]) == 0
     on_gcs = capsys.readouterr().out
