@@ -60,19 +60,26 @@ def read_index_rows(index_path: str, start: int, stop: int, columns: list[str]):
     return t.slice(start - int(starts[first]), stop - start)
 
 
-def read_video_rows(index_path: str, video: int, start: int, stop: int, columns: list[str], _retry: bool = True):
-    """``columns`` (plus ``video``) of one video's index rows ``start .. stop - 1``, checked to be that
-    video. A mismatch is retried once on a freshly opened file (an index rewritten under the same
-    name since this process opened it), then fails naming the rows."""
+def read_checked_rows(index_path: str, start: int, stop: int, video: np.ndarray, columns: list[str],
+                      _retry: bool = True):
+    """``columns`` (plus ``video``) of index rows ``start .. stop - 1``, checked to belong to the videos
+    ``video`` says (one id per row). A mismatch is retried once on a freshly opened file (an index
+    rewritten under the same name since this process opened it), then fails naming the rows."""
     t = read_index_rows(index_path, start, stop, sorted(set(columns) | {"video"}))
-    if t is None or t.num_rows != stop - start or not (t["video"].to_numpy() == video).all():
+    if t is None or t.num_rows != stop - start or not np.array_equal(t["video"].to_numpy(), video):
         if _retry:
             with _CACHE_LOCK:
                 _forget(index_path)
-            return read_video_rows(index_path, video, start, stop, columns, _retry=False)
-        raise RuntimeError(f"{index_path}: rows {start}..{stop - 1} are not video {video}; the index and its "
-                           f"videos table disagree (the run's labels/ folder was modified): start a new run.name")
+            return read_checked_rows(index_path, start, stop, video, columns, _retry=False)
+        raise RuntimeError(f"{index_path}: rows {start}..{stop - 1} are not video(s) {np.unique(video)[:5].tolist()}; "
+                           "the index and its videos table disagree (the run's labels/ folder was modified): "
+                           "start a new run.name")
     return t
+
+
+def read_video_rows(index_path: str, video: int, start: int, stop: int, columns: list[str]):
+    """``columns`` (plus ``video``) of one video's index rows ``start .. stop - 1`` (see :func:`read_checked_rows`)."""
+    return read_checked_rows(index_path, start, stop, np.full(stop - start, video, dtype=np.int64), columns)
 
 
 class VideoTable:
@@ -105,8 +112,14 @@ class VideoTable:
                            "are not in the run's index")
         ords = ords[np.lexsort((self.row_start[ords], self.tar[ords]))]  # read order: shard by shard
         columns = ["frame", "offset", "size"] + (["truth"] if self.has_truth else [])
-        parts = [read_video_rows(self.index_path, int(self.video[o]), int(self.row_start[o]),
-                                 int(self.row_start[o] + self.count[o]), columns) for o in ords]
+        # videos whose rows follow each other are read as one range: a row group is read once
+        breaks = np.flatnonzero(self.row_start[ords][1:] != (self.row_start[ords] + self.count[ords])[:-1]) + 1
+        parts = []
+        for run in np.split(ords, breaks) if len(ords) else []:
+            start = int(self.row_start[run[0]])
+            stop = int(self.row_start[run[-1]] + self.count[run[-1]])
+            parts.append(read_checked_rows(self.index_path, start, stop, np.repeat(self.video[run], self.count[run]),
+                                           columns))
         col = {c: np.concatenate([p[c].to_numpy() for p in parts]) if parts else np.zeros(0, np.int64)
                for c in columns + ["video"]}
         reads, first = [], 0
