@@ -17,9 +17,11 @@ resident memory (``VmHWM``) is that of the measured work:
   planner reading this format holds. Its cost per row is the floor of the current design.
 
 Reported: peak RSS above the process's RSS after its imports, in MB and bytes per image, the plan's
-ratio to the reference, and the time of each. ``growth`` would be flat for a bounded planner; the
-current one is O(images) (it holds every sample, record and plan in Python objects), so bytes per
-image is the figure to watch, and ``at 10M`` extrapolates it linearly.
+ratio to the reference, and the time of each. The planner is columnar (Arrow tables, numpy codes)
+but still O(images): the unpickled keys while they are read, the sample table and the plan table.
+Bytes per image is therefore the figure to watch, and ``at 10M`` extrapolates it linearly. Then, in
+the same process, the Ray Data item of every shard (``ShardPlan.to_item``), which ``_run_ray`` builds
+and holds while the shards are written.
 """
 
 from __future__ import annotations
@@ -86,12 +88,21 @@ def measure(role: str, store: str, out: str) -> dict:
         _, _, previous, plans = plan_ingest(cfg, InputReport(strict=False))  # what run_ingest does first
         Path(out).mkdir(parents=True, exist_ok=True)
         write_plan(plans, Path(out) / PLAN_NAME, previous, **cfg.shard_limits)
-        rows = sum(len(p.samples) for p in plans)
+        rows = sum(len(p) for p in plans)
     seconds = time.perf_counter() - t0
+    peak = _peak_mb()
+    result = {"role": role, "rows": rows, "peak_mb": round(peak - base, 1), "seconds": round(seconds, 2)}
+    if role == "plan":  # then the Ray Data items of every shard, which _run_ray builds and holds while writing
+        items = [p.to_item() for p in plans]
+        result["items_mb"] = round(sum(len(i["plan"]) for i in items) / 2**20, 1)
+        result["with_items_peak_mb"] = round(_peak_mb() - base, 1)
+    return result
+
+
+def _peak_mb() -> float:
     # VmHWM, not ru_maxrss: a child keeps the ru_maxrss of the process it was forked from
-    peak = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
                 if line.startswith("VmHWM:")) / 1024
-    return {"role": role, "rows": rows, "peak_mb": round(peak - base, 1), "seconds": round(seconds, 2)}
 
 
 def run_role(role: str, store: Path, out: Path) -> dict:
@@ -132,18 +143,22 @@ def main() -> int:
                             "keys_bytes_per_row": round(ref["peak_mb"] * 2**20 / rows),
                             "plan_bytes_per_row": round(plan["peak_mb"] * 2**20 / rows),
                             "plan_over_keys": round(plan["peak_mb"] / max(ref["peak_mb"], 1e-9), 2),
+                            "items_mb": plan["items_mb"], "with_items_mb": plan["with_items_peak_mb"],
                             "keys_s": ref["seconds"], "plan_s": plan["seconds"]})
             print(f"[bench] {results[-1]}", flush=True)
             for p in Path(tmp).glob(f"*{rows}"):
                 shutil.rmtree(p)
     lines = ["# Ingest planning memory on a LUPerson-NL store (peak RSS above the process's start)", "",
              "| rows | reference: keys.pkl loaded, MB (B/row) | plan, MB (B/row) | plan / reference | at 10M rows | "
-             "plan s |", "|---:|---:|---:|---:|---:|---:|"]
+             "plan s | + Ray items, MB (items' bytes) |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['rows']:,} | {r['keys_mb']:.0f} ({r['keys_bytes_per_row']}) | {r['plan_mb']:.0f} "
                      f"({r['plan_bytes_per_row']}) | {r['plan_over_keys']:.2f}x | "
-                     f"{r['plan_bytes_per_row'] * 10_000_000 / 2**30:.1f} GB | {r['plan_s']:.1f} |")
-    lines += ["", "plan = plan_ingest + write_plan (pipelines/ingest.py), each role in a fresh process."]
+                     f"{r['plan_bytes_per_row'] * 10_000_000 / 2**30:.1f} GB | {r['plan_s']:.1f} | "
+                     f"{r['with_items_mb']:.0f} ({r['items_mb']:.0f}) |")
+    lines += ["", "plan = plan_ingest + write_plan (pipelines/ingest.py), each role in a fresh process; "
+              "+ Ray items = the peak after also building every shard's Ray Data item (ShardPlan.to_item), "
+              "as the driver holds them while the shards are written."]
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -2,10 +2,12 @@
 
     summary = run_ingest(IngestConfig(format="auto", root=Path("data/market"), out="shards/market"))
 
-1. The driver parses the source (a cheap listing: no image is read), builds the global
-   :class:`IdentityMaps`, and plans shards deterministically: single-camera videos are packed whole
-   and contiguous (a video never straddles two shards), other images by count and estimated size
-   (file sizes, LMDB value lengths).
+1. The driver parses the source (a cheap listing: no image is read) into a columnar sample table
+   (:mod:`dynamix_core.data.sample_table`), builds the global :class:`IdentityMaps`, and plans
+   shards deterministically: single-camera videos are packed whole and contiguous (a video never
+   straddles two shards), other images by count and estimated size (file sizes, LMDB value
+   lengths). Planning runs on Arrow columns and numpy codes, with Python loops over units, not
+   images: each shard plan is a slice of one Arrow table.
 2. Ray Data tasks write the shards (``from_items(plans).map(write)``, each plan one Arrow IPC item):
    each reads the image bytes, validates them by a full decode, and writes ``shard-NNNNNN.tar`` + its
    parquet manifest atomically. ``workers=0`` runs the same writer in this process, without Ray.
@@ -41,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import lmdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
@@ -49,8 +53,10 @@ from dynamix_core import storage
 from dynamix_core.config import ConfigError, field
 from dynamix_core.data.images import image_problem, sniff_format
 from dynamix_core.data.lmdb_io import open_lmdb
-from dynamix_core.data.parsers import FORMATS, detect_format_why, parse_source
-from dynamix_core.data.records import RECORD_FIELDS, IdentityMaps, ImageRef, InputReport, RawSample, Record
+from dynamix_core.data.parsers import FORMATS, detect_format_why, parse_source_table
+from dynamix_core.data.parsers._common import describe
+from dynamix_core.data.records import RECORD_FIELDS, IdentityMaps, ImageRef, InputReport, Record
+from dynamix_core.data.sample_table import column_codes, combined_codes, identity_maps, ids_by_row, where
 from dynamix_core.data.shards import (
     BLOCK,
     DATASET_SCHEMA,
@@ -127,30 +133,47 @@ class IngestConfig:
 
 @dataclass(frozen=True, slots=True)
 class ShardPlan:
-    """The samples of one shard, in write order; ``digest`` identifies the plan across runs."""
+    """The images of one shard, in write order, as a :data:`PLAN_ITEM_SCHEMA` table (string columns
+    may be dictionary-encoded); ``digest`` identifies the plan across runs."""
 
     index: int
-    samples: list[tuple[Record, ImageRef, int]]  # (record, image, stored size in bytes)
+    table: pa.Table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @classmethod
+    def from_samples(cls, index: int, samples: list[tuple[Record, ImageRef, int]]) -> "ShardPlan":
+        """A plan from ``(record, image, stored size)`` triples."""
+        columns = {name: [getattr(r, name) for r, _, _ in samples] for name in RECORD_FIELDS}
+        columns["container"] = [i.container for _, i, _ in samples]
+        columns["member"] = [i.member for _, i, _ in samples]
+        columns["ext"] = [i.ext for _, i, _ in samples]
+        columns["bytes"] = [n for _, _, n in samples]
+        return cls(index, pa.table([pa.array(columns[f.name], f.type) for f in PLAN_ITEM_SCHEMA],
+                                   schema=PLAN_ITEM_SCHEMA))
 
     def to_rows(self) -> list[dict]:
-        return [{**record_row(r), "container": i.container, "member": i.member, "ext": i.ext, "bytes": n}
-                for r, i, n in self.samples]
+        return self.table.select(PLAN_ITEM_SCHEMA.names).cast(PLAN_ITEM_SCHEMA).to_pylist()
+
+    def samples(self, batch: int = 4096) -> Iterator[tuple[Record, ImageRef, int]]:
+        """``(record, image, stored size)`` of each image, built ``batch`` rows at a time."""
+        for start in range(0, len(self), batch):
+            for row in self.table.slice(start, batch).to_pylist():
+                yield (Record(*(row[name] for name in RECORD_FIELDS)), ImageRef(row["container"], row["member"], row["ext"]),
+                       row["bytes"])
 
     @property
     def digest(self) -> str:
+        """SHA-1 of the plan's rows as sorted-key JSON (the same digest as the row-list plans of earlier
+        versions, so their finished shards are still recognised)."""
         return hashlib.sha1(json.dumps(self.to_rows(), sort_keys=True).encode()).hexdigest()
 
     def to_item(self) -> dict:
         """A Ray Data row: the plan travels as one Arrow IPC stream (columnar, repeated strings
         dictionary-encoded: 0.39x the bytes of the JSON rows it replaced; ``docs/spec.md`` 1.3)."""
-        records = [r for r, _, _ in self.samples]
-        columns = {name: [getattr(r, name) for r in records] for name in RECORD_FIELDS}
-        columns["container"] = [i.container for _, i, _ in self.samples]
-        columns["member"] = [i.member for _, i, _ in self.samples]
-        columns["ext"] = [i.ext for _, i, _ in self.samples]
-        columns["bytes"] = [n for _, _, n in self.samples]
-        arrays = [pa.array(columns[f.name], f.type) for f in PLAN_ITEM_SCHEMA]
-        arrays = [a.dictionary_encode() if f.name in _REPEATED else a for a, f in zip(arrays, PLAN_ITEM_SCHEMA)]
+        table = self.table.select(PLAN_ITEM_SCHEMA.names).cast(PLAN_ITEM_SCHEMA)
+        arrays = [c.dictionary_encode() if name in _REPEATED else c for name, c in zip(table.column_names, table.columns)]
         table = pa.table(arrays, names=PLAN_ITEM_SCHEMA.names)
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema) as stream:
@@ -159,57 +182,85 @@ class ShardPlan:
 
     @classmethod
     def from_item(cls, item: dict) -> "ShardPlan":
-        c = pa.ipc.open_stream(item["plan"]).read_all().cast(PLAN_ITEM_SCHEMA).to_pydict()  # dictionaries decoded
-        records = [Record(*values) for values in zip(*(c[name] for name in RECORD_FIELDS))]
-        images = [ImageRef(*values) for values in zip(c["container"], c["member"], c["ext"])]
-        return cls(int(item["index"]), list(zip(records, images, c["bytes"])))
+        return cls(int(item["index"]), pa.ipc.open_stream(item["plan"]).read_all().cast(PLAN_ITEM_SCHEMA))
 
 
-def _where(image: ImageRef) -> str:
-    """Where an image lives, for reports: the file path, or ``<lmdb dir>[<key>]``."""
-    return image.container if image.member is None else f"{image.container}[{image.member}]"
+def _stored_sizes(table: pa.Table, report: InputReport, batch: int = 1 << 16) -> np.ndarray:
+    """Per row the size of the encoded image as stored, without reading it; -1 (and a rejection
+    "missing file") where it cannot be found. One LMDB transaction per store and ``batch`` rows."""
+    codes, containers = column_codes(table.column("container"))
+    members = table.column("member")
+    sizes = np.empty(table.num_rows, np.int64)
+    for start in range(0, table.num_rows, batch):
+        txns = {}
+        try:
+            for row, member in enumerate(members.slice(start, batch).to_pylist(), start):
+                container = containers[codes[row]]
+                try:
+                    if member is None:
+                        sizes[row] = os.stat(container).st_size
+                        continue
+                    txn = txns.get(container)
+                    if txn is None:
+                        txn = txns[container] = open_lmdb(container).begin(buffers=True)
+                    value = txn.get(member.encode())
+                    if value is None:
+                        raise KeyError(f"LMDB has no key {member!r}")
+                    sizes[row] = len(value)
+                except (OSError, KeyError, lmdb.Error) as exc:
+                    report.reject(where(container, member), f"missing file: {exc}")
+                    sizes[row] = -1
+        finally:
+            for txn in txns.values():
+                txn.abort()
+    return sizes
 
 
-def _stored_bytes(image: ImageRef) -> int:
-    """Size of the encoded image as stored, without reading it."""
-    if image.member is None:
-        return os.stat(image.container).st_size
-    with open_lmdb(image.container).begin(buffers=True) as txn:
-        value = txn.get(image.member.encode())
-    if value is None:
-        raise KeyError(f"LMDB has no key {image.member!r}")
-    return len(value)
-
-
-def _estimated_tar_bytes(size: int) -> int:
+def _estimated_tar_bytes(size: np.ndarray) -> np.ndarray:
     # image header + data padded to a block + json header + json (about one block)
     return 3 * BLOCK + -(-size // BLOCK) * BLOCK
 
 
 @dataclass(frozen=True, slots=True)
 class PreviousPlan:
-    """What the last ingest into a folder planned (from its ``plan.parquet``)."""
+    """What the last ingest into a folder planned (its ``plan.parquet``, columnar)."""
 
     table: pa.Table  # the file's content (write_plan compares against it instead of reading it again)
-    shard_of: dict[str, int]  # key -> shard index
     num_shards: int
-    video_of: dict[str, int]  # key -> video_id (single-camera images only)
     pid: dict[tuple[str, str], int]  # (dataset, source_pid) -> pid
     camid: dict[tuple[str, str], int]  # (dataset, source_camid) -> camid
 
-    def fixed_maps(self, samples: list[RawSample]) -> dict[str, dict] | None:
-        """The earlier ids for :meth:`IdentityMaps.build`, or None when they are not one-to-one
-        (then the folder is planned afresh). Videos are matched through the keys of their images."""
-        video: dict[tuple[str, str], int] = {}
-        for s in samples:
-            vid = self.video_of.get(s.key)
-            if s.source_video is not None and vid is not None:
-                if video.setdefault((s.dataset, s.source_video), vid) != vid:
-                    return None
+    def column_by_key(self, keys: pa.ChunkedArray, name: str) -> np.ndarray:
+        """Per key of ``keys`` its value of the int column ``name`` in this plan (-1: not planned then)."""
+        rows = pc.index_in(keys, value_set=self.table.column("key").combine_chunks())
+        return pc.take(self.table.column(name), rows).fill_null(-1).to_numpy().astype(np.int64)
+
+    def fixed_maps(self, samples: pa.Table) -> dict[str, dict] | None:
+        """The earlier ids for :func:`identity_maps`, or None when they are not one-to-one (then the
+        folder is planned afresh). Videos are matched through the keys of their images."""
+        earlier = self.column_by_key(samples.column("key"), "video_id")
+        codes, videos = combined_codes([samples.column("dataset"), samples.column("source_video")])
+        known = (codes >= 0) & (earlier != -1)
+        pairs = np.unique(np.stack([codes[known], earlier[known]], axis=1), axis=0)
+        if len(np.unique(pairs[:, 0])) != len(pairs):
+            return None  # one video, two earlier ids
+        video = {videos[c]: int(v) for c, v in pairs.tolist()}
         fixed = {"pid": self.pid, "camid": self.camid, "video": video}
         if any(len(set(m.values())) != len(m) for m in fixed.values()):
             return None
         return fixed
+
+
+def _id_map(table: pa.Table, source: str, target: str) -> dict[tuple[str, str], int] | None:
+    """``(dataset, source id) -> id`` of a plan table (rows without id left out); None when a source
+    id has two ids."""
+    triples = table.select(["dataset", source, target]).filter(pc.field(target) != -1)
+    triples = triples.group_by(["dataset", source, target]).aggregate([]).to_pylist()
+    out: dict[tuple[str, str], int] = {}
+    for t in triples:
+        if out.setdefault((t["dataset"], t[source]), t[target]) != t[target]:
+            return None
+    return out
 
 
 def read_previous_plan(out_dir: str | Path, *, max_bytes: int, max_count: int) -> PreviousPlan | None:
@@ -226,91 +277,126 @@ def read_previous_plan(out_dir: str | Path, *, max_bytes: int, max_count: int) -
     meta = table.schema.metadata or {}
     if meta.get(b"shard_max_bytes") != str(max_bytes).encode() or meta.get(b"shard_max_count") != str(max_count).encode():
         return None
-    table = table.cast(PLAN_SCHEMA)
-    c = table.to_pydict()
-    pid, camid = {}, {}
-    for ds, spid, p, scam, cam in zip(c["dataset"], c["source_pid"], c["pid"], c["source_camid"], c["camid"]):
-        if p != -1 and pid.setdefault((ds, spid), p) != p or camid.setdefault((ds, scam), cam) != cam:
-            return None  # one source id with two ids: not a plan this code wrote
-    return PreviousPlan(table=table, shard_of=dict(zip(c["key"], c["shard"])),
-                        num_shards=max(c["shard"], default=-1) + 1,
-                        video_of={k: v for k, v in zip(c["key"], c["video_id"]) if v != -1},
-                        pid=pid, camid=camid)
+    try:
+        table = table.select(PLAN_SCHEMA.names).cast(PLAN_SCHEMA)
+    except (KeyError, pa.ArrowException):  # not a plan this code wrote
+        return None
+    pid, camid = _id_map(table, "source_pid", "pid"), _id_map(table, "source_camid", "camid")
+    if pid is None or camid is None:
+        return None  # one source id with two ids: not a plan this code wrote
+    shards = table.column("shard")
+    return PreviousPlan(table=table, num_shards=(pc.max(shards).as_py() + 1) if len(shards) else 0, pid=pid, camid=camid)
 
 
 def write_plan(plans: list["ShardPlan"], path: str | Path, previous: PreviousPlan | None, *, max_bytes: int,
                max_count: int) -> None:
     """``plan.parquet``, atomically and only when it differs from ``previous`` (what
     :func:`read_previous_plan` read from the same file with the same limits; None: write)."""
-    def shard_table(p: ShardPlan) -> pa.Table:  # one shard at a time: no Python row list of the whole plan
-        records = [r for r, _, _ in p.samples]
-        columns = [[r.key for r in records], [r.dataset for r in records], [p.index] * len(records),
-                   [r.pid for r in records], [r.camid for r in records], [r.video_id for r in records],
-                   [r.source_pid for r in records], [r.source_camid for r in records]]
-        return pa.table([pa.array(c, f.type) for c, f in zip(columns, PLAN_SCHEMA)], schema=PLAN_SCHEMA)
+    def shard_table(p: ShardPlan) -> pa.Table:  # one shard at a time, columnar
+        t = p.table
+        columns = [t.column("key"), t.column("dataset"), pa.array(np.full(len(p), p.index, np.int32)),
+                   t.column("pid"), t.column("camid"), t.column("video_id"), t.column("source_pid"),
+                   t.column("source_camid")]
+        return pa.table(columns, names=PLAN_SCHEMA.names).cast(PLAN_SCHEMA)
 
-    table = pa.concat_tables([shard_table(p) for p in plans]).combine_chunks() if plans else PLAN_SCHEMA.empty_table()
+    table = pa.concat_tables([shard_table(p) for p in plans]) if plans else PLAN_SCHEMA.empty_table()
     if previous is not None and previous.table.equals(table):
         return
     write_table_atomic(table.replace_schema_metadata({"shard_max_bytes": str(max_bytes),
                                                       "shard_max_count": str(max_count)}), path)
 
 
-def _pack(units: list[list[tuple[Record, ImageRef, int]]], first_index: int, *, max_bytes: int,
-          max_count: int) -> list[ShardPlan]:
-    """Fill shards from ``first_index`` on with whole units, in order."""
-    plans: list[ShardPlan] = []
-    current: list[tuple[Record, ImageRef, int]] = []
-    current_bytes = 0
-    for members in units:
-        unit_bytes = sum(_estimated_tar_bytes(size) for _, _, size in members)
-        if current and (len(current) + len(members) > max_count or current_bytes + unit_bytes > max_bytes):
-            plans.append(ShardPlan(first_index + len(plans), current))
-            current, current_bytes = [], 0
-        current.extend(members)
-        current_bytes += unit_bytes
-    if current:
-        plans.append(ShardPlan(first_index + len(plans), current))
-    return plans
+def _pack(counts: list[int], sizes: list[int], first_index: int, *, max_bytes: int, max_count: int) -> list[int]:
+    """The shard of each unit (given by its image count and estimated bytes, in order): shards are
+    filled from ``first_index`` on with whole units."""
+    shards, shard, current, current_bytes = [], first_index, 0, 0
+    for count, size in zip(counts, sizes):
+        if current and (current + count > max_count or current_bytes + size > max_bytes):
+            shard, current, current_bytes = shard + 1, 0, 0
+        shards.append(shard)
+        current += count
+        current_bytes += size
+    return shards
+
+
+def _record_table(samples: pa.Table, maps: IdentityMaps, sizes: np.ndarray) -> pa.Table:
+    """The :data:`PLAN_ITEM_SCHEMA` columns of ``samples`` (global ids from ``maps``, vectorised:
+    one map lookup per distinct id, not per image)."""
+    c = samples.column
+    columns = {
+        "key": c("key"), "dataset": c("dataset"), "split": c("split"),
+        "pid": ids_by_row([c("dataset"), c("source_pid")], maps.pid.__getitem__),
+        "camid": ids_by_row([c("dataset"), c("source_camid")], maps.camid.__getitem__),
+        "video_id": ids_by_row([c("dataset"), c("source_video")], maps.video.__getitem__),
+        "tracklet_id": ids_by_row([c("dataset"), c("source_video"), c("source_tracklet")],
+                                  lambda t: maps.tracklet_local[t]),
+        "frame": c("frame"), "domain": c("domain"), "source_pid": pc.fill_null(c("source_pid"), ""),
+        "source_camid": c("source_camid"), "container": c("container"), "member": c("member"), "ext": c("ext"),
+        "bytes": sizes,
+    }
+    arrays = [pa.array(a) if isinstance(a, np.ndarray) else a for a in (columns[name] for name in PLAN_ITEM_SCHEMA.names)]
+    return pa.table(arrays, names=PLAN_ITEM_SCHEMA.names)
 
 
 def plan_shards(
-    samples: list[RawSample], maps: IdentityMaps, report: InputReport, *, max_bytes: int, max_count: int,
+    samples: pa.Table, maps: IdentityMaps, report: InputReport, *, max_bytes: int, max_count: int,
     previous: PreviousPlan | None = None,
 ) -> list[ShardPlan]:
-    """Pack ``samples`` (in their given, sorted order) into shard plans.
+    """Pack ``samples`` (a :data:`SAMPLE_SCHEMA` table, in its given, sorted order) into shard plans.
 
     Units are whole videos for single-camera samples (all images of a ``(dataset, video)``, in
-    sample order) and single images otherwise; a shard is closed when the next unit would push it
-    past ``max_count`` images or ``max_bytes`` estimated bytes. A sample whose image cannot be found
-    is rejected here. Stored sizes are part of the plan, so replacing an input by a file of another
-    size (a fixed image) makes its shard's plan differ and the shard be rewritten.
+    sample order, the units ordered by their first image) and single images otherwise; a shard is
+    closed when the next unit would push it past ``max_count`` images or ``max_bytes`` estimated
+    bytes. A sample whose image cannot be found is rejected here. Stored sizes are part of the plan,
+    so replacing an input by a file of another size (a fixed image) makes its shard's plan differ and
+    the shard be rewritten.
 
     With ``previous``, a unit whose earlier images all lay in one shard stays there (a video that
     grew stays whole in its shard); the other units fill new shards after the earlier ones. If an
-    earlier shard would be left empty, everything is packed afresh."""
-    units: dict[tuple, list[tuple[Record, ImageRef, int]]] = {}
-    for s in samples:
-        try:
-            size = _stored_bytes(s.image)
-        except (OSError, KeyError) as exc:
-            report.reject(_where(s.image), f"missing file: {exc}")
-            continue
-        unit = ("video", s.dataset, s.source_video) if s.source_video is not None else ("image", s.key)
-        units.setdefault(unit, []).append((maps.record(s), s.image, size))
-    if previous is not None:
-        kept: dict[int, list[tuple[Record, ImageRef, int]]] = {}
-        new_units = []
-        for members in units.values():
-            earlier = {previous.shard_of[r.key] for r, _, _ in members if r.key in previous.shard_of}
-            if len(earlier) == 1:
-                kept.setdefault(earlier.pop(), []).extend(members)
-            else:
-                new_units.append(members)
-        if sorted(kept) == list(range(previous.num_shards)):
-            return [ShardPlan(i, kept[i]) for i in range(previous.num_shards)] + _pack(
-                new_units, previous.num_shards, max_bytes=max_bytes, max_count=max_count)
-    return _pack(list(units.values()), 0, max_bytes=max_bytes, max_count=max_count)
+    earlier shard would be left empty, everything is packed afresh.
+
+    Columnar throughout (numpy over per-row codes; Python loops over units, not images): the plans
+    are slices of one :data:`PLAN_ITEM_SCHEMA` table."""
+    sizes = _stored_sizes(samples, report)
+    if (sizes < 0).any():
+        samples, sizes = samples.filter(pa.array(sizes >= 0)), sizes[sizes >= 0]
+    n = samples.num_rows
+    rows = np.arange(n)
+    video, _ = combined_codes([samples.column("dataset"), samples.column("source_video")])
+    unit = np.where(video >= 0, video, (video.max(initial=-1) + 1) + rows)  # a video, or the image alone
+    _, first_row, unit = np.unique(unit, return_index=True, return_inverse=True)
+    rank = np.empty(len(first_row), np.int64)
+    rank[np.argsort(first_row, kind="stable")] = np.arange(len(first_row))
+    unit = rank[unit.reshape(-1)]  # units numbered in the order of their first image
+    counts = np.bincount(unit, minlength=len(rank))
+    unit_bytes = np.bincount(unit, weights=_estimated_tar_bytes(sizes), minlength=len(rank)).astype(np.int64)
+    shard_of_unit = None
+    if previous is not None and n:
+        earlier = previous.column_by_key(samples.column("key"), "shard")
+        known = earlier >= 0
+        low = np.full(len(rank), np.iinfo(np.int64).max)
+        high = np.full(len(rank), -1)
+        np.minimum.at(low, unit[known], earlier[known])
+        np.maximum.at(high, unit[known], earlier[known])
+        kept = (high >= 0) & (low == high)
+        if np.array_equal(np.unique(low[kept]), np.arange(previous.num_shards)):
+            shard_of_unit = np.where(kept, low, -1)
+            fresh = np.flatnonzero(~kept)
+            shard_of_unit[fresh] = _pack(counts[fresh].tolist(), unit_bytes[fresh].tolist(), previous.num_shards,
+                                         max_bytes=max_bytes, max_count=max_count)
+    if shard_of_unit is None:
+        shard_of_unit = np.asarray(_pack(counts.tolist(), unit_bytes.tolist(), 0, max_bytes=max_bytes,
+                                         max_count=max_count), np.int64)
+    shard = shard_of_unit[unit] if n else np.zeros(0, np.int64)
+    order = np.lexsort((rows, unit, shard))  # by shard, then unit, then sample order
+    table = _record_table(samples, maps, sizes)
+    if not np.array_equal(order, rows):  # a store listed video by video is in plan order already: no copy
+        table, shard = table.take(pa.array(order)), shard[order]
+    del samples, order, rows, unit
+    bounds = np.flatnonzero(np.diff(shard)) + 1
+    starts = np.concatenate([[0], bounds]) if n else np.zeros(0, np.int64)
+    ends = np.concatenate([bounds, [n]]) if n else np.zeros(0, np.int64)
+    return [ShardPlan(int(shard[a]), table.slice(int(a), int(b - a))) for a, b in zip(starts, ends)]
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -345,15 +431,15 @@ def write_planned_shard(item: dict, out_dir: str) -> dict:
                 "tar_bytes": int(meta["tar_bytes"]), "problems": "[]"}
     report = InputReport()  # strict mode is applied by the driver, which sees every shard's problems
     with ShardWriter(tar_path) as writer:
-        for record, image, _ in plan.samples:
+        for record, image, _ in plan.samples():
             try:
                 data = image.read_bytes()
             except (OSError, KeyError) as exc:
-                report.reject(_where(image), f"missing file: {exc}")
+                report.reject(describe(image), f"missing file: {exc}")
                 continue
             problem = image_problem(data)
             if problem is not None:
-                report.reject(_where(image), problem)
+                report.reject(describe(image), problem)
                 continue
             writer.add(record, data, sniff_format(data))  # the bytes as stored, whatever the file name says
         info = writer.commit({"plan_digest": digest, "num_rejected": str(len(report))})
@@ -468,11 +554,12 @@ def plan_ingest(cfg: IngestConfig, report: InputReport) -> tuple[str, str, Previ
     the shard plans)``. The parsed samples die with this call (the plans keep what the shards need),
     so they are not held while ``plan.parquet`` and the shards are written."""
     fmt, why = (cfg.format, "given with --format") if cfg.format != "auto" else detect_format_why(cfg.root)
-    samples = parse_source(fmt, cfg.root, report, dataset=cfg.dataset, **cfg.options)
+    samples = parse_source_table(fmt, cfg.root, report, dataset=cfg.dataset, **cfg.options)
+    pa.default_memory_pool().release_unused()  # the parse's freed batches: give their pages back
     limits = cfg.shard_limits
     previous = read_previous_plan(str(cfg.out), **limits)
     fixed = previous.fixed_maps(samples) if previous is not None else None
-    maps = IdentityMaps.build(samples, fixed)
+    maps = identity_maps(samples, fixed)
     plans = plan_shards(samples, maps, report, **limits, previous=previous if fixed is not None else None)
     return fmt, why, previous, plans
 
@@ -494,13 +581,13 @@ def run_ingest(cfg: IngestConfig, *, progress: bool = True) -> IngestResult:
     all_done = all(_finished_shard(p, out_dir) is not None for p in plans)
     results = _run_local(plans, out_dir) if cfg.workers == 0 or all_done else _run_ray(plans, out_dir, cfg)
     written = 0
-    with tqdm(total=sum(len(p.samples) for p in plans), unit="img", desc="ingest",
+    with tqdm(total=sum(len(p) for p in plans), unit="img", desc="ingest",
               disable=not progress or all_done) as bar:  # nothing to write: no bar, the summary says so
         for row in results:
             for path, reason in json.loads(row["problems"]):
                 report.reject(path, reason)  # raises here in strict mode
             written += bool(row["written"])
-            bar.update(len(plans[row["index"]].samples))
+            bar.update(len(plans[row["index"]]))
 
     _remove_outdated_shards(out_dir, len(plans))
     manifest = _dataset_manifest(out_dir, len(plans))

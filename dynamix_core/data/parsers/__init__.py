@@ -16,6 +16,8 @@ import inspect
 from pathlib import Path
 from typing import Callable
 
+import pyarrow as pa
+
 from dynamix_core.data.parsers._common import unique_sorted
 from dynamix_core.data.parsers.detect import detect_format, detect_format_why
 from dynamix_core.data.parsers.luperson import parse_luperson, parse_luperson_nl
@@ -24,9 +26,11 @@ from dynamix_core.data.parsers.market import parse_cuhk03np, parse_dukemtmc, par
 from dynamix_core.data.parsers.msmt17 import parse_msmt17
 from dynamix_core.data.parsers.randperson import parse_randperson
 from dynamix_core.data.records import BadInputError, InputReport, RawSample
+from dynamix_core.data.sample_table import samples_to_table, sort_unique, table_to_samples
 
-#: ``parser(root: Path, report: InputReport, *, dataset: str, **options) -> list[RawSample]``
-ParserFn = Callable[..., list[RawSample]]
+#: ``parser(root: Path, report: InputReport, *, dataset: str, **options) -> list[RawSample] | pa.Table``
+#: (the LMDB stores, LUPerson-sized, return a :data:`~dynamix_core.data.sample_table.SAMPLE_SCHEMA` table)
+ParserFn = Callable[..., "list[RawSample] | pa.Table"]
 
 #: format name -> parser. The format name is also the default dataset name.
 FORMATS: dict[str, ParserFn] = {
@@ -40,7 +44,8 @@ FORMATS: dict[str, ParserFn] = {
     "manifest": parse_manifest,
 }
 
-__all__ = ["FORMATS", "ParserFn", "detect_format", "detect_format_why", "format_options", "parse_source"]
+__all__ = ["FORMATS", "ParserFn", "detect_format", "detect_format_why", "format_options", "parse_source",
+           "parse_source_table"]
 
 
 def format_options(fmt: str) -> list[str]:
@@ -56,6 +61,22 @@ def parse_source(fmt: str, root: str | Path, report: InputReport, *, dataset: st
     ``dataset`` names the set (default: the format name); ``options`` are the format's own
     (cuhk03np ``variant``, msmt17 ``version``, manifest ``domain``). Raises :class:`BadInputError`
     when ``root`` lacks the expected layout or no usable image is left."""
+    samples = _parse(fmt, root, report, dataset, options)
+    if isinstance(samples, pa.Table):
+        samples = table_to_samples(samples)
+    return samples
+
+
+def parse_source_table(fmt: str, root: str | Path, report: InputReport, *, dataset: str | None = None,
+                       **options) -> pa.Table:
+    """:func:`parse_source` as a :data:`~dynamix_core.data.sample_table.SAMPLE_SCHEMA` table: what
+    ingest plans from (a Python object per image would cost ~10x the memory at LUPerson scale)."""
+    samples = _parse(fmt, root, report, dataset, options)
+    return samples if isinstance(samples, pa.Table) else samples_to_table(samples)
+
+
+def _parse(fmt: str, root: str | Path, report: InputReport, dataset: str | None,
+           options: dict) -> "list[RawSample] | pa.Table":
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {sorted(FORMATS)} "
                          f"(detect_format(root) recognises them)")
@@ -63,7 +84,8 @@ def parse_source(fmt: str, root: str | Path, report: InputReport, *, dataset: st
     if unknown:
         raise ValueError(f"format {fmt!r} has no option(s) {unknown}; its options are {format_options(fmt)}")
     root = Path(root)
-    samples = unique_sorted(FORMATS[fmt](root, report, dataset=dataset or fmt, **options), report)
-    if not samples:
+    parsed = FORMATS[fmt](root, report, dataset=dataset or fmt, **options)
+    samples = sort_unique(parsed, report) if isinstance(parsed, pa.Table) else unique_sorted(parsed, report)
+    if len(samples) == 0:
         raise BadInputError(f"{root}: no usable image found as {fmt}\n{report.summary(limit=5)}")
     return samples

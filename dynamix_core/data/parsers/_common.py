@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterable
 
 from dynamix_core.data.records import BadInputError, ImageRef, InputReport, RawSample
+from dynamix_core.data.sample_table import where
 
 #: Files an archive or a desktop leaves next to the images (the Market-1501 archive ships
 #: ``Thumbs.db``): skipped without a report, so ``--strict`` still accepts the pristine archives.
@@ -46,7 +47,7 @@ def count_junk(report: InputReport, path: Path, detail: str) -> None:
 
 def describe(image: ImageRef) -> str:
     """Where an image lives, for reports: the file path, or ``<lmdb dir>[<key>]``."""
-    return image.container if image.member is None else f"{image.container}[{image.member}]"
+    return where(image.container, image.member)
 
 
 def unique_sorted(samples: Iterable[RawSample], report: InputReport) -> list[RawSample]:
