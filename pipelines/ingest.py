@@ -8,7 +8,8 @@
    straddles two shards), other images by count and estimated size (file sizes, LMDB value
    lengths). Planning runs on Arrow columns and numpy codes, with Python loops over units, not
    images: each shard plan is a slice of one Arrow table.
-2. Ray Data tasks write the shards (``from_items(plans).map(write)``, each plan one Arrow IPC item):
+2. Ray Data tasks write the shards (``from_items(plans).map(write)``, each plan one Arrow IPC item,
+   :data:`SHARDS_PER_WORKER` x workers plans per dataset, so the driver never holds every item):
    each reads the image bytes, validates them by a full decode, and writes ``shard-NNNNNN.tar`` + its
    parquet manifest atomically. ``workers=0`` runs the same writer in this process, without Ray.
 3. The driver writes ``ingest.json`` (the summary) and, last, ``manifest.parquet`` (one row per
@@ -86,6 +87,9 @@ PLAN_ITEM_SCHEMA = pa.schema([SHARD_SCHEMA.field(name) for name in RECORD_FIELDS
 # from_item builds Records positionally, in RECORD_FIELDS order
 assert RECORD_FIELDS == tuple(f.name for f in dataclasses.fields(Record))
 _REPEATED = {"dataset", "split", "domain", "container", "ext"}  # few distinct values: dictionary-encoded
+#: shards per writer in one Ray Data dataset: the driver builds the items (Arrow IPC plans, ~150 B an
+#: image) of one such window at a time; more per window = less idling at the window's end
+SHARDS_PER_WORKER = 8
 #: problems listed one by one in ingest.json (all of them are counted)
 MAX_LISTED_PROBLEMS = 1000
 
@@ -465,12 +469,15 @@ def _run_ray(plans: list[ShardPlan], out_dir: str, cfg: IngestConfig) -> Iterato
             ray.init(num_cpus=4, include_dashboard=False, **ray_init_kwargs())
     try:
         quiet_ray_libraries()  # the driver shows one bar, in images
-        ds = ray.data.from_items([p.to_item() for p in plans], override_num_blocks=len(plans))
         # an object store is reached by URI from every node (with that node's AWS_* variables)
         target = out_dir if storage.is_remote(out_dir) else str(Path(out_dir).resolve())
-        ds = ds.map(write_planned_shard, fn_kwargs={"out_dir": target}, num_cpus=1,
-                    compute=ray.data.TaskPoolStrategy(size=cfg.workers))
-        yield from ds.iter_rows()
+        window = SHARDS_PER_WORKER * max(cfg.workers, 1)
+        for start in range(0, len(plans), window):  # the items of one window at a time, not of every shard
+            part = plans[start:start + window]
+            ds = ray.data.from_items([p.to_item() for p in part], override_num_blocks=len(part))
+            ds = ds.map(write_planned_shard, fn_kwargs={"out_dir": target}, num_cpus=1,
+                        compute=ray.data.TaskPoolStrategy(size=cfg.workers))
+            yield from ds.iter_rows()
     finally:
         if started_here:
             ray.shutdown()

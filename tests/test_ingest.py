@@ -316,11 +316,15 @@ def test_strict_mode_fails_on_the_first_bad_input(tmp_path):
 
 
 @pytest.mark.ray
-def test_ray_data_ingest_equals_the_in_process_one(tmp_path, ray_local):
-    make_luperson_nl(tmp_path / "src", {1: 5, 2: 3, 4: 6})
+def test_ray_data_ingest_equals_the_in_process_one(tmp_path, ray_local, monkeypatch):
+    """Also across windows: one shard per writer per Ray Data dataset, 5 shards, 3 datasets."""
+    import pipelines.ingest
+
+    monkeypatch.setattr(pipelines.ingest, "SHARDS_PER_WORKER", 1)
+    make_luperson_nl(tmp_path / "src", {1: 5, 2: 3, 4: 6, 5: 4, 6: 4})
     ingest(tmp_path / "src", tmp_path / "local", shard_max_count=6)
     result = ingest(tmp_path / "src", tmp_path / "ray", shard_max_count=6, workers=2)
-    assert result.shards_written == 3
+    assert result.shards_written == 5
     same_output(tmp_path / "ray", tmp_path / "local")
 
 
