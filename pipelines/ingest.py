@@ -80,6 +80,9 @@ PLAN_NAME = "plan.parquet"
 PLAN_SCHEMA = pa.schema([("key", pa.string()), ("dataset", pa.string()), ("shard", pa.int32()),
                          ("pid", pa.int64()), ("camid", pa.int64()), ("video_id", pa.int64()),
                          ("source_pid", pa.string()), ("source_camid", pa.string())])
+#: the previous plan as :func:`read_previous_plan` holds it: its repeated strings dictionary-encoded
+_PREVIOUS_SCHEMA = pa.schema([pa.field(f.name, pa.dictionary(pa.int32(), pa.string()))
+                              if f.name in ("dataset", "source_pid", "source_camid") else f for f in PLAN_SCHEMA])
 #: one planned image as a shard-writing task receives it (:meth:`ShardPlan.to_item`)
 PLAN_ITEM_SCHEMA = pa.schema([SHARD_SCHEMA.field(name) for name in RECORD_FIELDS]
                              + [("container", pa.string()), ("member", pa.string()), ("ext", pa.string()),
@@ -234,15 +237,22 @@ class PreviousPlan:
     pid: dict[tuple[str, str], int]  # (dataset, source_pid) -> pid
     camid: dict[tuple[str, str], int]  # (dataset, source_camid) -> camid
 
-    def column_by_key(self, keys: pa.ChunkedArray, name: str) -> np.ndarray:
-        """Per key of ``keys`` its value of the int column ``name`` in this plan (-1: not planned then)."""
+    def rows_of(self, keys: pa.ChunkedArray) -> np.ndarray:
+        """Per key of ``keys`` its row in this plan (-1: not planned then). One hash of the earlier keys."""
         rows = pc.index_in(keys, value_set=self.table.column("key").combine_chunks())
-        return pc.take(self.table.column(name), rows).fill_null(-1).to_numpy().astype(np.int64)
+        return rows.fill_null(-1).to_numpy().astype(np.int64)
 
-    def fixed_maps(self, samples: pa.Table) -> dict[str, dict] | None:
+    def column_at(self, rows: np.ndarray, name: str) -> np.ndarray:
+        """The int column ``name`` at ``rows`` (from :meth:`rows_of`; -1 where a row is -1)."""
+        values = self.table.column(name).to_numpy().astype(np.int64)
+        return np.where(rows >= 0, values[np.maximum(rows, 0)], -1) if len(values) else np.full(len(rows), -1)
+
+    def fixed_maps(self, samples: pa.Table, rows: np.ndarray | None = None) -> dict[str, dict] | None:
         """The earlier ids for :func:`identity_maps`, or None when they are not one-to-one (then the
-        folder is planned afresh). Videos are matched through the keys of their images."""
-        earlier = self.column_by_key(samples.column("key"), "video_id")
+        folder is planned afresh). Videos are matched through the keys of their images (``rows``:
+        :meth:`rows_of` the samples' keys, if already known)."""
+        rows = self.rows_of(samples.column("key")) if rows is None else rows
+        earlier = self.column_at(rows, "video_id")
         codes, videos = combined_codes([samples.column("dataset"), samples.column("source_video")])
         known = (codes >= 0) & (earlier != -1)
         pairs = np.unique(np.stack([codes[known], earlier[known]], axis=1), axis=0)
@@ -273,7 +283,8 @@ def read_previous_plan(out_dir: str | Path, *, max_bytes: int, max_count: int) -
     if not storage.exists(path):
         return None
     try:
-        table = storage.read_table(path)
+        # repeated strings as dictionaries (as write_plan holds them): about half the memory at 10M rows
+        table = storage.read_table(path, read_dictionary=["dataset", "source_pid", "source_camid"])
     except storage.StorageError:  # the store is unusable: say so instead of silently planning afresh
         raise
     except (OSError, pa.ArrowException):  # unreadable (edited, or not ours): plan afresh; shards are checked by digest
@@ -282,7 +293,7 @@ def read_previous_plan(out_dir: str | Path, *, max_bytes: int, max_count: int) -
     if meta.get(b"shard_max_bytes") != str(max_bytes).encode() or meta.get(b"shard_max_count") != str(max_count).encode():
         return None
     try:
-        table = table.select(PLAN_SCHEMA.names).cast(PLAN_SCHEMA)
+        table = table.select(PLAN_SCHEMA.names).cast(_PREVIOUS_SCHEMA).unify_dictionaries()  # one per column
     except (KeyError, pa.ArrowException):  # not a plan this code wrote
         return None
     pid, camid = _id_map(table, "source_pid", "pid"), _id_map(table, "source_camid", "camid")
@@ -304,10 +315,18 @@ def write_plan(plans: list["ShardPlan"], path: str | Path, previous: PreviousPla
         return pa.table(columns, names=PLAN_SCHEMA.names).cast(PLAN_SCHEMA)
 
     table = pa.concat_tables([shard_table(p) for p in plans]) if plans else PLAN_SCHEMA.empty_table()
-    if previous is not None and previous.table.equals(table):
+    if previous is not None and _same_rows(previous.table, table):
         return
     write_table_atomic(table.replace_schema_metadata({"shard_max_bytes": str(max_bytes),
                                                       "shard_max_count": str(max_count)}), path)
+
+
+def _same_rows(earlier: pa.Table, table: pa.Table, batch: int = 1 << 16) -> bool:
+    """Whether two plan tables hold the same rows (compared as plain strings, a batch at a time)."""
+    if earlier.num_rows != table.num_rows:
+        return False
+    return all(earlier.slice(start, batch).cast(PLAN_SCHEMA).equals(table.slice(start, batch))
+               for start in range(0, table.num_rows, batch))
 
 
 def _pack(counts: list[int], sizes: list[int], first_index: int, *, max_bytes: int, max_count: int) -> list[int]:
@@ -344,7 +363,7 @@ def _record_table(samples: pa.Table, maps: IdentityMaps, sizes: np.ndarray) -> p
 
 def plan_shards(
     samples: pa.Table, maps: IdentityMaps, report: InputReport, *, max_bytes: int, max_count: int,
-    previous: PreviousPlan | None = None,
+    previous: PreviousPlan | None = None, previous_rows: np.ndarray | None = None,
 ) -> list[ShardPlan]:
     """Pack ``samples`` (a :data:`SAMPLE_SCHEMA` table, in its given, sorted order) into shard plans.
 
@@ -357,13 +376,18 @@ def plan_shards(
 
     With ``previous``, a unit whose earlier images all lay in one shard stays there (a video that
     grew stays whole in its shard); the other units fill new shards after the earlier ones. If an
-    earlier shard would be left empty, everything is packed afresh.
+    earlier shard would be left empty, everything is packed afresh. ``previous_rows``: the samples'
+    rows in it (:meth:`PreviousPlan.rows_of`), if already known.
 
     Columnar throughout (numpy over per-row codes; Python loops over units, not images): the plans
     are slices of one :data:`PLAN_ITEM_SCHEMA` table."""
     sizes = _stored_sizes(samples, report)
+    if previous is not None and previous_rows is None:
+        previous_rows = previous.rows_of(samples.column("key"))
     if (sizes < 0).any():
-        samples, sizes = samples.filter(pa.array(sizes >= 0)), sizes[sizes >= 0]
+        found = sizes >= 0
+        samples, sizes = samples.filter(pa.array(found)), sizes[found]
+        previous_rows = previous_rows[found] if previous_rows is not None else None
     n = samples.num_rows
     rows = np.arange(n)
     video, _ = combined_codes([samples.column("dataset"), samples.column("source_video")])
@@ -376,7 +400,7 @@ def plan_shards(
     unit_bytes = np.bincount(unit, weights=_estimated_tar_bytes(sizes), minlength=len(rank)).astype(np.int64)
     shard_of_unit = None
     if previous is not None and n:
-        earlier = previous.column_by_key(samples.column("key"), "shard")
+        earlier = previous.column_at(previous_rows, "shard")
         known = earlier >= 0
         low = np.full(len(rank), np.iinfo(np.int64).max)
         high = np.full(len(rank), -1)
@@ -565,9 +589,12 @@ def plan_ingest(cfg: IngestConfig, report: InputReport) -> tuple[str, str, Previ
     pa.default_memory_pool().release_unused()  # the parse's freed batches: give their pages back
     limits = cfg.shard_limits
     previous = read_previous_plan(str(cfg.out), **limits)
-    fixed = previous.fixed_maps(samples) if previous is not None else None
+    rows = previous.rows_of(samples.column("key")) if previous is not None else None
+    fixed = previous.fixed_maps(samples, rows) if previous is not None else None
     maps = identity_maps(samples, fixed)
-    plans = plan_shards(samples, maps, report, **limits, previous=previous if fixed is not None else None)
+    plans = plan_shards(samples, maps, report, **limits, previous=previous if fixed is not None else None,
+                        previous_rows=rows if fixed is not None else None)
+    del rows
     return fmt, why, previous, plans
 
 

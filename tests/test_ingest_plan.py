@@ -147,19 +147,24 @@ def test_a_replan_keeps_earlier_shards_as_the_definition_says(tmp_path, change):
     assert stayed == (change == "grown")  # both branches of the definition are exercised
 
 
-def write_nl_store(root: Path, keys: list, pids: list, missing: set[str]) -> None:
+def write_nl_store(root: Path, keys: list, pids: list, missing: set[str], protocol: int = 4) -> None:
     (root / "lmdb").mkdir(parents=True)
     with lmdb.open(str(root / "lmdb"), map_size=2**24) as env, env.begin(write=True) as txn:
         for key in keys:
             if isinstance(key, str) and key not in missing:
                 txn.put(key.encode(), b"\xff\xd8" + key.encode() + b"\xff\xd9")
-    (root / "keys.pkl").write_bytes(pickle.dumps({"keys": keys, "pids": pids}))
+    (root / "keys.pkl").write_bytes(pickle.dumps({"keys": keys, "pids": pids}, protocol=protocol))
 
 
-def test_lmdb_parsers_read_in_batches_as_in_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("protocol, last_pid", [(4, "int"), (0, "int"), (4, "None")])
+def test_lmdb_parsers_read_in_batches_as_in_one(tmp_path, monkeypatch, protocol, last_pid):
     """A LUPerson-NL store parsed 4 keys at a time (malformed keys, missing entries and a pid
     mismatch on both sides of the batch edges) gives the samples and problems of the definition:
-    video, tracklet and frame read from each key by hand here."""
+    video, tracklet and frame read from each key by hand here. Protocol 4 is streamed; protocol 0,
+    and a None pid at the very end (found after every key was checked), are unpickled whole, and
+    the problems the stream had reported are not reported twice."""
+    from dynamix_core.data.lmdb_io import close_lmdb_handles
+
     keys, pids = [], []
     for i in range(23):
         video, tracklet = 10 + i % 3, i % 2
@@ -167,18 +172,24 @@ def test_lmdb_parsers_read_in_batches_as_in_one(tmp_path, monkeypatch):
         pids.append(100 * video + tracklet)
     keys[5], keys[12] = "not-a-key", 42
     pids[17] += 1  # tracklet of key 17 labelled differently from its first image
+    pids[22] = None if last_pid == "None" else pids[22]
     missing = {keys[3], keys[9]}
-    write_nl_store(tmp_path / "nl", keys, pids, missing)
-    close = __import__("dynamix_core.data.lmdb_io", fromlist=["close_lmdb_handles"]).close_lmdb_handles
+    write_nl_store(tmp_path / "nl", keys, pids, missing, protocol)
 
     monkeypatch.setattr(luperson, "BATCH", 4)
+    if protocol == 4 and last_pid == "int":  # streamed: the whole-file unpickling is never needed
+
+        def unpickle_whole(path):
+            raise AssertionError(f"{path} was unpickled whole")
+
+        monkeypatch.setattr(luperson, "load_keys_pickle", unpickle_whole)
     report = InputReport()
     samples = parse_source("luperson_nl", tmp_path / "nl", report, dataset="nl")
-    close()
+    close_lmdb_handles()
 
     expected = []
     for i, key in enumerate(keys):
-        if i in (5, 12, 17) or key in missing:
+        if i in (5, 12, 17) or key in missing or pids[i] is None:
             continue
         video, tracklet, frame, _ = key.split("_")
         expected.append(RawSample("nl", "train", f"{video}_{tracklet}", video,
@@ -186,9 +197,10 @@ def test_lmdb_parsers_read_in_batches_as_in_one(tmp_path, monkeypatch):
                                   "single", video, tracklet, int(frame)))
     assert samples == sorted(expected, key=lambda s: s.key)
     reasons = sorted(p.reason.split(":")[0] for p in report.problems)
-    assert reasons == ["label mismatch", "malformed key", "malformed key", "missing file", "missing file"]
+    assert reasons == sorted(["label mismatch", "malformed key", "malformed key", "missing file", "missing file"]
+                             + ["bad pid"] * (last_pid == "None"))
 
-    monkeypatch.setattr(luperson, "BATCH", 1 << 18)
+    monkeypatch.setattr(luperson, "BATCH", 1 << 16)
     one_batch = InputReport()
     table = parse_source_table("luperson_nl", tmp_path / "nl", one_batch, dataset="nl")
     assert table_to_samples(table) == samples

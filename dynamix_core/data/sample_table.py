@@ -7,7 +7,8 @@ Arrow and numpy: per image it holds the strings that differ per image (key, LMDB
 and small integer codes for the rest (dataset, split, camera, video, container, ... are
 dictionary-encoded).
 
-    table = samples_to_table(samples)            # list[RawSample] -> table (small sets)
+    table = samples_to_table(samples)            # list[RawSample] -> table
+    builder = SampleTableBuilder(); builder.add({...}); table = builder.finish()   # batch by batch
     samples = table_to_samples(table)            # and back
     codes, values = column_codes(table.column("source_video"))   # per-row int codes, -1 = null
 """
@@ -32,28 +33,69 @@ SAMPLE_SCHEMA = pa.schema([
 _PLAIN = pa.schema([pa.field(f.name, pa.string()) if f.type == _DICT else f for f in SAMPLE_SCHEMA])
 
 
-def sample_batch(columns: dict[str, Sequence]) -> pa.Table:
-    """A :data:`SAMPLE_SCHEMA` table from one batch of Python column lists (``None`` = null)."""
-    arrays = []
-    for f in SAMPLE_SCHEMA:
-        array = pa.array(columns[f.name], _PLAIN.field(f.name).type)
-        arrays.append(array.dictionary_encode() if f.type == _DICT else array)
-    return pa.table(arrays, schema=SAMPLE_SCHEMA)
+class Same:
+    """A column whose every row holds ``value`` (no per-row list is built for it)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object):
+        self.value = value
+
+
+class SampleTableBuilder:
+    """A :data:`SAMPLE_SCHEMA` table built batch by batch. Each dictionary column keeps one growing
+    dictionary (value -> code) for all batches, so batches are encoded straight into int32 codes (no
+    plain string array per batch) and the finished table needs no dictionary unification (no copy)."""
+
+    def __init__(self) -> None:
+        self._codes: dict[str, dict] = {f.name: {} for f in SAMPLE_SCHEMA if f.type == _DICT}
+        self._chunks: dict[str, list] = {f.name: [] for f in SAMPLE_SCHEMA}
+        self.num_rows = 0
+
+    def add(self, columns: dict[str, "Sequence | Same"]) -> None:
+        """One batch: per column a sequence (``None`` = null) or a :class:`Same`."""
+        n = len(columns["key"])
+        for f in SAMPLE_SCHEMA:
+            values = columns[f.name]
+            if f.type != _DICT:
+                values = [values.value] * n if isinstance(values, Same) else values
+                self._chunks[f.name].append(pa.array(values, f.type))
+                continue
+            codes = self._codes[f.name]
+            if isinstance(values, Same):
+                code = -1 if values.value is None else codes.setdefault(values.value, len(codes))
+                indices = np.full(n, code, np.int32)
+            else:
+                indices = np.fromiter((-1 if v is None else codes.setdefault(v, len(codes)) for v in values),
+                                      np.int32, count=n)
+            self._chunks[f.name].append(indices)
+        self.num_rows += n
+
+    def finish(self) -> pa.Table:
+        columns = []
+        for f in SAMPLE_SCHEMA:
+            chunks = self._chunks[f.name]
+            if f.type == _DICT:
+                dictionary = pa.array(list(self._codes[f.name]), pa.string())
+                chunks = [pa.DictionaryArray.from_arrays(pa.array(c, mask=c < 0), dictionary) for c in chunks]
+            columns.append(pa.chunked_array(chunks, f.type))
+        self._chunks = {name: [] for name in self._chunks}
+        return pa.table(columns, schema=SAMPLE_SCHEMA)
 
 
 def samples_to_table(samples: Iterable[RawSample], batch: int = 1 << 16) -> pa.Table:
     """``samples`` as a :data:`SAMPLE_SCHEMA` table, converted ``batch`` samples at a time."""
-    tables, chunk = [], []
+    builder, chunk = SampleTableBuilder(), []
 
     def flush() -> None:
-        tables.append(sample_batch({
+        builder.add({
             "key": [s.key for s in chunk], "dataset": [s.dataset for s in chunk],
             "split": [s.split for s in chunk], "source_pid": [s.source_pid for s in chunk],
             "source_camid": [s.source_camid for s in chunk], "container": [s.image.container for s in chunk],
             "member": [s.image.member for s in chunk], "ext": [s.image.ext for s in chunk],
             "domain": [s.domain for s in chunk], "source_video": [s.source_video for s in chunk],
             "source_tracklet": [s.source_tracklet for s in chunk], "frame": [s.frame for s in chunk],
-        }))
+        })
         chunk.clear()
 
     for s in samples:
@@ -62,14 +104,7 @@ def samples_to_table(samples: Iterable[RawSample], batch: int = 1 << 16) -> pa.T
             flush()
     if chunk:
         flush()
-    return concat(tables)
-
-
-def concat(tables: list[pa.Table]) -> pa.Table:
-    """Batches as one table whose dictionary columns share one dictionary per column."""
-    if not tables:
-        return SAMPLE_SCHEMA.empty_table()
-    return pa.concat_tables(tables).unify_dictionaries()
+    return builder.finish()
 
 
 def table_to_samples(table: pa.Table, batch: int = 1 << 16) -> list[RawSample]:
@@ -126,9 +161,11 @@ def column_codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list]:
     if isinstance(column, pa.Array):
         column = pa.chunked_array([column])
     if pa.types.is_dictionary(column.type):
-        column = pa.table({"c": column}).unify_dictionaries().column("c")
         if column.num_chunks == 0:
             return np.zeros(0, np.int64), []
+        first = column.chunk(0).dictionary
+        if not all(c.dictionary is first or c.dictionary.equals(first) for c in column.chunks):
+            column = pa.table({"c": column}).unify_dictionaries().column("c")
         values = column.chunk(0).dictionary.to_pylist()
         codes = [c.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) for c in column.chunks]
         return np.concatenate(codes), values

@@ -69,17 +69,31 @@ def _lmdb_format(keys_path: Path) -> tuple[str, str]:
     follow while none follows the other (malformed keys are left to the parser to report). A store
     whose keys fit neither form or mix both is refused: guessing would read country/city as
     video/tracklet, or the reverse."""
-    content = luperson.load_keys_pickle(keys_path)
-    keys = content.get("keys") if isinstance(content, dict) else content
-    if not isinstance(keys, list) or not keys:
-        raise BadInputError(f"{keys_path}: no key list found; expected a list of keys or a dict with 'keys'")
-    sample = [k for k in keys[:_KEYS_CHECKED] if isinstance(k, str)]
     forms = {"luperson": (_LUPERSON_DETECT_RE, "CC_TT_VVVV_IIIIIIII"),
              "luperson_nl": (_LUPERSON_NL_DETECT_RE, "VVVVV_PPPPPP_FFFFFFF_OO")}
-    fitting = [fmt for fmt, (pattern, _) in forms.items() if any(pattern.fullmatch(k) for k in sample)]
+
+    def consume(lists) -> tuple[list, list[str], bool]:
+        """The first keys, the forms they fit, and whether there is a 'pids' list (read to the end
+        only for the LUPerson-NL form: the list may follow the keys)."""
+        sample, fitting = [], []
+        stream = iter(lists)
+        for name, items in stream:
+            if name is None or name == "keys":
+                sample = [k for k in items[:_KEYS_CHECKED] if isinstance(k, str)]
+                break
+        fitting = [fmt for fmt, (pattern, _) in forms.items() if any(pattern.fullmatch(k) for k in sample)]
+        if fitting == ["luperson_nl"]:
+            for _ in stream:
+                pass
+            return sample, fitting, lists.kinds.get("pids") == "list"
+        return sample, fitting, False
+
+    sample, fitting, has_pids = luperson.read_key_lists(keys_path, consume, chunk=_KEYS_CHECKED)
+    if not sample and not fitting:
+        raise BadInputError(f"{keys_path}: no key list found; expected a list of keys or a dict with 'keys'")
     if len(fitting) == 1:
         fmt = fitting[0]
-        if fmt == "luperson_nl" and not (isinstance(content, dict) and "pids" in content):
+        if fmt == "luperson_nl" and not has_pids:
             raise BadInputError(f"{keys_path}: keys of the LUPerson-NL form {forms[fmt][1]} but no 'pids' list; "
                                 f"pass --format luperson to ingest them unlabeled")
         return fmt, f"keys.pkl keys of the form {forms[fmt][1]} (of the first {len(sample)} keys)"
