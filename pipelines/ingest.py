@@ -67,7 +67,6 @@ from dynamix_core.data.shards import (
     ShardWriter,
     read_shard_manifest,
     read_shard_metadata,
-    record_row,
     remove_stale_tmp,
     shard_name,
     tmp_path,
