@@ -26,14 +26,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    if shutil.which("ray", path=str(VENV_BIN)) is None:
-        pytest.skip("ray CLI not installed in this environment")
-    temp_dir = f"/tmp/ray_jobs_{os.getpid()}"
-    # a loaded 2-core box (another Ray instance of the session alive) can need > the default 60 s
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
-           "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "600"}
+def _start_head(env: dict, temp_dir: str):
+    """``ray start --head --block`` on loopback ports of its own; returns (process, dashboard URL, log)
+    once the dashboard answers."""
     gcs, dash = _free_port(), _free_port()
     # the session's other Ray instance holds Ray's default agent ports: give this head its own
     agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
@@ -59,13 +54,55 @@ def ray_head():
             if time.monotonic() > deadline:
                 raise
             time.sleep(1)
-    yield address, env
+    return head, address, log
+
+
+def _runs_a_job(address: str, timeout: float = 180) -> bool:
+    """Whether a trivial job runs to SUCCEEDED: the raylet and the job agent are up, not only the
+    dashboard (on a loaded box the raylet can abort while waiting for the dashboard agent)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    try:
+        client = JobSubmissionClient(address)
+        job = client.submit_job(entrypoint="true")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = client.get_job_status(job)
+            if status.is_terminal():
+                return status == JobStatus.SUCCEEDED
+            time.sleep(1)
+    except Exception:
+        return False
+    return False
+
+
+def _stop_head(head: subprocess.Popen, log) -> None:
     os.killpg(head.pid, signal.SIGTERM)
     try:
         head.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
     log.close()
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    if shutil.which("ray", path=str(VENV_BIN)) is None:
+        pytest.skip("ray CLI not installed in this environment")
+    temp_dir = f"/tmp/ray_jobs_{os.getpid()}"
+    # a loaded 2-core box (another Ray instance of the session alive) can need > the default 60 s
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+           "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "600"}
+    for attempt in range(3):  # a head whose raylet died during startup is started again
+        head, address, log = _start_head(env, temp_dir)
+        if _runs_a_job(address):
+            break
+        _stop_head(head, log)
+    else:
+        pytest.fail(f"three Ray heads in a row could not run a job; the last one's log:\n"
+                    f"{Path(f'{temp_dir}.log').read_text()[-3000:]}")
+    yield address, env
+    _stop_head(head, log)
 
 
 def dynamix(args, env, timeout=300):
