@@ -57,7 +57,7 @@ from dynamix_core.data.lmdb_io import open_lmdb
 from dynamix_core.data.parsers import FORMATS, detect_format_why, parse_source_table
 from dynamix_core.data.parsers._common import describe
 from dynamix_core.data.records import RECORD_FIELDS, IdentityMaps, ImageRef, InputReport, Record
-from dynamix_core.data.sample_table import column_codes, combined_codes, identity_maps, ids_by_row, where
+from dynamix_core.data.sample_table import column_codes, combined_codes, fill_null, identity_maps, ids_by_row, where
 from dynamix_core.data.shards import (
     BLOCK,
     DATASET_SCHEMA,
@@ -341,18 +341,18 @@ def _pack(counts: list[int], sizes: list[int], first_index: int, *, max_bytes: i
     return shards
 
 
-def _record_table(samples: pa.Table, maps: IdentityMaps, sizes: np.ndarray) -> pa.Table:
+def _record_table(samples: pa.Table, maps: IdentityMaps, sizes: np.ndarray, video_id: np.ndarray) -> pa.Table:
     """The :data:`PLAN_ITEM_SCHEMA` columns of ``samples`` (global ids from ``maps``, vectorised:
-    one map lookup per distinct id, not per image)."""
+    one map lookup per distinct id, not per image; ``video_id`` already computed by the caller)."""
     c = samples.column
     columns = {
         "key": c("key"), "dataset": c("dataset"), "split": c("split"),
         "pid": ids_by_row([c("dataset"), c("source_pid")], maps.pid.__getitem__),
         "camid": ids_by_row([c("dataset"), c("source_camid")], maps.camid.__getitem__),
-        "video_id": ids_by_row([c("dataset"), c("source_video")], maps.video.__getitem__),
+        "video_id": video_id,
         "tracklet_id": ids_by_row([c("dataset"), c("source_video"), c("source_tracklet")],
                                   lambda t: maps.tracklet_local[t]),
-        "frame": c("frame"), "domain": c("domain"), "source_pid": pc.fill_null(c("source_pid"), ""),
+        "frame": c("frame"), "domain": c("domain"), "source_pid": fill_null(c("source_pid"), ""),
         "source_camid": c("source_camid"), "container": c("container"), "member": c("member"), "ext": c("ext"),
         "bytes": sizes,
     }
@@ -389,7 +389,7 @@ def plan_shards(
         previous_rows = previous_rows[found] if previous_rows is not None else None
     n = samples.num_rows
     rows = np.arange(n)
-    video, _ = combined_codes([samples.column("dataset"), samples.column("source_video")])
+    video, videos = combined_codes([samples.column("dataset"), samples.column("source_video")])
     unit = np.where(video >= 0, video, (video.max(initial=-1) + 1) + rows)  # a video, or the image alone
     _, first_row, unit = np.unique(unit, return_index=True, return_inverse=True)
     rank = np.empty(len(first_row), np.int64)
@@ -416,7 +416,8 @@ def plan_shards(
                                          max_count=max_count), np.int64)
     shard = shard_of_unit[unit] if n else np.zeros(0, np.int64)
     order = np.lexsort((rows, unit, shard))  # by shard, then unit, then sample order
-    table = _record_table(samples, maps, sizes)
+    video_id = np.array([maps.video[v] for v in videos] + [-1], np.int64)[video]  # code -1 -> -1
+    table = _record_table(samples, maps, sizes, video_id)
     if not np.array_equal(order, rows):  # a store listed video by video is in plan order already: no copy
         table, shard = table.take(pa.array(order)), shard[order]
     del samples, order, rows, unit

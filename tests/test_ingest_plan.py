@@ -16,7 +16,7 @@ import pytest
 
 from dynamix_core.data.parsers import luperson, parse_source, parse_source_table
 from dynamix_core.data.records import IdentityMaps, ImageRef, InputReport, RawSample, make_key
-from dynamix_core.data.sample_table import identity_maps, samples_to_table, table_to_samples
+from dynamix_core.data.sample_table import fill_null, identity_maps, samples_to_table, table_to_samples
 from pipelines.ingest import PLAN_NAME, plan_shards, read_previous_plan, write_plan
 
 BLOCK = 512  # tar block size (POSIX)
@@ -98,6 +98,20 @@ def test_the_sample_table_round_trips_and_gives_the_same_identity_maps(tmp_path)
     table = samples_to_table(samples, batch=5)  # several batches: their dictionaries are unified
     assert table_to_samples(table) == samples
     assert same_maps(identity_maps(table), IdentityMaps.build(samples))
+
+
+def test_filling_nulls_keeps_one_shared_dictionary():
+    """The values equal pyarrow's own fill_null; the chunks still share one dictionary."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    dictionary = pa.array(["a", "b", "c"])
+    chunks = [pa.DictionaryArray.from_arrays(pa.array([0, None, 2], pa.int32()), dictionary),
+              pa.DictionaryArray.from_arrays(pa.array([None, 1, 1], pa.int32()), dictionary)]
+    column = pa.chunked_array(chunks)
+    filled = fill_null(column, "")
+    assert filled.to_pylist() == pc.fill_null(column, "").to_pylist() == ["a", "", "c", "", "b", "b"]
+    assert filled.type == column.type and all(c.dictionary.equals(filled.chunk(0).dictionary) for c in filled.chunks)
 
 
 @pytest.mark.parametrize("limits", [{"max_count": 5, "max_bytes": 10**9}, {"max_count": 10**6, "max_bytes": 12_000}])

@@ -84,7 +84,7 @@ class _Unpickled:
     in chunks, in order, each chunk's entries released once the next one is asked for."""
 
     def __init__(self, content: object, chunk: int):
-        self.content, self.chunk = content, chunk
+        self.chunk = chunk
         self.top = "list" if isinstance(content, list) else "dict" if isinstance(content, dict) else type(content).__name__
         named = [(None, content)] if isinstance(content, list) else list(content.items()) if isinstance(content, dict) else []
         self.lists = [(name, values) for name, values in named if isinstance(values, list)]
@@ -210,14 +210,15 @@ def parse_luperson_nl(root: Path, report: InputReport, *, dataset: str) -> pa.Ta
         bad_pids: dict[int, object] = {}
 
         def chunks() -> Iterator[list]:
+            offset = 0  # pids read so far
             for name, items in lists:
                 if name == "keys":
                     yield items
                 elif name == "pids":
                     values, bad = _int64(items)
-                    offset = sum(len(p) for p in pid_parts)
                     bad_pids.update({offset + j: v for j, v in bad.items()})
                     pid_parts.append(values)
+                    offset += len(values)
 
         builder, rows = SampleTableBuilder(), []
         for valid in _valid_batches(chunks(), keys_path, lmdb_dir, report, LUPERSON_NL_KEY_RE, "VVVVV_PPPPPP_FFFFFFF_OO"):
