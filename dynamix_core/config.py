@@ -8,11 +8,20 @@ Cross-field checks live in ``__post_init__`` and raise :class:`ConfigError` nami
 
 Unknown keys are rejected with the list of valid ones; values are type-checked and coerced
 (``int`` from ``"3"``, tuples from lists), so a typo never silently falls back to a default.
+
+String values (of a recipe and of ``--set`` overrides alike) may name environment variables:
+``${NAME}`` or ``${NAME:-default}`` (the default when NAME is unset or empty), replaced when the
+config is built (:func:`from_dict`, so :func:`load_config` and every other loader), after the
+overrides are applied: an override replaces a value before its variables are looked up. Production
+recipes put their paths under ``${DYNAMIX_STORAGE_URI}``, the deployment's storage root. Only
+``${...}`` is special: a lone ``$`` stays as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -25,6 +34,37 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or inconsistent."""
+
+
+#: ``${NAME}`` or ``${NAME:-default}``
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+#: where a variable comes from, for the error when it is missing
+ENV_HINTS = {"DYNAMIX_STORAGE_URI": "the Helm chart sets it from storage.uri on every Ray pod"}
+
+
+def expand_env(node: Any, where: str = "") -> Any:
+    """``node`` with ``${NAME}`` / ``${NAME:-default}`` in every string (recursively in mappings and
+    lists) replaced from ``os.environ``; an unset or empty variable without a default raises a
+    :class:`ConfigError` naming the field (``where``, e.g. ``data.multi[0]``) and the fix."""
+    if isinstance(node, dict):
+        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return type(node)(expand_env(v, f"{where}[{i}]") for i, v in enumerate(node))
+    if not isinstance(node, str):
+        return node
+
+    def substitute(match: re.Match) -> str:
+        name, default = match.groups()
+        value = os.environ.get(name)
+        if value:
+            return value
+        if default is not None:
+            return default
+        origin = f" ({ENV_HINTS[name]})" if name in ENV_HINTS else ""
+        raise ConfigError(f"{where or 'value'}: ${{{name}}} is unset or empty; set {name}{origin}, "
+                          f"or give a default as ${{{name}:-DEFAULT}}, or edit the path/value")
+
+    return _ENV_REF.sub(substitute, node)
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING):
@@ -63,7 +103,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
-        return from_dict(tp, value, prefix=where)
+        return _build(tp, value, prefix=where)
     if origin in (list, tuple):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -117,7 +157,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a plain mapping, rejecting unknown keys."""
+    """Build dataclass ``cls`` from a plain mapping, rejecting unknown keys; ``${NAME}`` references
+    in its strings are expanded first (:func:`expand_env`)."""
+    return _build(cls, expand_env(data, prefix), prefix)
+
+
+def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)

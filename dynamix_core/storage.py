@@ -418,3 +418,90 @@ def delete(uri: str | Path, missing_ok: bool = True) -> None:
     except FileNotFoundError:
         if not missing_ok:
             raise
+
+
+# ------------------------------------------------------------------------------- local copies
+
+
+def cache_dir(kind: str) -> Path:
+    """``$XDG_CACHE_HOME/dynamix/KIND`` (``~/.cache`` by default; the system temporary folder when
+    that cannot be made): where local copies of objects are kept."""
+    import tempfile
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    for root in (base, Path(tempfile.gettempdir())):
+        folder = root / "dynamix" / kind
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return folder
+        except OSError:
+            continue
+    raise OSError(f"no writable cache folder for {kind} (tried {base} and {tempfile.gettempdir()}); set XDG_CACHE_HOME")
+
+
+def _cache_key(uri: str) -> str:
+    import hashlib
+
+    return f"{name(uri) or 'root'}-{hashlib.sha256(uri.rstrip('/').encode()).hexdigest()[:10]}"
+
+
+def list_tree(uri: str | Path) -> dict[str, int]:
+    """``relative path -> size`` of every file below the folder ``uri`` (``/``-separated; empty when
+    there is none). On an object store one LIST request per 1000 objects."""
+    if not is_remote(uri):
+        folder = Path(local_path(uri))
+        if not folder.is_dir():
+            return {}
+        return {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+    fs, path = resolve(str(uri).rstrip("/"))
+    with _Errors(str(uri), "list"):
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return {posixpath.relpath(i.path, path): i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def download_file(uri: str | Path, local: str | Path) -> Path:
+    """Copy the object ``uri`` to the local file ``local``, atomically (a temporary file renamed)."""
+    local = Path(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.part{os.getpid()}")
+    fs, path = resolve(uri)
+    with _Errors(str(uri), "download"):
+        pafs.copy_files(path, str(tmp.resolve()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    os.replace(tmp, local)
+    return local
+
+
+def local_file(uri: str | Path) -> Path:
+    """A local path for the file ``uri``: itself when local, else a cached copy (downloaded again
+    only when the object's size changed). Raises FileNotFoundError naming the URI when it is missing."""
+    if not is_remote(uri):
+        return Path(local_path(uri))
+    uri = str(uri)
+    remote_size = size(uri)  # raises FileNotFoundError naming the URI
+    local = cache_dir("files") / _cache_key(uri) / name(uri)
+    if not (local.is_file() and local.stat().st_size == remote_size):
+        download_file(uri, local)
+    return local
+
+
+def local_tree(uri: str | Path) -> Path:
+    """A local folder holding the tree under ``uri`` (a raw data set's folder on an object store, for
+    the parsers that read a directory tree): itself when local, else a cached copy under
+    :func:`cache_dir` ``("trees")``, where a file whose size did not change is not downloaded again
+    and files gone from the store are removed. A prefix with no object raises FileNotFoundError."""
+    if not is_remote(uri):
+        return Path(local_path(uri))
+    uri = str(uri).rstrip("/")
+    files = list_tree(uri)
+    if not files:
+        _check_bucket(uri)
+        raise FileNotFoundError(f"{uri}: no object under this prefix (upload the data set there, or fix the path)")
+    root = cache_dir("trees") / _cache_key(uri)
+    for rel, nbytes in files.items():
+        local = root / rel
+        if not (local.is_file() and local.stat().st_size == nbytes):
+            download_file(join(uri, rel), local)
+    for local in [p for p in root.rglob("*") if p.is_file()]:
+        if str(local.relative_to(root)) not in files:
+            local.unlink()
+    return root

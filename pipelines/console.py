@@ -17,19 +17,22 @@ RAY_LOGS_TO_CONSOLE_ENV = "DYNAMIX_RAY_LOGS_TO_CONSOLE"
 _CHATTY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 
 
-def ray_init_kwargs() -> dict:
+def ray_init_kwargs(local: bool = True) -> dict:
     """``ray.init`` arguments for a quiet console: the output of Ray's workers and actors (Ray Train's
     controller and placement-group cleaner, Ray Data operators, our workers) stays in the session's
     log files instead of being copied to the driver's terminal; the driver shows our own progress.
-    A local instance runs without token authentication (a cluster brings its own token)."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    A ``local`` instance runs without token authentication (a cluster brings its own mode and token)."""
+    if local:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     return {"log_to_driver": os.environ.get(RAY_LOGS_TO_CONSOLE_ENV) == "1", "logging_level": logging.WARNING}
 
 
 def quiet_ray_libraries() -> None:
-    """Ray Data / Ray Train progress bars and INFO narration off (warnings and errors still show)."""
+    """Ray Data / Ray Train progress bars and INFO narration off (warnings and errors still show),
+    and the raylet's worker-pool advice off the console (:func:`quiet_raylet_advice`)."""
     if os.environ.get(RAY_LOGS_TO_CONSOLE_ENV) == "1":
         return
+    quiet_raylet_advice()
     try:
         import ray.data  # first: importing it applies Ray Data's own logging configuration
     except ImportError:
@@ -46,6 +49,38 @@ def quiet_ray_libraries() -> None:
         ctx.print_on_execution_start = False
     except (ImportError, AttributeError):  # Ray Data absent or a version without the knob
         pass
+
+
+#: raylet messages that are advice about Ray's worker pool, not news for a user of the service
+_RAYLET_ADVICE = re.compile(r"(WARNING: )?\d+ \w+ worker processes have been started on node")
+
+
+def quiet_raylet_advice() -> None:
+    """Keep the raylet's worker-pool advice ("N PYTHON worker processes have been started on node ...")
+    off the console and the job logs. The driver prints what the raylet publishes through
+    ``ray._private.worker.print_to_stdstream`` whatever ``log_to_driver`` says (not public API: the
+    filter wraps it by name, and does nothing where it is missing); every other raylet message (out
+    of memory, a dead node) still shows, and the advice is still in the raylet's own log file."""
+    if os.environ.get(RAY_LOGS_TO_CONSOLE_ENV) == "1":
+        return
+    try:
+        import ray._private.worker as ray_worker
+    except ImportError:
+        return
+    show = getattr(ray_worker, "print_to_stdstream", None)
+    if show is None or getattr(show, "_dynamix_quiet", False):
+        return
+
+    def print_to_stdstream(data, *args, **kwargs):
+        if data.get("pid") == "raylet":
+            lines = [ln for ln in data.get("lines", []) if not _RAYLET_ADVICE.match(str(ln))]
+            if not lines:
+                return
+            data = {**data, "lines": lines}
+        return show(data, *args, **kwargs)
+
+    print_to_stdstream._dynamix_quiet = True
+    ray_worker.print_to_stdstream = print_to_stdstream
 
 
 def quiet_libraries() -> None:

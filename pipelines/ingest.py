@@ -100,7 +100,8 @@ MAX_LISTED_PROBLEMS = 1000
 class IngestConfig:
     """One ingest: source, output folder, shard sizes, and how to run it."""
 
-    root: Path = field(help="the source data set: its folder, or the manifest file for --format manifest")
+    root: str = field(help="the source data set: its folder, or the manifest file for --format manifest; a folder may be "
+                           "an object-store URI (s3://bucket/raw/market1501): it is copied to a local cache first")
     out: str = field(help="output folder or object-store URI (s3://bucket/prefix) for shards and manifests "
                           "(created; a re-run resumes it)")
     format: str = field("auto", help=f"source format, one of {sorted(FORMATS)}, or auto (detect from the layout)")
@@ -116,7 +117,7 @@ class IngestConfig:
         100_000, help="maximum images per shard (a single video larger than this gets its own shard)"
     )
     workers: int = field(2, help="shard writers running at once (Ray tasks); 0 = write in this process without Ray")
-    address: str | None = field(None, help="Ray cluster to join (default: start a local Ray instance)")
+    address: str | None = field(None, help="Ray cluster to join (default: $RAY_ADDRESS, which Ray sets for a submitted job; else a local instance)")
 
     def __post_init__(self) -> None:
         if self.format != "auto" and self.format not in FORMATS:
@@ -483,14 +484,12 @@ def _run_local(plans: list[ShardPlan], out_dir: str) -> Iterator[dict]:
 def _run_ray(plans: list[ShardPlan], out_dir: str, cfg: IngestConfig) -> Iterator[dict]:
     import ray
 
-    from pipelines.console import quiet_ray_libraries, ray_init_kwargs
+    from pipelines.console import quiet_ray_libraries
+    from pipelines.ray_cluster import connect
 
     started_here = not ray.is_initialized()
-    if started_here:
-        if cfg.address:
-            ray.init(address=cfg.address, **ray_init_kwargs())
-        else:  # 4 logical CPUs: on a 2-core box the defaults starve Ray Data's tasks (docs/stack.md)
-            ray.init(num_cpus=4, include_dashboard=False, **ray_init_kwargs())
+    if started_here:  # the job's cluster (--address, RAY_ADDRESS), else a local instance
+        connect(cfg.address)
     try:
         quiet_ray_libraries()  # the driver shows one bar, in images
         # an object store is reached by URI from every node (with that node's AWS_* variables)
@@ -529,8 +528,21 @@ def _dataset_manifest(out_dir: str, num_shards: int) -> pa.Table:
     return pa.concat_tables(tables).cast(DATASET_SCHEMA)
 
 
+def _staged(cfg: IngestConfig, progress: bool) -> IngestConfig:
+    """``cfg`` with its source folder on an object store replaced by a local copy (the parsers read
+    directory trees and LMDB files). The copy is on this machine only, so its shards are written by
+    this process rather than by Ray tasks that may run on other nodes."""
+    if storage.exists(cfg.root):
+        raise ConfigError(f"root: {cfg.root} is a single object; a source on an object store must be a folder "
+                          "(a manifest source must be a local file)")
+    local = storage.local_tree(cfg.root)
+    if progress:
+        print(f"[ingest] {cfg.root}: copied to {local}; shards are written by this process", flush=True)
+    return dataclasses.replace(cfg, root=str(local), workers=0)
+
+
 def _summary(cfg: IngestConfig, fmt: str, manifest: pa.Table, out_dir: str, num_shards: int,
-             report: InputReport) -> dict:
+             report: InputReport, source: str) -> dict:
     def distinct(column: str) -> int:  # distinct (dataset, id) pairs, -1 (none) excluded
         known = manifest.filter(pc.field(column) != -1)
         return known.group_by(["dataset", column]).aggregate([]).num_rows
@@ -542,7 +554,7 @@ def _summary(cfg: IngestConfig, fmt: str, manifest: pa.Table, out_dir: str, num_
     shard_bytes = [sizes[shard_name(i)] for i in range(num_shards)]
     return {
         "format": fmt,
-        "root": str(cfg.root),
+        "root": source,
         "datasets": sorted(set(manifest.column("dataset").to_pylist())),
         "options": dict(sorted(cfg.options.items())),
         "images": manifest.num_rows,
@@ -603,6 +615,9 @@ def run_ingest(cfg: IngestConfig, *, progress: bool = True) -> IngestResult:
     start = time.perf_counter()
     if storage.is_remote(cfg.out):
         storage.makedirs(cfg.out)  # a missing bucket or unreachable store fails before the source is listed
+    source = str(cfg.root)
+    if storage.is_remote(source):
+        cfg = _staged(cfg, progress)
     report = InputReport(strict=cfg.strict)
     fmt, why, previous, plans = plan_ingest(cfg, report)
     out_dir = str(cfg.out)
@@ -625,7 +640,7 @@ def run_ingest(cfg: IngestConfig, *, progress: bool = True) -> IngestResult:
 
     _remove_outdated_shards(out_dir, len(plans))
     manifest = _dataset_manifest(out_dir, len(plans))
-    summary = _summary(cfg, fmt, manifest, out_dir, len(plans), report)
+    summary = _summary(cfg, fmt, manifest, out_dir, len(plans), report, source)
     _write_text_if_changed(json.dumps(summary, indent=2) + "\n", storage.join(out_dir, SUMMARY_NAME))
     manifest_path = storage.join(out_dir, MANIFEST_NAME)
     if not (storage.exists(manifest_path) and storage.read_table(manifest_path, schema=DATASET_SCHEMA).equals(manifest)):

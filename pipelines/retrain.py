@@ -17,7 +17,7 @@ Steps, in order (:data:`STEPS`):
 6. ``promote``: :func:`services.promotion.promote` against the champion on the fixed ``suite``.
 
 The journal ``STATE_DIR/CYCLE/journal.json`` records each finished step with its outputs; it is
-rewritten atomically (temporary file + ``os.replace``) after every step, and a re-run skips the
+rewritten atomically (temporary file + rename, or one whole upload) after every step, and a re-run skips the
 steps it lists. A crash between a step's side effect and its journal entry is harmless: training
 resumes from its checkpoint (a finished run is restored, not retrained), registering the same
 weights returns the existing version, and a version that already carries a promotion decision is
@@ -26,7 +26,9 @@ not evaluated again (the recorded decision is adopted). One process per cycle at
 Cycle ids: ``cycle`` when given; else the newest unfinished cycle in ``state_dir`` (a crashed run
 is continued, even on a later day); else the current UTC time formatted by ``cycle_format``, so a
 scheduler firing twice in one period finds the period's cycle finished and does nothing.
-``state_dir`` must be readable by the training workers (the champion's weights are read from it).
+``state_dir`` must be readable by the training workers (the champion's weights are read from it):
+on a cluster, an object-store URI (``s3://bucket/prod/retrain``). Raw data set folders (the
+sources' roots, the promotion suite) may be URIs too: they are copied to a local cache first.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,9 +48,10 @@ from typing import Callable, Iterator, Literal
 
 import yaml
 
-from dynamix_core.config import ConfigError, apply_override, field, from_dict, to_dict
-from dynamix_core.data.shards import tmp_path
+from dynamix_core import storage
+from dynamix_core.config import ConfigError, apply_override, expand_env, field, from_dict, to_dict
 from pipelines.ingest import IngestConfig
+from pipelines.recipes import resolve_config_path
 from pipelines.train.config import TrainConfig
 
 STEPS = ("ingest", "base", "train", "evaluate", "register", "promote")
@@ -65,7 +70,8 @@ class RetrainError(RuntimeError):
 class TrainSpec:
     """The training of a cycle: a recipe and its overrides (run name, tracking URI and initial weights are set per cycle)."""
 
-    recipe: Path = field(help="training recipe YAML (recipes/*.yaml); its data.single is extended with the sources' folders")
+    recipe: str = field(help="training recipe YAML (a path, an object-store URI or a shipped recipe's name); "
+                             "its data.single is extended with the sources' folders")
     overrides: list[str] = field(default_factory=list, help="KEY=VALUE overrides of the recipe, as `dynamix train --set`")
 
 
@@ -75,10 +81,12 @@ class RetrainConfig:
 
     name: str = field(help="registered model to retrain: its champion (models:/NAME@champion) is the starting point")
     tracking_uri: str | None = field(None, help="MLflow tracking + registry URI (default: $MLFLOW_TRACKING_URI)")
-    state_dir: Path = field(Path("runs/retrain"), help="folder of the cycle journals: STATE_DIR/CYCLE/journal.json")
+    state_dir: str = field("runs/retrain", help="folder or object-store URI of the cycle journals: STATE_DIR/CYCLE/journal.json "
+                                               "(and the champion's weights the training workers read)")
     sources: list[IngestConfig] = field(default_factory=list, help="new single-camera data sets to ingest (IngestConfig each)")
     train: TrainSpec = field(help="the training recipe and its overrides")
-    suite: Path = field(help="promotion suite: query/gallery data set folder (e.g. Market layout: query/ + bounding_box_test/)")
+    suite: str = field(help="promotion suite: query/gallery data set folder (e.g. Market layout: query/ + bounding_box_test/); "
+                            "an object-store URI is copied to a local cache first")
     suite_format: str = field("market1501", help="parser of the suite folder (market1501, dukemtmc, cuhk03np, msmt17, manifest)")
     metric: Literal["mAP", "mINP", "rank1", "rank5", "rank10"] = field("mAP", help="the metric that decides a promotion")
     margin: float = field(0.0, help="the new version must beat the champion by more than this on the metric")
@@ -95,15 +103,15 @@ class RetrainConfig:
 
 @dataclass
 class Journal:
-    """The step journal of one cycle (``path``), as plain JSON data."""
+    """The step journal of one cycle (``path``: a file or an object), as plain JSON data."""
 
-    path: Path
+    path: Path | str
     data: dict
 
     @classmethod
-    def open(cls, path: Path, cycle: str, cfg: RetrainConfig) -> "Journal":
-        if path.is_file():
-            return cls(path, json.loads(path.read_text()))
+    def open(cls, path: Path | str, cycle: str, cfg: RetrainConfig) -> "Journal":
+        if storage.exists(path):
+            return cls(path, json.loads(storage.read_bytes(path)))
         journal = cls(path, {"cycle": cycle, "name": cfg.name, "started": _now(), "finished": None,
                              "config": to_dict(cfg), "steps": {}})
         journal.write()
@@ -125,16 +133,15 @@ class Journal:
         self.write()
 
     def write(self) -> None:
-        tmp = tmp_path(self.path)
-        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
-        os.replace(tmp, self.path)  # a crash leaves the previous journal, never half of one
+        # a crash leaves the previous journal, never half of one (a renamed file, or one whole upload)
+        storage.write_bytes_atomic(self.path, json.dumps(self.data, indent=2) + "\n")
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def resolve_cycle(state_dir: Path, cycle: str | None, cycle_format: str,
+def resolve_cycle(state_dir: Path | str, cycle: str | None, cycle_format: str,
                   now: datetime | None = None) -> tuple[str, str]:
     """``(cycle id, how it was chosen)``: the given id, else the newest unfinished cycle under
     ``state_dir``, else ``now`` (UTC) formatted by ``cycle_format``."""
@@ -143,8 +150,9 @@ def resolve_cycle(state_dir: Path, cycle: str | None, cycle_format: str,
             raise ConfigError(f"--cycle {cycle!r}: use letters, digits, '_', '.', '-'")
         return cycle, "given"
     unfinished = []
-    for path in state_dir.glob(f"*/{JOURNAL}"):
-        data = json.loads(path.read_text())
+    journals = [rel for rel in storage.list_tree(state_dir) if rel.count("/") == 1 and rel.endswith(f"/{JOURNAL}")]
+    for rel in journals:
+        data = json.loads(storage.read_bytes(storage.join(state_dir, rel)))
         if not data["finished"]:
             unfinished.append((data["started"], data["cycle"]))
     if unfinished:
@@ -157,13 +165,20 @@ def resolve_cycle(state_dir: Path, cycle: str | None, cycle_format: str,
 
 
 @contextlib.contextmanager
-def _cycle_lock(cycle_dir: Path) -> Iterator[None]:
-    with open(cycle_dir / "lock", "w") as fh:
+def _cycle_lock(cycle_dir: Path | str) -> Iterator[None]:
+    """One process per cycle on this machine: a lock file in the cycle folder, or for a state_dir on an
+    object store (which has no locks) in a local cache folder; across machines the scheduler runs one
+    cycle at a time (the chart's CronJob: concurrencyPolicy Forbid)."""
+    if storage.is_remote(cycle_dir):
+        lock = storage.cache_dir("retrain") / f"{hashlib.sha256(str(cycle_dir).encode()).hexdigest()[:16]}.lock"
+    else:
+        lock = Path(cycle_dir) / "lock"
+    with open(lock, "w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RetrainError(f"cycle {cycle_dir.name} is running in another process "
-                               f"(lock {cycle_dir / 'lock'}); wait for it to finish") from None
+            raise RetrainError(f"cycle {storage.name(cycle_dir)} is running in another process "
+                               f"(lock {lock}); wait for it to finish") from None
         yield
 
 
@@ -176,12 +191,14 @@ def _local(path: str) -> str:
 
 def recipe_config(cfg: RetrainConfig) -> TrainConfig:
     """The training recipe with its overrides, ``data.single`` extended by the sources' folders."""
-    path = Path(cfg.train.recipe)
-    if not path.is_file():
-        raise ConfigError(f"train.recipe: {path} does not exist")
+    try:
+        path = resolve_config_path(cfg.train.recipe)
+    except ConfigError as exc:
+        raise ConfigError(f"train.recipe: {exc}") from None
     data = yaml.safe_load(path.read_text()) or {}
     for override in cfg.train.overrides:
         apply_override(data, override, TrainConfig)
+    data = expand_env(data)  # ${DYNAMIX_STORAGE_URI}/...: compared with the sources' folders below
     section = data.setdefault("data", {})
     if not isinstance(section, dict):
         raise ConfigError(f"train.recipe {path}: data must be a mapping, got {section!r}")
@@ -207,7 +224,7 @@ def train_config(cfg: RetrainConfig, cycle: str, base: dict) -> TrainConfig:
         tracking=dataclasses.replace(tcfg.tracking, uri=cfg.tracking_uri))
 
 
-def _ingest(cfg: RetrainConfig, cycle_dir: Path, journal: Journal) -> dict:
+def _ingest(cfg: RetrainConfig, cycle_dir: Path | str, journal: Journal) -> dict:
     from pipelines.ingest import run_ingest
 
     sources = []
@@ -239,7 +256,11 @@ def champion_version(name: str, tracking_uri: str) -> str | None:
     return str(aliases[CHAMPION]) if CHAMPION in aliases else None
 
 
-def _base(cfg: RetrainConfig, cycle_dir: Path, journal: Journal) -> dict:
+def _base(cfg: RetrainConfig, cycle_dir: Path | str, journal: Journal) -> dict:
+    """The champion's weights, put in the cycle folder (where the training workers read them: on
+    an object store, an object; every node reads it by URI)."""
+    import tempfile
+
     import mlflow
 
     from services.registry import file_sha256, model_uri, tracking
@@ -247,7 +268,8 @@ def _base(cfg: RetrainConfig, cycle_dir: Path, journal: Journal) -> dict:
     version = champion_version(cfg.name, cfg.tracking_uri)
     if version is None:
         return {"champion_version": None, "weights": None, "weights_sha256": None}
-    dst = cycle_dir / "champion"
+    remote = storage.is_remote(cycle_dir)
+    dst = Path(tempfile.mkdtemp(prefix="dynamix-champion-")) if remote else Path(cycle_dir) / "champion"
     dst.mkdir(exist_ok=True)
     # by version number, not alias: what is downloaded is the version recorded here
     with tracking(cfg.tracking_uri):
@@ -255,19 +277,27 @@ def _base(cfg: RetrainConfig, cycle_dir: Path, journal: Journal) -> dict:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=f"{model_uri(cfg.name, version)}/artifacts/weights.safetensors",
             dst_path=str(dst))
-    return {"champion_version": version, "weights": _local(local), "weights_sha256": file_sha256(local)}
+    digest = file_sha256(local)
+    if not remote:
+        return {"champion_version": version, "weights": _local(local), "weights_sha256": digest}
+    uri = storage.join(cycle_dir, "champion", "weights.safetensors")
+    storage.upload_file(local, uri)
+    shutil.rmtree(dst, ignore_errors=True)
+    return {"champion_version": version, "weights": uri, "weights_sha256": digest}
 
 
-def _train(cfg: RetrainConfig, cycle_dir: Path, journal: Journal) -> dict:
-    from pipelines.train.driver import run_training
+def _train(cfg: RetrainConfig, cycle_dir: Path | str, journal: Journal) -> dict:
+    from pipelines.train.driver import WEIGHTS_FILE, run_training
     from services.registry import file_sha256
 
-    tcfg = train_config(cfg, cycle_dir.name, journal.outputs("base"))
+    tcfg = train_config(cfg, storage.name(cycle_dir), journal.outputs("base"))
     result = run_training(tcfg, progress=False)
     if result.weights_path is None:
         raise RetrainError(f"train: run {tcfg.run.name} ({result.run_dir}) ended without a checkpoint; "
                            "check its logs, then re-run the cycle")
-    return {"run_name": tcfg.run.name, "run_dir": str(result.run_dir), "weights": str(result.weights_path),
+    # a run on an object store: its exported weights object (a re-run on another machine reads it there)
+    weights = storage.join(result.run_dir, WEIGHTS_FILE) if storage.is_remote(result.run_dir) else str(result.weights_path)
+    return {"run_name": tcfg.run.name, "run_dir": str(result.run_dir), "weights": weights,
             "weights_sha256": file_sha256(result.weights_path), "mlflow_run_id": result.mlflow_run_id,
             "max_steps": tcfg.run.max_steps}
 
@@ -277,20 +307,24 @@ def _trained_weights(journal: Journal) -> str:
     from services.registry import file_sha256
 
     train = journal.outputs("train")
-    if not Path(train["weights"]).is_file() or file_sha256(train["weights"]) != train["weights_sha256"]:
+    try:
+        local = storage.local_file(train["weights"])  # itself, or a cached copy of the run's object
+    except FileNotFoundError:
+        local = None
+    if local is None or not local.is_file() or file_sha256(local) != train["weights_sha256"]:
         raise RetrainError(f"{train['weights']} is missing or changed since the train step recorded it "
                            f"(sha256 {train['weights_sha256'][:12]}); delete the 'train' entry of {journal.path} "
                            "(the run is restored and exports its weights again) or start a new --cycle")
-    return train["weights"]
+    return str(local)
 
 
-def _evaluate(cfg: RetrainConfig, cycle_dir: Path, journal: Journal) -> dict:
+def _evaluate(cfg: RetrainConfig, cycle_dir: Path | str, journal: Journal) -> dict:
     import torch
 
     from dynamix_core.model import build_encoder, load_weights
     from pipelines.train.evaluate import TargetSet, evaluate_target
 
-    tcfg = train_config(cfg, cycle_dir.name, journal.outputs("base"))
+    tcfg = train_config(cfg, storage.name(cycle_dir), journal.outputs("base"))
     if tcfg.data.target is None:
         return {"target": None, "metrics": {}}
     encoder = build_encoder(dataclasses.replace(tcfg.model, weights=None)).eval()
@@ -299,21 +333,21 @@ def _evaluate(cfg: RetrainConfig, cycle_dir: Path, journal: Journal) -> dict:
     return {"target": tcfg.data.target, "metrics": evaluate_target(encoder, target, tcfg.eval, torch.device("cpu"))}
 
 
-def _register(cfg: RetrainConfig, cycle_dir: Path, journal: Journal) -> dict:
+def _register(cfg: RetrainConfig, cycle_dir: Path | str, journal: Journal) -> dict:
     from services.registry import register_model
 
-    tcfg = train_config(cfg, cycle_dir.name, journal.outputs("base"))
+    tcfg = train_config(cfg, storage.name(cycle_dir), journal.outputs("base"))
     base = journal.outputs("base")["champion_version"]
     version = register_model(
         _trained_weights(journal), tcfg.model, cfg.name, cfg.tracking_uri,
         run_id=journal.outputs("train")["mlflow_run_id"], eval_metrics=journal.outputs("evaluate")["metrics"],
-        tags={"dynamix.retrain_cycle": cycle_dir.name, "dynamix.base_version": base or ""},
+        tags={"dynamix.retrain_cycle": storage.name(cycle_dir), "dynamix.base_version": base or ""},
         export_onnx=cfg.export_onnx, preprocessing=tcfg.data.transform)
     return {"version": version.version, "uri": version.uri, "created": version.created,
             "weights_sha256": version.weights_sha256}
 
 
-def _promote(cfg: RetrainConfig, cycle_dir: Path, journal: Journal) -> dict:
+def _promote(cfg: RetrainConfig, cycle_dir: Path | str, journal: Journal) -> dict:
     from services.promotion import TAG_PREFIX, ImageSetSuite, promote
     from services.registry import registry_client
 
@@ -327,7 +361,7 @@ def _promote(cfg: RetrainConfig, cycle_dir: Path, journal: Journal) -> dict:
                 "champion_version": recorded["champion_version"] or None,
                 **{k: float(recorded[k]) if recorded[k] else None for k in ("challenger_score", "champion_score")},
                 "adopted": True}
-    decision = promote(cfg.name, version, ImageSetSuite(cfg.suite, fmt=cfg.suite_format),
+    decision = promote(cfg.name, version, ImageSetSuite(str(storage.local_tree(cfg.suite)), fmt=cfg.suite_format),
                        tracking_uri=cfg.tracking_uri, metric=cfg.metric, margin=cfg.margin)
     if decision.decision not in _DECIDED:
         raise RetrainError(f"promote: version {version} could not be evaluated ({decision.message}); "
@@ -337,7 +371,7 @@ def _promote(cfg: RetrainConfig, cycle_dir: Path, journal: Journal) -> dict:
             "champion_score": decision.champion_score, "adopted": False}
 
 
-_STEP_FUNCTIONS: dict[str, Callable[[RetrainConfig, Path, Journal], dict]] = {
+_STEP_FUNCTIONS: dict[str, Callable[[RetrainConfig, Path | str, Journal], dict]] = {
     "ingest": _ingest, "base": _base, "train": _train, "evaluate": _evaluate, "register": _register,
     "promote": _promote,
 }
@@ -383,13 +417,14 @@ def run_retrain(cfg: RetrainConfig, *, cycle: str | None = None, echo: Callable[
                               "give the MLflow URI of the registry")
         cfg = dataclasses.replace(cfg, tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     tcfg = recipe_config(cfg)  # fail on a bad recipe before any work
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    cycle, how = resolve_cycle(cfg.state_dir, cycle, cfg.cycle_format)
-    cycle_dir = cfg.state_dir / cycle
-    cycle_dir.mkdir(exist_ok=True)
+    state_dir = cfg.state_dir if storage.is_remote(cfg.state_dir) else Path(cfg.state_dir).resolve()
+    storage.makedirs(state_dir)  # a missing bucket or refused credentials fail here
+    cycle, how = resolve_cycle(state_dir, cycle, cfg.cycle_format)
+    cycle_dir = storage.join(state_dir, cycle) if storage.is_remote(state_dir) else state_dir / cycle
+    storage.makedirs(cycle_dir)
     ran = []
     with _cycle_lock(cycle_dir):
-        journal = Journal.open(cycle_dir / JOURNAL, cycle, cfg)
+        journal = Journal.open(storage.join(cycle_dir, JOURNAL), cycle, cfg)
         echo(f"[retrain] cycle {cycle} ({how}); journal {journal.path}")
         for step in STEPS:
             if journal.done(step):

@@ -81,13 +81,15 @@ class _Spool:
     Thread-safe: the training thread appends while the sender thread reads and marks."""
 
     def __init__(self, spool_dir: Path, *, tracking_uri: str | None, experiment: str | None,
-                 run_name: str | None, run_id: str | None):
+                 run_name: str | None, run_id: str | None, artifact_location: str | None = None):
         self.dir = spool_dir
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._lock_fd = self._acquire_dir_lock()
         try:
             self.state = self._load_state(tracking_uri, experiment, run_name, run_id)
+            # where a new experiment keeps its artifacts (None: the tracking store's default)
+            self.state["artifact_location"] = artifact_location or self.state.get("artifact_location")
             self._pending: deque[dict] = deque()
             self.metric_steps: set[int] = set()  # steps with a metric in the spool, sent or not
             self._next_seq = self._load_pending()
@@ -349,7 +351,8 @@ class _Sender:
             experiment_id = experiment.experiment_id
         else:
             try:
-                experiment_id = self._call(self.client.create_experiment, experiment_name)
+                experiment_id = self._call(self.client.create_experiment, experiment_name,
+                                           artifact_location=self.spool.state.get("artifact_location"))
             except MlflowException as exc:  # another job created it in the meantime
                 if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                     raise
@@ -448,7 +451,8 @@ class ResilientTracker:
     Raises ValueError when ``spool_dir`` is held by another tracker or belongs to another run."""
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, spool_dir: str | Path,
-                 run_id: str | None = None, flush_interval_s: float = 2.0, http_timeout_s: int = 10):
+                 run_id: str | None = None, flush_interval_s: float = 2.0, http_timeout_s: int = 10,
+                 artifact_location: str | None = None):
         if not run_name or "'" in run_name:
             raise ValueError(f"run_name must be non-empty and free of single quotes, got {run_name!r}")
         if flush_interval_s <= 0 or http_timeout_s <= 0:
@@ -456,7 +460,7 @@ class ResilientTracker:
                 f"flush_interval_s and http_timeout_s must be > 0, got {flush_interval_s} and {http_timeout_s}")
         self._flush_interval_s = flush_interval_s
         self._spool = _Spool(Path(spool_dir), tracking_uri=tracking_uri, experiment=experiment,
-                             run_name=run_name, run_id=run_id)
+                             run_name=run_name, run_id=run_id, artifact_location=artifact_location)
         try:
             self._sender = _Sender(self._spool, http_timeout_s)
         except BaseException:

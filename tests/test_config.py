@@ -119,3 +119,68 @@ def test_format_field_help_by_section_and_optional_sections():
     assert len(format_field_help(Outer).splitlines()) == 7
     with pytest.raises(ConfigError, match=r"no config key under 'dat'; sections are \['data', 'mode', 'name'"):
         format_field_help(Outer, "dat")
+
+
+# ------------------------------------------------------------------ ${NAME} environment interpolation
+
+
+def test_env_variables_expand_in_every_string_of_the_recipe(tmp_path, monkeypatch):
+    monkeypatch.setenv("DX_ROOT", "s3://bucket/prod")
+    monkeypatch.delenv("DX_UNSET", raising=False)
+    p = tmp_path / "c.yaml"
+    p.write_text('name: "${DX_ROOT}/runs"\n'
+                 'tags: ["${DX_ROOT}/a", "b-${DX_UNSET:-local}", plain, "${DX_ROOT}${DX_ROOT}"]\n'
+                 'weights: ${DX_UNSET:-}\n')
+    cfg = load_config(Outer, p)
+    assert cfg.name == "s3://bucket/prod/runs"
+    assert cfg.tags == ["s3://bucket/prod/a", "b-local", "plain", "s3://bucket/prods3://bucket/prod"]
+    assert cfg.weights == ""  # an empty default is a value
+    monkeypatch.setenv("DX_UNSET", "")  # empty counts as unset: the default applies
+    assert load_config(Outer, p).tags[1] == "b-local"
+
+
+def test_env_variables_expand_in_override_values_and_nested_sections(tmp_path, monkeypatch):
+    monkeypatch.setenv("DX_ROOT", "/mnt/x")
+    monkeypatch.setenv("DX_BATCH", "16")
+    cfg = load_config(Outer, None, ['tags=["${DX_ROOT}/a", "${DX_ROOT}/b"]', "weights=${DX_ROOT}/w.pt",
+                                    "data.batch_size=${DX_BATCH}"])
+    assert cfg.tags == ["/mnt/x/a", "/mnt/x/b"] and cfg.weights == "/mnt/x/w.pt"
+    assert cfg.data.batch_size == 16  # expanded, then coerced to the field's type
+
+
+def test_an_override_replaces_a_recipe_value_whose_variable_is_unset(tmp_path, monkeypatch):
+    monkeypatch.delenv("DX_UNSET", raising=False)
+    p = tmp_path / "c.yaml"
+    p.write_text("weights: ${DX_UNSET}/w.pt\n")
+    assert load_config(Outer, p, ["weights=/local/w.pt"]).weights == "/local/w.pt"
+
+
+def test_an_unset_variable_names_the_file_the_field_the_variable_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.delenv("DYNAMIX_STORAGE_URI", raising=False)
+    monkeypatch.delenv("DX_UNSET", raising=False)
+    p = tmp_path / "recipe.yaml"
+    p.write_text('tags: [fine, "${DYNAMIX_STORAGE_URI}/shards/market1501"]\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(Outer, p)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert str(p) in msg and "tags[1]" in msg and "${DYNAMIX_STORAGE_URI}" in msg
+    assert "set DYNAMIX_STORAGE_URI (the Helm chart sets it from storage.uri" in msg and "edit the" in msg
+    p.write_text("data: {batch_size: 8}\nweights: ${DX_UNSET}\n")
+    with pytest.raises(ConfigError, match=r"recipe\.yaml: weights: \$\{DX_UNSET\} is unset or empty; set DX_UNSET"):
+        load_config(Outer, p)
+    monkeypatch.setenv("DX_UNSET", "")
+    with pytest.raises(ConfigError, match="DX_UNSET"):
+        load_config(Outer, p)
+
+
+def test_expand_env_walks_nested_mappings_and_lists(monkeypatch):
+    from dynamix_core.config import expand_env
+
+    monkeypatch.setenv("DX_ROOT", "gs://b")
+    tree = {"data": {"multi": ["${DX_ROOT}/m", {"x": "${DX_ROOT}"}], "n": 3, "none": None}, "t": "$HOME ${ not a var"}
+    assert expand_env(tree) == {"data": {"multi": ["gs://b/m", {"x": "gs://b"}], "n": 3, "none": None},
+                                "t": "$HOME ${ not a var"}  # only ${NAME} and ${NAME:-default} are replaced
+    monkeypatch.delenv("DX_ROOT")
+    with pytest.raises(ConfigError, match=r"^data\.multi\[1\]\.x: \$\{DX_ROOT\} is unset"):
+        expand_env({"data": {"multi": ["m", {"x": "${DX_ROOT}"}]}})

@@ -38,6 +38,8 @@ VARIANTS = {
     "default": None,
     "production": PROD_VALUES,
     "cronjob+standing-cluster": {"rayCluster": {"enabled": True}, "ray": {"auth": {"enabled": False}}},
+    # a shared file system instead of an object store: a PVC mounted at storage.uri on every Ray pod
+    "pvc-storage": {"storage": {"uri": "/mnt/dynamix", "pvcName": "dynamix-data", "credentialsSecret": ""}},
 }
 
 
@@ -155,6 +157,8 @@ def test_rbac_is_least_privilege():
     ({"image": {"tag": "latest"}}, "latest"),
     ({"mlflow": {"enabled": False, "externalTrackingUri": ""}}, "externalTrackingUri"),
     ({"retrain": {"mode": "hourly"}}, "retrain.mode"),
+    ({"storage": {"uri": "/mnt/dynamix"}}, r"storage.uri /mnt/dynamix is a path: set storage.pvcName"),
+    ({"storage": {"uri": "/data/reid", "pvcName": "dynamix-data"}}, r"storage.uri /data/reid .* storage.mountPath"),
 ])
 def test_bad_values_fail_with_a_clear_message(values, message):
     with pytest.raises(helm.HelmError, match=message):
@@ -195,9 +199,12 @@ def test_every_rendered_dynamix_command_loads_its_config(variant, monkeypatch, c
 
     from pipelines.cli import main
 
-    commands = sorted({s.strip() for s in _strings(render(VARIANTS[variant])) if s.strip().startswith("dynamix ")})
+    docs = render(VARIANTS[variant])
+    commands = sorted({s.strip() for s in _strings(docs) if s.strip().startswith("dynamix ")})
     assert {shlex.split(c)[1] for c in commands} == {"train", "retrain"}
     monkeypatch.chdir(REPO_ROOT)  # the image's working directory holds recipes/
+    for name, value in _literal_env(_all_ray_containers(docs)[0]).items():  # the recipes read DYNAMIX_STORAGE_URI
+        monkeypatch.setenv(name, value)
     for command in commands:
         assert main([*shlex.split(command)[1:], "--print-config"]) == 0, command
         printed = capsys.readouterr().out
@@ -205,3 +212,199 @@ def test_every_rendered_dynamix_command_loads_its_config(variant, monkeypatch, c
             assert "max_steps: 120000" in printed and "loss_mode: sharded" in printed
         if " train " in f" {command} ":  # the chart's training run registers its encoder
             assert "registered_model: dynamix-reid" in printed
+
+
+# ------------------------------------------------------- the jobs the chart submits, against the pods it asks for
+
+
+def _ray_jobs(docs: list[dict]) -> list[tuple[str, dict]]:
+    """(name, RayJob spec) of every job the chart submits: the training RayJob, the retraining RayJob
+    (the CronJob's template) or the RayCronJob's job template."""
+    jobs = []
+    for d in docs:
+        name = d["metadata"].get("name") or d["metadata"].get("generateName")
+        if d["kind"] == "RayJob":
+            jobs.append((name, d["spec"]))
+        elif d["kind"] == "RayCronJob":
+            jobs.append((name, d["spec"]["jobTemplate"]))
+    return jobs
+
+
+def _ray_containers(cluster_spec: dict) -> list[tuple[dict, dict]]:
+    """(pod spec, container) of the head and every worker group of a RayCluster spec."""
+    pods = [cluster_spec["headGroupSpec"]["template"]["spec"]]
+    pods += [g["template"]["spec"] for g in cluster_spec["workerGroupSpecs"]]
+    return [(pod, c) for pod in pods for c in pod["containers"]]
+
+
+def _literal_env(container: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def _resolve_job(entrypoint: str, env: dict[str, str], monkeypatch):
+    """The training config (and for `dynamix retrain` the retraining config) that the job's
+    entrypoint builds, through the CLI's own parser and config loading, with the pods' environment."""
+    import shlex
+
+    from dynamix_core.config import load_config
+    from pipelines.cli import build_parser
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(REPO_ROOT)  # the image's working directory holds recipes/
+    argv = shlex.split(entrypoint)
+    assert argv[0] == "dynamix", entrypoint
+    args = build_parser(argv[1]).parse_args(argv[1:])
+    if argv[1] == "train":
+        from pipelines.commands.train import resolve
+
+        return resolve(args), None
+    assert argv[1] == "retrain", entrypoint
+    from pipelines.retrain import RetrainConfig, recipe_config
+
+    cfg = load_config(RetrainConfig, args.config, args.overrides)
+    if args.storage:  # as pipelines/commands/retrain.py does
+        cfg.train.overrides.append(f"run.storage={args.storage.rstrip('/')}/runs")
+    return recipe_config(cfg), cfg
+
+
+def _cpus(quantity) -> float:
+    text = str(quantity)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_job_fits_the_worker_group_it_runs_on(variant, monkeypatch):
+    """The GPUs and per-pod CPUs that the rendered job's recipe asks for (trainers: scaling.num_workers
+    x (1 GPU + scaling.cpus_per_worker CPUs, one pod each); the labeling pool of DynaMix/ReMix:
+    labeling.pool_size actors of 1 GPU, or labeling.cpus_per_actor CPUs without GPUs) fit the worker
+    group the chart gives it, so the job cannot stay pending until its deadline. KubeRay gives Ray
+    the container's limits (num-cpus, num-gpus); the head runs with num-cpus 0."""
+    jobs = _ray_jobs(render(VARIANTS[variant]))
+    assert len(jobs) == 2  # training + retraining
+    for name, spec in jobs:
+        cluster = spec["rayClusterSpec"]
+        assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", name
+        env = _literal_env(cluster["headGroupSpec"]["template"]["spec"]["containers"][0])
+        cfg, _ = _resolve_job(spec["entrypoint"], env, monkeypatch)
+        trainers, sc = cfg.scaling.num_workers, cfg.scaling
+        labelers = cfg.labeling.pool_size if cfg.uses_labeling_pool else 0
+        gpus_needed = (trainers + labelers) if sc.use_gpu else 0
+        cpus_needed = trainers * sc.cpus_per_worker + (0 if sc.use_gpu else labelers * cfg.labeling.cpus_per_actor)
+        groups = []
+        for g in cluster["workerGroupSpecs"]:
+            limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+            groups.append((g["replicas"], int(limits.get("nvidia.com/gpu", 0)), _cpus(limits["cpu"])))
+        gpus = sum(n * per_pod for n, per_pod, _ in groups)
+        cpus = sum(n * per_pod for n, _, per_pod in groups)
+        where = f"{variant}: {name} ({spec['entrypoint'].split(' --')[0]} ...)"
+        assert gpus_needed <= gpus, f"{where}: needs {trainers} trainer + {labelers} labeling GPUs, the workers have {gpus}"
+        # the trainers' placement group packs them: a pod may get as many trainers as it has GPUs
+        for n, gpus_per_pod, cpus_per_pod in groups:
+            per_pod = min(gpus_per_pod, trainers) if sc.use_gpu else 1
+            assert per_pod * sc.cpus_per_worker <= cpus_per_pod, (
+                f"{where}: {per_pod} trainers x {sc.cpus_per_worker} CPUs do not fit a pod's CPU limit {cpus_per_pod}")
+        # and one CPU stays free for Ray Data's CPU tasks (ingest, decoding)
+        assert cpus_needed + 1 <= cpus, f"{where}: needs {cpus_needed} + 1 CPUs, the workers have {cpus}"
+
+
+def _job_paths(cfg, retrain) -> dict[str, str]:
+    """Every path a job reads or writes, by its config key."""
+    paths = {"run.storage": cfg.run.storage, "data.target": cfg.data.target, "model.weights": cfg.model.weights}
+    for key in ("multi", "single"):
+        paths.update({f"data.{key}[{i}]": p for i, p in enumerate(getattr(cfg.data, key))})
+    paths.update({f"labeling.ground_truth[{i}]": p for i, p in enumerate(cfg.labeling.ground_truth)})
+    if retrain is not None:
+        paths.update({"state_dir": retrain.state_dir, "suite": retrain.suite})
+        for i, source in enumerate(retrain.sources):
+            paths.update({f"sources[{i}].root": source.root, f"sources[{i}].out": source.out})
+    return {key: str(p) for key, p in paths.items() if p is not None}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_path_of_every_job_is_on_the_storage_or_a_mounted_volume(variant, monkeypatch):
+    """Nothing node-local: each path of a job's config (recipe + overrides, with the environment the
+    chart sets on the Ray pods) lies under the rendered storage.uri when that is an object-store URI,
+    or under the mountPath of a volume the chart mounts on every Ray pod (not an emptyDir)."""
+    for name, spec in _ray_jobs(render(VARIANTS[variant])):
+        roots = None
+        for pod, container in _ray_containers(spec["rayClusterSpec"]):
+            shared = {v["name"] for v in pod.get("volumes", []) if "emptyDir" not in v}
+            mounted = {m["mountPath"].rstrip("/") + "/" for m in container.get("volumeMounts", []) if m["name"] in shared}
+            uri = _literal_env(container)["DYNAMIX_STORAGE_URI"]
+            pod_roots = mounted | ({uri.rstrip("/") + "/"} if "://" in uri else set())
+            roots = pod_roots if roots is None else roots & pod_roots  # on every Ray pod
+        assert roots, f"{variant}: {name}: neither an object store nor a mounted volume"
+        env = _literal_env(spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0])
+        paths = _job_paths(*_resolve_job(spec["entrypoint"], env, monkeypatch))
+        assert {"run.storage", "data.multi[0]", "data.target"} <= set(paths)
+        stray = {key: p for key, p in paths.items() if not any(p.startswith(root) for root in roots)}
+        assert not stray, f"{variant}: {name}: not under {sorted(roots)}: {stray}"
+
+
+def _all_ray_containers(docs: list[dict]) -> list[dict]:
+    specs = [spec["rayClusterSpec"] for _, spec in _ray_jobs(docs)]
+    specs += [d["spec"] for d in docs if d["kind"] == "RayCluster"]
+    return [c for spec in specs for _, c in _ray_containers(spec)]
+
+
+def test_cloud_identity_region_and_endpoint_without_static_keys():
+    values = {"serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/reid"}},
+              "storage": {"credentialsSecret": "", "region": "eu-central-1", "endpointUrl": "https://minio.reid:9000"},
+              "rayCluster": {"enabled": True}}
+    docs = render(values)
+    sa = next(d for d in docs if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == "reid-dynamix-ray")
+    assert sa["metadata"]["annotations"] == values["serviceAccount"]["annotations"]
+    containers = _all_ray_containers(docs)
+    assert len(containers) >= 6  # head + workers of the training job, the retraining job and the standing cluster
+    for c in containers:
+        env = {e["name"]: e for e in c["env"]}
+        assert env["AWS_REGION"]["value"] == env["AWS_DEFAULT_REGION"]["value"] == "eu-central-1"
+        assert env["AWS_ENDPOINT_URL"] == {"name": "AWS_ENDPOINT_URL", "value": "https://minio.reid:9000"}
+        assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env), c["name"]
+    pods = [p for d in docs for p in _pod_specs(d) if any(c["name"] in ("ray-head", "ray-worker", "mlflow")
+                                                          for c in p["containers"])]
+    assert pods and all(p["serviceAccountName"] == "reid-dynamix-ray" for p in pods)  # MLflow's artifacts too
+    mlflow = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in mlflow["env"]}
+    assert env["AWS_REGION"]["value"] == "eu-central-1" and env["MLFLOW_S3_ENDPOINT_URL"]["value"] == "https://minio.reid:9000"
+    assert "AWS_ACCESS_KEY_ID" not in env
+
+
+def test_static_keys_and_no_region_by_default():
+    docs = render()
+    sa = next(d for d in docs if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == "reid-dynamix-ray")
+    assert not sa["metadata"].get("annotations")
+    for c in _all_ray_containers(docs):
+        env = {e["name"]: e for e in c["env"]}
+        assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "dynamix-object-store"
+        assert env["AWS_ENDPOINT_URL"]["valueFrom"]["secretKeyRef"]["optional"] is True
+        assert "AWS_REGION" not in env
+
+
+def test_the_production_example_uses_cloud_identity():
+    docs = render(PROD_VALUES)
+    sa = next(d for d in docs if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == "reid-dynamix-ray")
+    assert "eks.amazonaws.com/role-arn" in sa["metadata"]["annotations"]
+    for c in _all_ray_containers(docs):
+        names = {e["name"] for e in c["env"]}
+        assert "AWS_REGION" in names and not names & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_no_container_sets_a_variable_twice(variant):
+    for d in render(VARIANTS[variant]):
+        for pod in _pod_specs(d):
+            for c in pod["containers"]:
+                names = [e["name"] for e in c.get("env", [])]
+                assert len(names) == len(set(names)), f"{variant}: {c['name']}: {names}"
+
+
+def test_kubectl_is_within_one_minor_version_of_the_validated_kubernetes():
+    """kubectl supports one minor version of skew against the API server (the retraining CronJob's image)."""
+    major, minor = (int(x) for x in KUBE_VERSION.split(".")[:2])
+    cron = next(d for d in render() if d["kind"] == "CronJob")
+    image = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["image"]
+    tag = re.fullmatch(r".*/kubectl:v(\d+)\.(\d+)\.(\d+)", image)
+    assert tag, image
+    assert int(tag.group(1)) == major and abs(int(tag.group(2)) - minor) <= 1, f"{image} vs Kubernetes {KUBE_VERSION}"

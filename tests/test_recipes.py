@@ -5,9 +5,17 @@ from __future__ import annotations
 import pytest
 
 from conftest import REPO_ROOT
-from dynamix_core.config import load_config
+from dynamix_core.config import ConfigError, load_config
 
 RECIPES = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
+#: the production recipes keep every path under the deployment's storage root, ${DYNAMIX_STORAGE_URI}
+PRODUCTION = [p for p in RECIPES if not p.stem.endswith("_demo")]
+STORAGE_ROOT = "s3://reid-prod/dynamix"
+
+
+@pytest.fixture(autouse=True)
+def storage_root(monkeypatch):
+    monkeypatch.setenv("DYNAMIX_STORAGE_URI", STORAGE_ROOT)  # as the Helm chart sets it on every Ray pod
 
 
 def config_class(name: str):
@@ -41,3 +49,32 @@ def test_pretrain_recipes_use_the_production_and_demo_settings():
     assert prod.scaling.use_gpu and prod.scaling.precision == "bf16"
     demo = load_config(PretrainConfig, REPO_ROOT / "recipes" / "pretrain_demo.yaml")
     assert not demo.scaling.use_gpu and demo.data.single == ["runs/demo/shards/synth_video"]
+
+
+def _strings(node):
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            yield from _strings(value)
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from _strings(value)
+
+
+@pytest.mark.parametrize("recipe", PRODUCTION, ids=[p.name for p in PRODUCTION])
+def test_production_paths_live_under_the_storage_root(recipe):
+    """No node-local path: a Ray pod has nothing but what the chart gives it (storage.uri)."""
+    from dynamix_core.config import to_dict
+
+    values = list(_strings(to_dict(load_config(config_class(recipe.name), recipe))))
+    assert not [v for v in values if v.startswith("/") or "/mnt/" in v]
+    assert sum(v.startswith(STORAGE_ROOT + "/") for v in values) >= 3  # run storage and the data sets at least
+
+
+def test_a_production_recipe_without_the_storage_root_says_what_to_set(monkeypatch):
+    from pipelines.train.config import TrainConfig
+
+    monkeypatch.delenv("DYNAMIX_STORAGE_URI")
+    with pytest.raises(ConfigError, match=r"recipes/dynamix\.yaml: .*\$\{DYNAMIX_STORAGE_URI\} is unset.*storage\.uri"):
+        load_config(TrainConfig, REPO_ROOT / "recipes" / "dynamix.yaml")

@@ -88,6 +88,7 @@ def retrain_config(root: Path, **changes) -> RetrainConfig:
 ])
 def test_shipped_recipes_resolve(recipe, expected_single, monkeypatch):
     monkeypatch.chdir(REPO)  # recipe paths are relative to the repository root
+    monkeypatch.setenv("DYNAMIX_STORAGE_URI", "/mnt/dynamix")  # the production recipe's paths live under it
     cfg = load_config(RetrainConfig, REPO / "recipes" / recipe)
     train = recipe_config(cfg)
     assert [str(Path(p).resolve()) for p in train.data.single] == expected_single

@@ -1,4 +1,5 @@
-"""Loading and saving model weights from local files only (never from a hub).
+"""Loading and saving model weights from local files or storage URIs (never from a hub): an object
+(``s3://``, ``gs://``, :mod:`dynamix_core.storage`) is read from a cached local copy.
 
 Two formats are read: safetensors (``.safetensors``) and torch checkpoints read with
 ``torch.load(weights_only=True)``, which refuses to unpickle anything but tensors and plain
@@ -17,6 +18,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from dynamix_core import storage
+
 #: How many missing / unexpected / mismatched keys an error message lists before "... and N more".
 MAX_LISTED_KEYS = 10
 
@@ -29,10 +32,16 @@ class WeightsError(ValueError):
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a local weights file (safetensors, or a torch state dict / checkpoint on CPU).
+    """The tensors of a weights file, local or a storage URI (safetensors, or a torch state dict / checkpoint on CPU).
 
     A torch checkpoint may nest its state dict under ``state_dict`` or ``model`` (the usual
     trainer layouts); anything else that is not a flat ``{name: tensor}`` mapping is an error."""
+    if storage.is_remote(path):  # an object (s3://, gs://): read from a cached local copy
+        try:
+            path = storage.local_file(path)
+        except FileNotFoundError as exc:
+            raise WeightsError(f"weights file {path} does not exist ({exc}); pass the URI or path of a "
+                               ".safetensors or .pth file") from None
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist; pass the path of a local .safetensors or .pth file")

@@ -21,7 +21,7 @@ def add_arguments(p) -> None:
                    help="override a training config value (repeatable)")
     p.add_argument("--synth-set", dest="synth_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a SynthReID generator value (repeatable)")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local instance)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, which Ray sets for a submitted job; else start a local instance)")
     p.add_argument("--no-register", action="store_true", help="skip MLflow model registration and promotion")
 
 

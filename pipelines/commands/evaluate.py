@@ -16,8 +16,8 @@ from pathlib import Path
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--run", default=None, help="a training run folder (momentum_encoder.safetensors + config.yaml)")
-    p.add_argument("--weights", default=None, help="encoder weights (.safetensors) when not using --run")
+    p.add_argument("--run", default=None, help="a training run folder or its object-store URI (momentum_encoder.safetensors + config.yaml)")
+    p.add_argument("--weights", default=None, help="encoder weights (.safetensors; a path or a URI) when not using --run")
     p.add_argument("--config", default=None, help="training config/recipe giving the model and transform (with --weights)")
     p.add_argument("--target", action="append", default=[], help="ingested query/gallery shard set (repeatable; default: the config's data.target)")
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (reporting only)")
@@ -27,21 +27,23 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import torch
 
+    from dynamix_core import storage
     from dynamix_core.config import ConfigError, load_config
     from dynamix_core.model import build_encoder, load_weights
+    from pipelines.recipes import resolve_config_path
+    from pipelines.train.driver import WEIGHTS_FILE
     from pipelines.train.config import TrainConfig
     from pipelines.train.evaluate import TargetSet, evaluate_target
 
-    if args.run:
-        run_dir = Path(args.run)
-        weights, config = run_dir / "momentum_encoder.safetensors", run_dir / "config.yaml"
-        if not weights.is_file():
+    if args.run:  # a folder or an object-store URI (s3://bucket/runs/NAME)
+        weights, config = storage.join(args.run, WEIGHTS_FILE), storage.join(args.run, "config.yaml")
+        if not storage.exists(weights):
             raise FileNotFoundError(f"{weights} not found: the run has not finished (its final weights are written at the end)")
     elif args.weights and args.config:
-        weights, config = Path(args.weights), Path(args.config)
+        weights, config = args.weights, args.config
     else:
         raise ConfigError("give --run RUN_DIR, or --weights W together with --config C")
-    cfg = load_config(TrainConfig, config)
+    cfg = load_config(TrainConfig, resolve_config_path(config))
     if args.rerank:
         cfg.eval.rerank.enabled = True
     targets = args.target or ([cfg.data.target] if cfg.data.target else [])

@@ -26,7 +26,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="runs/demo", help="folder of the demo data; runs and tables go to OUT/experiments")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training config value of every recipe (repeatable)")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local instance)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, which Ray sets for a submitted job; else start a local instance)")
     experiment_pretraining.add_arguments(p)  # adds --seeds (shared) and the pre-training options
 
 

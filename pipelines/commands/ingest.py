@@ -16,7 +16,8 @@ def add_arguments(p) -> None:
     p.add_argument("--format", default="auto",
                    help="source format (market1501, dukemtmc, msmt17, cuhk03np, luperson, luperson_nl, randperson, "
                         "manifest) or auto to detect it from the layout")
-    p.add_argument("--root", required=True, help="the source data set: its folder, or the manifest file")
+    p.add_argument("--root", required=True, help="the source data set: its folder (a local path, or an object-store "
+                   "URI, copied to a local cache first), or the manifest file")
     p.add_argument("--out", default=None,
                    help="output folder or object-store URI (s3://bucket/prefix, gs://...) for shards and manifests "
                         "(default with --dataset: $DYNAMIX_STORAGE_URI/shards/DATASET where that variable is set)")
@@ -29,13 +30,11 @@ def add_arguments(p) -> None:
     p.add_argument("--shard-max-count", type=int, default=None, help="maximum images per shard (default 100000)")
     p.add_argument("--workers", type=int, default=None,
                    help="shard writers running at once (Ray tasks; default 2); 0 = write in this process without Ray")
-    p.add_argument("--address", default=None, help="Ray cluster address to join (default: a local Ray instance)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, which Ray sets for a submitted job; else start a local instance)")
     p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     from dynamix_core.config import ConfigError
     from pipelines.ingest import IngestConfig, format_result, run_ingest
     from pipelines.runs import storage_root
@@ -55,7 +54,7 @@ def run(args) -> int:
         print(f"[ingest] --out {out} (from DYNAMIX_STORAGE_URI)", flush=True)
     given = {name: getattr(args, name) for name in ("shard_max_bytes", "shard_max_count", "workers")}
     cfg = IngestConfig(
-        root=Path(args.root), out=out, format=args.format, dataset=args.dataset, options=options,
+        root=args.root, out=out, format=args.format, dataset=args.dataset, options=options,
         strict=args.strict, address=args.address, **{k: v for k, v in given.items() if v is not None},
     )
     result = run_ingest(cfg, progress=not args.no_progress)

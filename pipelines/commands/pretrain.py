@@ -19,11 +19,12 @@ def add_arguments(p) -> None:
                    help="override one config value, e.g. --set run.max_steps=500 (repeatable)")
     p.add_argument("--run-name", default=None, help="shorthand for --set run.name=...")
     p.add_argument("--storage", default=None, help="shorthand for --set run.storage=... (a folder)")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local instance)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, which Ray sets for a submitted job; else start a local instance)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
 def resolve(args):
+    from pipelines.recipes import resolve_config_path
     from dynamix_core.config import load_config
     from pipelines.pretrain.config import PretrainConfig
 
@@ -31,7 +32,7 @@ def resolve(args):
     for flag, key in ((args.run_name, "run.name"), (args.storage, "run.storage"), (args.address, "scaling.address")):
         if flag:
             overrides.append(f"{key}={flag}")
-    return load_config(PretrainConfig, args.config, overrides)
+    return load_config(PretrainConfig, resolve_config_path(args.config), overrides)
 
 
 def run(args) -> int:

@@ -27,10 +27,11 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import sys
 
+    from pipelines.recipes import resolve_config_path
     from dynamix_core.config import dump_yaml, load_config
     from pipelines.retrain import RetrainConfig, RetrainError, recipe_config, run_retrain
 
-    cfg = load_config(RetrainConfig, args.config, args.overrides)
+    cfg = load_config(RetrainConfig, resolve_config_path(args.config), args.overrides)
     if args.storage:
         storage = args.storage.rstrip("/")
         cfg.train.overrides.append(f"run.storage={storage}/runs")  # as the chart's training job

@@ -18,13 +18,14 @@ def add_arguments(p) -> None:
                    help="override one config value, e.g. --set run.max_steps=500 (repeatable)")
     p.add_argument("--run-name", default=None, help="shorthand for --set run.name=...")
     p.add_argument("--storage", default=None, help="shorthand for --set run.storage=... (folder or object-store URI)")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local instance)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, which Ray sets for a submitted job; else start a local instance)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config (with each key's help) and exit")
     p.add_argument("--help-config", nargs="?", const="", default=None, metavar="SECTION",
                    help="list the config keys (of SECTION, e.g. centroids or run) with defaults and help, and exit")
 
 
 def resolve(args):
+    from pipelines.recipes import resolve_config_path
     from dynamix_core.config import load_config
     from pipelines.train.config import TrainConfig
 
@@ -35,7 +36,7 @@ def resolve(args):
         overrides.append(f"run.storage={args.storage}")
     if args.address:
         overrides.append(f"scaling.address={args.address}")
-    return load_config(TrainConfig, args.config, overrides)
+    return load_config(TrainConfig, resolve_config_path(args.config), overrides)
 
 
 def run(args) -> int:

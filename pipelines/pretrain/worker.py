@@ -10,7 +10,6 @@ checkpoint (rank 0 the networks and optimizer, every rank its sampler and RNG st
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -75,7 +74,7 @@ def pretrain_loop_per_worker(config: dict) -> None:
                             snapshot_at=is_checkpoint_step)
     monitors = [TargetSet.load(root, cfg.data.view1) for root in cfg.data.monitor] if rank == 0 else []
     tracker, history = open_rank0_records(config, cfg, start_step) if rank == 0 else (None, None)
-    if rank == 0 and start_step == 0 and monitors and not _has_step_zero(Path(config["run_dir"]) / "history.jsonl"):
+    if rank == 0 and start_step == 0 and monitors and not _has_step_zero(config["run_dir"]):
         # the untrained backbone: the baseline of the curve (once: a restart before the first checkpoint keeps it)
         row = {"step": 0, **knn_monitor(step_fn.backbone(), monitors, cfg, device)}
         record_metrics(tracker, history, row, 0)
@@ -121,8 +120,11 @@ def pretrain_loop_per_worker(config: dict) -> None:
             history.close()
 
 
-def _has_step_zero(history_path: Path) -> bool:
-    return any(json.loads(ln)["step"] == 0 for ln in history_path.read_text().splitlines() if ln.strip())
+def _has_step_zero(run_dir: str) -> bool:
+    from dynamix_core import storage
+    from pipelines.train.run_files import read_jsonl
+
+    return any(row.get("step") == 0 for row in read_jsonl(storage.join(run_dir, "history.jsonl")))
 
 
 def build_backbone(cfg) -> nn.Module:

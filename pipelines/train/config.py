@@ -77,7 +77,10 @@ class ScalingSection:
     precision: Literal["fp32", "bf16"] = field("fp32", help="bf16 autocast on GPU")
     compile: bool = field(False, help="torch.compile the encoder (GPU)")
     max_failures: int = field(2, help="worker-group restarts from the last checkpoint before the run fails")
-    address: str | None = field(None, help="Ray address to join (default: start a local instance)")
+    address: str | None = field(None, help="Ray address to join (default: $RAY_ADDRESS, which Ray sets for a submitted job; "
+                                           "else start a local instance)")
+    resources_timeout_s: float = field(600.0, help="seconds to wait for the cluster to offer what the run asks for "
+                                                   "(trainers, labeling actors; an autoscaler may add nodes) before failing")
 
 
 @dataclass(kw_only=True)

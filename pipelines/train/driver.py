@@ -26,6 +26,8 @@ from pathlib import Path
 
 from dynamix_core import storage
 from dynamix_core.config import dump_yaml, to_dict
+from pipelines.job import RunFolder, open_tracker
+from pipelines.ray_cluster import require_resources, training_demands
 from pipelines.train.config import TrainConfig
 from pipelines.train.run_files import fsync_dir, load_tensors, local_run_dir, read_jsonl, write_atomic
 
@@ -48,19 +50,15 @@ class TrainResult:
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
-    import ray
+    """Join the job's cluster (``address``, else ``RAY_ADDRESS``) or start a local instance
+    (:func:`pipelines.ray_cluster.connect`)."""
+    from pipelines.ray_cluster import connect
 
-    if ray.is_initialized():
-        return
-    from pipelines.console import quiet_ray_libraries, ray_init_kwargs
+    connect(address, local_cpus=num_cpus)
 
-    if address:
-        ray.init(address=address, namespace="dynamix", **ray_init_kwargs())
-    else:
-        # 4 logical CPUs on small boxes: workers at 0.5 CPU each leave room for Ray Data and the pool
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), namespace="dynamix", include_dashboard=False,
-                 **ray_init_kwargs())
-    quiet_ray_libraries()
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
 
 
 def _multi_train_size(roots: list[str]) -> int:
@@ -109,8 +107,26 @@ def check_ingest(root: str, field_name: str) -> str:
     return path
 
 
+def check_file(path: str, field_name: str) -> str:
+    """``path`` (a local file or a storage URI) checked to exist, local paths made absolute (Ray
+    workers run in other folders and on other nodes)."""
+    if not storage.exists(path):
+        raise FileNotFoundError(f"{field_name}: {path} does not exist")
+    return path if storage.is_remote(path) else str(Path(path).resolve())
+
+
+def resolve_model(model):
+    """``model`` with its ``weights`` (when set) checked by :func:`check_file`."""
+    import dataclasses
+
+    if model.weights is None:
+        return model
+    return dataclasses.replace(model, weights=check_file(str(model.weights), "model.weights"))
+
+
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:
-    """Absolute data paths, each checked to be a finished ingest (:func:`check_ingest`)."""
+    """Absolute data paths, each checked to be a finished ingest (:func:`check_ingest`), and the
+    initial weights checked to exist."""
     import dataclasses
 
     data = dataclasses.replace(
@@ -119,12 +135,9 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
         single=[check_ingest(r, "data.single") for r in cfg.data.single],
         target=check_ingest(cfg.data.target, "data.target") if cfg.data.target else None,
     )
-    truth = []
-    for p in cfg.labeling.ground_truth:
-        if not storage.exists(p):
-            raise FileNotFoundError(f"labeling.ground_truth: {p} does not exist")
-        truth.append(p if storage.is_remote(p) else str(Path(p).resolve()))
-    return dataclasses.replace(cfg, data=data, labeling=dataclasses.replace(cfg.labeling, ground_truth=truth))
+    truth = [check_file(p, "labeling.ground_truth") for p in cfg.labeling.ground_truth]
+    return dataclasses.replace(cfg, data=data, model=resolve_model(cfg.model),
+                               labeling=dataclasses.replace(cfg.labeling, ground_truth=truth))
 
 
 def changed_settings(previous_config: Path | str, cfg) -> dict[str, tuple[str, str]]:
@@ -147,7 +160,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.tracking import ResilientTracker, flatten_params
+    from pipelines.tracking import flatten_params
     from pipelines.train.index import write_single_camera_index
     from services.label_store import get_or_create_store, store_actor_name
     from services.labeling_pool import coordinator_name, start_coordinator
@@ -156,24 +169,14 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
 
     check_backbone(cfg.model.backbone, cfg.model.img_size, cfg.model.ibn)  # before the data and the cluster
     cfg = resolve_paths(cfg)
-    remote = storage.is_remote(cfg.run.storage)
-    root = cfg.run.storage.rstrip("/") if remote else Path(storage.local_path(cfg.run.storage)).resolve()
-    run_dir = storage.join(root, cfg.run.name) if remote else root / cfg.run.name
-    storage.makedirs(run_dir)  # an object store: a missing bucket or refused credentials fail here, before Ray
-    local_dir = local_run_dir(run_dir)  # the run folder itself for a local run
+    run = RunFolder.create(cfg.run.storage, cfg.run.name)
+    run_dir, local_dir = run.dir, run.local
     init_ray(cfg.scaling.address)
-    changed = changed_settings(storage.join(run_dir, "config.yaml"), cfg)
-    storage.write_bytes_atomic(storage.join(run_dir, "config.yaml"), dump_yaml(cfg))
-    if remote:  # MLflow uploads the artifact from a local file, later
-        write_atomic(local_dir / "config.yaml", dump_yaml(cfg))
-    tracking_uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not tracking_uri:
-        tracking_uri = f"sqlite:///{local_dir / 'mlflow.db'}"
-        if remote:
-            log.warning("%s is on an object store, where MLflow's sqlite store cannot live: the run's MLflow "
-                        "records go to %s (set tracking.uri or MLFLOW_TRACKING_URI to a tracking server to "
-                        "keep them elsewhere)", run_dir, local_dir / "mlflow.db")
-    tracker = ResilientTracker(tracking_uri, cfg.tracking.experiment, cfg.run.name, str(local_dir / "spool_driver"))
+    require_resources(training_demands(cfg), timeout_s=cfg.scaling.resources_timeout_s,
+                      echo=print if progress else _silent)
+    changed = changed_settings(run.path("config.yaml"), cfg)
+    config_file = run.write("config.yaml", dump_yaml(cfg), local_copy=True)  # MLflow uploads it from a local file
+    tracker, tracking_uri = open_tracker(run, cfg.tracking, cfg.run.name)
     # MLflow params are immutable: a resumed run with changed settings records them as tags
     params = flatten_params(to_dict(cfg))
     tracker.log_params({k: v for k, v in params.items() if k not in changed})
@@ -182,7 +185,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     if changed and progress:
         print(f"[train] resuming {cfg.run.name} with changed settings: "
               + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()), flush=True)
-    tracker.log_artifact(str(local_dir / "config.yaml"))
+    tracker.log_artifact(str(config_file))
     # resolve the MLflow run before the workers start, so rank 0 logs into this run rather than
     # racing to create one by name (None when the server is unreachable: both then resolve by name
     # once it is back, and find the same run)
@@ -230,7 +233,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                          resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-            run_config=RunConfig(name=cfg.run.name, **_ray_storage(root),
+            run_config=RunConfig(name=cfg.run.name, **_ray_storage(run.root),
                                  failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
         )

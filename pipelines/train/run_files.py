@@ -39,16 +39,9 @@ def local_run_dir(run_dir: str | Path) -> Path:
         return Path(run_dir)
     run_dir = str(run_dir).rstrip("/")
     leaf = f"{storage.name(run_dir)}-{hashlib.sha256(run_dir.encode()).hexdigest()[:10]}"
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    for base in (cache, Path(tempfile.gettempdir())):
-        folder = base / "dynamix" / "runs" / leaf
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            return folder
-        except OSError:
-            continue
-    raise OSError(f"{run_dir}: no writable local folder for the run's local files (tried {cache} and "
-                  f"{tempfile.gettempdir()}); set XDG_CACHE_HOME to a writable folder")
+    folder = storage.cache_dir("runs") / leaf
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 def _read_text(path: str | Path) -> str | None:

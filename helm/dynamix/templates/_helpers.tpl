@@ -42,24 +42,64 @@ securityContext:
     drop: ["ALL"]
 {{- end -}}
 
-{{/* Environment of every Ray container: tracking URI, storage, object-store credentials from a Secret. */}}
+{{/*
+storage.uri, checked: an object-store URI, or a path under storage.mountPath with a PVC mounted there
+(the Ray pods share nothing else: their root file system is read-only, /tmp is per pod).
+*/}}
+{{- define "dynamix.storageUri" -}}
+{{- $uri := required "storage.uri is required (s3://bucket/prefix, gs://bucket/prefix, or a path on storage.pvcName)" .Values.storage.uri | trimSuffix "/" -}}
+{{- if not (contains "://" $uri) -}}
+{{- if not .Values.storage.pvcName -}}
+{{- fail (printf "storage.uri %s is a path: set storage.pvcName (a PVC mounted at storage.mountPath on every Ray pod) or use an object-store URI" $uri) -}}
+{{- end -}}
+{{- $mount := trimSuffix "/" .Values.storage.mountPath -}}
+{{- if not (or (eq $uri $mount) (hasPrefix (printf "%s/" $mount) $uri)) -}}
+{{- fail (printf "storage.uri %s is not under storage.mountPath %s, where storage.pvcName is mounted" $uri .Values.storage.mountPath) -}}
+{{- end -}}
+{{- end -}}
+{{- $uri -}}
+{{- end -}}
+
+{{/*
+Object-store settings shared by the Ray containers and the MLflow server: region and endpoint as
+plain values, static keys only from storage.credentialsSecret (none with cloud identity).
+Call with (dict "root" $ "endpointVar" "AWS_ENDPOINT_URL").
+*/}}
+{{- define "dynamix.objectStoreEnv" -}}
+{{- $s := .root.Values.storage -}}
+{{- with $s.region }}
+- name: AWS_REGION
+  value: {{ . | quote }}
+- name: AWS_DEFAULT_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- with $s.endpointUrl }}
+- name: {{ $.endpointVar }}
+  value: {{ . | quote }}
+{{- end }}
+{{- if $s.credentialsSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom: {secretKeyRef: {name: {{ $s.credentialsSecret }}, key: AWS_ACCESS_KEY_ID}}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom: {secretKeyRef: {name: {{ $s.credentialsSecret }}, key: AWS_SECRET_ACCESS_KEY}}
+{{- if not $s.endpointUrl }}
+- name: {{ .endpointVar }}
+  valueFrom: {secretKeyRef: {name: {{ $s.credentialsSecret }}, key: AWS_ENDPOINT_URL, optional: true}}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Environment of every Ray container: tracking URI, storage root, object-store settings. */}}
 {{- define "dynamix.rayEnv" -}}
 - name: MLFLOW_TRACKING_URI
   value: {{ include "dynamix.trackingUri" . | quote }}
 - name: DYNAMIX_STORAGE_URI
-  value: {{ .Values.storage.uri | quote }}
+  value: {{ include "dynamix.storageUri" . | quote }}
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
 - name: HOME
   value: /tmp
-{{- if .Values.storage.credentialsSecret }}
-- name: AWS_ACCESS_KEY_ID
-  valueFrom: {secretKeyRef: {name: {{ .Values.storage.credentialsSecret }}, key: AWS_ACCESS_KEY_ID}}
-- name: AWS_SECRET_ACCESS_KEY
-  valueFrom: {secretKeyRef: {name: {{ .Values.storage.credentialsSecret }}, key: AWS_SECRET_ACCESS_KEY}}
-- name: AWS_ENDPOINT_URL
-  valueFrom: {secretKeyRef: {name: {{ .Values.storage.credentialsSecret }}, key: AWS_ENDPOINT_URL, optional: true}}
-{{- end }}
+{{- include "dynamix.objectStoreEnv" (dict "root" . "endpointVar" "AWS_ENDPOINT_URL") }}
 {{- end -}}
 
 {{- define "dynamix.rayVolumes" -}}
@@ -168,9 +208,13 @@ workerGroupSpecs:
           {{- include "dynamix.rayVolumes" $ | nindent 10 }}
 {{- end -}}
 
-{{/* The RayJob spec of a training (or retraining) run. Call with (dict "root" $ "entrypoint" "...") */}}
+{{/*
+The RayJob spec of a training (or retraining) run. Call with (dict "root" $ "entrypoint" "..." "workers" <values>):
+workers may set replicas / minReplicas / maxReplicas; the rest comes from gpuWorkers.
+*/}}
 {{- define "dynamix.rayJobSpec" -}}
 {{- $ := .root -}}
+{{- $workers := merge (deepCopy (.workers | default dict)) (deepCopy $.Values.gpuWorkers) -}}
 entrypoint: {{ .entrypoint | quote }}
 shutdownAfterJobFinishes: true
 ttlSecondsAfterFinished: {{ $.Values.train.ttlSecondsAfterFinished }}
@@ -180,7 +224,7 @@ submissionMode: K8sJobMode
 runtimeEnvYAML: |
   env_vars:
     MLFLOW_TRACKING_URI: {{ include "dynamix.trackingUri" $ | quote }}
-    DYNAMIX_STORAGE_URI: {{ $.Values.storage.uri | quote }}
+    DYNAMIX_STORAGE_URI: {{ include "dynamix.storageUri" $ | quote }}
 submitterPodTemplate:
   metadata:
     labels:
@@ -205,13 +249,13 @@ submitterPodTemplate:
       - name: tmp
         emptyDir: {}
 rayClusterSpec:
-  {{- include "dynamix.rayClusterSpec" (dict "root" $ "workers" $.Values.gpuWorkers) | nindent 2 }}
+  {{- include "dynamix.rayClusterSpec" (dict "root" $ "workers" $workers) | nindent 2 }}
 {{- end -}}
 
 {{- define "dynamix.trainEntrypoint" -}}
-dynamix train --config {{ .Values.train.recipe }} --run-name {{ .Values.train.runName }} --storage {{ .Values.storage.uri }}/runs{{ with .Values.train.registeredModel }} --set tracking.registered_model={{ . }}{{ end }}{{ range .Values.train.overrides }} --set {{ . }}{{ end }}
+dynamix train --config {{ .Values.train.recipe }} --run-name {{ .Values.train.runName }} --storage {{ include "dynamix.storageUri" . }}/runs{{ with .Values.train.registeredModel }} --set tracking.registered_model={{ . }}{{ end }}{{ range .Values.train.overrides }} --set {{ . | squote }}{{ end }}
 {{- end -}}
 
 {{- define "dynamix.retrainEntrypoint" -}}
-dynamix retrain --config {{ .Values.retrain.config }} --storage {{ .Values.storage.uri }}
+dynamix retrain --config {{ .Values.retrain.config }} --storage {{ include "dynamix.storageUri" . }}
 {{- end -}}
