@@ -25,7 +25,7 @@ demo: $(STAMP)  ## synthesize SynthReID, ingest it, train + evaluate DynaMix on 
 	$(VENV)/bin/dynamix demo --out $(DEMO_DIR)
 
 test: $(STAMP)  ## run the whole test suite (CPU)
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q --durations=30
 
 bench: $(STAMP)  ## run every benchmark; each prints its ratio against a reference measured in the same run
 	$(VPY) benchmarks/run_all.py

@@ -445,18 +445,38 @@ def _cache_key(uri: str) -> str:
     return f"{name(uri) or 'root'}-{hashlib.sha256(uri.rstrip('/').encode()).hexdigest()[:10]}"
 
 
-def list_tree(uri: str | Path) -> dict[str, int]:
-    """``relative path -> size`` of every file below the folder ``uri`` (``/``-separated; empty when
-    there is none). On an object store one LIST request per 1000 objects."""
+def _tree_infos(uri: str | Path) -> dict[str, tuple[int, int | None]]:
+    """``relative path -> (size, mtime in ns or None)`` of every file below the folder ``uri``."""
     if not is_remote(uri):
         folder = Path(local_path(uri))
         if not folder.is_dir():
             return {}
-        return {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+        return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+                for p in folder.rglob("*") if p.is_file()}
     fs, path = resolve(str(uri).rstrip("/"))
     with _Errors(str(uri), "list"):
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    return {posixpath.relpath(i.path, path): i.size for i in infos if i.type == pafs.FileType.File}
+    return {posixpath.relpath(i.path, path): (i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File}
+
+
+def list_tree(uri: str | Path) -> dict[str, int]:
+    """``relative path -> size`` of every file below the folder ``uri`` (``/``-separated; empty when
+    there is none). On an object store one LIST request per 1000 objects."""
+    return {rel: nbytes for rel, (nbytes, _) in _tree_infos(uri).items()}
+
+
+def _cached_copy(uri: str, local: Path, nbytes: int, mtime_ns: int | None) -> None:
+    """Make ``local`` a copy of the object ``uri`` (of ``nbytes`` bytes, modified at ``mtime_ns``):
+    downloaded unless the copy already has that size and carries that modification time (set on
+    the copy when it was downloaded), so an object replaced by one of the same size (new weights of
+    the same architecture) is fetched again. A store that reports no time is always fetched."""
+    if mtime_ns is not None and local.is_file():
+        stat = local.stat()
+        if stat.st_size == nbytes and stat.st_mtime_ns == mtime_ns:
+            return
+    download_file(uri, local)
+    if mtime_ns is not None:
+        os.utime(local, ns=(mtime_ns, mtime_ns))
 
 
 def download_file(uri: str | Path, local: str | Path) -> Path:
@@ -473,34 +493,36 @@ def download_file(uri: str | Path, local: str | Path) -> Path:
 
 def local_file(uri: str | Path) -> Path:
     """A local path for the file ``uri``: itself when local, else a cached copy (downloaded again
-    only when the object's size changed). Raises FileNotFoundError naming the URI when it is missing."""
+    when the object's size or modification time changed). Raises FileNotFoundError naming the URI
+    when it is missing."""
     if not is_remote(uri):
         return Path(local_path(uri))
     uri = str(uri)
-    remote_size = size(uri)  # raises FileNotFoundError naming the URI
+    fs, path = resolve(uri)
+    with _Errors(uri, "look up"):
+        info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise _not_found(uri)
     local = cache_dir("files") / _cache_key(uri) / name(uri)
-    if not (local.is_file() and local.stat().st_size == remote_size):
-        download_file(uri, local)
+    _cached_copy(uri, local, info.size, info.mtime_ns)
     return local
 
 
 def local_tree(uri: str | Path) -> Path:
     """A local folder holding the tree under ``uri`` (a raw data set's folder on an object store, for
     the parsers that read a directory tree): itself when local, else a cached copy under
-    :func:`cache_dir` ``("trees")``, where a file whose size did not change is not downloaded again
+    :func:`cache_dir` ``("trees")``, where a file whose size and time did not change is not downloaded again
     and files gone from the store are removed. A prefix with no object raises FileNotFoundError."""
     if not is_remote(uri):
         return Path(local_path(uri))
     uri = str(uri).rstrip("/")
-    files = list_tree(uri)
+    files = _tree_infos(uri)
     if not files:
         _check_bucket(uri)
         raise FileNotFoundError(f"{uri}: no object under this prefix (upload the data set there, or fix the path)")
     root = cache_dir("trees") / _cache_key(uri)
-    for rel, nbytes in files.items():
-        local = root / rel
-        if not (local.is_file() and local.stat().st_size == nbytes):
-            download_file(join(uri, rel), local)
+    for rel, (nbytes, mtime_ns) in files.items():
+        _cached_copy(join(uri, rel), root / rel, nbytes, mtime_ns)
     for local in [p for p in root.rglob("*") if p.is_file()]:
         if str(local.relative_to(root)) not in files:
             local.unlink()

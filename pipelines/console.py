@@ -93,6 +93,7 @@ def quiet_libraries() -> None:
     if os.environ.get(RAY_LOGS_TO_CONSOLE_ENV) == "1":
         return
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run ... at": we say where, once
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow sets its loggers' level at import
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     for pattern, category in _ADVICE:

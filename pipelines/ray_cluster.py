@@ -32,7 +32,8 @@ LOCAL_MIN_CPUS = 4
 
 
 def cluster_address(address: str | None) -> str | None:
-    """The cluster to join: ``address``, else ``$RAY_ADDRESS``; None means start a local instance."""
+    """The cluster to join: ``address`` (``auto``: the latest one ``ray start`` started on this machine),
+    else ``$RAY_ADDRESS``; None means start a local instance."""
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
@@ -51,7 +52,9 @@ def connect(address: str | None = None, *, local_cpus: int | None = None, namesp
         ray.init(address=target, namespace=namespace, **ray_init_kwargs(local=False))
         where = f"cluster {target}"
     else:
-        ray.init(num_cpus=local_cpus or max(LOCAL_MIN_CPUS, os.cpu_count() or 1), namespace=namespace,
+        # address="local": a new instance even when a `ray start` head runs on this machine (plain
+        # ray.init() would join that one, and refuse num_cpus); joining it is asked for with "auto"
+        ray.init(address="local", num_cpus=local_cpus or max(LOCAL_MIN_CPUS, os.cpu_count() or 1), namespace=namespace,
                  include_dashboard=False, **ray_init_kwargs(local=True))
         where = "local"
     quiet_ray_libraries()

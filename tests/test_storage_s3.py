@@ -279,3 +279,54 @@ def test_member_reads_on_s3_refuse_a_rewritten_or_truncated_shard(synth, s3_buck
     storage.write_bytes_atomic(tar, local_tar.read_bytes()[:offsets[-1]])  # cut inside the last member
     with pytest.raises(StaleShardError, match="truncated"):
         read_members(tar, offsets[-1:], sizes[-1:], keys[-1:])
+
+
+def _put(bucket_uri: str, key: str, data: bytes) -> None:
+    client, bucket = _client(bucket_uri)
+    client.put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def _replace_in_a_later_second(bucket_uri: str, key: str, data: bytes) -> None:
+    """Overwrite ``key`` with ``data`` so that the store's modification time differs from the one before
+    (S3 keeps whole seconds): re-put until the reported time changes, no fixed sleep."""
+    uri = f"{bucket_uri}/{key}"
+    fs, path = storage.resolve(uri)
+    before = fs.get_file_info(path).mtime_ns
+    while True:
+        _put(bucket_uri, key, data)
+        if fs.get_file_info(path).mtime_ns != before:
+            return
+
+
+def test_cached_copies_of_objects_follow_the_store(s3_bucket, tmp_path, monkeypatch):
+    """model.weights, recipes, raw trees and evaluation suites on a bucket are read through a local cache:
+    a second read downloads nothing, but an object replaced by one of the SAME size (new weights of the same
+    architecture) is fetched again, and a file gone from a tree is gone from its copy."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _put(s3_bucket, "w/weights.bin", b"A" * 64)
+    first = storage.local_file(f"{s3_bucket}/w/weights.bin")
+    assert first.read_bytes() == b"A" * 64 and first.is_relative_to(tmp_path / "cache")
+    calls = []
+    real = storage.download_file
+    monkeypatch.setattr(storage, "download_file", lambda *a: calls.append(a) or real(*a))
+    assert storage.local_file(f"{s3_bucket}/w/weights.bin") == first and calls == []
+    _replace_in_a_later_second(s3_bucket, "w/weights.bin", b"B" * 64)
+    assert storage.local_file(f"{s3_bucket}/w/weights.bin").read_bytes() == b"B" * 64 and len(calls) == 1
+    with pytest.raises(FileNotFoundError, match="w/missing.bin"):
+        storage.local_file(f"{s3_bucket}/w/missing.bin")
+
+    for key, data in {"raw/a/1.jpg": b"x" * 10, "raw/b/2.jpg": b"y" * 20, "raw/list.txt": b"1\n2\n"}.items():
+        _put(s3_bucket, key, data)
+    tree = storage.local_tree(f"{s3_bucket}/raw")
+    assert {p.relative_to(tree).as_posix(): p.read_bytes() for p in tree.rglob("*") if p.is_file()} == \
+        {"a/1.jpg": b"x" * 10, "b/2.jpg": b"y" * 20, "list.txt": b"1\n2\n"}
+    calls.clear()
+    client, bucket = _client(s3_bucket)
+    client.delete_object(Bucket=bucket, Key="raw/b/2.jpg")
+    _replace_in_a_later_second(s3_bucket, "raw/list.txt", b"3\n4\n")
+    assert storage.local_tree(f"{s3_bucket}/raw") == tree
+    assert {p.relative_to(tree).as_posix(): p.read_bytes() for p in tree.rglob("*") if p.is_file()} == \
+        {"a/1.jpg": b"x" * 10, "list.txt": b"3\n4\n"}
+    assert [c[0] for c in calls] == [f"{s3_bucket}/raw/list.txt"]  # only the changed file is fetched
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        storage.local_tree(f"{s3_bucket}/nothing")

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import boto3
+import numpy as np
 import pytest
 
 from conftest import TINY_SYNTH, init_local_ray, s3_test_env
@@ -83,6 +84,7 @@ def test_train_with_shards_and_storage_on_s3_keeps_the_run_there_and_resumes_fro
     def config(max_steps: int):
         return tiny_config(tmp_path, "s3run", run__max_steps=max_steps, run__checkpoint_every=4,
                            run__storage=f"{s3_bucket}/runs", tracking__uri="null",
+                           tracking__registered_model="reid-s3",
                            data__multi=f"[{shards['synth_m0']},{shards['synth_m1']}]",
                            data__single=f"[{shards['synth_video']}]", data__target=shards["synth_target"])
 
@@ -115,6 +117,18 @@ def test_train_with_shards_and_storage_on_s3_keeps_the_run_there_and_resumes_fro
     assert str(mlflow_db) in caplog.text
     client = MlflowClient(f"sqlite:///{mlflow_db}")
     assert sorted(m.step for m in client.get_metric_history(first.mlflow_run_id, "loss/total")) == [4, 8]
+    # ... but the run's artifacts, the registered model's included, are kept with the run in the bucket,
+    # never in the working directory (MLflow's default for a sqlite store is ./mlruns)
+    assert any(k.startswith(run + "mlartifacts/") and k.endswith("config.yaml") for k in keys), sorted(keys)
+    assert any(k.startswith(run + "mlartifacts/") and k.endswith("weights.safetensors") for k in keys), sorted(keys)
+    assert not (cwd / "mlruns").exists() and not (cwd / "mlartifacts").exists()
+    import mlflow
+
+    from services.registry import tracking
+
+    with tracking(f"sqlite:///{mlflow_db}"):
+        champion = mlflow.pyfunc.load_model("models:/reid-s3@champion")  # downloaded from the bucket
+    assert champion.predict(np.zeros((1, 32, 16, 3), dtype=np.uint8)).shape[0] == 1
 
     # the same run name with more steps resumes from the newest checkpoint in the bucket
     second = run_training(config(12), progress=False)
