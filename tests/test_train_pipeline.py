@@ -223,3 +223,20 @@ def test_worker_and_labeling_actor_killed_tracking_down(ray_local, tiny_data, va
     assert sorted(m.step for m in logged) == list(range(4, max_steps + 1, 4)), "a step reached MLflow twice or never"
     values = {m.step: m.value for m in logged}
     assert all(np.isclose(values[h["step"]], h["loss/total"]) for h in history)
+
+
+def test_a_missing_ground_truth_is_dropped_with_one_warning_and_a_missing_input_stops(tiny_data, caplog):
+    """labeling.ground_truth only measures pseudo-label quality: a recipe written on a laptop names a local
+    file that a cluster node lacks, and the job goes on without the measurement (one warning naming the
+    file). A missing training input (data, weights) still stops the job with its field and path."""
+    from pipelines.train.driver import resolve_paths
+
+    truth = tiny_data / "data" / "single" / "synth_video" / "ground_truth.parquet"
+    cfg = tiny_config(tiny_data, "paths", labeling__ground_truth=f"[{truth},runs/demo/nowhere/ground_truth.parquet]")
+    with caplog.at_level("WARNING", logger="dynamix.train"):
+        resolved = resolve_paths(cfg)
+    assert resolved.labeling.ground_truth == [str(truth.resolve())]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "runs/demo/nowhere/ground_truth.parquet" in warnings[0]
+    with pytest.raises(FileNotFoundError, match="model.weights: .*nowhere.safetensors"):
+        resolve_paths(tiny_config(tiny_data, "paths", model__weights=str(tiny_data / "nowhere.safetensors")))

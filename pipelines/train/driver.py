@@ -124,6 +124,17 @@ def resolve_model(model):
     return dataclasses.replace(model, weights=check_file(str(model.weights), "model.weights"))
 
 
+def _monitor_available(path: str) -> bool:
+    """Whether the ground-truth file ``path`` (a monitor of pseudo-label quality, not an input of
+    training) exists; a missing one is dropped with one warning rather than stopping the job (a recipe
+    written for a laptop names a local file that a cluster node does not have)."""
+    if storage.exists(path):
+        return True
+    log.warning("labeling.ground_truth: %s does not exist here; pseudo-label quality will not be measured "
+                "against it (put the file on the shared storage and give its URI)", path)
+    return False
+
+
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:
     """Absolute data paths, each checked to be a finished ingest (:func:`check_ingest`), and the
     initial weights checked to exist."""
@@ -135,7 +146,8 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
         single=[check_ingest(r, "data.single") for r in cfg.data.single],
         target=check_ingest(cfg.data.target, "data.target") if cfg.data.target else None,
     )
-    truth = [check_file(p, "labeling.ground_truth") for p in cfg.labeling.ground_truth]
+    truth = [p if storage.is_remote(p) else str(Path(p).resolve())
+             for p in cfg.labeling.ground_truth if _monitor_available(p)]
     return dataclasses.replace(cfg, data=data, model=resolve_model(cfg.model),
                                labeling=dataclasses.replace(cfg.labeling, ground_truth=truth))
 
