@@ -160,3 +160,44 @@ def test_progress_lines_of_a_clustering_recipe_have_no_label_version(tmp_path, c
     assert "labels" not in line
     with_labels = printer.format({**row, "label_version": 3.0})
     assert "labels v3" in with_labels
+
+
+# ----------------------------------------------------------------------- behaving like its peers
+
+
+def test_run_files_are_written_with_the_mode_of_any_other_file(tmp_path):
+    """safetensors writes its files 0600; the weights of a run must read like its other files
+    (0644 under the usual umask 022), whatever the umask."""
+    import stat
+    from contextlib import contextmanager
+
+    import torch
+
+    from dynamix_core.model import save_state_dict
+    from pipelines.train.driver import WEIGHTS_FILE, _export_momentum
+
+    class Checkpoint:  # what Ray Train hands the driver
+        def __init__(self, folder):
+            self.folder = folder
+
+        @contextmanager
+        def as_directory(self):
+            yield str(self.folder)
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save({"momentum": {"w": torch.ones(3)}}, ckpt / "trainer.pt")
+    for mask in (0o022, 0o027):
+        old = os.umask(mask)
+        try:
+            folder = tmp_path / f"umask{mask:o}"
+            folder.mkdir()
+            (folder / "plain.json").write_text("{}")  # how every other run file comes out
+            save_state_dict({"w": torch.zeros(2)}, folder / "backbone.safetensors")
+            _export_momentum(Checkpoint(ckpt), folder, folder)
+        finally:
+            os.umask(old)
+        want = stat.S_IMODE((folder / "plain.json").stat().st_mode)
+        assert want == 0o666 & ~mask
+        for name in ("backbone.safetensors", WEIGHTS_FILE):
+            assert stat.S_IMODE((folder / name).stat().st_mode) == want, (name, oct(mask))
