@@ -165,6 +165,16 @@ def test_progress_lines_of_a_clustering_recipe_have_no_label_version(tmp_path, c
 # ----------------------------------------------------------------------- behaving like its peers
 
 
+def test_version_prints_the_package_version(capsys):
+    import tomllib
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"dynamix {version}"
+
+
 def test_run_files_are_written_with_the_mode_of_any_other_file(tmp_path):
     """safetensors writes its files 0600; the weights of a run must read like its other files
     (0644 under the usual umask 022), whatever the umask."""
