@@ -175,6 +175,42 @@ def test_version_prints_the_package_version(capsys):
     assert capsys.readouterr().out.strip() == f"dynamix {version}"
 
 
+def _train_error(capsys, *args: str) -> str:
+    assert main(["train", "--config", "recipes/dynamix_demo.yaml", *args, "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("dynamix train: error: ")
+    return err
+
+
+def test_set_errors_suggest_real_keys(capsys):
+    err = _train_error(capsys, "--set", "run.max_step=5")
+    assert "did you mean run.max_steps?" in err
+    err = _train_error(capsys, "--set", "centroid.loss_mode=all")  # a misspelt section
+    assert "did you mean centroids.loss_mode?" in err
+    err = _train_error(capsys, "--set", "loss_mode=all")  # the key without its section
+    assert "did you mean centroids.loss_mode?" in err
+    # without "=": the example the message gives is a key the command accepts as it stands
+    err = _train_error(capsys, "--set", "run.max_steps")
+    example = re.search(r"e\.g\. --set (\S+)", err)[1]
+    assert example.startswith("run.max_steps=")
+    assert main(["train", "--config", "recipes/dynamix_demo.yaml", "--set", example, "--print-config"]) == 0
+    capsys.readouterr()
+
+
+def test_a_bad_set_value_is_blamed_on_set_and_a_bad_recipe_value_on_the_recipe(tmp_path, capsys):
+    err = _train_error(capsys, "--set", "run.max_steps=many")
+    assert err.startswith("dynamix train: error: --set run.max_steps=many: ") and "dynamix_demo.yaml" not in err
+    err = _train_error(capsys, "--set", "run.storage=${DYNAMIX_NO_SUCH_VARIABLE}")
+    assert err.startswith("dynamix train: error: --set run.storage=${DYNAMIX_NO_SUCH_VARIABLE}: ")
+    err = _train_error(capsys, "--set", "data.multi=[${DYNAMIX_NO_SUCH_VARIABLE}]")  # YAML the value cannot be
+    assert err.startswith("dynamix train: error: --set data.multi=[${DYNAMIX_NO_SUCH_VARIABLE}]: ")
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text((REPO / "recipes" / "dynamix_demo.yaml").read_text() + "\nsampling:\n  seed: many\n")
+    assert main(["train", "--config", str(recipe), "--set", "run.max_steps=7", "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dynamix train: error: {recipe}: ") and "--set" not in err
+
+
 def test_run_files_are_written_with_the_mode_of_any_other_file(tmp_path):
     """safetensors writes its files 0600; the weights of a run must read like its other files
     (0644 under the usual umask 022), whatever the umask."""
