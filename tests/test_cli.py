@@ -211,6 +211,51 @@ def test_a_bad_set_value_is_blamed_on_set_and_a_bad_recipe_value_on_the_recipe(t
     assert err.startswith(f"dynamix train: error: {recipe}: ") and "--set" not in err
 
 
+def test_shipped_recipes_are_in_the_installed_package_and_resolve_by_name(tmp_path):
+    """Build the wheel as pip does, install it (unpack it) into a folder of its own, and run the
+    command line from there in an empty working directory: recipes resolve by name and by their
+    documented ``recipes/NAME.yaml`` path, from the package and not from a checkout."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("dynamix_core", "services", "pipelines"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                            "-q", "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = (tmp_path / "dist").glob("dynamix-*.whl")
+    recipes = sorted((REPO / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 10
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as zf:
+        shipped = {Path(n).name: zf.read(n) for n in zf.namelist() if n.endswith(".yaml")}
+        zf.extractall(site)
+    assert shipped == {p.name: p.read_bytes() for p in recipes}  # every recipe, one copy, the same bytes
+
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    code = ("import sys, pipelines; from pipelines.cli import main; print('FROM', pipelines.__file__); "
+            "raise SystemExit(main(sys.argv[1:]))")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    for config in ("dynamix_demo", "recipes/dynamix_demo.yaml", "pretrain_demo.yaml"):
+        command = "pretrain" if config.startswith("pretrain") else "train"
+        out = subprocess.run([sys.executable, "-c", code, command, "--config", config, "--print-config"], cwd=work,
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        first, text = out.stdout.split("\n", 1)
+        assert first == f"FROM {site / 'pipelines' / '__init__.py'}"
+        assert yaml.safe_load(text)["run"]["max_steps"] > 0
+    out = subprocess.run([sys.executable, "-c", code, "--version"], cwd=work, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.splitlines()[-1].startswith("dynamix ")
+
+
 def test_run_files_are_written_with_the_mode_of_any_other_file(tmp_path):
     """safetensors writes its files 0600; the weights of a run must read like its other files
     (0644 under the usual umask 022), whatever the umask."""
