@@ -97,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries()
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
+        return code
+    except BrokenPipeError:  # `dynamix ... | head` stopped reading: end quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the closed pipe
     except (ConfigError, BadInputError, WeightsError, FileNotFoundError, StorageError) as exc:
         print(f"dynamix {args.command}: error: {exc}", file=sys.stderr)
         return 2

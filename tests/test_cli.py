@@ -175,6 +175,23 @@ def test_version_prints_the_package_version(capsys):
     assert capsys.readouterr().out.strip() == f"dynamix {version}"
 
 
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`dynamix train --print-config | head -1`: the reader leaves before the printing ends. The read end
+    of the pipe is closed before the command starts, so its first write fails, every time."""
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "--config", "dynamix_demo",
+                               "--print-config"], stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.stderr == "" and proc.returncode == 141
+
+
 def _train_error(capsys, *args: str) -> str:
     assert main(["train", "--config", "recipes/dynamix_demo.yaml", *args, "--print-config"]) == 2
     err = capsys.readouterr().err.strip()
