@@ -4,10 +4,12 @@ Every component owns a small ``@dataclass(kw_only=True)`` config next to the cod
 A field's ``metadata={"help": ...}`` is its one-line description (it doubles as CLI help).
 Cross-field checks live in ``__post_init__`` and raise :class:`ConfigError` naming the field.
 
-    cfg = load_config(TrainConfig, "recipes/dynamix_demo.yaml", ["data.batch_size=64"])
+    cfg = load_config(TrainConfig, "recipes/dynamix_demo.yaml", ["run.max_steps=500"])
 
-Unknown keys are rejected with the list of valid ones; values are type-checked and coerced
-(``int`` from ``"3"``, tuples from lists), so a typo never silently falls back to a default.
+Unknown keys are rejected with the list of valid ones and the closest real keys; values are
+type-checked and coerced (``int`` from ``"3"``, tuples from lists), so a typo never silently falls
+back to a default. An error names where the bad value came from: the ``--set`` override that gave
+it, else the recipe file.
 
 String values (of a recipe and of ``--set`` overrides alike) may name environment variables:
 ``${NAME}`` or ``${NAME:-default}`` (the default when NAME is unset or empty), replaced when the
@@ -20,6 +22,7 @@ recipes put their paths under ``${DYNAMIX_STORAGE_URI}``, the deployment's stora
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import types
@@ -33,7 +36,12 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or inconsistent."""
+    """A configuration value is missing, unknown, of the wrong type or inconsistent. ``key`` is the
+    dotted key at fault when one is (``run.max_steps``), so the error can name who set it."""
+
+    def __init__(self, message: str, *, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 #: ``${NAME}`` or ``${NAME:-default}``
@@ -62,7 +70,7 @@ def expand_env(node: Any, where: str = "") -> Any:
             return default
         origin = f" ({ENV_HINTS[name]})" if name in ENV_HINTS else ""
         raise ConfigError(f"{where or 'value'}: ${{{name}}} is unset or empty; set {name}{origin}, "
-                          f"or give a default as ${{{name}:-DEFAULT}}, or edit the path/value")
+                          f"or give a default as ${{{name}:-DEFAULT}}, or edit the path/value", key=where or None)
 
     return _ENV_REF.sub(substitute, node)
 
@@ -170,13 +178,17 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = prefix or cls.__name__
-        raise ConfigError(
-            f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}"
-        )
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}",
+                          key=f"{prefix}.{unknown[0]}" if prefix else str(unknown[0]))
     kwargs = {}
     for name, value in data.items():
         where = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = _coerce(value, hints[name], where)
+        try:
+            kwargs[name] = _coerce(value, hints[name], where)
+        except ConfigError as exc:
+            if exc.key is None:  # the innermost field names the key
+                exc.key = where
+            raise
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field is missing
@@ -196,27 +208,60 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def apply_override(data: dict[str, Any], override: str, cls: type | None = None) -> None:
-    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (``3``, ``[1,2]``)."""
+def close_keys(cls: type, key: str, limit: int = 3) -> list[str]:
+    """The real dotted keys of ``cls`` closest to ``key``: the most similar spelling, then the keys of
+    the same name in other sections (``loss_mode`` -> ``centroids.loss_mode``)."""
+    keys = [k for k, _, _ in field_help(cls)]
+    last = key.rsplit(".", 1)[-1]
+    similar = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    same_name = [k for k in keys if k.rsplit(".", 1)[-1] == last and k != key]
+    return list(dict.fromkeys(similar + same_name))[:limit]
+
+
+def _did_you_mean(keys: list[str]) -> str:
+    return f"did you mean {' or '.join(keys)}? " if keys else ""
+
+
+def _example(cls: type, data: dict[str, Any], key: str) -> str:
+    """``KEY=VALUE`` for a real key of ``cls`` (``key`` itself when it is one, else the closest one,
+    else the first), with the value ``data`` gives it or its default: an override that works."""
+    rows = {k: default for k, _, default in field_help(cls)}
+    name = key if key in rows else next(iter(close_keys(cls, key, 1) or rows))
+    node: Any = data
+    for part in name.split("."):
+        node = node.get(part, dataclasses.MISSING) if isinstance(node, dict) else dataclasses.MISSING
+    value = rows[name] if node is dataclasses.MISSING else node
+    return f"{name}={_flow(to_dict(value))}"
+
+
+def apply_override(data: dict[str, Any], override: str, cls: type | None = None, source: str = "--set") -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (``3``, ``[1,2]``).
+    Errors start with ``source`` and the override (``--set run.max_step=5: ...``) and, given ``cls``,
+    name the closest real keys."""
+    where_from = f"{source} {override}"
     if "=" not in override:
-        raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. data.batch_size=64")
+        example = f", e.g. {source} {_example(cls, data, override.strip())}" if cls is not None else ""
+        raise ConfigError(f"{where_from}: expected KEY=VALUE{example}")
     key, raw = override.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
-        raise ConfigError(f"override {override!r}: empty key segment in {key!r}")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+        raise ConfigError(f"{where_from}: empty key segment in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where_from}: the value is not valid YAML ({problem}); quote a string that holds "
+                          f"YAML punctuation, e.g. {key}='\"...\"'", key=key.strip()) from None
     node = data
     node_cls = cls
     for depth, part in enumerate(parts):
-        if node_cls is not None and dataclasses.is_dataclass(node_cls):
+        if node_cls is not None:
             names = {f.name for f in dataclasses.fields(node_cls)}
             if part not in names:
                 where = ".".join(parts[:depth]) or node_cls.__name__
-                raise ConfigError(
-                    f"override {override!r}: {where} has no key {part!r}; valid keys are {sorted(names)}"
-                )
-            hint = typing.get_type_hints(node_cls)[part]
-            node_cls = hint if dataclasses.is_dataclass(hint) else None
+                raise ConfigError(f"{where_from}: {where} has no key {part!r}; "
+                                  f"{_did_you_mean(close_keys(cls, key.strip()))}valid keys are {sorted(names)}")
+            node_cls = _section_class(typing.get_type_hints(node_cls)[part])
         if depth == len(parts) - 1:
             node[part] = value
         else:
@@ -239,14 +284,29 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping, got {type(loaded).__name__}")
         data = loaded
+    given: dict[str, str] = {}  # key -> the override that set it last
     for ov in overrides:
         apply_override(data, ov, cls)
+        given[ov.split("=", 1)[0].strip()] = ov
     try:
         return from_dict(cls, data)
     except ConfigError as exc:
+        culprit = _override_of(exc.key, given)
+        if culprit is not None:
+            raise ConfigError(f"--set {culprit}: {exc}", key=exc.key) from None
         if path is not None:
-            raise ConfigError(f"{path}: {exc}") from None
+            raise ConfigError(f"{path}: {exc}", key=exc.key) from None
         raise
+
+
+def _override_of(key: str | None, given: dict[str, str]) -> str | None:
+    """The override behind the value at ``key`` (``data.multi[0]`` is set by ``data.multi=...`` and by
+    ``data=...``), or None when the value came from the file."""
+    while key:
+        if key in given:
+            return given[key]
+        key = re.sub(r"(\[\d+\]|\.[^.\[]*)$", "", key) if re.search(r"[.\[]", key) else ""
+    return None
 
 
 def dump_yaml(cfg: Any) -> str:

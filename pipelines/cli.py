@@ -3,6 +3,7 @@
     dynamix synth   --out data/synthreid            # generate the SynthReID data set (real on-disk formats)
     dynamix ingest  --format market1501 --root data/synthreid/multi/synth_a --out data/shards/synth_a
     dynamix inspect data/shards/synth_a              # summary of an ingested shard set
+    dynamix --version
 
 Subcommand modules are imported lazily (``pipelines.commands.<name>``) so ``--help`` stays fast and
 Ray/MLflow are only imported by the commands that need them.
@@ -36,6 +37,16 @@ COMMANDS: dict[str, str] = {
 }
 
 
+def package_version() -> str:
+    """The installed distribution's version (``pyproject.toml``'s, once installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dynamix")
+    except PackageNotFoundError:  # a source tree on PYTHONPATH without an install
+        return "unknown (not installed)"
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Raw descriptions; "(default: X)" only where it tells something: not for None, False or an
     empty list, and not when the help already names its default."""
@@ -55,6 +66,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="DynaMix: distributed training of generalizable person re-identification models on Ray.",
         formatter_class=_Formatter,
     )
+    parser.add_argument("--version", action="version", version=f"dynamix {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, summary in COMMANDS.items():
@@ -85,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries()
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
+        return code
+    except BrokenPipeError:  # `dynamix ... | head` stopped reading: end quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the closed pipe
     except (ConfigError, BadInputError, WeightsError, FileNotFoundError, StorageError) as exc:
         print(f"dynamix {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from dynamix_core.config import load_config
+from pipelines.recipes import RECIPES_DIR
 from pipelines.train.config import TrainConfig
 
 #: the demo's SynthReID: more single-camera videos than the generator's test-sized default, so the
@@ -18,7 +19,6 @@ from pipelines.train.config import TrainConfig
 #: identities per multi-camera set (450 in all) so a network trained from scratch generalises
 DEMO_SYNTH = ["num_videos=64", "multi_train_ids=150"]
 SETS = {"multi": ["synth_m0", "synth_m1", "synth_m2"], "single": ["synth_video"], "target": ["synth_target"]}
-REPO = Path(__file__).resolve().parents[1]
 
 
 def prepare_data(out: Path, *, synth_overrides: list[str] = (), progress: bool = True) -> dict[str, Path]:
@@ -146,7 +146,7 @@ def run_demo(out: Path, *, recipe: str | None = None, overrides: list[str] = (),
     t0 = time.perf_counter()
     out = out.resolve()
     prepare_data(out, synth_overrides=synth_overrides)
-    recipe = recipe or str(REPO / "recipes" / "dynamix_demo.yaml")
+    recipe = recipe or str(RECIPES_DIR / "dynamix_demo.yaml")
     extra = list(overrides) + ([f"scaling.address={address}"] if address else [])
     cfg = demo_config(out, recipe, extra)
     print(f"[demo] training {cfg.method} for {cfg.run.max_steps} steps on {cfg.scaling.num_workers} workers "

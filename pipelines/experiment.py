@@ -17,7 +17,8 @@ import statistics
 import time
 from pathlib import Path
 
-from pipelines.demo import REPO, demo_config, prepare_data
+from pipelines.demo import demo_config, prepare_data
+from pipelines.recipes import RECIPES_DIR
 
 #: suite -> (row name, demo recipe); every demo recipe trains 64 images per step on each worker
 SUITES: dict[str, list[tuple[str, str]]] = {
@@ -58,7 +59,7 @@ def run_suite(suite: str, out: Path, *, steps: int, seeds: int = 3, overrides: l
                 extra = [f"run.name={run_name}", f"run.storage={storage}", f"run.max_steps={steps}", f"run.seed={seed}",
                          "run.eval_every=0"]
                 extra += list(overrides) + ([f"scaling.address={address}"] if address else [])
-                cfg = demo_config(out, str(REPO / "recipes" / recipe), extra)
+                cfg = demo_config(out, str(RECIPES_DIR / recipe), extra)
                 print(f"[experiment] {name} seed {seed}: {cfg.method}, {steps} steps on {cfg.scaling.num_workers} "
                       "workers", flush=True)
                 metrics = run_training(cfg).metrics

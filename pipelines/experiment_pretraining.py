@@ -23,11 +23,12 @@ import json
 import time
 from pathlib import Path
 
-from pipelines.demo import REPO, SETS, demo_config, prepare_data
+from pipelines.demo import SETS, demo_config, prepare_data
 from pipelines.experiment import _mean_std, aggregate, plot_rows, run_name_for
+from pipelines.recipes import RECIPES_DIR
 
 SUITE = "pretraining"
-PRETRAIN_RECIPE = REPO / "recipes" / "pretrain_demo.yaml"
+PRETRAIN_RECIPE = RECIPES_DIR / "pretrain_demo.yaml"
 
 #: (row, description, training recipe, starts from the pre-trained backbone)
 ROWS: list[tuple[str, str, str, bool]] = [
@@ -98,7 +99,7 @@ def _train(out: Path, recipe: str, run_name: str, overrides: list[str]) -> dict:
     if done.is_file() and "eval/mAP" in json.loads(done.read_text())["metrics"]:
         print(f"[experiment] {run_name}: finished earlier", flush=True)
         return json.loads(done.read_text())["metrics"]
-    cfg = demo_config(out, str(REPO / "recipes" / recipe), [f"run.name={run_name}", f"run.storage={storage}"] + overrides)
+    cfg = demo_config(out, str(RECIPES_DIR / recipe), [f"run.name={run_name}", f"run.storage={storage}"] + overrides)
     print(f"[experiment] {run_name}: {cfg.method}, {cfg.run.max_steps} steps, {cfg.model.backbone}"
           f"{' from ' + str(cfg.model.weights) if cfg.model.weights else ' from scratch'}", flush=True)
     return run_training(cfg).metrics

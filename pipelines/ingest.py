@@ -8,12 +8,17 @@
    straddles two shards), other images by count and estimated size (file sizes, LMDB value
    lengths). Planning runs on Arrow columns and numpy codes, with Python loops over units, not
    images: each shard plan is a slice of one Arrow table.
+   A shard holds images of one split only: each split is packed on its own, its shards contiguous.
 2. Ray Data tasks write the shards (``from_items(plans).map(write)``, each plan one Arrow IPC item,
    :data:`SHARDS_PER_WORKER` x workers plans per dataset, so the driver never holds every item):
-   each reads the image bytes, validates them by a full decode, and writes ``shard-NNNNNN.tar`` + its
-   parquet manifest atomically. ``workers=0`` runs the same writer in this process, without Ray.
-3. The driver writes ``ingest.json`` (the summary) and, last, ``manifest.parquet`` (one row per
-   image, with its shard), both atomically and only when their content changed.
+   each reads the image bytes, validates them by a full decode, and writes ``<split>/shard-NNNNNN.tar``
+   (image, json record and ``.cls`` global identity per sample) + its parquet manifest
+   (``manifests/<split>/shard-NNNNNN.parquet``) atomically: a split folder holds nothing but finished
+   tars (the layout is in :mod:`dynamix_core.data.shards`). ``workers=0`` runs the same writer in this
+   process, without Ray.
+3. The driver writes ``ingest.json`` (the summary), ``identities.parquet`` (each identity's global id)
+   and, last, ``manifest.parquet`` (one row per image, with its shard), atomically and only when their
+   content changed.
 
 Resumable and idempotent: a shard whose manifest matches its plan (same samples, nothing rejected)
 is skipped on a re-run, so after a crash, or after fixing rejected inputs, a re-run writes only what
@@ -29,7 +34,9 @@ ids). A re-run into the same folder keeps its ids (a new identity, camera or vid
 after the old ones, even when its name sorts between them) and its layout (every earlier image stays
 in its shard, new videos and images go to new shards), so a source that grew, as scheduled
 retraining ingests it, writes only new shards and the shards whose own images changed. Changed shard
-limits, an earlier shard left with no image, or an inconsistent plan file mean a fresh plan.
+limits, an earlier shard left with no image, or an inconsistent plan file mean a fresh plan, and so
+does a plan of a folder written before the split folders (its ids are kept, its shards rewritten by
+split and the old flat files removed).
 """
 
 from __future__ import annotations
@@ -54,21 +61,26 @@ from dynamix_core import storage
 from dynamix_core.config import ConfigError, field
 from dynamix_core.data.images import image_problem, sniff_format
 from dynamix_core.data.lmdb_io import open_lmdb
-from dynamix_core.data.parsers import FORMATS, detect_format_why, parse_source_table
+from dynamix_core.data.parsers import DISTRACTOR_PIDS, FORMATS, detect_format_why, parse_source_table
 from dynamix_core.data.parsers._common import describe
-from dynamix_core.data.records import RECORD_FIELDS, IdentityMaps, ImageRef, InputReport, Record
+from dynamix_core.data.records import (NO_IDENTITY, RECORD_FIELDS, SPLITS, BadInputError, IdentityMaps, ImageRef,
+                                       InputReport, Record, global_identity)
 from dynamix_core.data.sample_table import column_codes, combined_codes, fill_null, identity_maps, ids_by_row, where
 from dynamix_core.data.shards import (
     BLOCK,
     DATASET_SCHEMA,
+    IDENTITIES_NAME,
     MANIFEST_NAME,
+    MANIFESTS_DIR,
     SHARD_SCHEMA,
     SUMMARY_NAME,
     ShardWriter,
     read_shard_manifest,
     read_shard_metadata,
     remove_stale_tmp,
-    shard_name,
+    set_shard_paths,
+    shard_relpath,
+    shard_sizes,
     tmp_path,
     write_table_atomic,
 )
@@ -76,6 +88,14 @@ from dynamix_core.data.shards import (
 _SHARD_RE = re.compile(r"shard-(\d{6})\.(tar|parquet)")
 #: the plan of the last ingest into a folder (key -> shard and global ids), read by the next one
 PLAN_NAME = "plan.parquet"
+#: the shard layout a plan was made for (``plan.parquet`` metadata): one folder of tars per split.
+#: A plan without it (flat shards that mix splits) keeps its ids but not its shards.
+LAYOUT = "split-folders"
+#: the folders a shard set may hold shards in: its root (sets written before the split folders),
+#: one per split, and the per-shard manifests' folders
+SHARD_FOLDERS = ("", *SPLITS, *(f"{MANIFESTS_DIR}/{split}" for split in SPLITS))
+IDENTITIES_SCHEMA = pa.schema([("cls", pa.int64()), ("dataset", pa.string()), ("source_pid", pa.string()),
+                               ("pid", pa.int64()), ("images", pa.int64())])
 PLAN_SCHEMA = pa.schema([("key", pa.string()), ("dataset", pa.string()), ("shard", pa.int32()),
                          ("pid", pa.int64()), ("camid", pa.int64()), ("video_id", pa.int64()),
                          ("source_pid", pa.string()), ("source_camid", pa.string())])
@@ -85,7 +105,7 @@ _PREVIOUS_SCHEMA = pa.schema([pa.field(f.name, pa.dictionary(pa.int32(), pa.stri
 #: one planned image as a shard-writing task receives it (:meth:`ShardPlan.to_item`)
 PLAN_ITEM_SCHEMA = pa.schema([SHARD_SCHEMA.field(name) for name in RECORD_FIELDS]
                              + [("container", pa.string()), ("member", pa.string()), ("ext", pa.string()),
-                                ("bytes", pa.int64())])
+                                ("bytes", pa.int64()), ("cls", pa.int64())])
 # from_item builds Records positionally, in RECORD_FIELDS order
 assert RECORD_FIELDS == tuple(f.name for f in dataclasses.fields(Record))
 _REPEATED = {"dataset", "split", "domain", "container", "ext"}  # few distinct values: dictionary-encoded
@@ -140,8 +160,8 @@ class IngestConfig:
 
 @dataclass(frozen=True, slots=True)
 class ShardPlan:
-    """The images of one shard, in write order, as a :data:`PLAN_ITEM_SCHEMA` table (string columns
-    may be dictionary-encoded); ``digest`` identifies the plan across runs."""
+    """The images of one shard (all of one split), in write order, as a :data:`PLAN_ITEM_SCHEMA`
+    table (string columns may be dictionary-encoded); ``digest`` identifies the plan across runs."""
 
     index: int
     table: pa.Table
@@ -149,16 +169,28 @@ class ShardPlan:
     def __len__(self) -> int:
         return self.table.num_rows
 
+    @property
+    def relpath(self) -> str:
+        """Where the shard lies in its set: ``<split>/shard-NNNNNN.tar``."""
+        return shard_relpath(self.table.column("split")[0].as_py(), self.index)
+
     @classmethod
-    def from_samples(cls, index: int, samples: list[tuple[Record, ImageRef, int]]) -> "ShardPlan":
-        """A plan from ``(record, image, stored size)`` triples."""
+    def from_samples(cls, index: int, samples: list[tuple[Record, ImageRef, int]],
+                     classes: list[int] | None = None) -> "ShardPlan":
+        """A plan from ``(record, image, stored size)`` triples and their global identities (default:
+        none, -1)."""
         columns = {name: [getattr(r, name) for r, _, _ in samples] for name in RECORD_FIELDS}
         columns["container"] = [i.container for _, i, _ in samples]
         columns["member"] = [i.member for _, i, _ in samples]
         columns["ext"] = [i.ext for _, i, _ in samples]
         columns["bytes"] = [n for _, _, n in samples]
+        columns["cls"] = list(classes) if classes is not None else [NO_IDENTITY] * len(samples)
         return cls(index, pa.table([pa.array(columns[f.name], f.type) for f in PLAN_ITEM_SCHEMA],
                                    schema=PLAN_ITEM_SCHEMA))
+
+    def classes(self) -> list[int]:
+        """The global identity (``.cls``) of each image, in write order."""
+        return self.table.column("cls").to_pylist()
 
     def to_rows(self) -> list[dict]:
         return self.table.select(PLAN_ITEM_SCHEMA.names).cast(PLAN_ITEM_SCHEMA).to_pylist()
@@ -172,8 +204,7 @@ class ShardPlan:
 
     @property
     def digest(self) -> str:
-        """SHA-1 of the plan's rows as sorted-key JSON (the same digest as the row-list plans of earlier
-        versions, so their finished shards are still recognised)."""
+        """SHA-1 of the plan's rows (the :data:`PLAN_ITEM_SCHEMA` columns) as sorted-key JSON."""
         return hashlib.sha1(json.dumps(self.to_rows(), sort_keys=True).encode()).hexdigest()
 
     def to_item(self) -> dict:
@@ -236,6 +267,7 @@ class PreviousPlan:
     num_shards: int
     pid: dict[tuple[str, str], int]  # (dataset, source_pid) -> pid
     camid: dict[tuple[str, str], int]  # (dataset, source_camid) -> camid
+    keeps_layout: bool = True  # planned for the split folders: its shards may be kept (else only its ids)
 
     def rows_of(self, keys: pa.ChunkedArray) -> np.ndarray:
         """Per key of ``keys`` its row in this plan (-1: not planned then). One hash of the earlier keys."""
@@ -300,7 +332,8 @@ def read_previous_plan(out_dir: str | Path, *, max_bytes: int, max_count: int) -
     if pid is None or camid is None:
         return None  # one source id with two ids: not a plan this code wrote
     shards = table.column("shard")
-    return PreviousPlan(table=table, num_shards=(pc.max(shards).as_py() + 1) if len(shards) else 0, pid=pid, camid=camid)
+    return PreviousPlan(table=table, num_shards=(pc.max(shards).as_py() + 1) if len(shards) else 0, pid=pid, camid=camid,
+                        keeps_layout=meta.get(b"layout") == LAYOUT.encode())
 
 
 def write_plan(plans: list["ShardPlan"], path: str | Path, previous: PreviousPlan | None, *, max_bytes: int,
@@ -315,10 +348,10 @@ def write_plan(plans: list["ShardPlan"], path: str | Path, previous: PreviousPla
         return pa.table(columns, names=PLAN_SCHEMA.names).cast(PLAN_SCHEMA)
 
     table = pa.concat_tables([shard_table(p) for p in plans]) if plans else PLAN_SCHEMA.empty_table()
-    if previous is not None and _same_rows(previous.table, table):
+    if previous is not None and previous.keeps_layout and _same_rows(previous.table, table):
         return
     write_table_atomic(table.replace_schema_metadata({"shard_max_bytes": str(max_bytes),
-                                                      "shard_max_count": str(max_count)}), path)
+                                                      "shard_max_count": str(max_count), "layout": LAYOUT}), path)
 
 
 def _same_rows(earlier: pa.Table, table: pa.Table, batch: int = 1 << 16) -> bool:
@@ -329,20 +362,38 @@ def _same_rows(earlier: pa.Table, table: pa.Table, batch: int = 1 << 16) -> bool
                for start in range(0, table.num_rows, batch))
 
 
-def _pack(counts: list[int], sizes: list[int], first_index: int, *, max_bytes: int, max_count: int) -> list[int]:
-    """The shard of each unit (given by its image count and estimated bytes, in order): shards are
-    filled from ``first_index`` on with whole units."""
-    shards, shard, current, current_bytes = [], first_index, 0, 0
-    for count, size in zip(counts, sizes):
-        if current and (current + count > max_count or current_bytes + size > max_bytes):
+def _pack(counts: list[int], sizes: list[int], groups: list[int], first_index: int, *, max_bytes: int,
+          max_count: int) -> list[int]:
+    """The shard of each unit (given by its image count, estimated bytes and group, in order): shards
+    are filled from ``first_index`` on with whole units of one group (split) each."""
+    shards, shard, current, current_bytes, group = [], first_index, 0, 0, None
+    for count, size, unit_group in zip(counts, sizes, groups):
+        if current and (current + count > max_count or current_bytes + size > max_bytes or unit_group != group):
             shard, current, current_bytes = shard + 1, 0, 0
         shards.append(shard)
         current += count
         current_bytes += size
+        group = unit_group
     return shards
 
 
-def _record_table(samples: pa.Table, maps: IdentityMaps, sizes: np.ndarray, video_id: np.ndarray) -> pa.Table:
+def _identity_classes(dataset: pa.ChunkedArray, source_pid: pa.ChunkedArray, distractor_pid: str | None) -> np.ndarray:
+    """Per row its global identity (:func:`global_identity`, once per distinct identity); -1 for an
+    unlabeled image and for the format's distractors. Two identities of the set with one global id
+    (about 1e-4 at a million identities) are an error, not a silent merge."""
+    codes, pairs = combined_codes([dataset, source_pid])
+    known = [pid not in ("", distractor_pid) for _, pid in pairs]
+    ids = [global_identity(ds, pid) if ok else NO_IDENTITY for (ds, pid), ok in zip(pairs, known)]
+    seen: dict[int, tuple] = {}
+    for pair, gid, ok in zip(pairs, ids, known):
+        if ok and seen.setdefault(gid, pair) != pair:
+            raise BadInputError(f"identities {seen[gid]} and {pair} have the same global id {gid} "
+                                f"(dataset/source pid hash); rename one data set (--dataset NAME)")
+    return np.array(ids + [NO_IDENTITY], np.int64)[codes]
+
+
+def _record_table(samples: pa.Table, maps: IdentityMaps, sizes: np.ndarray, video_id: np.ndarray,
+                  distractor_pid: str | None = None) -> pa.Table:
     """The :data:`PLAN_ITEM_SCHEMA` columns of ``samples`` (global ids from ``maps``, vectorised:
     one map lookup per distinct id, not per image; ``video_id`` already computed by the caller)."""
     c = samples.column
@@ -355,7 +406,7 @@ def _record_table(samples: pa.Table, maps: IdentityMaps, sizes: np.ndarray, vide
                                   lambda t: maps.tracklet_local[t]),
         "frame": c("frame"), "domain": c("domain"), "source_pid": fill_null(c("source_pid"), ""),
         "source_camid": c("source_camid"), "container": c("container"), "member": c("member"), "ext": c("ext"),
-        "bytes": sizes,
+        "bytes": sizes, "cls": _identity_classes(c("dataset"), fill_null(c("source_pid"), ""), distractor_pid),
     }
     arrays = [pa.array(a) if isinstance(a, np.ndarray) else a for a in (columns[name] for name in PLAN_ITEM_SCHEMA.names)]
     return pa.table(arrays, names=PLAN_ITEM_SCHEMA.names)
@@ -363,21 +414,24 @@ def _record_table(samples: pa.Table, maps: IdentityMaps, sizes: np.ndarray, vide
 
 def plan_shards(
     samples: pa.Table, maps: IdentityMaps, report: InputReport, *, max_bytes: int, max_count: int,
-    previous: PreviousPlan | None = None, previous_rows: np.ndarray | None = None,
+    previous: PreviousPlan | None = None, previous_rows: np.ndarray | None = None, distractor_pid: str | None = None,
 ) -> list[ShardPlan]:
     """Pack ``samples`` (a :data:`SAMPLE_SCHEMA` table, in its given, sorted order) into shard plans.
 
-    Units are whole videos for single-camera samples (all images of a ``(dataset, video)``, in
-    sample order, the units ordered by their first image) and single images otherwise; a shard is
-    closed when the next unit would push it past ``max_count`` images or ``max_bytes`` estimated
-    bytes. A sample whose image cannot be found is rejected here. Stored sizes are part of the plan,
-    so replacing an input by a file of another size (a fixed image) makes its shard's plan differ and
-    the shard be rewritten.
+    Units are whole videos for single-camera samples (all images of a ``(dataset, video)`` in one
+    split, in sample order) and single images otherwise; units are ordered by split (train, query,
+    gallery) and then by their first image. A shard holds units of one split and is closed when the
+    next unit would push it past ``max_count`` images or ``max_bytes`` estimated bytes, or is of
+    another split. A sample whose image cannot be found is rejected here. Stored sizes are part of
+    the plan, so replacing an input by a file of another size (a fixed image) makes its shard's plan
+    differ and the shard be rewritten. Each image's global identity (``cls``) is planned too; the
+    source pid ``distractor_pid`` (the format's distractors) has none.
 
-    With ``previous``, a unit whose earlier images all lay in one shard stays there (a video that
-    grew stays whole in its shard); the other units fill new shards after the earlier ones. If an
-    earlier shard would be left empty, everything is packed afresh. ``previous_rows``: the samples'
-    rows in it (:meth:`PreviousPlan.rows_of`), if already known.
+    With ``previous`` (planned for the split folders), a unit whose earlier images all lay in one
+    shard stays there (a video that grew stays whole in its shard); the other units fill new shards
+    after the earlier ones. If an earlier shard would be left empty, or hold two splits, everything
+    is packed afresh. ``previous_rows``: the samples' rows in it (:meth:`PreviousPlan.rows_of`), if
+    already known.
 
     Columnar throughout (numpy over per-row codes; Python loops over units, not images): the plans
     are slices of one :data:`PLAN_ITEM_SCHEMA` table."""
@@ -390,16 +444,22 @@ def plan_shards(
         previous_rows = previous_rows[found] if previous_rows is not None else None
     n = samples.num_rows
     rows = np.arange(n)
+    split_codes, split_names = column_codes(samples.column("split"))
+    split_rank = np.array([SPLITS.index(x) if x in SPLITS else len(SPLITS) for x in split_names] + [len(SPLITS)],
+                          np.int64)[split_codes]  # train, query, gallery, then any other
     video, videos = combined_codes([samples.column("dataset"), samples.column("source_video")])
-    unit = np.where(video >= 0, video, (video.max(initial=-1) + 1) + rows)  # a video, or the image alone
+    video_in_split, _ = combined_codes([samples.column("dataset"), samples.column("source_video"), samples.column("split")])
+    unit = np.where(video_in_split >= 0, video_in_split, (video_in_split.max(initial=-1) + 1) + rows)  # or one image
     _, first_row, unit = np.unique(unit, return_index=True, return_inverse=True)
     rank = np.empty(len(first_row), np.int64)
-    rank[np.argsort(first_row, kind="stable")] = np.arange(len(first_row))
-    unit = rank[unit.reshape(-1)]  # units numbered in the order of their first image
+    rank[np.lexsort((first_row, split_rank[first_row]))] = np.arange(len(first_row))
+    unit = rank[unit.reshape(-1)]  # units numbered by split, then in the order of their first image
+    unit_split = np.empty(len(rank), np.int64)
+    unit_split[rank] = split_rank[first_row]
     counts = np.bincount(unit, minlength=len(rank))
     unit_bytes = np.bincount(unit, weights=_estimated_tar_bytes(sizes), minlength=len(rank)).astype(np.int64)
     shard_of_unit = None
-    if previous is not None and n:
+    if previous is not None and previous.keeps_layout and n:
         earlier = previous.column_at(previous_rows, "shard")
         known = earlier >= 0
         low = np.full(len(rank), np.iinfo(np.int64).max)
@@ -407,18 +467,20 @@ def plan_shards(
         np.minimum.at(low, unit[known], earlier[known])
         np.maximum.at(high, unit[known], earlier[known])
         kept = (high >= 0) & (low == high)
-        if np.array_equal(np.unique(low[kept]), np.arange(previous.num_shards)):
+        pairs = set(zip(low[kept].tolist(), unit_split[kept].tolist()))  # (earlier shard, split) of kept units
+        one_split = len(pairs) == len({shard for shard, _ in pairs})
+        if one_split and np.array_equal(np.unique(low[kept]), np.arange(previous.num_shards)):
             shard_of_unit = np.where(kept, low, -1)
             fresh = np.flatnonzero(~kept)
-            shard_of_unit[fresh] = _pack(counts[fresh].tolist(), unit_bytes[fresh].tolist(), previous.num_shards,
-                                         max_bytes=max_bytes, max_count=max_count)
+            shard_of_unit[fresh] = _pack(counts[fresh].tolist(), unit_bytes[fresh].tolist(), unit_split[fresh].tolist(),
+                                         previous.num_shards, max_bytes=max_bytes, max_count=max_count)
     if shard_of_unit is None:
-        shard_of_unit = np.asarray(_pack(counts.tolist(), unit_bytes.tolist(), 0, max_bytes=max_bytes,
-                                         max_count=max_count), np.int64)
+        shard_of_unit = np.asarray(_pack(counts.tolist(), unit_bytes.tolist(), unit_split.tolist(), 0,
+                                         max_bytes=max_bytes, max_count=max_count), np.int64)
     shard = shard_of_unit[unit] if n else np.zeros(0, np.int64)
     order = np.lexsort((rows, unit, shard))  # by shard, then unit, then sample order
     video_id = np.array([maps.video[v] for v in videos] + [-1], np.int64)[video]  # code -1 -> -1
-    table = _record_table(samples, maps, sizes, video_id)
+    table = _record_table(samples, maps, sizes, video_id, distractor_pid)
     if not np.array_equal(order, rows):  # a store listed video by video is in plan order already: no copy
         table, shard = table.take(pa.array(order)), shard[order]
     del samples, order, rows, unit
@@ -434,15 +496,10 @@ def plan_shards(
 def _finished_shard(plan: ShardPlan, out_dir: str | Path) -> dict | None:
     """The metadata of ``plan``'s shard when it is already written from this very plan and nothing
     was rejected from it (None: it has to be written)."""
-    meta = read_shard_metadata(_shard_path(out_dir, plan.index))
+    meta = read_shard_metadata(*set_shard_paths(out_dir, plan.relpath))
     if meta is not None and meta.get("plan_digest") == plan.digest and meta.get("num_rejected") == "0":
         return meta
     return None
-
-
-def _shard_path(out_dir: str | Path, index: int) -> str | Path:
-    """Where shard ``index`` goes: a path in a local folder, a URI on an object store."""
-    return storage.join(out_dir, shard_name(index)) if storage.is_remote(out_dir) else Path(out_dir) / shard_name(index)
 
 
 def write_planned_shard(item: dict, out_dir: str) -> dict:
@@ -452,15 +509,16 @@ def write_planned_shard(item: dict, out_dir: str) -> dict:
     ``[path, reason]``). Inputs that cannot be read or do not fully decode are left out of the shard
     and reported; the shard then records them (``num_rejected``) so the next run retries it."""
     plan = ShardPlan.from_item(item)
-    tar_path = _shard_path(out_dir, plan.index)
+    tar_path, manifest_path = set_shard_paths(out_dir, plan.relpath)
     digest = plan.digest
     meta = _finished_shard(plan, out_dir)
     if meta is not None:
         return {"index": plan.index, "written": False, "num_samples": int(meta["num_samples"]),
                 "tar_bytes": int(meta["tar_bytes"]), "problems": "[]"}
     report = InputReport()  # strict mode is applied by the driver, which sees every shard's problems
-    with ShardWriter(tar_path) as writer:
-        for record, image, _ in plan.samples():
+    # the temporary tar in the set's root: a split folder holds finished tars only
+    with ShardWriter(tar_path, manifest_path, tmp_dir=None if storage.is_remote(out_dir) else out_dir) as writer:
+        for (record, image, _), cls in zip(plan.samples(), plan.classes()):
             try:
                 data = image.read_bytes()
             except (OSError, KeyError) as exc:
@@ -470,7 +528,7 @@ def write_planned_shard(item: dict, out_dir: str) -> dict:
             if problem is not None:
                 report.reject(describe(image), problem)
                 continue
-            writer.add(record, data, sniff_format(data))  # the bytes as stored, whatever the file name says
+            writer.add(record, data, sniff_format(data), cls)  # the bytes as stored, whatever the file name says
         info = writer.commit({"plan_digest": digest, "num_rejected": str(len(report))})
     return {"index": plan.index, "written": True, "num_samples": info.num_samples, "tar_bytes": info.tar_bytes,
             "problems": json.dumps([[p.path, p.reason] for p in report.problems])}
@@ -509,23 +567,40 @@ def _run_ray(plans: list[ShardPlan], out_dir: str, cfg: IngestConfig) -> Iterato
 # ------------------------------------------------------------------------------------------ finishing
 
 
-def _remove_outdated_shards(out_dir: str, num_shards: int) -> list[str]:
-    """Delete shards numbered beyond the current plan (left by an earlier plan of this folder)."""
+def _remove_outdated_shards(out_dir: str, plans: list[ShardPlan]) -> list[str]:
+    """Delete the shard files (tars and their manifests) that are not the current plan's: shards of an
+    earlier plan numbered beyond it or now in another split's folder, and the flat files of a set
+    written before the split folders. A split folder then holds exactly the plan's tars."""
+    current = {rel for p in plans for rel in (p.relpath, f"{MANIFESTS_DIR}/{storage.with_suffix(p.relpath, '.parquet')}")}
     removed = []
-    for name in sorted(storage.listdir(out_dir)):
-        match = _SHARD_RE.fullmatch(name)
-        if match and int(match[1]) >= num_shards:
-            storage.delete(storage.join(out_dir, name))
-            removed.append(storage.join(out_dir, name))
+    for folder in SHARD_FOLDERS:
+        path = storage.join(out_dir, folder) if folder else out_dir
+        for name in sorted(storage.listdir(path)):
+            rel = f"{folder}/{name}" if folder else name
+            if _SHARD_RE.fullmatch(name) and rel not in current:
+                storage.delete(storage.join(path, name))
+                removed.append(storage.join(path, name))
     return removed
 
 
-def _dataset_manifest(out_dir: str, num_shards: int) -> pa.Table:
+def _dataset_manifest(out_dir: str, plans: list[ShardPlan]) -> pa.Table:
     tables = []
-    for index in range(num_shards):
-        table = read_shard_manifest(_shard_path(out_dir, index))
-        tables.append(table.append_column("shard", pa.array([shard_name(index)] * table.num_rows, pa.string())))
+    for plan in plans:
+        table = read_shard_manifest(*set_shard_paths(out_dir, plan.relpath))
+        tables.append(table.append_column("shard", pa.array([plan.relpath] * table.num_rows, pa.string())))
     return pa.concat_tables(tables).cast(DATASET_SCHEMA)
+
+
+def _identities(plans: list[ShardPlan], manifest: pa.Table) -> pa.Table:
+    """``identities.parquet``: each identity of the set with its global id (``cls``, the ``.cls``
+    member), ``dataset``, ``source_pid``, the set's own ``pid``, and its number of ``images``."""
+    classes = pa.concat_tables([p.table.select(["dataset", "source_pid", "cls"]) for p in plans]).cast(
+        pa.schema([("dataset", pa.string()), ("source_pid", pa.string()), ("cls", pa.int64())]))
+    classes = classes.filter(pc.field("cls") != NO_IDENTITY).group_by(["dataset", "source_pid", "cls"]).aggregate([])
+    counts = manifest.group_by(["dataset", "source_pid", "pid"]).aggregate([("key", "count")])
+    table = counts.join(classes, ["dataset", "source_pid"], join_type="inner")
+    table = table.rename_columns({"key_count": "images"}).select(IDENTITIES_SCHEMA.names).cast(IDENTITIES_SCHEMA)
+    return table.sort_by([("dataset", "ascending"), ("source_pid", "ascending")])
 
 
 def _staged(cfg: IngestConfig, progress: bool) -> IngestConfig:
@@ -541,17 +616,19 @@ def _staged(cfg: IngestConfig, progress: bool) -> IngestConfig:
     return dataclasses.replace(cfg, root=str(local), workers=0)
 
 
-def _summary(cfg: IngestConfig, fmt: str, manifest: pa.Table, out_dir: str, num_shards: int,
+def _summary(cfg: IngestConfig, fmt: str, manifest: pa.Table, out_dir: str, plans: list[ShardPlan],
              report: InputReport, source: str) -> dict:
     def distinct(column: str) -> int:  # distinct (dataset, id) pairs, -1 (none) excluded
         known = manifest.filter(pc.field(column) != -1)
         return known.group_by(["dataset", column]).aggregate([]).num_rows
 
-    sizes = storage.listdir(out_dir)  # one listing instead of a request per shard on an object store
-    missing = [shard_name(i) for i in range(num_shards) if shard_name(i) not in sizes]
+    names = [p.relpath for p in plans]
+    sizes = shard_sizes(out_dir, names)  # a listing per split folder, not a request per shard on an object store
+    missing = [name for name in names if name not in sizes]
     if missing:
         raise FileNotFoundError(f"{out_dir}: shards {missing[:3]} vanished during the ingest; re-run it")
-    shard_bytes = [sizes[shard_name(i)] for i in range(num_shards)]
+    num_shards = len(plans)
+    shard_bytes = [sizes[name] for name in names]
     return {
         "format": fmt,
         "root": source,
@@ -567,6 +644,11 @@ def _summary(cfg: IngestConfig, fmt: str, manifest: pa.Table, out_dir: str, num_
         "skipped_by_reason": dict(sorted(report.counts().items())),
         "problems": [{"path": p.path, "reason": p.reason} for p in report.problems[:MAX_LISTED_PROBLEMS]],
     }
+
+
+def _write_table_if_changed(table: pa.Table, path: str, schema: pa.Schema) -> None:
+    if not (storage.exists(path) and storage.read_table(path, schema=schema).equals(table)):
+        write_table_atomic(table, path)
 
 
 def _write_text_if_changed(text: str, path: str) -> None:
@@ -605,7 +687,7 @@ def plan_ingest(cfg: IngestConfig, report: InputReport) -> tuple[str, str, Previ
     fixed = previous.fixed_maps(samples, rows) if previous is not None else None
     maps = identity_maps(samples, fixed)
     plans = plan_shards(samples, maps, report, **limits, previous=previous if fixed is not None else None,
-                        previous_rows=rows if fixed is not None else None)
+                        previous_rows=rows if fixed is not None else None, distractor_pid=DISTRACTOR_PIDS.get(fmt))
     del rows
     return fmt, why, previous, plans
 
@@ -622,8 +704,10 @@ def run_ingest(cfg: IngestConfig, *, progress: bool = True) -> IngestResult:
     fmt, why, previous, plans = plan_ingest(cfg, report)
     out_dir = str(cfg.out)
     storage.makedirs(out_dir)  # a local folder (an object store has no folders to create)
-    if not storage.is_remote(out_dir):
-        remove_stale_tmp(Path(out_dir))  # (an object store never holds temporary objects: uploads are whole)
+    if not storage.is_remote(out_dir):  # (an object store never holds temporary objects: uploads are whole)
+        for folder in SHARD_FOLDERS:
+            if (Path(out_dir) / folder).is_dir():
+                remove_stale_tmp(Path(out_dir) / folder)
     write_plan(plans, storage.join(out_dir, PLAN_NAME), previous, **cfg.shard_limits)  # first: a resumed run plans the same shards
 
     # a re-run over an unchanged source has nothing to write: check here instead of starting Ray
@@ -638,13 +722,13 @@ def run_ingest(cfg: IngestConfig, *, progress: bool = True) -> IngestResult:
             written += bool(row["written"])
             bar.update(len(plans[row["index"]]))
 
-    _remove_outdated_shards(out_dir, len(plans))
-    manifest = _dataset_manifest(out_dir, len(plans))
-    summary = _summary(cfg, fmt, manifest, out_dir, len(plans), report, source)
+    _remove_outdated_shards(out_dir, plans)
+    manifest = _dataset_manifest(out_dir, plans)
+    summary = _summary(cfg, fmt, manifest, out_dir, plans, report, source)
     _write_text_if_changed(json.dumps(summary, indent=2) + "\n", storage.join(out_dir, SUMMARY_NAME))
-    manifest_path = storage.join(out_dir, MANIFEST_NAME)
-    if not (storage.exists(manifest_path) and storage.read_table(manifest_path, schema=DATASET_SCHEMA).equals(manifest)):
-        write_table_atomic(manifest, manifest_path)  # last: its presence marks a finished ingest
+    _write_table_if_changed(_identities(plans, manifest), storage.join(out_dir, IDENTITIES_NAME), IDENTITIES_SCHEMA)
+    # last: its presence marks a finished ingest
+    _write_table_if_changed(manifest, storage.join(out_dir, MANIFEST_NAME), DATASET_SCHEMA)
     return IngestResult(summary, report, written, len(plans) - written, time.perf_counter() - start,
                         why if cfg.format != "auto" else f"auto-detected: {why}")
 

@@ -1,12 +1,14 @@
 """Where a ``--config`` file comes from: a local file, an object-store URI, or a recipe shipped with
-the project named by file name or stem.
+the package named by file name or stem.
 
     resolve_config_path("recipes/dynamix_demo.yaml")   # a file, relative to the working directory
-    resolve_config_path("dynamix_demo")                 # the project's recipes/dynamix_demo.yaml
+    resolve_config_path("dynamix_demo")                 # the shipped recipes/dynamix_demo.yaml
     resolve_config_path("s3://bucket/recipes/x.yaml")   # a cached local copy of the object
 
-A job runs in whatever folder its Ray node gives it, so a recipe path that does not exist there is
-looked up among the project's recipes (``recipes/`` beside the installed ``pipelines`` package).
+The recipes are package data (``pipelines/recipe_files/``, installed with the package; the
+repository's ``recipes/`` is a link to it). A job runs in whatever folder its Ray node gives it, and
+an installed package has no checkout around it, so a name, or a ``recipes/NAME.yaml`` path that does
+not exist in the working directory, is looked up among the shipped recipes.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from pathlib import Path
 from dynamix_core import storage
 from dynamix_core.config import ConfigError
 
-#: the recipes shipped with the project
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+#: the recipes shipped with the package
+RECIPES_DIR = Path(__file__).resolve().parent / "recipe_files"
 
 
 def resolve_config_path(path: str | Path) -> Path:

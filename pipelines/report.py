@@ -10,11 +10,17 @@
 Sections: the summary table (whatever keys ``summary`` holds, in its order); one plot per metric group
 of ``history`` (keys grouped by the prefix before "/", e.g. all ``loss/*`` terms in one plot and all
 ``eval/*`` in another, against ``step``; a pre-training run's kNN monitor ``knn/<set>/*``); the
-relabeling rounds as a table and two plots (integer columns such as splits and merges; fractional
-ones such as noise rate and pairwise F; no section when ``relabel_rounds`` is None); and a
-retrieval strip: each query next to its top-k gallery images, correct matches framed green, wrong
-ones red. Matplotlib is used through ``Figure`` objects (Agg canvas), never pyplot, so no global
-backend state is touched.
+relabeling rounds as a few narrow tables (what each round changed, cluster sizes, label quality
+before and after) and two plots (integer columns such as splits and merges; fractional ones such as
+noise rate and pairwise F; no section when ``relabel_rounds`` is None); and a retrieval strip: each
+query next to its top-k gallery images, correct matches framed green, wrong ones red. Matplotlib is
+used through ``Figure`` objects (Agg canvas), never pyplot, so no global backend state is touched.
+
+Numbers read by kind (:func:`format_column`), in the tables, the terminal and the plots alike:
+retrieval metrics (mAP, Rank-k, mINP) in percent, as the console and the README give them; fractions
+(wait fractions, rates, precision, recall, F, purity) with 3 decimals; whole numbers (counts, steps,
+versions, even when stored as floats) as integers; other numbers with one number of decimals per
+column. The page fits a 1,280 px screen: tables are narrow, and each scrolls inside its own box.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import base64
 import html
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -39,25 +46,65 @@ _FRAME_PX = 4
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em; color: #222; }
 h1 { font-size: 1.6em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+h3 { font-size: 1em; margin: 1.2em 0 0.4em; }
+div.scroll { max-width: 100%; overflow-x: auto; } div.tall { max-height: 30em; overflow-y: auto; }
 table { border-collapse: collapse; font-size: 0.95em; }
 th, td { border: 1px solid #ccc; padding: 4px 10px; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-th { background: #f3f3f3; text-align: left; } img { max-width: 100%; display: block; margin: 0.5em 0; }
+th { background: #f3f3f3; text-align: left; position: sticky; top: 0; }
+img { max-width: 100%; height: auto; display: block; margin: 0.5em 0; }
 p.note { color: #777; }
 """
 
+#: retrieval metrics: ``mAP``, ``rank1``, ``mINP``, and names built on them (``chance_mAP``, ``knn/x/mAP_after``)
+_PERCENT = re.compile(r"(.*_)?(mAP|mINP|rank\d+)(_.*)?")
+#: name parts of a value in [0, 1]
+_FRACTION_PARTS = {"fraction", "frac", "rate", "precision", "recall", "purity", "accuracy", "F"}
 
-def format_value(value: Any) -> str:
-    """How a number reads in the report and in the terminal: 4 decimals below 10, else 1, ints as they are."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        return str(value)
-    if isinstance(value, (int, np.integer)):
-        return f"{int(value):,}"
-    return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
+
+def metric_kind(key: str) -> str:
+    """How the values of metric ``key`` read: ``percent`` (retrieval metrics), ``ratio`` (``*_x_chance``),
+    ``points`` (``*_points``, percentage points), ``fraction``, or ``number``."""
+    name = str(key).rsplit("/", 1)[-1]
+    if name.endswith("_x_chance"):
+        return "ratio"
+    if name.endswith("_points"):
+        return "points"
+    if _PERCENT.fullmatch(name):
+        return "percent"
+    if _FRACTION_PARTS & set(name.split("_")) or "f_score" in name:
+        return "fraction"
+    return "number"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def format_column(key: str, values: Sequence[Any]) -> list[str]:
+    """The values of metric ``key`` (a table column, or one summary row) as a reader sees them, one
+    format for the whole column: percent with 1 decimal for retrieval metrics, fractions with 3,
+    ratios as ``8.5x``, percentage points signed, whole numbers as integers, other numbers with
+    2 decimals below 10, 1 below 1,000, else none. Non-numbers as they are."""
+    numbers = [float(v) for v in values if _is_number(v) and np.isfinite(v)]
+    kind = metric_kind(key)
+    if kind == "number" and all(v.is_integer() for v in numbers):
+        kind = "integer"
+    largest = max((abs(v) for v in numbers), default=0.0)
+    decimals = 2 if largest < 10 else 1 if largest < 1000 else 0
+    spec = {"percent": "{:.1f}%", "fraction": "{:.3f}", "ratio": "{:.1f}x", "points": "{:+.1f}", "integer": "{:,.0f}",
+            "number": f"{{:,.{decimals}f}}"}[kind]
+    scale = 100.0 if kind == "percent" else 1.0
+    return [spec.format(scale * float(v)) if _is_number(v) and np.isfinite(v) else str(v) for v in values]
+
+
+def format_value(key: str, value: Any) -> str:
+    """One value of metric ``key`` as a reader sees it (:func:`format_column`)."""
+    return format_column(key, [value])[0]
 
 
 def print_summary_table(summary: Mapping[str, Any]) -> str:
     """The summary as a plain-text two-column table, aligned for the terminal (returned, not printed)."""
-    rows = [(str(key), format_value(value)) for key, value in summary.items()]
+    rows = [(str(key), format_value(key, value)) for key, value in summary.items()]
     key_width = max([len("metric")] + [len(k) for k, _ in rows])
     value_width = max([len("value")] + [len(v) for _, v in rows])
     lines = [f"{'metric':<{key_width}}  {'value':>{value_width}}", f"{'-' * key_width}  {'-' * value_width}"]
@@ -92,15 +139,17 @@ PLOT_GROUPS: dict[str, tuple[str, ...]] = {
 
 def _history_groups(history: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[tuple[float, float]]]]:
     """plot -> key -> [(step, value)] for the keys of :data:`PLOT_GROUPS` (a pattern ending in "/"
-    matches every key with that prefix); missing and non-numeric values are skipped."""
+    matches every key with that prefix); missing and non-numeric values are skipped, retrieval
+    metrics are in percent."""
     groups: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for row in history:
         for key, value in row.items():
-            if value is None or not isinstance(value, (int, float, np.integer, np.floating)):
+            if value is None or not _is_number(value):
                 continue
+            scale = 100.0 if metric_kind(key) == "percent" else 1.0
             for group, patterns in PLOT_GROUPS.items():
                 if any(key == p or (p.endswith("/") and key.startswith(p)) for p in patterns):
-                    groups.setdefault(group, {}).setdefault(key, []).append((row["step"], float(value)))
+                    groups.setdefault(group, {}).setdefault(key, []).append((row["step"], scale * float(value)))
     return groups
 
 
@@ -112,6 +161,8 @@ def _history_figure(group: str, series: Mapping[str, list[tuple[float, float]]])
     for key, points in series.items():
         steps, values = zip(*points)
         ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=key)
+    if all(metric_kind(key) == "percent" for key in series):
+        ax.set_ylabel("%")
     ax.set_xlabel("step")
     ax.set_title(group)
     ax.grid(alpha=0.3)
@@ -198,17 +249,51 @@ def retrieval_strip_png(retrieval: Sequence[Mapping[str, Any]], top_k: int = TOP
 # ------------------------------------------------------------------------------------------- html
 
 
-def _html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = []
-    for row in rows:
-        cells = []
-        for column in columns:
-            value = row.get(column, "")
-            numeric = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-            cells.append(f'<td{" class=num" if numeric else ""}>{html.escape(format_value(value))}</td>')
-        body.append(f"<tr>{''.join(cells)}</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+def _cell(text: str, numeric: bool) -> str:
+    return f'<td{" class=num" if numeric else ""}>{html.escape(text)}</td>'
+
+
+def _html_table(head: Sequence[str], body: Sequence[Sequence[str]], tall: bool = False) -> str:
+    """A table (``body``: rows of ready ``<td>`` cells) in a box of its own that scrolls sideways
+    (and, ``tall``, down) instead of widening the page; header names may break after "_"."""
+    heads = "".join(f"<th>{html.escape(c).replace('_', '_<wbr>')}</th>" for c in head)
+    rows = "".join(f"<tr>{''.join(cells)}</tr>" for cells in body)
+    return f'<div class="scroll{" tall" if tall else ""}"><table><tr>{heads}</tr>{rows}</table></div>'
+
+
+def _summary_table(summary: Mapping[str, Any]) -> str:
+    body = [[_cell(str(key), False), _cell(format_value(key, value), _is_number(value))] for key, value in summary.items()]
+    return _html_table(["metric", "value"], body)
+
+
+#: the relabeling statistics, by table (each led by the round's ``round`` or ``version``); columns of
+#: no group follow in a table of their own
+RELABEL_TABLES: dict[str, tuple[str, ...]] = {
+    "what each round changed": ("step", "weights_step", "num_videos", "num_images", "num_clusters", "num_splits",
+                                "num_merges", "num_dropped", "noise_rate", "round_seconds"),
+    "cluster sizes": ("size_mean", "size_median", "size_min", "size_max"),
+    "label quality against the ground truth (before this round, after it)": (
+        "before_pair_precision", "pair_precision", "before_pair_recall", "pair_recall", "before_pair_f_score",
+        "pair_f_score", "before_purity", "purity", "before_fragmentation", "fragmentation"),
+}
+
+
+def _relabel_tables(rounds: Sequence[Mapping[str, Any]]) -> list[str]:
+    columns = list(dict.fromkeys(key for row in rounds for key in row))
+    lead = [c for c in ("round", "version") if c in columns][:1]
+    grouped = {name: [c for c in keys if c in columns] for name, keys in RELABEL_TABLES.items()}
+    rest = [c for c in columns if c not in lead and not any(c in keys for keys in grouped.values())]
+    if rest:
+        grouped["other statistics"] = rest
+    parts = []
+    for name, keys in grouped.items():
+        if not keys:
+            continue
+        shown = lead + keys
+        cells = {c: format_column(c, [row.get(c, "") for row in rounds]) for c in shown}
+        body = [[_cell(cells[c][i], _is_number(row.get(c))) for c in shown] for i, row in enumerate(rounds)]
+        parts += [f"<h3>{html.escape(name)}</h3>", _html_table(shown, body, tall=len(rounds) > 15)]
+    return parts
 
 
 def write_report(out_html: str | Path, *, summary: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
@@ -216,8 +301,7 @@ def write_report(out_html: str | Path, *, summary: Mapping[str, Any], history: S
                  title: str = "DynaMix training report") -> str | Path:
     """Write the report (atomically: temp file + os.replace; on an object store one upload);
     returns its path, or ``out_html`` itself when that is a URI (``s3://bucket/runs/r1/report.html``)."""
-    parts = [f"<h1>{html.escape(title)}</h1>", "<h2>Summary</h2>",
-             _html_table([{"metric": k, "value": v} for k, v in summary.items()], ["metric", "value"])]
+    parts = [f"<h1>{html.escape(title)}</h1>", "<h2>Summary</h2>", _summary_table(summary)]
 
     parts.append("<h2>Training curves</h2>")
     groups = _history_groups(history)
@@ -228,8 +312,7 @@ def write_report(out_html: str | Path, *, summary: Mapping[str, Any], history: S
     if relabel_rounds is not None:  # None: a run without a labeling pool (pre-training), no section
         parts.append("<h2>Relabeling rounds</h2>")
         if relabel_rounds:
-            columns = list(dict.fromkeys(key for row in relabel_rounds for key in row))
-            parts += [_html_table(relabel_rounds, columns), _img_tag(_relabel_figure(relabel_rounds), "relabel statistics")]
+            parts += [*_relabel_tables(relabel_rounds), _img_tag(_relabel_figure(relabel_rounds), "relabel statistics")]
         else:
             parts.append('<p class="note">No relabeling round ran.</p>')
 

@@ -197,7 +197,7 @@ def recipe_config(cfg: RetrainConfig) -> TrainConfig:
         raise ConfigError(f"train.recipe: {exc}") from None
     data = yaml.safe_load(path.read_text()) or {}
     for override in cfg.train.overrides:
-        apply_override(data, override, TrainConfig)
+        apply_override(data, override, TrainConfig, source=f"train.overrides of {path}:")
     data = expand_env(data)  # ${DYNAMIX_STORAGE_URI}/...: compared with the sources' folders below
     section = data.setdefault("data", {})
     if not isinstance(section, dict):

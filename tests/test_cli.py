@@ -160,3 +160,152 @@ def test_progress_lines_of_a_clustering_recipe_have_no_label_version(tmp_path, c
     assert "labels" not in line
     with_labels = printer.format({**row, "label_version": 3.0})
     assert "labels v3" in with_labels
+
+
+# ----------------------------------------------------------------------- behaving like its peers
+
+
+def test_version_prints_the_package_version(capsys):
+    import tomllib
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"dynamix {version}"
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`dynamix train --print-config | head -1`: the reader leaves before the printing ends. The read end
+    of the pipe is closed before the command starts, so its first write fails, every time."""
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "--config", "dynamix_demo",
+                               "--print-config"], stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.stderr == "" and proc.returncode == 141
+
+
+def _train_error(capsys, *args: str) -> str:
+    assert main(["train", "--config", "recipes/dynamix_demo.yaml", *args, "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("dynamix train: error: ")
+    return err
+
+
+def test_set_errors_suggest_real_keys(capsys):
+    err = _train_error(capsys, "--set", "run.max_step=5")
+    assert "did you mean run.max_steps?" in err
+    err = _train_error(capsys, "--set", "centroid.loss_mode=all")  # a misspelt section
+    assert "did you mean centroids.loss_mode?" in err
+    err = _train_error(capsys, "--set", "loss_mode=all")  # the key without its section
+    assert "did you mean centroids.loss_mode?" in err
+    # without "=": the example the message gives is a key the command accepts as it stands
+    err = _train_error(capsys, "--set", "run.max_steps")
+    example = re.search(r"e\.g\. --set (\S+)", err)[1]
+    assert example.startswith("run.max_steps=")
+    assert main(["train", "--config", "recipes/dynamix_demo.yaml", "--set", example, "--print-config"]) == 0
+    capsys.readouterr()
+
+
+def test_a_bad_set_value_is_blamed_on_set_and_a_bad_recipe_value_on_the_recipe(tmp_path, capsys):
+    err = _train_error(capsys, "--set", "run.max_steps=many")
+    assert err.startswith("dynamix train: error: --set run.max_steps=many: ") and "dynamix_demo.yaml" not in err
+    err = _train_error(capsys, "--set", "run.storage=${DYNAMIX_NO_SUCH_VARIABLE}")
+    assert err.startswith("dynamix train: error: --set run.storage=${DYNAMIX_NO_SUCH_VARIABLE}: ")
+    err = _train_error(capsys, "--set", "data.multi=[${DYNAMIX_NO_SUCH_VARIABLE}]")  # YAML the value cannot be
+    assert err.startswith("dynamix train: error: --set data.multi=[${DYNAMIX_NO_SUCH_VARIABLE}]: ")
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text((REPO / "recipes" / "dynamix_demo.yaml").read_text() + "\nsampling:\n  seed: many\n")
+    assert main(["train", "--config", str(recipe), "--set", "run.max_steps=7", "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dynamix train: error: {recipe}: ") and "--set" not in err
+
+
+def test_shipped_recipes_are_in_the_installed_package_and_resolve_by_name(tmp_path):
+    """Build the wheel as pip does, install it (unpack it) into a folder of its own, and run the
+    command line from there in an empty working directory: recipes resolve by name and by their
+    documented ``recipes/NAME.yaml`` path, from the package and not from a checkout."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("dynamix_core", "services", "pipelines"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                            "-q", "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = (tmp_path / "dist").glob("dynamix-*.whl")
+    recipes = sorted((REPO / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 10
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as zf:
+        shipped = {Path(n).name: zf.read(n) for n in zf.namelist() if n.endswith(".yaml")}
+        zf.extractall(site)
+    assert shipped == {p.name: p.read_bytes() for p in recipes}  # every recipe, one copy, the same bytes
+
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    code = ("import sys, pipelines; from pipelines.cli import main; print('FROM', pipelines.__file__); "
+            "raise SystemExit(main(sys.argv[1:]))")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    for config in ("dynamix_demo", "recipes/dynamix_demo.yaml", "pretrain_demo.yaml"):
+        command = "pretrain" if config.startswith("pretrain") else "train"
+        out = subprocess.run([sys.executable, "-c", code, command, "--config", config, "--print-config"], cwd=work,
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        first, text = out.stdout.split("\n", 1)
+        assert first == f"FROM {site / 'pipelines' / '__init__.py'}"
+        assert yaml.safe_load(text)["run"]["max_steps"] > 0
+    out = subprocess.run([sys.executable, "-c", code, "--version"], cwd=work, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.splitlines()[-1].startswith("dynamix ")
+
+
+def test_run_files_are_written_with_the_mode_of_any_other_file(tmp_path):
+    """safetensors writes its files 0600; the weights of a run must read like its other files
+    (0644 under the usual umask 022), whatever the umask."""
+    import stat
+    from contextlib import contextmanager
+
+    import torch
+
+    from dynamix_core.model import save_state_dict
+    from pipelines.train.driver import WEIGHTS_FILE, _export_momentum
+
+    class Checkpoint:  # what Ray Train hands the driver
+        def __init__(self, folder):
+            self.folder = folder
+
+        @contextmanager
+        def as_directory(self):
+            yield str(self.folder)
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save({"momentum": {"w": torch.ones(3)}}, ckpt / "trainer.pt")
+    for mask in (0o022, 0o027):
+        old = os.umask(mask)
+        try:
+            folder = tmp_path / f"umask{mask:o}"
+            folder.mkdir()
+            (folder / "plain.json").write_text("{}")  # how every other run file comes out
+            save_state_dict({"w": torch.zeros(2)}, folder / "backbone.safetensors")
+            _export_momentum(Checkpoint(ckpt), folder, folder)
+        finally:
+            os.umask(old)
+        want = stat.S_IMODE((folder / "plain.json").stat().st_mode)
+        assert want == 0o666 & ~mask
+        for name in ("backbone.safetensors", WEIGHTS_FILE):
+            assert stat.S_IMODE((folder / name).stat().st_mode) == want, (name, oct(mask))

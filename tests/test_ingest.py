@@ -73,14 +73,24 @@ def ingest(root: Path, out: Path, **kw):
     return run_ingest(cfg, progress=False)
 
 
+def files_of(folder: Path) -> list[str]:
+    """Every file under ``folder``, as a path relative to it (``train/shard-000000.tar``)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def is_shard(name: str) -> bool:
+    """A tar or per-shard manifest (``train/shard-000000.tar``, ``manifests/train/shard-000000.parquet``)."""
+    return Path(name).name.startswith("shard-")
+
+
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+    return {name: ((folder / name).read_bytes(), (folder / name).stat().st_mtime_ns) for name in files_of(folder)}
 
 
 def same_output(a: Path, b: Path) -> None:
     """Two ingests produced the same files, byte for byte (ingest.json may name different roots)."""
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
+    names = files_of(a)
+    assert names == files_of(b)
     for name in names:
         if name != "ingest.json":
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
@@ -127,10 +137,13 @@ def test_market_round_trip(tmp_path):
     shard_counts = {}
     for row in manifest:
         shard_counts[row["shard"]] = shard_counts.get(row["shard"], 0) + 1
-    assert sorted(shard_counts) == [f"shard-{i:06d}.tar" for i in range(8)]  # 36 images / 5 per shard
+    # 12 images per split / 5 per shard: 3 shards per split, each split in its own folder, one series
+    assert sorted(shard_counts) == sorted(f"{split}/shard-{3 * s + i:06d}.tar"
+                                          for s, split in enumerate(("train", "query", "gallery")) for i in range(3))
     assert max(shard_counts.values()) == 5
+    assert all(row["shard"].split("/")[0] == row["split"] for row in manifest)
     summary = json.loads((tmp_path / "out" / "ingest.json").read_text())
-    assert (summary["images"], summary["identities"], summary["cameras"], summary["shards"]) == (36, 5, 6, 8)
+    assert (summary["images"], summary["identities"], summary["cameras"], summary["shards"]) == (36, 5, 6, 9)
 
 
 def test_single_camera_videos_are_whole_and_contiguous(tmp_path):
@@ -165,7 +178,7 @@ def test_rerun_of_a_finished_ingest_changes_nothing(tmp_path):
     ingest(tmp_path / "src", tmp_path / "out", shard_max_count=3)
     before = snapshot(tmp_path / "out")
     result = ingest(tmp_path / "src", tmp_path / "out", shard_max_count=3)
-    assert result.shards_written == 0 and result.shards_skipped == 4
+    assert result.shards_written == 0 and result.shards_skipped == 6  # 4 images a split, 3 a shard: 2 a split
     assert snapshot(tmp_path / "out") == before  # bytes and modification times
 
 
@@ -181,21 +194,25 @@ def test_rerun_of_a_finished_ingest_does_not_start_ray(tmp_path, monkeypatch):
     monkeypatch.setattr(ingest_mod, "_run_ray", lambda plans, out_dir, cfg: started.append(len(plans)) or
                         ingest_mod._run_local(plans, out_dir))
     result = ingest(tmp_path / "src", tmp_path / "out", shard_max_count=3, workers=2)
-    assert started == [] and result.shards_written == 0 and result.shards_skipped == 4
+    assert started == [] and result.shards_written == 0 and result.shards_skipped == 6
     extra = tmp_path / "src" / "bounding_box_test" / "0099_c1s1_000001_00.jpg"
     extra.write_bytes(image_bytes(99))
     assert extra.name not in {p.name for p in images}
     result = ingest(tmp_path / "src", tmp_path / "out", shard_max_count=3, workers=2)
-    assert started == [5] and result.shards_written >= 1
+    assert started == [7] and result.shards_written >= 1  # the new gallery image: a 7th shard
 
 
 def _assert_no_partial_shard(out: Path) -> None:
     assert not (out / "manifest.parquet").exists()
-    for tar_path in out.glob("shard-*.tar"):  # every tar under a final name is complete
+    for split in ("train", "query", "gallery"):  # what a WebDataset reader is pointed at: finished tars only
+        if (out / split).exists():
+            assert all(p.name.startswith("shard-") and p.suffix == ".tar" for p in (out / split).iterdir())
+    for tar_path in out.glob("*/shard-*.tar"):  # every tar under a final name is complete
         report = InputReport()
         assert len(list(iter_tar_samples(tar_path, report))) > 0 and len(report) == 0
-    for manifest in out.glob("shard-*.parquet"):
-        assert read_shard_metadata(manifest.with_suffix(".tar")) is not None
+    for manifest in out.glob("manifests/*/shard-*.parquet"):
+        split = manifest.parent.name
+        assert read_shard_metadata(out / split / manifest.with_suffix(".tar").name, manifest) is not None
 
 
 def test_resume_after_a_crash_in_a_writer(tmp_path, monkeypatch):
@@ -216,12 +233,13 @@ def test_resume_after_a_crash_in_a_writer(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="injected"):
         ingest(tmp_path / "src", tmp_path / "out", shard_max_count=4)
     _assert_no_partial_shard(tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [  # the plan is written before any shard
-        "plan.parquet", "shard-000000.parquet", "shard-000000.tar", "shard-000001.parquet", "shard-000001.tar"]
+    assert files_of(tmp_path / "out") == [  # the plan is written before any shard
+        "manifests/train/shard-000000.parquet", "manifests/train/shard-000001.parquet", "plan.parquet",
+        "train/shard-000000.tar", "train/shard-000001.tar"]
 
     monkeypatch.setattr(ingest_mod, "image_problem", real)
     result = ingest(tmp_path / "src", tmp_path / "out", shard_max_count=4)
-    assert (result.shards_skipped, result.shards_written) == (2, 3)
+    assert (result.shards_skipped, result.shards_written) == (2, 4)
     same_output(tmp_path / "out", tmp_path / "clean")
 
 
@@ -245,13 +263,13 @@ def test_resume_after_sigkill(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(tmp_path / "src"), str(out)], cwd=REPO_ROOT,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     deadline = time.monotonic() + 120
-    while len(list(out.glob("shard-*.parquet"))) < 2:
+    while len(list(out.glob("manifests/*/shard-*.parquet"))) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, "ingest ended before it could be killed"
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     _assert_no_partial_shard(out)
-    assert 2 <= len(list(out.glob("shard-*.tar"))) < 6
+    assert 2 <= len(list(out.glob("*/shard-*.tar"))) < 6
 
     ingest(tmp_path / "src", tmp_path / "clean", shard_max_count=3)
     result = ingest(tmp_path / "src", out, shard_max_count=3)
@@ -384,7 +402,7 @@ def test_a_growing_source_rewrites_only_what_changed(tmp_path):
     ingest(tmp_path / "src", tmp_path / "out", shard_max_count=6)
     before = snapshot(tmp_path / "out")
     old_ids = {r["key"]: (r["pid"], r["camid"], r["video_id"]) for r in read_dataset_manifest(tmp_path / "out").to_pylist()}
-    old_shards = {name for name in before if name.startswith("shard-")}
+    old_shards = {name for name in before if is_shard(name)}
     assert len(old_shards) == 2 * len(frames)  # one tar + one parquet per video
 
     grown = {**frames, 4: 3}  # video 4 sorts between 3 and 5: its pids 40, 41 between 31 and 50
@@ -420,8 +438,8 @@ def test_new_images_of_a_multi_camera_source_go_to_new_shards(tmp_path):
     (tmp_path / "src" / "query" / "0002_c1s1_000778_01.jpg").write_bytes(image_bytes(778))
     result = ingest(tmp_path / "src", tmp_path / "out", shard_max_count=3)
     after = snapshot(tmp_path / "out")
-    assert result.shards_written == 1 and result.shards_skipped == 4
-    assert all(after[name] == before[name] for name in before if name.startswith("shard-"))
+    assert result.shards_written == 2 and result.shards_skipped == 6  # a new gallery and a new query shard
+    assert all(after[name] == before[name] for name in before if is_shard(name))
     ingest(tmp_path / "src", tmp_path / "fresh", shard_max_count=3)
     assert _contents(tmp_path / "out") == _contents(tmp_path / "fresh")
 
@@ -433,14 +451,14 @@ def test_an_unreadable_plan_file_means_a_fresh_plan(tmp_path):
     ingest(tmp_path / "src", tmp_path / "out", shard_max_count=3)
     (tmp_path / "out" / "plan.parquet").write_bytes(b"not parquet")
     result = ingest(tmp_path / "src", tmp_path / "out", shard_max_count=3)
-    assert result.shards_written == 0 and result.shards_skipped == 4
+    assert result.shards_written == 0 and result.shards_skipped == 6
     assert (tmp_path / "out" / "plan.parquet").read_bytes()[:4] == b"PAR1"
 
 
 def test_shard_plans_travel_as_compact_arrow_and_keep_their_digest():
     """A plan goes to its writer task as an Arrow IPC stream (not JSON rows), round-trips exactly
-    (None members, PNGs, several datasets), and keeps the digest earlier ingests stored in their
-    shards (sha1 of the sorted-key JSON rows), so their finished shards are still skipped."""
+    (None members, PNGs, several datasets, global ids), and its digest, stored in its shard, is the
+    sha1 of the sorted-key JSON rows."""
     import hashlib
     import json as _json
 
@@ -458,15 +476,17 @@ def test_shard_plans_travel_as_compact_arrow_and_keep_their_digest():
                      "frame": i if single else -1, "domain": "single" if single else "multi",
                      "source_pid": "" if i % 7 == 0 else str(i // 2), "source_camid": f"c{i % 6}",
                      "container": "/data/lup/lmdb" if single else f"/data/market/{i:04d}.png",
-                     "member": f"{i:08d}" if single else None, "ext": "jpg" if single else "png", "bytes": 1000 + i})
+                     "member": f"{i:08d}" if single else None, "ext": "jpg" if single else "png", "bytes": 1000 + i,
+                     "cls": -1 if i % 7 == 0 else 10**15 + i // 2})
     fields = ("key", "dataset", "split", "pid", "camid", "video_id", "tracklet_id", "frame", "domain",
               "source_pid", "source_camid")
     plan = ShardPlan.from_samples(7, [(Record(**{k: r[k] for k in fields}), ImageRef(r["container"], r["member"], r["ext"]), r["bytes"])
-                         for r in rows])
+                         for r in rows], [r["cls"] for r in rows])
     item = plan.to_item()
     assert item["index"] == 7 and isinstance(item["plan"], bytes)
     assert _pa.ipc.open_stream(item["plan"]).read_all().num_rows == len(rows)
     assert len(item["plan"]) < len(_json.dumps(rows).encode())
     back = ShardPlan.from_item(item)
     assert back.index == 7 and list(back.samples()) == list(plan.samples())
+    assert back.classes() == plan.classes() == [r["cls"] for r in rows]
     assert back.digest == plan.digest == hashlib.sha1(_json.dumps(rows, sort_keys=True).encode()).hexdigest()

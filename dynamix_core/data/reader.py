@@ -6,10 +6,10 @@
     batch = to_batch(samples, ViewTransform(TransformConfig(), "standard"), seed=epoch)
 
 The shard set is what ``dynamix ingest`` wrote: ``manifest.parquet`` (one row per image, with its
-``shard``) and the ``shard-NNNNNN.tar`` files, read sequentially, from a folder or an object-store
-URI (``s3://bucket/prefix``, see :mod:`dynamix_core.storage`). Pseudo-labels are never baked
-into shards (SPEC 1.1): a label table (parquet ``key, pid, version``) is joined at read time and
-its rows override ``pid``.
+``shard``, e.g. ``train/shard-000000.tar``, relative to the set) and the tars, read sequentially,
+from a folder or an object-store URI (``s3://bucket/prefix``, see :mod:`dynamix_core.storage`).
+Pseudo-labels are never baked into shards (SPEC 1.1): a label table (parquet ``key, pid, version``)
+is joined at read time and its rows override ``pid``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from dynamix_core import storage
 from dynamix_core.data.images import decode_image
 from dynamix_core.data.records import BadInputError, InputReport, Record
-from dynamix_core.data.shards import DATASET_SCHEMA, MANIFEST_NAME, iter_tar_samples
+from dynamix_core.data.shards import DATASET_SCHEMA, MANIFEST_NAME, iter_tar_samples, no_manifest_error
 from dynamix_core.data.transforms import ViewTransform, sample_generator
 
 #: integer record fields stacked into tensors by :func:`to_batch`
@@ -49,13 +49,11 @@ class Sample:
 
 
 def read_dataset_manifest(root: str | Path) -> pa.Table:
-    """``root/manifest.parquet`` (``root`` a folder or a URI), or a :class:`FileNotFoundError` saying
-    the ingest is unfinished (a :class:`~dynamix_core.storage.StorageError` when the bucket is missing)."""
+    """``root/manifest.parquet`` (``root`` a folder or a URI), or a :class:`FileNotFoundError`
+    (:func:`no_manifest_error`; a :class:`~dynamix_core.storage.StorageError` when the bucket is missing)."""
     path = storage.join(root, MANIFEST_NAME)
     if not storage.exists(path):
-        raise FileNotFoundError(
-            f"{path} not found: {root} is not a finished ingest (run or re-run `dynamix ingest --out {root}`)"
-        )
+        raise no_manifest_error(root)
     return storage.read_table(path, schema=DATASET_SCHEMA)
 
 

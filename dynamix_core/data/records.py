@@ -13,6 +13,7 @@ Two levels:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -32,11 +33,24 @@ RECORD_FIELDS = (
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]")
 
+#: the global identity of an image without one (unlabeled, or a data set's distractor)
+NO_IDENTITY = -1
+
 
 def make_key(*parts: object) -> str:
     """A dot-free sample key: WebDataset splits keys at the first dot, so dots (and any other
     character outside ``[A-Za-z0-9_-]``) become ``_``. ``make_key("market1501", "train", "0002_c1s1_000451_03")``."""
     return _KEY_BAD.sub("_", "_".join(str(p) for p in parts if p is not None and str(p) != ""))
+
+
+def global_identity(dataset: str, source_pid: str) -> int:
+    """The identity of ``(dataset, source_pid)`` across every shard set, however and wherever it was
+    ingested: the first 8 bytes of SHA-256 of ``"{dataset}/{source_pid}"`` (UTF-8) as a big-endian
+    integer, shifted right by 12 bits. 52 bits: non-negative, exact in int64, float64 and JSON, and
+    two of a million identities share one with probability about 1e-4 (ingest checks its own set).
+    This is the ``.cls`` member of a shard sample (SPEC 1.3); ``pid`` stays the set's own 0..N-1."""
+    digest = hashlib.sha256(f"{dataset}/{source_pid}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 12
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,21 +1,37 @@
 """WebDataset tar shards with parquet manifests (SPEC 1.3): writing, completeness checks, reading.
 
-One shard = ``shard-NNNNNN.tar`` holding ``<key>.jpg`` (or ``.png``, the bytes as stored) followed by
-``<key>.json`` (every :class:`Record` field) per sample, plus ``shard-NNNNNN.parquet``: one row per
-sample with the record fields, the image's extension, and the byte ``offset``/``size`` of its data
-inside the tar (random access without scanning). The parquet's schema metadata records the tar's
-size and what the writer was asked to write, so a later run can tell a finished shard from a stale
-or partial one.
+One shard = ``shard-NNNNNN.tar`` holding ``<key>.jpg`` (or ``.png``, the bytes as stored), then
+``<key>.json`` (every :class:`Record` field) and ``<key>.cls`` (the global identity, decimal, see
+:func:`~dynamix_core.data.records.global_identity`; -1 = none) per sample, plus its manifest
+``shard-NNNNNN.parquet``: one row per sample with the record fields, the image's extension, and the
+byte ``offset``/``size`` of its data inside the tar (random access without scanning). The parquet's
+schema metadata records the tar's size and what the writer was asked to write, so a later run can
+tell a finished shard from a stale or partial one.
+
+A shard set (what ``dynamix ingest`` writes) keeps the tars of each split alone in a folder of their
+own, so any WebDataset reader takes a split folder as it is (``ray.data.read_webdataset(ROOT/train)``,
+``webdataset.WebDataset(sorted(glob(ROOT/train/*.tar)))``), and everything else beside them::
+
+    ROOT/train/shard-000000.tar ...           ROOT/manifests/train/shard-000000.parquet ...
+    ROOT/query/shard-000007.tar ...           ROOT/manifests/query/shard-000007.parquet ...
+    ROOT/gallery/shard-000009.tar ...         ROOT/manifests/gallery/shard-000009.parquet ...
+    ROOT/manifest.parquet  ROOT/identities.parquet  ROOT/plan.parquet  ROOT/ingest.json
+
+Shard numbers run over the whole set (one series, each split a contiguous part of it on a fresh
+ingest). The dataset manifest's ``shard`` column names each tar relative to ``ROOT``
+(``train/shard-000000.tar``); a set written before the split folders (tars and their manifests in
+``ROOT`` itself, ``shard`` = ``shard-000000.tar``) reads the same way.
 
 The tar is plain ustar (PAX ``path`` records for names over 100 bytes), written and read by the
 small codec below rather than :mod:`tarfile`, whose per-member overhead is several times higher;
 ``tarfile`` and WebDataset read the shards unchanged (tests/test_shards.py).
 
-Writes are atomic: the tar and then the manifest go to temporary names in the same folder and are
-``os.replace``d into place, so a killed writer never leaves a partial file under a final name, and a
-manifest under its final name implies its tar is complete. A shard set can also live on an object
-store (``s3://bucket/prefix``, :mod:`dynamix_core.storage`): the tar is written to a local temporary
-file and uploaded whole, the manifest after it, and members are read with ranged GETs.
+Writes are atomic: the tar and then the manifest go to temporary names (the tar's in a folder of the
+writer's choosing on the same file system, the set's root for an ingest, so a split folder never
+holds one) and are ``os.replace``d into place, so a killed writer never leaves a partial file under a
+final name, and a manifest under its final name implies its tar is complete. A shard set can also
+live on an object store (``s3://bucket/prefix``, :mod:`dynamix_core.storage`): the tar is written to
+a local temporary file and uploaded whole, the manifest after it, and members are read with ranged GETs.
 """
 
 from __future__ import annotations
@@ -31,12 +47,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dynamix_core import storage
-from dynamix_core.data.records import RECORD_FIELDS, InputReport, Record
+from dynamix_core.data.records import RECORD_FIELDS, SPLITS, InputReport, Record
 
 IMAGE_EXTS = ("jpg", "png")
-#: the dataset-level files of a shard set: one row per image (written last), and the ingest summary
+#: the dataset-level files of a shard set: one row per image (written last), the ingest summary, and
+#: the identities with their global ids (``cls, dataset, source_pid, pid, images``)
 MANIFEST_NAME = "manifest.parquet"
 SUMMARY_NAME = "ingest.json"
+IDENTITIES_NAME = "identities.parquet"
+#: the folder of a shard set that holds the per-shard manifests (by split, as the tars)
+MANIFESTS_DIR = "manifests"
 TMP_MARK = ".tmp-"  # temporary files are ``.<final name>.tmp-<pid>``
 BLOCK = 512  # tar block size
 _IO_BUFFER = 4 * 2**20  # shard reads and writes are sequential: large buffered I/O
@@ -53,9 +73,53 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
 
+def shard_relpath(split: str, index: int) -> str:
+    """Where shard ``index`` of ``split`` lies in a shard set: ``train/shard-000042.tar``."""
+    return f"{split}/{shard_name(index)}"
+
+
 def shard_manifest_path(tar_path: str | Path) -> str | Path:
-    """The per-shard parquet manifest next to ``tar_path`` (a path or a URI)."""
+    """The per-shard parquet manifest next to ``tar_path`` (a path or a URI), where a lone shard (and
+    a shard set written before the split folders) keeps it."""
     return storage.with_suffix(tar_path, ".parquet")
+
+
+def set_shard_paths(root: str | Path, relpath: str) -> tuple[str | Path, str | Path]:
+    """``(tar, manifest)`` of the shard at ``relpath`` (the dataset manifest's ``shard``) of the set at
+    ``root``: ``ROOT/train/shard-N.tar`` and ``ROOT/manifests/train/shard-N.parquet``; for a flat name
+    (a set written before the split folders) the manifest beside the tar. Paths stay Paths locally."""
+    tar = storage.join(root, relpath) if storage.is_remote(root) else Path(root) / relpath
+    if "/" not in relpath:
+        return tar, shard_manifest_path(tar)
+    manifest = storage.with_suffix(relpath, ".parquet")
+    return tar, (storage.join(root, MANIFESTS_DIR, manifest) if storage.is_remote(root)
+                 else Path(root) / MANIFESTS_DIR / manifest)
+
+
+def shard_sizes(root: str | Path, relpaths: Iterable[str]) -> dict[str, int]:
+    """``relpath -> bytes`` of the shards of the set at ``root`` that exist, listing each folder once
+    (one LIST per folder on an object store, not a request per shard)."""
+    out: dict[str, int] = {}
+    by_folder: dict[str, list[str]] = {}
+    for rel in relpaths:
+        folder, _, _ = rel.rpartition("/")
+        by_folder.setdefault(folder, []).append(rel)
+    for folder, rels in by_folder.items():
+        sizes = storage.listdir(storage.join(root, folder) if folder else root)
+        out.update({rel: sizes[storage.name(rel)] for rel in rels if storage.name(rel) in sizes})
+    return out
+
+
+def no_manifest_error(root: str | Path) -> FileNotFoundError:
+    """The one-line error for a ``root`` without ``manifest.parquet``: a split folder of a shard set
+    (``ROOT/train``, what WebDataset readers take) is named as such, anything else is an unfinished ingest."""
+    text = str(root).rstrip("/")
+    parent = text.rpartition("/")[0] if storage.is_remote(text) else str(Path(text).parent)
+    if storage.name(text) in SPLITS and parent and storage.exists(storage.join(parent, MANIFEST_NAME)):
+        return FileNotFoundError(f"{root} is the {storage.name(text)!r} split folder of the shard set {parent}; "
+                                 f"pass the set's folder ({parent}) instead")
+    return FileNotFoundError(f"{storage.join(root, MANIFEST_NAME)} not found: {root} is not a finished ingest "
+                             f"(run or re-run `dynamix ingest --out {root}`)")
 
 
 def tmp_path(final: Path) -> Path:
@@ -135,26 +199,30 @@ class ShardInfo:
 
 
 class ShardWriter:
-    """Writes one shard at ``tar_path`` (and its manifest) atomically.
+    """Writes one shard at ``tar_path`` (and its manifest, by default beside it) atomically.
 
         with ShardWriter(path) as writer:
-            for record, data, ext in samples:
-                writer.add(record, data, ext)
+            for record, data, ext, cls in samples:
+                writer.add(record, data, ext, cls)
             info = writer.commit({"plan_digest": digest})
 
     Nothing appears under the final names before :meth:`commit`; leaving the block without
-    committing (an exception) deletes the temporary tar. For an object-store ``tar_path`` the tar
+    committing (an exception) deletes the temporary tar, which is written in ``tmp_dir`` (default:
+    the tar's folder; it must be on the same file system). For an object-store ``tar_path`` the tar
     is built in a local temporary file and uploaded whole by :meth:`commit`."""
 
-    def __init__(self, tar_path: str | Path):
+    def __init__(self, tar_path: str | Path, manifest_path: str | Path | None = None,
+                 tmp_dir: str | Path | None = None):
         self.remote = storage.is_remote(tar_path)
         self.tar_path = tar_path if self.remote else Path(tar_path)
+        self.manifest_path = manifest_path if manifest_path is not None else shard_manifest_path(self.tar_path)
         if self.remote:
             fd, tmp = tempfile.mkstemp(prefix=f".{storage.name(tar_path)}{TMP_MARK}", suffix=".tar")
             os.close(fd)
             self._tmp = Path(tmp)
         else:
-            self._tmp = tmp_path(self.tar_path)
+            self.tar_path.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = tmp_path(self.tar_path if tmp_dir is None else Path(tmp_dir) / self.tar_path.name)
         self._fh = open(self._tmp, "wb", buffering=_IO_BUFFER)
         self._offset = 0
         self._rows: list[dict] = []
@@ -177,14 +245,17 @@ class ShardWriter:
         self._offset = data_offset + len(data) + -len(data) % BLOCK
         return data_offset
 
-    def add(self, record: Record, data: bytes, ext: str) -> None:
-        """Append ``<key>.<ext>`` (the image bytes as given) and ``<key>.json`` (the record)."""
+    def add(self, record: Record, data: bytes, ext: str, cls: int | None = None) -> None:
+        """Append ``<key>.<ext>`` (the image bytes as given), ``<key>.json`` (the record) and, given
+        ``cls``, ``<key>.cls`` (the global identity as a decimal number, WebDataset's label member)."""
         if ext not in IMAGE_EXTS:
             raise ValueError(f"{record.key}: image extension {ext!r} is not one of {IMAGE_EXTS}")
         row = record_row(record)
         offset = self._write_member(f"{record.key}.{ext}", data)
         self._rows.append({**row, "ext": ext, "offset": offset, "size": len(data)})
         self._write_member(f"{record.key}.json", json.dumps(row, sort_keys=True).encode())
+        if cls is not None:
+            self._write_member(f"{record.key}.cls", str(int(cls)).encode())
 
     def commit(self, metadata: dict[str, str]) -> ShardInfo:
         """Move the tar into place, then write the manifest (the completion mark) with
@@ -202,14 +273,16 @@ class ShardWriter:
         table = pa.Table.from_pylist(self._rows, schema=SHARD_SCHEMA).replace_schema_metadata(
             {**metadata, "tar_bytes": str(tar_bytes), "num_samples": str(len(self._rows))}
         )
-        write_table_atomic(table, shard_manifest_path(self.tar_path))
+        if not storage.is_remote(self.manifest_path):
+            Path(self.manifest_path).parent.mkdir(parents=True, exist_ok=True)
+        write_table_atomic(table, self.manifest_path)
         return ShardInfo(self.tar_path, len(self._rows), tar_bytes)
 
 
-def read_shard_metadata(tar_path: str | Path) -> dict[str, str] | None:
-    """The metadata a finished shard was written with, or ``None`` when its manifest is missing
-    or its tar is missing or of a different size than the manifest records (a stale pair)."""
-    manifest = shard_manifest_path(tar_path)
+def read_shard_metadata(tar_path: str | Path, manifest: str | Path | None = None) -> dict[str, str] | None:
+    """The metadata a finished shard was written with, or ``None`` when its manifest (default: beside
+    it) is missing or its tar is missing or of a different size than the manifest records (a stale pair)."""
+    manifest = shard_manifest_path(tar_path) if manifest is None else manifest
     if not storage.exists(manifest) or not storage.exists(tar_path):
         return None
     raw = storage.read_schema(manifest).metadata or {}
@@ -219,9 +292,10 @@ def read_shard_metadata(tar_path: str | Path) -> dict[str, str] | None:
     return meta
 
 
-def read_shard_manifest(tar_path: str | Path) -> pa.Table:
-    """The per-shard manifest table (without schema metadata)."""
-    return storage.read_table(shard_manifest_path(tar_path), schema=SHARD_SCHEMA).replace_schema_metadata(None)
+def read_shard_manifest(tar_path: str | Path, manifest: str | Path | None = None) -> pa.Table:
+    """The per-shard manifest table (without schema metadata); ``manifest`` default: beside the tar."""
+    manifest = shard_manifest_path(tar_path) if manifest is None else manifest
+    return storage.read_table(manifest, schema=SHARD_SCHEMA).replace_schema_metadata(None)
 
 
 # ---------------------------------------------------------------------------------------------- read
@@ -346,7 +420,7 @@ def _iter_tar_members(fh) -> Iterator[tuple[str, bool, bytes]]:
             long_name = None
 
 
-_MEMBER_EXTS = (*IMAGE_EXTS, "json")
+_MEMBER_EXTS = (*IMAGE_EXTS, "json", "cls")  # the record is the json; the cls (global identity) is for other readers
 
 
 def _sample_key(name: str) -> tuple[str, str]:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dynamix_core import storage
+from dynamix_core.atomic import fsync_dir, give_default_mode
 
 #: How many missing / unexpected / mismatched keys an error message lists before "... and N more".
 MAX_LISTED_KEYS = 10
@@ -124,15 +125,18 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True, str
 
 
 def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
-    """Write ``state`` to ``path`` as safetensors, crash-safe (temporary file, fsync, rename)."""
+    """Write ``state`` to ``path`` as safetensors, crash-safe (temporary file, fsync, rename), with the
+    mode of any other file (not the 0600 safetensors gives its files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
+    give_default_mode(tmp)  # safetensors creates its files 0600
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:

@@ -29,7 +29,7 @@ def inspect_shard_set(root: str | Path, label_files: list[str | Path]) -> dict:
 
     from dynamix_core import storage
     from dynamix_core.data.reader import read_dataset_manifest
-    from dynamix_core.data.shards import SUMMARY_NAME
+    from dynamix_core.data.shards import SUMMARY_NAME, shard_sizes
 
     manifest = read_dataset_manifest(root)
 
@@ -48,13 +48,13 @@ def inspect_shard_set(root: str | Path, label_files: list[str | Path]) -> dict:
                        "cameras": distinct(part, "camid"), "videos": distinct(part, "video_id")})
 
     shard_names = list(dict.fromkeys(manifest.column("shard").to_pylist()))
-    sizes = storage.listdir(root)  # one listing, not a request per shard on an object store
+    sizes = shard_sizes(root, shard_names)  # a listing per split folder, not a request per shard on an object store
     missing = [name for name in shard_names if name not in sizes]
     if missing:
         raise FileNotFoundError(f"{root}: shards {missing[:3]} of its manifest are missing; re-run the ingest")
     shard_bytes = sorted(sizes[name] for name in shard_names)
     summary_path = storage.join(root, SUMMARY_NAME)
-    ingest = json.loads(storage.read_bytes(summary_path)) if SUMMARY_NAME in sizes else {}
+    ingest = json.loads(storage.read_bytes(summary_path)) if storage.exists(summary_path) else {}
 
     label_dir = storage.join(root, LABELS_DIR)
     tables = [storage.join(label_dir, n) for n in sorted(storage.listdir(label_dir)) if n.endswith(".parquet")]

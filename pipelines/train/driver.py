@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from dynamix_core.config import dump_yaml, to_dict
 from pipelines.job import RunFolder, open_tracker
 from pipelines.ray_cluster import require_resources, training_demands
 from pipelines.train.config import TrainConfig
-from pipelines.train.run_files import fsync_dir, load_tensors, local_run_dir, read_jsonl, write_atomic
+from pipelines.train.run_files import load_tensors, local_run_dir, read_jsonl, write_atomic
 
 log = logging.getLogger("dynamix.train")
 
@@ -390,17 +389,12 @@ def _export_momentum(checkpoint, run_dir: Path | str, local_dir: Path) -> Path:
     """The deployable model: the momentum encoder's weights as safetensors, written in the local
     folder of the run (its run folder, when local) and uploaded whole to a run on an object store
     (Ray downloads the checkpoint from there first); returns the local file."""
-    from safetensors.torch import save_file
+    from dynamix_core.model import save_state_dict
 
     with checkpoint.as_directory() as d:
         state = load_tensors(Path(d) / "trainer.pt")["momentum"]
-    out = local_dir / WEIGHTS_FILE
-    tmp = out.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, out)
-    fsync_dir(local_dir)
+    out = Path(local_dir) / WEIGHTS_FILE
+    save_state_dict(state, out)
     if storage.is_remote(run_dir):
         storage.upload_file(out, storage.join(run_dir, WEIGHTS_FILE))
     return out

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from dynamix_core import storage
 from dynamix_core.data.run_index import videos_path
-from dynamix_core.data.shards import MANIFEST_NAME
+from dynamix_core.data.shards import MANIFEST_NAME, no_manifest_error
 
 #: rows per parquet row group of the index: a trainer reading one video reads about this many rows
 INDEX_ROW_GROUP = 4096
@@ -58,8 +58,7 @@ class IndexInfo:
 def _manifest_batches(root: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
     path = storage.join(root, MANIFEST_NAME)
     if not storage.exists(path):
-        raise FileNotFoundError(
-            f"{path} not found: {root} is not a finished ingest (run or re-run `dynamix ingest --out {root}`)")
+        raise no_manifest_error(root)
     with storage.open_random(path) as fh:
         pf = pq.ParquetFile(fh)
         missing = sorted(set(columns) - set(pf.schema_arrow.names))

@@ -22,7 +22,7 @@ from dynamix_core.data.parsers._common import unique_sorted
 from dynamix_core.data.parsers.detect import detect_format, detect_format_why
 from dynamix_core.data.parsers.luperson import parse_luperson, parse_luperson_nl
 from dynamix_core.data.parsers.manifest import parse_manifest
-from dynamix_core.data.parsers.market import parse_cuhk03np, parse_dukemtmc, parse_market1501
+from dynamix_core.data.parsers.market import MARKET1501, parse_cuhk03np, parse_dukemtmc, parse_market1501
 from dynamix_core.data.parsers.msmt17 import parse_msmt17
 from dynamix_core.data.parsers.randperson import parse_randperson
 from dynamix_core.data.records import BadInputError, InputReport, RawSample
@@ -44,7 +44,10 @@ FORMATS: dict[str, ParserFn] = {
     "manifest": parse_manifest,
 }
 
-__all__ = ["FORMATS", "ParserFn", "detect_format", "detect_format_why", "format_options", "parse_source",
+#: format -> the source pid its data sets give distractors: images of no identity (``.cls`` -1)
+DISTRACTOR_PIDS: dict[str, str] = {"market1501": MARKET1501.distractor_pid}
+
+__all__ = ["DISTRACTOR_PIDS", "FORMATS", "ParserFn", "detect_format", "detect_format_why", "format_options", "parse_source",
            "parse_source_table"]
 
 
