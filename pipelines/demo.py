@@ -168,7 +168,7 @@ def run_demo(out: Path, *, recipe: str | None = None, overrides: list[str] = (),
         summary["mAP_minus_colour_points"] = 100.0 * (summary["mAP"] - refs["colour_hist_mAP"])
     summary.update(label_quality(result.run_dir))
     registry = {}
-    tracking_uri = cfg.tracking.uri or f"sqlite:///{result.run_dir / 'mlflow.db'}"
+    tracking_uri = result.tracking_uri  # the store the run logged to (tracking.uri, MLFLOW_TRACKING_URI or its own)
     if register and result.weights_path is not None:
         registry = register_and_promote(result.weights_path, cfg, result.mlflow_run_id, tracking_uri, out, result.metrics)
     summary["wall_minutes"] = (time.perf_counter() - t0) / 60

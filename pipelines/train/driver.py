@@ -46,6 +46,7 @@ class TrainResult:
     mlflow_run_id: str | None
     labeling: dict = field(default_factory=dict)
     registered: str | None = None  # what tracking.registered_model registration did (one line)
+    tracking_uri: str | None = None  # where the run's MLflow records (and registrations) went
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -274,7 +275,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         from pipelines.train.registration import register_trained
 
         registered = register_trained(cfg, weights_path, tracking_uri, tracker.run_id, metrics)
-    return TrainResult(run_dir, metrics, history, weights_path, tracker.run_id, labeling, registered)
+    return TrainResult(run_dir, metrics, history, weights_path, tracker.run_id, labeling, registered, tracking_uri)
 
 
 def _ray_storage(root: Path | str) -> dict:
