@@ -6,7 +6,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test bench install clean help manifests
+.PHONY: demo test test-fast bench install clean help manifests
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -26,6 +26,9 @@ demo: $(STAMP)  ## synthesize SynthReID, ingest it, train + evaluate DynaMix on 
 
 test: $(STAMP)  ## run the whole test suite (CPU)
 	$(VPY) -m pytest -q --durations=30
+
+test-fast: $(STAMP)  ## the tests that start no Ray and are not long scenarios (a few minutes)
+	$(VPY) -m pytest -q -m "not ray and not slow" --durations=10
 
 bench: $(STAMP)  ## run every benchmark; each prints its ratio against a reference measured in the same run
 	$(VPY) benchmarks/run_all.py

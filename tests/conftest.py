@@ -44,6 +44,30 @@ def init_local_ray(env_vars: dict[str, str] | None = None) -> None:
              configure_logging=False, runtime_env={"env_vars": env_vars} if env_vars else None)
 
 
+#: fixtures that start Ray (or a cluster): a test using one is in the ``ray`` tier
+RAY_FIXTURES = {"ray_local", "box", "train_job", "ray_head"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that use a Ray fixture carry the ``ray`` marker, so ``make test-fast`` (-m "not ray and
+    not slow") leaves them out without each file having to say so."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _ray_tests_are_marked(request):
+    """A test that starts Ray in this process without the ``ray`` marker fails: the fast tier would
+    otherwise pay for a Ray instance (seconds and a GB) it does not know about."""
+    ray = sys.modules.get("ray")
+    before = ray is not None and ray.is_initialized()
+    yield
+    ray = sys.modules.get("ray")
+    if not before and ray is not None and ray.is_initialized() and request.node.get_closest_marker("ray") is None:
+        pytest.fail(f"{request.node.nodeid} started Ray: mark it (pytestmark = pytest.mark.ray) or use the ray_local fixture")
+
+
 @pytest.fixture(autouse=True)
 def _isolate_mlflow_env():
     """mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI into the process environment; without
