@@ -164,20 +164,19 @@ def test_a_crash_part_way_through_a_merge_loses_nothing_and_the_next_collect_fin
     dense.publish(6, ids, np.full((4, D), 6, np.float32), [1, 2, 3, 4])
     store.collect(6)
     store.write(7, rows=[0], pids_after=np.zeros(ROWS, np.int32), parent=6, step=7)
-    real, calls = lt._atomic_bytes, []
+    real = lt._atomic_bytes
 
-    def fail_second_partition(path, data):
-        calls.append(path)
-        if len(calls) == 2:
+    def fail_one_partition(path, data):
+        if str(path).endswith("p0000005.npz"):
             raise OSError("disk full")
         real(path, data)
 
     store.write(8, rows=[0], pids_after=np.zeros(ROWS, np.int32), parent=7, step=8)
-    monkeypatch.setattr(lt, "_atomic_bytes", fail_second_partition)
+    monkeypatch.setattr(lt, "_atomic_bytes", fail_one_partition)
     with pytest.raises(OSError, match="disk full"):
-        store.collect(8)  # retires version 6: one partition written, then the crash
+        store.collect(8)  # retires version 6: partition 5 fails, the others may have been written
     monkeypatch.setattr(lt, "_atomic_bytes", real)
-    assert calls[0].endswith("p0000000.npz") and store.base_version() == 5
+    assert store.base_version() == 5
     assert (tmp_path / "v00000006.centroids.npz").exists()
     for held in (None, 5):
         got = LabelStore(tmp_path, partition_ids=P).centroids_between(held, 8)

@@ -48,6 +48,7 @@ import re
 import time
 import warnings
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
@@ -62,6 +63,7 @@ BASE_DIR = "centroids-base"
 MANIFEST_FILE = "manifest.json"
 LEGACY_BASE_FILE = "centroids-base.npz"  # one whole K x D file (stores written before partitions)
 PARTITION_IDS = 256
+MERGE_THREADS = 8  # partitions merged at once (their I/O overlaps)
 
 
 class LabelStoreError(RuntimeError):
@@ -296,8 +298,8 @@ class LabelStore:
         part = ids // size
         order = np.argsort(part, kind="stable")
         bounds = np.flatnonzero(np.r_[True, part[order][1:] != part[order][:-1], True])
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            sel = order[a:b]
+
+        def merge(sel: np.ndarray) -> tuple[int, list[int]]:
             p = int(part[sel[0]])
             parts = [(ids[sel], rows[sel], videos[sel], np.full(len(sel), version, np.int64))]
             if p in manifest["partitions"]:
@@ -307,7 +309,12 @@ class LabelStore:
             m_ids, m_rows, m_videos, m_versions = _merge_parts(parts, self.root)
             _atomic_npz(self.partition_path(p), ids=m_ids, centroids=m_rows.astype(np.float32, copy=False),
                         videos=m_videos, version=m_versions)
-            manifest["partitions"][p] = [int(m_versions.max()), len(m_ids)]
+            return p, [int(m_versions.max()), len(m_ids)]
+
+        # partitions are independent files: their reads, writes and fsyncs (or uploads) overlap
+        with ThreadPoolExecutor(max_workers=MERGE_THREADS) as pool:
+            done = list(pool.map(merge, [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]))
+        manifest["partitions"].update(dict(done))
         manifest["base_version"] = max(int(manifest["base_version"]), version)
         self._write_manifest(manifest)
 
