@@ -22,6 +22,27 @@ Figures (JSON, with the targets of issue 13 at 10M rows):
 * ``store_rss_mb``: the store actor's resident memory at the end (Ray worker baseline included);
 * ``reference_*``: the design this replaces, one full parquet table (key, pid, version) per
   version, written and read once here at the same size.
+
+At the identity scale (issue 28: ``--ids``, e.g. ``--rows 10000000 --ids 1000000``) a base of
+``--ids`` published identities (ids 0 .. ids-1, ``--dim`` floats each) is written and merged into
+the centroid base before the store actor starts (in a child process, through ``LabelStore``), and
+the JSON also has:
+
+* ``merge_commit_s``: median seconds of a commit that retires a centroid file (merges it into the base);
+* ``lagging_switch_s``: a trainer 9 versions behind (rank 0 of a sharded bank over 8) moving to the latest;
+* ``restart_s``: a trainer's start from a checkpoint that pinned a version 5 versions back: the
+  checkpoint version's whole table (labels only: the bank comes from the checkpoint), then the
+  labels and centroids newer than it (rank 0 of 8); ``full_start_s``: a trainer with no checkpoint
+  (the whole table and its eighth of every published centroid), measured after the peaks below;
+* ``store_peak_mb``: the store actor's peak RSS after the base is published (it starts on it);
+* ``trainer_peak_mb``: this process's peak RSS (it plays the trainer; Ray's driver baseline included);
+* ``centroid_disk_mb_per_version``: the centroid file a version adds plus the base's growth per
+  version; ``centroid_written_mb_per_version``: bytes written for centroids per version (file,
+  rewritten partitions and manifest);
+* ``reference_merge_commit_s``: the replaced design's merge (read the whole K x D
+  ``centroids-base.npz``, merge one retired file into it, write it whole) at
+  ``reference_ids = min(--ids, --reference-ids)`` identities, in a child process
+  (``reference_merge_peak_mb``: its peak RSS).
 """
 
 from __future__ import annotations
@@ -44,6 +65,81 @@ IMAGES_PER_VIDEO = 480
 IDS_PER_VIDEO = 20
 RELABEL_VIDEOS = 256
 TARGETS = {"commit_s": 1.0, "switch_s": 0.2, "trainer_label_mb": 100.0, "version_disk_mb": 5.0, "store_rss_mb": 1536.0}
+#: issue 28's goals at --rows 10000000 --ids 1000000
+ID_TARGETS = {"merge_commit_s": 2.0, "lagging_switch_s": 2.0, "restart_s": 5.0, "store_peak_mb": 2000.0,
+              "trainer_peak_mb": 1000.0, "centroid_disk_mb_per_version": 20.0}
+SEED_CHUNK = 65_536  # identities per seeding version
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def seed_base(root: str, pids: np.ndarray, ids: int, dim: int, out) -> None:
+    """Version 0 (tracker labels) and ``ids`` identities published and merged into the centroid base
+    (child process: the trainer's peak RSS stays its own)."""
+    from dynamix_core.labeling import LabelStore
+
+    rng = np.random.default_rng(1)
+    store = LabelStore(root, keep_versions=1)
+    store.write(0, rows=np.zeros(0, np.int64), pids_after=pids, parent=None, step=0,
+                record={"num_identities": max(ids, int(pids.max()) + 1)})
+    version = 0
+    t0 = time.perf_counter()
+    for lo in range(0, ids, SEED_CHUNK):
+        chunk = np.arange(lo, min(ids, lo + SEED_CHUNK), dtype=np.int64)
+        version += 1
+        store.write(version, rows=np.zeros(0, np.int64), pids_after=pids, parent=version - 1, step=version,
+                    centroids=(chunk, rng.normal(size=(len(chunk), dim)).astype(np.float32), chunk // IDS_PER_VIDEO),
+                    record={"num_identities": max(ids, int(pids.max()) + 1)})
+    version += 1  # one version without centroids, so that every seeding file is merged
+    store.write(version, rows=np.zeros(0, np.int64), pids_after=pids, parent=version - 1, step=version,
+                record={"num_identities": max(ids, int(pids.max()) + 1)})
+    store.collect(version)
+    out.put({"seed_s": time.perf_counter() - t0, "seed_versions": version, "seed_peak_mb": peak_rss_mb()})
+
+
+def reference_merge(ids: int, dim: int, retired: int, tmp: str, out) -> None:
+    """The replaced design (child process): one whole ``centroids-base.npz`` of ``ids`` identities;
+    a commit that retires a centroid file of ``retired`` identities reads it, merges, writes it whole."""
+    import io
+
+    from dynamix_core import storage
+    from dynamix_core.labeling.label_table import merge_newest
+
+    rng = np.random.default_rng(2)
+    path = str(Path(tmp) / "reference-centroids-base.npz")
+    np.savez(path, ids=np.arange(ids, dtype=np.int64), centroids=rng.normal(size=(ids, dim)).astype(np.float32),
+             videos=np.arange(ids) // IDS_PER_VIDEO, version=np.zeros(ids, np.int64), base_version=np.array(0))
+    new_ids = np.sort(rng.choice(ids, size=min(ids, retired), replace=False))
+    new = (new_ids, rng.normal(size=(len(new_ids), dim)).astype(np.float32), new_ids // IDS_PER_VIDEO)
+    t0 = time.perf_counter()
+    base = np.load(path)
+    base = {k: base[k] for k in base.files}
+    merged = merge_newest(np.concatenate([base["ids"], new[0]]), np.concatenate([base["centroids"], new[1]]),
+                          np.concatenate([base["videos"], new[2]]),
+                          np.concatenate([base["version"], np.ones(len(new_ids), np.int64)]))
+    buf = io.BytesIO()
+    np.savez(buf, ids=merged[0], centroids=merged[1].astype(np.float32), videos=merged[2], version=merged[3],
+             base_version=np.array(1))
+    storage.write_bytes_atomic(path, buf.getvalue())
+    out.put({"reference_merge_commit_s": time.perf_counter() - t0, "reference_merge_peak_mb": peak_rss_mb(),
+             "reference_ids": ids})
+    Path(path).unlink()
+
+
+def in_child(target, *args) -> dict:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
 
 
 def tracker_labels(rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +170,12 @@ def reference_full_table(rows: int, tmp: Path) -> dict:
             "reference_trainer_label_mb": dict_mb}
 
 
-def run(rows: int, rounds: int, dim: int, seed: int = 0) -> dict:
+def base_bytes(root: Path) -> int:
+    folder = root / "centroids-base"
+    return sum(p.stat().st_size for p in folder.iterdir()) if folder.is_dir() else 0
+
+
+def run(rows: int, rounds: int, dim: int, seed: int = 0, ids: int = 0, reference_ids: int = 200_000) -> dict:
     import ray
 
     from services.label_store import get_or_create_store
@@ -83,17 +184,25 @@ def run(rows: int, rounds: int, dim: int, seed: int = 0) -> dict:
     video, pids = tracker_labels(rows)
     num_videos = int(video[-1]) + 1
     tmp = Path(tempfile.mkdtemp(prefix="bench-labels-"))
+    root = tmp / "labels"
+    seeded = {}
+    if ids:
+        t0 = time.perf_counter()
+        seeded = in_child(seed_base, str(root), pids, ids, dim)
+        seeded["seed_total_s"] = time.perf_counter() - t0
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=False)
-    store = get_or_create_store(f"bench-{uuid.uuid4().hex[:8]}", str(tmp / "labels"))
+    store = get_or_create_store(f"bench-{uuid.uuid4().hex[:8]}", str(root))
     try:
         t0 = time.perf_counter()
-        ray.get(store.initialise.remote(pids))
+        ray.get(store.initialise.remote(pids))  # a no-op on a seeded store
         init_s = time.perf_counter() - t0
-        delta = ray.get(store.changes_since.remote(None))  # a trainer's start: the whole table
+        delta = ray.get(store.changes_since.remote(None, with_centroids=not ids))  # a trainer's start: the whole table
         labels = delta.apply(None)
-        held_version = delta.version
-        next_id = int(pids.max()) + 1
+        held_version = first_version = delta.version
+        next_id = max(int(pids.max()) + 1, ids)
         commit_s, switch_s, other_rank_s, delta_mb, cent_mb, snap_mb = [], [], [], [], [], []
+        merge_s, base_growth, written_mb, published = [], [], [], []
+        lag_at, lag_labels, ckpt_at = None, None, None
         for r in range(rounds):
             chosen = rng.choice(num_videos, size=min(RELABEL_VIDEOS, num_videos), replace=False)
             sel = np.concatenate([np.arange(v * IMAGES_PER_VIDEO, min(rows, (v + 1) * IMAGES_PER_VIDEO)) for v in chosen])
@@ -102,18 +211,28 @@ def run(rows: int, rounds: int, dim: int, seed: int = 0) -> dict:
             local = np.searchsorted(chosen[np.argsort(chosen)], video[sel])  # 0..255 per chosen video
             new[moved] = next_id + 2 * local[moved] + rng.integers(0, 2, size=int(moved.sum()))
             next_id += 2 * len(chosen)
-            ids, first = np.unique(new, return_index=True)
-            cents = rng.normal(size=(len(ids), dim)).astype(np.float32)
+            ids_v, first = np.unique(new, return_index=True)
+            cents = rng.normal(size=(len(ids_v), dim)).astype(np.float32)
+            published.append(len(ids_v))
+            base_before = base_bytes(root)
+            files_before = {p.name: p.stat().st_mtime_ns for p in (root / "centroids-base").glob("*")} \
+                if (root / "centroids-base").is_dir() else {}
             t0 = time.perf_counter()
-            version = ray.get(store.commit.remote(sel, new, step=100 * (r + 1), centroid_ids=ids, centroids=cents,
+            version = ray.get(store.commit.remote(sel, new, step=100 * (r + 1), centroid_ids=ids_v, centroids=cents,
                                                   centroid_videos=video[sel][first]))
-            commit_s.append(time.perf_counter() - t0)
-            root = tmp / "labels"
+            took = time.perf_counter() - t0
+            commit_s.append(took)
+            base_growth.append(base_bytes(root) - base_before)
+            rewritten = sum(p.stat().st_size for p in (root / "centroids-base").glob("*")
+                            if files_before.get(p.name) != p.stat().st_mtime_ns) if (root / "centroids-base").is_dir() else 0
+            if rewritten:  # this commit merged a retired centroid file into the base
+                merge_s.append(took)
             delta_mb.append((root / f"v{version:08d}.delta.npz").stat().st_size / 2**20)
             snap = root / f"v{version:08d}.snap.npy"
             snap_mb.append(snap.stat().st_size / 2**20 if snap.is_file() else 0.0)
             cent = root / f"v{version:08d}.centroids.npz"
             cent_mb.append(cent.stat().st_size / 2**20 if cent.is_file() else 0.0)
+            written_mb.append(cent_mb[-1] + rewritten / 2**20)
             t0 = time.perf_counter()
             delta = ray.get(store.changes_since.remote(held_version, until=version, rank=0, world_size=8, sharded=True))
             labels = delta.apply(labels)
@@ -122,12 +241,44 @@ def run(rows: int, rounds: int, dim: int, seed: int = 0) -> dict:
             ray.get(store.changes_since.remote(held_version, until=version, rank=1, world_size=8, sharded=True)).labels()
             other_rank_s.append(time.perf_counter() - t0)
             held_version = version
+            if r == rounds - 10:  # a trainer that stops moving here: 9 versions behind at the end
+                lag_at, lag_labels = version, labels.copy()
+            if r == rounds - 6:  # a checkpoint written here pins its version
+                ckpt_at = version
+                ray.get(store.pin.remote(version, 2))
+        ident = {}
+        if ids:
+            t0 = time.perf_counter()
+            d = ray.get(store.changes_since.remote(lag_at, until=held_version, rank=0, world_size=8, sharded=True))
+            lagged = d.apply(lag_labels)
+            ident["lagging_switch_s"] = time.perf_counter() - t0
+            ident["lagging_full"] = bool(d.full)
+            np.testing.assert_array_equal(lagged, labels)
+            del lagged, lag_labels, d
+            t0 = time.perf_counter()  # LabelClient.resume, then its first poll
+            restarted = ray.get(store.changes_since.remote(None, until=ckpt_at, with_centroids=False)).apply(None)
+            d = ray.get(store.changes_since.remote(ckpt_at, until=held_version, rank=0, world_size=8, sharded=True))
+            restarted = d.apply(restarted)
+            ident["restart_s"] = time.perf_counter() - t0
+            ident["restart_centroids"] = int(len(d.centroid_ids))
+            np.testing.assert_array_equal(restarted, labels)
+            del restarted, d
+            ident["store_peak_mb"] = ray.get(store.resources.remote())["peak_rss_mb"]
+            ident["trainer_peak_mb"] = peak_rss_mb()
+            t0 = time.perf_counter()  # a trainer with no checkpoint: every published centroid of its shard
+            d = ray.get(store.changes_since.remote(None, rank=0, world_size=8, sharded=True))
+            d.apply(None)
+            ident["full_start_s"] = time.perf_counter() - t0
+            ident["full_start_centroids"] = int(len(d.centroid_ids))
+            del d
+            ident["full_start_store_peak_mb"] = ray.get(store.resources.remote())["peak_rss_mb"]
+            ident["full_start_trainer_peak_mb"] = peak_rss_mb()
         resources = ray.get(store.resources.remote())
         truth = pids.copy()
-        final = ray.get(store.changes_since.remote(None)).apply(None)
+        final = ray.get(store.changes_since.remote(None, with_centroids=not ids)).apply(None)
         np.testing.assert_array_equal(final, labels)  # the trainer's array equals the store's table
         snapshot_every = 32
-        out = {
+        out = {**seeded, **ident, "ids": ids, "first_version": first_version,
             "rows": rows, "videos": num_videos, "rounds": rounds, "dim": dim, "relabel_videos": RELABEL_VIDEOS,
             "rows_per_commit": int(len(sel)), "initialise_s": init_s,
             "commit_s": statistics.median(commit_s), "commit_s_max": max(commit_s),
@@ -139,13 +290,23 @@ def run(rows: int, rounds: int, dim: int, seed: int = 0) -> dict:
             "centroid_disk_mb": statistics.mean(cent_mb),
             "store_rss_mb": resources["rss_mb"], "store_disk_mb_end": resources["disk_mb"],
             "labels_changed_from_tracker": float((final != truth).mean()),
+            "merge_commits": len(merge_s),
+            "merge_commit_s": statistics.median(merge_s) if merge_s else None,
+            "merge_commit_s_max": max(merge_s) if merge_s else None,
+            "centroid_disk_mb_per_version": statistics.mean(cent_mb) + statistics.mean(base_growth) / 2**20,
+            "centroid_written_mb_per_version": statistics.mean(written_mb),
         }
     finally:
         ray.kill(store, no_restart=True)
         ray.shutdown()
     out.update(reference_full_table(rows, tmp))
+    if ids and reference_ids:
+        out.update(in_child(reference_merge, min(ids, reference_ids), dim, int(statistics.median(published)), str(tmp)))
     out["targets_at_10M"] = TARGETS
     out["meets_targets"] = {k: out[k] <= v for k, v in TARGETS.items()}
+    if ids:
+        out["id_targets_at_10M_1M"] = ID_TARGETS
+        out["meets_id_targets"] = {k: out.get(k) is not None and out[k] <= v for k, v in ID_TARGETS.items()}
     return out
 
 
@@ -159,6 +320,17 @@ def to_markdown(r: dict) -> str:
              ("store_rss_mb", None)]
     for key, ref in pairs:
         lines.append(f"| {key} | {r[key]:.3f} | {'' if ref is None else f'{r[ref]:.3f}'} | {TARGETS[key]} |")
+    if r.get("ids"):
+        lines += ["", f"Identity scale: a base of {r['ids']:,} published identities (seeded in {r['seed_s']:.1f} s, "
+                  f"{r['seed_versions']} versions)", "", "| key | value | goal at 10M rows, 1M ids |", "|---|---:|---:|"]
+        for key, goal in ID_TARGETS.items():
+            value = r.get(key)
+            lines.append(f"| {key} | {'n/a' if value is None else f'{value:.3f}'} | {goal} |")
+        for key in ("full_start_s", "full_start_store_peak_mb", "full_start_trainer_peak_mb",
+                    "centroid_written_mb_per_version", "reference_merge_commit_s", "reference_merge_peak_mb",
+                    "reference_ids"):
+            if key in r:
+                lines.append(f"| {key} | {r[key]:.3f} | |")
     lines += ["", f"centroid file per version: {r['centroid_disk_mb']:.2f} MB; a second rank's switch "
               f"(shared delta): {r['switch_second_rank_s']:.4f} s; folder at the end (retention on): "
               f"{r['store_disk_mb_end']:.1f} MB; initialise {r['initialise_s']:.2f} s.", ""]
@@ -170,13 +342,19 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=1_000_000, help="single-camera rows (default 1M; issue 13 targets 10M)")
     ap.add_argument("--rounds", type=int, default=12, help="relabel commits measured")
     ap.add_argument("--dim", type=int, default=768, help="centroid width (ViT-B: 768)")
+    ap.add_argument("--ids", type=int, default=0, help="identities published before the measured commits "
+                    "(issue 28's goals are at 1000000); 0: none")
+    ap.add_argument("--reference-ids", type=int, default=200_000,
+                    help="identities of the replaced whole-base merge measured for reference (capped at --ids; 0: skip)")
     ap.add_argument("--json", default=None, help="write the figures as JSON here")
     ap.add_argument("--out", default=None, help="write the markdown table here")
     ap.add_argument("--quick", action="store_true", help="200K rows, 4 commits")
     args = ap.parse_args()
     if args.quick:
         args.rows, args.rounds = 200_000, 4
-    result = run(args.rows, args.rounds, args.dim)
+    if args.ids and args.rounds < 12:
+        ap.error("--ids needs --rounds >= 12 (a trainer 9 versions behind, merges after keep_versions=8)")
+    result = run(args.rows, args.rounds, args.dim, ids=args.ids, reference_ids=args.reference_ids)
     text = to_markdown(result)
     print(text)
     if args.json:

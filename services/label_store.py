@@ -4,7 +4,8 @@ changed since the version they hold, plus the published centroids of their shard
 Labels are addressed by row of the run's ``index.parquet`` (fixed order): the actor holds the
 current version as one int32 array, a commit writes only the rows it changed
 (:class:`dynamix_core.labeling.label_table.LabelStore`: deltas, periodic snapshots, retention of the
-last versions and of every version a checkpoint pinned, old centroids merged into one base), and
+last versions and of every version a checkpoint pinned, old centroids merged into a base partitioned
+by identity range, of which a commit rewrites only the partitions it touched), and
 every rank that asks for the same step gets the same delta: it is put into the object store once
 and shared. The actor keeps no state that storage does not have: after a restart
 (``max_restarts=-1``) it re-reads the newest readable version, and a corrupt or missing newest
@@ -264,16 +265,22 @@ class LabelStoreService:
             return table
         return self.store.read(until)
 
-    def _centroids(self, since: int | None, until: int) -> tuple:
+    def _reads_base(self, since: int | None, until: int) -> bool:
+        """Whether the centroids of (since, until] come from the partitioned base (a trainer's first
+        call, or one behind the base), not only from memory or the newer centroid files."""
+        return not self._in_memory(since, until) and (since is None or since < self.store.base_version())
+
+    def _centroids(self, since: int | None, until: int, owned=None) -> tuple:
         """Newest publication of each identity published in (since, until]: from memory when this
-        process committed those versions, else from storage."""
+        process committed those versions, else from storage (``owned``: filter to a rank's identities
+        while reading, so a sharded trainer's first call never gathers the whole base)."""
         if not self._in_memory(since, until):
-            merged_up_to = int(self.store.read_base()["base_version"])
+            merged_up_to = self.store.base_version()
             if until < merged_up_to:
                 # publications up to `until` were merged into the base (only each identity's newest is
                 # kept): hand out the newest known ones; they only initialise bank rows
-                return self.store.centroids_between(since, merged_up_to)
-            return self.store.centroids_between(since, until)
+                return self.store.centroids_between(since, merged_up_to, owned)
+            return self.store.centroids_between(since, until, owned)
         ids, rows, videos, versions = [], [], [], []
         for v in range(since + 1, until + 1):
             i, c, vid = self._recent[v][2]
@@ -300,9 +307,15 @@ class LabelStoreService:
         full, rows, pids, shared = self._cached(("labels", since, until), lambda: self._labels(since, until))
         self._held = until
         if with_centroids:
-            ids_M, rows_MD, videos_M = self._cached(
-                ("centroids", None if full else since, until),
-                lambda: self._centroids(None if full else since, until))
+            since_c = None if full else since
+            if sharded and self._reads_base(since_c, until):
+                # this rank's share of the base, filtered partition by partition; not cached: each
+                # rank asks once, and eight cached shares would hold the whole base
+                ids_M, rows_MD, videos_M = self._centroids(
+                    since_c, until, lambda g: owner_rank(g + bank_offset, world_size) == rank)
+            else:
+                ids_M, rows_MD, videos_M = self._cached(("centroids", since_c, until),
+                                                        lambda: self._centroids(since_c, until))
         else:
             ids_M, rows_MD, videos_M = np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
         num_identities = max(self._identities_at.get(until, 0), int(ids_M.max(initial=-1)) + 1)
@@ -318,13 +331,14 @@ class LabelStoreService:
 
     def resources(self) -> dict:
         """This process's resident memory and the store folder's size (MiB), for monitoring."""
-        rss_kb = 0
+        rss_kb = peak_kb = 0
         try:
             with open("/proc/self/status") as fh:
-                rss_kb = int(next(line for line in fh if line.startswith("VmRSS:")).split()[1])
-        except (OSError, StopIteration):
+                fields = dict(line.split(":", 1) for line in fh if ":" in line)
+            rss_kb, peak_kb = (int(fields.get(k, "0 kB").split()[0]) for k in ("VmRSS", "VmHWM"))
+        except (OSError, ValueError):
             pass
-        return {"rss_mb": rss_kb / 1024, "disk_mb": self.store.disk_bytes() / 2**20,
+        return {"rss_mb": rss_kb / 1024, "peak_rss_mb": peak_kb / 1024, "disk_mb": self.store.disk_bytes() / 2**20,
                 "label_mb": 0.0 if self.pids is None else self.pids.nbytes / 2**20}
 
 

@@ -133,6 +133,14 @@ def s3_test_env(endpoint: str) -> dict[str, str]:
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
 
+@pytest.fixture(params=["local", "s3"])
+def label_root(request, tmp_path) -> str:
+    """A label store folder: local, or a prefix in a bucket of the loopback S3 server."""
+    if request.param == "local":
+        return str(tmp_path)
+    return request.getfixturevalue("s3_bucket") + "/run/labels"
+
+
 @pytest.fixture
 def s3_bucket(s3_server, monkeypatch) -> str:
     """A new empty bucket on the loopback S3 with the standard AWS variables pointing at it (dummy

@@ -63,12 +63,9 @@ def assert_centroids(got, expected):
         assert vid == expected[i][1]
 
 
-@pytest.fixture(params=["local", "s3"])
-def root(request, tmp_path):
-    """A store folder: local, or a prefix in a bucket of the loopback S3 server."""
-    if request.param == "local":
-        return str(tmp_path)
-    return request.getfixturevalue("s3_bucket") + "/run/labels"
+@pytest.fixture
+def root(label_root):
+    return label_root
 
 
 def test_every_retained_version_reads_as_the_reference_and_older_ones_are_gone(root):

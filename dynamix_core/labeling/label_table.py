@@ -6,8 +6,11 @@ A version costs what it changed, not the size of the table. On disk (one folder)
     v00000000.snap.npy        every pid (int32, -1 = unlabeled): version 0 and every ``snapshot_every``-th
     v00000007.delta.npz       rows (int64, sorted) whose pid version 7 changed, and their pids (int32)
     v00000007.centroids.npz   centroids version 7 published: ids, centroids (float32), videos
-    centroids-base.npz        the newest publication of every identity up to ``base_version`` (merged
-                              from retired centroid files): ids, centroids, videos, version
+    centroids-base/           the newest publication of every identity up to ``base_version`` (merged
+                              from retired centroid files), partitioned by identity range:
+      p0000012.npz              identities 12 * P .. 13 * P - 1 that were ever published: ids (sorted),
+                                centroids, videos, version (P = ``partition_ids``, 256 by default)
+      manifest.json             base_version, P, and per partition its newest version and row count
     history.jsonl             one audit record per version
     pins.json                 versions a checkpoint references (kept whatever their age)
 
@@ -22,6 +25,16 @@ versions and every pinned one stay readable, and so do the deltas after the olde
 forward by deltas alone); older label files are deleted and older centroid files are merged into
 the base, so "which centroids did versions (a, b] publish" stays answerable for any retained ``a``.
 
+The base costs what changed, not its size (K identities x D floats): merging a retired centroid file
+reads and rewrites only the partitions its identities fall in, then the manifest, then deletes the
+file; no process ever holds the whole base. A crash part-way leaves the retired file in place (it is
+newer than the manifest's ``base_version``, so readers still use it, and its publications win over
+any partition row it already reached), and the next collect merges it again (idempotent). Readers
+skip the base when the version they hold is at or after ``base_version`` (a lagging trainer reads
+only the centroid files it missed), read only partitions with a publication newer than that
+version otherwise, and filter each partition to the asking rank's identities as it is read. A store
+written before partitions (one ``centroids-base.npz``) is split into partitions on first use.
+
 A version file that is missing or unreadable is reported (naming the file) and the newest readable
 version stays in force: :meth:`LabelStore.latest_version` skips it with a warning, :meth:`read` of it
 raises :class:`LabelStoreError`.
@@ -35,6 +48,7 @@ import re
 import time
 import warnings
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
@@ -45,7 +59,11 @@ from dynamix_core import storage
 _FILE = re.compile(r"^v(\d{8})\.(snap\.npy|delta\.npz|centroids\.npz)$")
 HISTORY_FILE = "history.jsonl"
 PINS_FILE = "pins.json"
-BASE_FILE = "centroids-base.npz"
+BASE_DIR = "centroids-base"
+MANIFEST_FILE = "manifest.json"
+LEGACY_BASE_FILE = "centroids-base.npz"  # one whole K x D file (stores written before partitions)
+PARTITION_IDS = 256
+MERGE_THREADS = 8  # partitions merged at once (their I/O overlaps)
 
 
 class LabelStoreError(RuntimeError):
@@ -66,14 +84,20 @@ def merge_newest(ids, rows, videos, versions) -> tuple[np.ndarray, np.ndarray, n
 class LabelStore:
     """A folder of row-addressed label versions, their published centroids and the audit log."""
 
-    def __init__(self, root: str | Path, *, snapshot_every: int = 32, keep_versions: int = 8):
-        """``root``: a local folder or an object-store URI (``s3://bucket/run/labels``)."""
-        if snapshot_every < 1 or keep_versions < 1:
-            raise ValueError(f"snapshot_every ({snapshot_every}) and keep_versions ({keep_versions}) must be >= 1")
+    def __init__(self, root: str | Path, *, snapshot_every: int = 32, keep_versions: int = 8,
+                 partition_ids: int = PARTITION_IDS):
+        """``root``: a local folder or an object-store URI (``s3://bucket/run/labels``).
+        ``partition_ids``: identities per centroid-base partition of a new store (an existing base
+        keeps the size its manifest records)."""
+        if snapshot_every < 1 or keep_versions < 1 or partition_ids < 1:
+            raise ValueError(f"snapshot_every ({snapshot_every}), keep_versions ({keep_versions}) and "
+                             f"partition_ids ({partition_ids}) must be >= 1")
         self.root = str(root)
         storage.makedirs(self.root)
         self.snapshot_every = snapshot_every
         self.keep_versions = keep_versions
+        self.partition_ids = partition_ids
+        self._legacy_checked = False
 
     # --- paths -------------------------------------------------------------------------------------
 
@@ -88,6 +112,12 @@ class LabelStore:
 
     def centroid_path(self, version: int) -> str:
         return self.path(f"v{version:08d}.centroids.npz")
+
+    def base_path(self, name: str) -> str:
+        return storage.join(self.root, BASE_DIR, name)
+
+    def partition_path(self, partition: int) -> str:
+        return self.base_path(f"p{partition:07d}.npz")
 
     def commit_path(self, version: int) -> str:
         """The file whose presence makes ``version`` exist."""
@@ -182,39 +212,141 @@ class LabelStore:
 
     # --- centroids ---------------------------------------------------------------------------------
 
-    def read_base(self) -> dict[str, np.ndarray]:
-        path = self.path(BASE_FILE)
-        if not storage.exists(path):
-            return {"ids": np.zeros(0, np.int64), "centroids": np.zeros((0, 0), np.float32),
-                    "videos": np.zeros(0, np.int64), "version": np.zeros(0, np.int64), "base_version": np.array(0)}
-        return self._load(path, -1, "centroid base")
+    def base_manifest(self) -> dict:
+        """The base's manifest: ``base_version`` (newest version merged), ``partition_ids`` and
+        ``partitions`` (partition -> [newest version in it, rows])."""
+        self._split_legacy_base()
+        try:
+            raw = storage.read_bytes(self.base_path(MANIFEST_FILE))
+        except FileNotFoundError:
+            return {"base_version": 0, "partition_ids": self.partition_ids, "partitions": {}}
+        try:
+            manifest = json.loads(raw)
+            manifest["partitions"] = {int(p): [int(a), int(b)] for p, (a, b) in manifest["partitions"].items()}
+            int(manifest["base_version"]), int(manifest["partition_ids"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise LabelStoreError(f"cannot read the centroid base manifest {self.base_path(MANIFEST_FILE)}: {exc}") from exc
+        return manifest
+
+    def base_version(self) -> int:
+        """Centroid files up to this version were merged into the base."""
+        return int(self.base_manifest()["base_version"])
+
+    def read_partition(self, partition: int) -> dict[str, np.ndarray]:
+        """One base partition: ids (sorted), centroids, videos, version."""
+        data = self._load(self.partition_path(partition), -1, "centroid base partition")
+        if not {"ids", "centroids", "videos", "version"} <= set(data):
+            raise LabelStoreError(f"centroid base partition {self.partition_path(partition)} lacks "
+                                  f"ids/centroids/videos/version, has {sorted(data)}")
+        return data
 
     def centroids_between(self, since: int | None, until: int, owned=None):
         """The newest publication up to ``until`` of every identity whose newest publication is in
-        (since, until] (``since=None``: every identity); ``owned(ids) -> bool mask`` keeps a shard.
-        Returns ids, centroids, videos."""
+        (since, until] (``since=None``: every identity); ``owned(ids) -> bool mask`` keeps a shard
+        (applied to each file as it is read). Returns ids, centroids, videos.
+
+        Reads the centroid files in (since, until] and, only when ``since`` is before the base's
+        version, the base partitions holding a publication newer than ``since``."""
         lo = -1 if since is None else since
-        base = self.read_base()
-        if until < int(base["base_version"]):
-            raise LabelStoreError(f"centroids up to version {until} were merged into {self.path(BASE_FILE)} "
-                                  f"(at version {int(base['base_version'])}); only newer ones can be listed")
-        ids, rows, videos, versions = [base["ids"]], [base["centroids"]], [base["videos"]], [base["version"]]
+        manifest = self.base_manifest()
+        base_version = int(manifest["base_version"])
+        if until < base_version:
+            raise LabelStoreError(f"centroids up to version {until} were merged into {self.base_path('')} "
+                                  f"(at version {base_version}); only newer ones can be listed")
+
+        def kept(ids, rows, videos, versions, mask=None):
+            mask = np.ones(len(ids), bool) if mask is None else mask
+            if owned is not None:
+                mask &= np.asarray(owned(ids), bool)
+            return ids[mask], rows[mask], videos[mask], versions[mask]
+
+        files = []
         for v in sorted(self._files()["centroids.npz"]):
-            if int(base["base_version"]) < v <= until:
+            if max(base_version, lo) < v <= until:
                 z = self._load(self.centroid_path(v), v, "centroid")
-                ids.append(z["ids"]), rows.append(z["centroids"]), videos.append(z["videos"])
-                versions.append(np.full(len(z["ids"]), v, np.int64))
-        dims = {r.shape[1] for r in rows if len(r)}
-        if len(dims) > 1:
-            raise LabelStoreError(f"centroids of different widths {sorted(dims)} in {self.root}")
-        dim = dims.pop() if dims else 0
-        rows = [r.reshape(len(r), dim) for r in rows]
-        ids_M, rows_MD, videos_M, versions_M = merge_newest(np.concatenate(ids), np.concatenate(rows),
-                                                            np.concatenate(videos), np.concatenate(versions))
-        keep = versions_M > lo
-        if owned is not None:
-            keep &= owned(ids_M)
-        return ids_M[keep], rows_MD[keep].astype(np.float32), videos_M[keep]
+                ids = z["ids"].astype(np.int64)
+                files.append(kept(ids, _rows2d(z["centroids"], len(ids)), z["videos"].astype(np.int64),
+                                  np.full(len(ids), v, np.int64)))
+        new = _merge_parts(files, self.root)
+        base = []
+        if lo < base_version:  # a file's publication is newer than any base row: it wins
+            for p, (newest, _) in sorted(manifest["partitions"].items()):
+                if newest > lo:
+                    z = self.read_partition(p)
+                    ids = z["ids"].astype(np.int64)
+                    mask = (z["version"] > lo) & ~np.isin(ids, new[0])
+                    base.append(kept(ids, _rows2d(z["centroids"], len(ids)), z["videos"].astype(np.int64),
+                                     z["version"], mask))
+        if base:
+            parts = [new, *base]
+            dim = _width(parts, self.root)
+            new = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1].reshape(len(p[0]), dim) for p in parts]),
+                   np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]))
+        return new[0], new[1].astype(np.float32, copy=False), new[2]
+
+    def _merge_into_base(self, version: int, manifest: dict) -> None:
+        """Merge the centroid file of ``version`` into the partitions its identities fall in; then
+        the manifest records it (the caller deletes the file afterwards)."""
+        z = self._load(self.centroid_path(version), version, "centroid")
+        ids = z["ids"].astype(np.int64)
+        rows = _rows2d(z["centroids"], len(ids)).astype(np.float32, copy=False)
+        videos = z["videos"].astype(np.int64)
+        size = int(manifest["partition_ids"])
+        storage.makedirs(storage.join(self.root, BASE_DIR))
+        if len(ids) and ids.min() < 0:
+            raise LabelStoreError(f"label version {version}: {self.centroid_path(version)} has negative identity ids")
+        part = ids // size
+        order = np.argsort(part, kind="stable")
+        bounds = np.flatnonzero(np.r_[True, part[order][1:] != part[order][:-1], True])
+
+        def merge(sel: np.ndarray) -> tuple[int, list[int]]:
+            p = int(part[sel[0]])
+            parts = [(ids[sel], rows[sel], videos[sel], np.full(len(sel), version, np.int64))]
+            if p in manifest["partitions"]:
+                old = self.read_partition(p)
+                parts.insert(0, (old["ids"].astype(np.int64), _rows2d(old["centroids"], len(old["ids"])),
+                                 old["videos"].astype(np.int64), old["version"].astype(np.int64)))
+            m_ids, m_rows, m_videos, m_versions = _merge_parts(parts, self.root)
+            _atomic_npz(self.partition_path(p), ids=m_ids, centroids=m_rows.astype(np.float32, copy=False),
+                        videos=m_videos, version=m_versions)
+            return p, [int(m_versions.max()), len(m_ids)]
+
+        # partitions are independent files: their reads, writes and fsyncs (or uploads) overlap
+        with ThreadPoolExecutor(max_workers=MERGE_THREADS) as pool:
+            done = list(pool.map(merge, [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]))
+        manifest["partitions"].update(dict(done))
+        manifest["base_version"] = max(int(manifest["base_version"]), version)
+        self._write_manifest(manifest)
+
+    def _write_manifest(self, manifest: dict) -> None:
+        body = {"base_version": int(manifest["base_version"]), "partition_ids": int(manifest["partition_ids"]),
+                "partitions": {str(p): v for p, v in sorted(manifest["partitions"].items())}}
+        _atomic_bytes(self.base_path(MANIFEST_FILE), json.dumps(body, separators=(",", ":")).encode())
+
+    def _split_legacy_base(self) -> None:
+        """A store written before partitions holds one ``centroids-base.npz``: split it into
+        partitions (once; the file is deleted after the manifest is written)."""
+        if self._legacy_checked:
+            return
+        legacy = self.path(LEGACY_BASE_FILE)
+        if storage.exists(legacy):
+            z = self._load(legacy, -1, "centroid base")
+            if not storage.exists(self.base_path(MANIFEST_FILE)):
+                ids = z["ids"].astype(np.int64)
+                rows = _rows2d(z["centroids"], len(ids)).astype(np.float32, copy=False)
+                size = self.partition_ids
+                storage.makedirs(storage.join(self.root, BASE_DIR))
+                manifest = {"base_version": int(z["base_version"]), "partition_ids": size, "partitions": {}}
+                part = ids // size
+                for p in np.unique(part):
+                    sel = np.flatnonzero(part == p)
+                    sel = sel[np.argsort(ids[sel])]
+                    _atomic_npz(self.partition_path(int(p)), ids=ids[sel], centroids=rows[sel],
+                                videos=z["videos"].astype(np.int64)[sel], version=z["version"].astype(np.int64)[sel])
+                    manifest["partitions"][int(p)] = [int(z["version"][sel].max()), len(sel)]
+                self._write_manifest(manifest)
+            storage.delete(legacy)
+        self._legacy_checked = True
 
     # --- writing -----------------------------------------------------------------------------------
 
@@ -295,23 +427,43 @@ class LabelStore:
                 storage.delete(self.delta_path(v))
         retire = sorted(v for v in files["centroids.npz"] if v <= oldest)
         if retire:
-            base = self.read_base()
-            ids, rows, videos, versions = [base["ids"]], [base["centroids"]], [base["videos"]], [base["version"]]
-            for v in retire:
-                z = self._load(self.centroid_path(v), v, "centroid")
-                ids.append(z["ids"]), rows.append(z["centroids"]), videos.append(z["videos"])
-                versions.append(np.full(len(z["ids"]), v, np.int64))
-            dim = max(r.shape[1] if r.ndim == 2 else 0 for r in rows)
-            merged = merge_newest(np.concatenate(ids), np.concatenate([r.reshape(len(r), dim) for r in rows]),
-                                  np.concatenate(videos), np.concatenate(versions))
-            _atomic_npz(self.path(BASE_FILE), ids=merged[0], centroids=merged[1].astype(np.float32),
-                        videos=merged[2], version=merged[3], base_version=np.array(retire[-1]))
-            for v in retire:
+            manifest = self.base_manifest()
+            for v in retire:  # one file at a time: memory is one file and one partition
+                if v > int(manifest["base_version"]):  # else merged already (a crash before its delete)
+                    self._merge_into_base(v, manifest)
                 storage.delete(self.centroid_path(v))
         return oldest
 
     def disk_bytes(self) -> int:
-        return sum(self.listing().values())
+        """Bytes of the store's files, the centroid base included."""
+        return sum(self.listing().values()) + sum(storage.listdir(storage.join(self.root, BASE_DIR)).values())
+
+
+def _rows2d(rows: np.ndarray, n: int) -> np.ndarray:
+    """Centroid rows as (n, D) (an empty publication may be stored as (0,) or (0, 0))."""
+    rows = np.asarray(rows)
+    return rows.reshape(n, rows.shape[1] if rows.ndim == 2 else 0) if n == 0 else rows
+
+
+def _width(parts: list[tuple], where: str) -> int:
+    dims = {p[1].shape[1] for p in parts if len(p[0])}
+    if len(dims) > 1:
+        raise LabelStoreError(f"centroids of different widths {sorted(dims)} in {where}")
+    return dims.pop() if dims else 0
+
+
+def _merge_parts(parts: list[tuple], where: str) -> tuple:
+    """merge_newest over (ids, rows, videos, versions) parts of one width."""
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    dim = _width(parts, where)
+    if len(parts) == 1 and len(np.unique(parts[0][0])) == len(parts[0][0]):
+        ids, rows, videos, versions = parts[0]
+        order = np.argsort(ids, kind="stable")
+        return ids[order], rows.reshape(len(ids), dim)[order], videos[order], versions[order]
+    return merge_newest(np.concatenate([p[0] for p in parts]),
+                        np.concatenate([p[1].reshape(len(p[0]), dim) for p in parts]),
+                        np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]))
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

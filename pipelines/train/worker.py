@@ -9,6 +9,7 @@ MLflow), evaluate on the target domain, and checkpoint (every rank writes its ow
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -78,6 +79,13 @@ def train_loop_per_worker(config: dict) -> None:
                         data_parallel=world > 1,
                         replicate_bank_updates=world > 1 and cfg.centroids.loss_mode != "sharded")
 
+    # the checkpoint first: a restart fetches the labels of the version it pinned, and the newer
+    # versions' labels and centroids at its first poll, not every label and centroid published so far
+    checkpoint = ray.train.get_checkpoint()
+    opened = contextlib.ExitStack()
+    ckpt_dir = Path(opened.enter_context(checkpoint.as_directory())) if checkpoint is not None else None
+    progress = load_json(ckpt_dir / "progress.json") if ckpt_dir is not None else None
+
     labels = np.zeros(0, dtype=np.int32)  # single identity of every row of the run's index
     client = None
     if cfg.uses_single:
@@ -87,7 +95,10 @@ def train_loop_per_worker(config: dict) -> None:
         coordinator = _ray.get_actor(config["coordinator_name"], namespace="dynamix")
         client = LabelClient(store, coordinator, rank=rank, world_size=world,
                              sharded=cfg.centroids.loss_mode == "sharded", bank_offset=bank_offset, version=None)
-        labels = client.initial_labels(bank, step=0)
+        if progress is None:
+            labels = client.initial_labels(bank, step=0)
+        else:  # the checkpoint's version (its sampler state was planned with it); its bank is restored below
+            labels = client.resume(progress["label_version"], int(progress["step"]))
         # this rank's videos stream from the shards through Ray Data, from the checkpoint's position on
         feed = VideoFeed(RankVideos.load(config["index_path"], rank, world), labels, bank_offset,
                          cache_videos=4 * cfg.sampler.video_buffer_size, stream=ray_video_stream)
@@ -98,21 +109,15 @@ def train_loop_per_worker(config: dict) -> None:
                                 rank=rank, world_size=world)
 
     start_step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            ckpt_dir = Path(ckpt_dir)
+    with opened:
+        if ckpt_dir is not None:
             trainer.load_state_dict(load_tensors(ckpt_dir / "trainer.pt", device))
             bank.load_state_dict(load_tensors(ckpt_dir / f"bank_rank{rank}.pt", device))
             mine = load_json(ckpt_dir / f"state_rank{rank}.json")
             sampler.load_state_dict(mine["sampler"])
             set_rng_state(mine["rng"])
-            progress = load_json(ckpt_dir / "progress.json")
             start_step = int(progress["step"])
-            if client is not None:
-                # labels of the checkpoint's version, then newer versions are pulled as usual
-                feed.labels = client.resume(progress["label_version"], start_step)
-        log.info("rank %d resumed at step %d", rank, start_step)
+            log.info("rank %d resumed at step %d", rank, start_step)
 
     target = TargetSet.load(cfg.data.target, cfg.data.transform) if (cfg.data.target and rank == 0) else None
     refresh_every = cfg.data.camera_centroid_every or max(1, len(multi.keys) // max(1, cfg.sampler.batch_size))
