@@ -23,7 +23,7 @@ Figures (JSON, with the targets of issue 13 at 10M rows):
 * ``reference_*``: the design this replaces, one full parquet table (key, pid, version) per
   version, written and read once here at the same size.
 
-At the identity scale (issue 28: ``--ids``, e.g. ``--rows 10000000 --ids 1000000``) a base of
+At the identity scale (``--ids``, e.g. ``--rows 10000000 --ids 1000000``) a base of
 ``--ids`` published identities (ids 0 .. ids-1, ``--dim`` floats each) is written and merged into
 the centroid base before the store actor starts (in a child process, through ``LabelStore``), and
 the JSON also has:
@@ -65,7 +65,7 @@ IMAGES_PER_VIDEO = 480
 IDS_PER_VIDEO = 20
 RELABEL_VIDEOS = 256
 TARGETS = {"commit_s": 1.0, "switch_s": 0.2, "trainer_label_mb": 100.0, "version_disk_mb": 5.0, "store_rss_mb": 1536.0}
-#: issue 28's goals at --rows 10000000 --ids 1000000
+#: the identity-scale goals at --rows 10000000 --ids 1000000 (LUPerson-NL: 433K ids; 1M for headroom)
 ID_TARGETS = {"merge_commit_s": 2.0, "lagging_switch_s": 2.0, "restart_s": 5.0, "store_peak_mb": 2000.0,
               "trainer_peak_mb": 1000.0, "centroid_disk_mb_per_version": 20.0}
 SEED_CHUNK = 65_536  # identities per seeding version
@@ -343,7 +343,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=12, help="relabel commits measured")
     ap.add_argument("--dim", type=int, default=768, help="centroid width (ViT-B: 768)")
     ap.add_argument("--ids", type=int, default=0, help="identities published before the measured commits "
-                    "(issue 28's goals are at 1000000); 0: none")
+                    "(the identity-scale goals are set at 1000000); 0: none")
     ap.add_argument("--reference-ids", type=int, default=200_000,
                     help="identities of the replaced whole-base merge measured for reference (capped at --ids; 0: skip)")
     ap.add_argument("--json", default=None, help="write the figures as JSON here")
