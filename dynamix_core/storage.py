@@ -257,12 +257,17 @@ def size(uri: str | Path) -> int:
     """The size of the file or object ``uri`` in bytes."""
     if not is_remote(uri):
         return os.stat(local_path(uri)).st_size
+    return _object_info(str(uri)).size
+
+
+def _object_info(uri: str) -> pafs.FileInfo:
+    """The store's information on the object ``uri``; FileNotFoundError naming it when it is missing."""
     fs, path = resolve(uri)
-    with _Errors(str(uri), "look up"):
+    with _Errors(uri, "look up"):
         info = fs.get_file_info(path)
     if info.type != pafs.FileType.File:
-        raise _not_found(str(uri))
-    return info.size
+        raise _not_found(uri)
+    return info
 
 
 def open_input(uri: str | Path, buffer_size: int = 4 * 2**20) -> BinaryIO:
@@ -451,8 +456,8 @@ def _tree_infos(uri: str | Path) -> dict[str, tuple[int, int | None]]:
         folder = Path(local_path(uri))
         if not folder.is_dir():
             return {}
-        return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
-                for p in folder.rglob("*") if p.is_file()}
+        stats = {p.relative_to(folder).as_posix(): p.stat() for p in folder.rglob("*") if p.is_file()}
+        return {rel: (st.st_size, st.st_mtime_ns) for rel, st in stats.items()}
     fs, path = resolve(str(uri).rstrip("/"))
     with _Errors(str(uri), "list"):
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
@@ -498,11 +503,7 @@ def local_file(uri: str | Path) -> Path:
     if not is_remote(uri):
         return Path(local_path(uri))
     uri = str(uri)
-    fs, path = resolve(uri)
-    with _Errors(uri, "look up"):
-        info = fs.get_file_info(path)
-    if info.type != pafs.FileType.File:
-        raise _not_found(uri)
+    info = _object_info(uri)
     local = cache_dir("files") / _cache_key(uri) / name(uri)
     _cached_copy(uri, local, info.size, info.mtime_ns)
     return local

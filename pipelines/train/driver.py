@@ -112,6 +112,11 @@ def check_file(path: str, field_name: str) -> str:
     workers run in other folders and on other nodes)."""
     if not storage.exists(path):
         raise FileNotFoundError(f"{field_name}: {path} does not exist")
+    return _absolute(path)
+
+
+def _absolute(path: str) -> str:
+    """A storage URI as it is, a local path made absolute."""
     return path if storage.is_remote(path) else str(Path(path).resolve())
 
 
@@ -146,8 +151,7 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
         single=[check_ingest(r, "data.single") for r in cfg.data.single],
         target=check_ingest(cfg.data.target, "data.target") if cfg.data.target else None,
     )
-    truth = [p if storage.is_remote(p) else str(Path(p).resolve())
-             for p in cfg.labeling.ground_truth if _monitor_available(p)]
+    truth = [_absolute(p) for p in cfg.labeling.ground_truth if _monitor_available(p)]
     return dataclasses.replace(cfg, data=data, model=resolve_model(cfg.model),
                                labeling=dataclasses.replace(cfg.labeling, ground_truth=truth))
 
