@@ -12,7 +12,7 @@ import pytest
 
 from dynamix_core.config import ConfigError, load_config
 from dynamix_core.methods.cluster_contrast import cluster_sampler
-from pipelines.train.cluster_worker import draw_batch
+from pipelines.train.clustering import draw_batch
 from conftest import make_tiny_reid
 from pipelines.train.config import TrainConfig
 

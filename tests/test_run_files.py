@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from dynamix_core.centroids import CentroidBank, CentroidBankConfig
-from pipelines.train.run_files import (MetricHistory, load_tensors, read_jsonl, rng_state, set_rng_state,
-                                       write_atomic)
+from dynamix_core.engine import load_tensors, rng_state, set_rng_state
+from pipelines.train.run_files import MetricHistory, read_jsonl, write_atomic
 
 
 def _draws() -> tuple:

@@ -148,7 +148,8 @@ def test_worker_and_labeling_actor_killed_tracking_down(ray_local, tiny_data, va
     from dynamix_core.labeling import LabelStore
     from pipelines.tracking import flush_spool
     from pipelines.train.driver import run_training
-    from pipelines.train.run_files import load_json, load_tensors, read_jsonl
+    from dynamix_core.engine import load_json, load_tensors
+    from pipelines.train.run_files import read_jsonl
 
     max_steps, checkpoint_every = 48, 8
     name = "faults-" + "-".join(f"{v}" for v in variant.values() if isinstance(v, str)) if variant else "faults"

@@ -146,15 +146,20 @@ class TrainStep:
     # --- checkpoint state ------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "model": unwrap(self.model).state_dict(),
             "momentum": self.momentum.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
         }
+        if self.camera_centroids is not None:  # they change the loss: a resume must continue with them
+            state["camera_centroids"] = list(self.camera_centroids)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         unwrap(self.model).load_state_dict(state["model"])
         self.momentum.model.load_state_dict(state["momentum"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if "camera_centroids" in state:
+            self.camera_centroids = tuple(t.to(self.device) for t in state["camera_centroids"])

@@ -135,7 +135,7 @@ def summarize(history: list[dict]) -> dict:
 def export_backbone(checkpoint, run_dir: Path, which: str = "online") -> Path:
     """The pre-trained backbone (``which``: online or teacher) of a checkpoint, as safetensors."""
     from dynamix_core.model import save_state_dict
-    from pipelines.train.run_files import load_tensors
+    from dynamix_core.engine import load_tensors
 
     with checkpoint.as_directory() as d:
         state = load_tensors(Path(d) / "pretrain.pt")

@@ -28,7 +28,8 @@ from dynamix_core.config import dump_yaml, to_dict
 from pipelines.job import RunFolder, open_tracker
 from pipelines.ray_cluster import require_resources, training_demands
 from pipelines.train.config import TrainConfig
-from pipelines.train.run_files import load_tensors, local_run_dir, read_jsonl, write_atomic
+from dynamix_core.engine import load_tensors
+from pipelines.train.run_files import local_run_dir, read_jsonl, write_atomic
 
 log = logging.getLogger("dynamix.train")
 
