@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dynamix_core.config import ConfigError, dump_yaml, to_dict
 from pipelines.pretrain.config import PretrainConfig
-from pipelines.job import RunFolder, open_tracker
+from pipelines.job import RunFolder, WorkerJob, open_tracker
 from pipelines.ray_cluster import require_resources, training_demands
 from pipelines.train.driver import (_ProgressPrinter, _ray_storage, _read_history, _silent, check_ingest, init_ray,
                                     resolve_model)
@@ -84,9 +84,8 @@ def run_pretraining(cfg: PretrainConfig, *, progress: bool = True) -> PretrainRe
             videos_per_rank.append(count)
         trainer = TorchTrainer(
             pretrain_loop_per_worker,
-            train_loop_config={"pretrain": to_dict(cfg), "run_dir": str(run.dir), "local_dir": str(run.local),
-                               "tracking_uri": tracking_uri, "mlflow_run_id": tracker.run_id,
-                               "index_path": str(index_path), "videos_per_rank": videos_per_rank},
+            train_loop_config={"job": WorkerJob(cfg, str(run.dir), str(run.local), tracking_uri, tracker.run_id,
+                                                index_path=str(index_path), videos_per_rank=tuple(videos_per_rank))},
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                          resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
             run_config=RunConfig(name=cfg.run.name, **_ray_storage(run.root),

@@ -7,22 +7,21 @@ from __future__ import annotations
 
 def pretrain_loop_per_worker(config: dict) -> None:
     import dynamix_core  # noqa: F401  (the torchvision shim, before anything imports timm)
-    from dynamix_core.config import from_dict
-    from pipelines.pretrain.config import PretrainConfig
     from pipelines.pretrain.run import has_step_zero, run_pretrain
     from pipelines.train.data import RankVideos, ray_video_stream
     from pipelines.train.worker import RayReporter, ray_runtime, restored_checkpoint, start_step_of
 
-    cfg = from_dict(PretrainConfig, config["pretrain"])
+    job = config["job"]
+    cfg = job.cfg
     rt = ray_runtime(cfg.run.seed)
     with restored_checkpoint() as restore_dir:
-        reporter = RayReporter(config, cfg, rt.rank, start_step_of(restore_dir))
+        reporter = RayReporter(job, rt.rank, start_step_of(restore_dir))
 
         def record_baseline(monitor) -> None:
             # once: a restart before the first checkpoint keeps the row it already recorded
-            if rt.rank == 0 and not has_step_zero(config["run_dir"]):
+            if rt.rank == 0 and not has_step_zero(job.run_dir):
                 reporter.record({"step": 0, **monitor()}, 0)
 
-        run_pretrain(cfg, rt, videos=RankVideos.load(config["index_path"], rt.rank, rt.world), reporter=reporter,
+        run_pretrain(cfg, rt, videos=RankVideos.load(job.index_path, rt.rank, rt.world), reporter=reporter,
                      restore_dir=restore_dir, video_stream=ray_video_stream,
-                     videos_per_rank=config["videos_per_rank"][rt.rank], record_baseline=record_baseline)
+                     videos_per_rank=job.videos_per_rank[rt.rank], record_baseline=record_baseline)

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 
 def train_loop_per_worker(config: dict) -> None:
-    from dynamix_core.config import from_dict
     from pipelines.train.clustering import run_clustering
-    from pipelines.train.config import TrainConfig
     from pipelines.train.worker import RayReporter, ray_runtime, restored_checkpoint, start_step_of
 
-    cfg = from_dict(TrainConfig, config["train"])
+    job = config["job"]
+    cfg = job.cfg
     rt = ray_runtime(cfg.run.seed)
     with restored_checkpoint() as restore_dir:
-        reporter = RayReporter(config, cfg, rt.rank, start_step_of(restore_dir))
+        reporter = RayReporter(job, rt.rank, start_step_of(restore_dir))
         run_clustering(cfg, rt, reporter=reporter, restore_dir=restore_dir)

@@ -144,7 +144,7 @@ def run_clustering(cfg, rt, *, reporter, restore_dir=None):
 
     sec = cfg.cluster_method
     multi = MultiCameraSet.load(cfg.data.multi)
-    real = MultiCameraSet.load(cfg.data.single) if cfg.method == "domainmix" else None
+    real = MultiCameraSet.load(cfg.data.single) if cfg.uses_single else None  # DomainMix
     encoder = build_encoder(cfg.model)
     steps_per_epoch = sec.steps_per_epoch(cfg.method, cfg.run.max_steps)
     method = build_method(cfg.method, multi, real, sec, dim=encoder.embed_dim, rank=rt.rank, world=rt.world,

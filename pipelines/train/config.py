@@ -19,6 +19,7 @@ from dynamix_core.model import ModelConfig
 from dynamix_core.sampling import SamplerConfig
 from dynamix_core.training.optim import OptimConfig
 from pipelines.runs import default_runs_root
+from pipelines.train.methods import METHODS
 from pipelines.train.methods_config import CLUSTER_METHODS, ClusterMethodSection
 
 Method = Literal["dynamix", "remix", "multicam", "cluster_contrast", "domainmix", "calr"]
@@ -151,9 +152,9 @@ class TrainConfig:
     @property
     def uses_single(self) -> bool:
         """The run reads data.single (DomainMix: as its unlabeled real domain)."""
-        return self.method in ("dynamix", "remix", "domainmix")
+        return METHODS[self.method].reads_single
 
     @property
     def uses_labeling_pool(self) -> bool:
         """Single-camera labels come from the label store + labeling pool (DynaMix, ReMix)."""
-        return self.method in ("dynamix", "remix")
+        return METHODS[self.method].labeling_pool

@@ -64,7 +64,7 @@ def train_local(cfg, *, checkpoints: str | Path | None = None, resume: bool = Tr
     import dynamix_core  # noqa: F401  (the torchvision shim, before anything imports timm)
     from pipelines.train.clustering import run_clustering
     from pipelines.train.data import MultiCameraSet
-    from pipelines.train.methods_config import CLUSTER_METHODS
+    from pipelines.train.methods import METHODS
     from pipelines.train.mixing import MixingInputs, Runtime, run_mixing
     from pipelines.train.worker import seed_all
 
@@ -75,7 +75,7 @@ def train_local(cfg, *, checkpoints: str | Path | None = None, resume: bool = Tr
     rt = Runtime(device=device or torch.device("cpu"))
     reporter = LocalReporter(checkpoints)
     restore_dir = reporter.latest() if resume else None
-    if cfg.method in CLUSTER_METHODS:
+    if METHODS[cfg.method].family == "clustering":
         encoder = run_clustering(cfg, rt, reporter=reporter, restore_dir=restore_dir)
     else:
         encoder = run_mixing(cfg, rt, MixingInputs(multi=MultiCameraSet.load(cfg.data.multi), reporter=reporter,

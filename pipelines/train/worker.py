@@ -79,8 +79,8 @@ class RayReporter:
     every rank calls ``ray.train.report`` with its part of the checkpoint, whose local copy is then
     dropped (report() copied it to the run's storage)."""
 
-    def __init__(self, config: dict, cfg, rank: int, start_step: int):
-        self.tracker, self.history = open_rank0_records(config, cfg, start_step) if rank == 0 else (None, None)
+    def __init__(self, job, rank: int, start_step: int):
+        self.tracker, self.history = open_rank0_records(job, start_step) if rank == 0 else (None, None)
 
     def report(self, done: int, metrics: dict, checkpoint_dir) -> None:
         import shutil
@@ -114,27 +114,26 @@ def start_step_of(folder) -> int:
 
 def train_loop_per_worker(config: dict) -> None:
     import dynamix_core  # noqa: F401
-    from dynamix_core.config import from_dict
-    from pipelines.train.config import TrainConfig
     from pipelines.train.data import MultiCameraSet, RankVideos, ray_video_stream
     from pipelines.train.mixing import MixingInputs, run_mixing
 
-    cfg = from_dict(TrainConfig, config["train"])
+    job = config["job"]
+    cfg = job.cfg
     rt = ray_runtime(cfg.run.seed)
     multi = MultiCameraSet.load(cfg.data.multi)
     with restored_checkpoint() as restore_dir:
         inputs = MixingInputs(multi=multi, restore_dir=restore_dir,
-                              reporter=RayReporter(config, cfg, rt.rank, start_step_of(restore_dir)))
+                              reporter=RayReporter(job, rt.rank, start_step_of(restore_dir)))
         if cfg.uses_labeling_pool:
-            inputs.open_labels = _label_opener(config, cfg, rt, multi.num_identities)
-            inputs.videos = RankVideos.load(config["index_path"], rt.rank, rt.world)
+            inputs.open_labels = _label_opener(job, rt, multi.num_identities)
+            inputs.videos = RankVideos.load(job.index_path, rt.rank, rt.world)
             inputs.video_stream = ray_video_stream
-            inputs.num_single_identities = int(config["num_single_identities"])
+            inputs.num_single_identities = job.num_single_identities
             inputs.health = LabelingHealth(inputs.reporter.tracker) if rt.rank == 0 else None
         run_mixing(cfg, rt, inputs)
 
 
-def _label_opener(config: dict, cfg, rt, bank_offset: int):
+def _label_opener(job, rt, bank_offset: int):
     """(bank, progress) -> (LabelClient, labels): the labels of the checkpoint's version on a
     resume, else the newest version with its centroids."""
     def open_labels(bank, progress):
@@ -142,10 +141,10 @@ def _label_opener(config: dict, cfg, rt, bank_offset: int):
 
         from pipelines.train.labels import LabelClient
 
-        store = ray.get_actor(config["store_name"], namespace="dynamix")
-        coordinator = ray.get_actor(config["coordinator_name"], namespace="dynamix")
+        store = ray.get_actor(job.store_name, namespace="dynamix")
+        coordinator = ray.get_actor(job.coordinator_name, namespace="dynamix")
         client = LabelClient(store, coordinator, rank=rt.rank, world_size=rt.world,
-                             sharded=cfg.centroids.loss_mode == "sharded", bank_offset=bank_offset, version=None)
+                             sharded=job.cfg.centroids.loss_mode == "sharded", bank_offset=bank_offset, version=None)
         if progress is None:
             return client, client.initial_labels(bank, step=0)
         # the checkpoint's version (its sampler state was planned with it); its bank is restored after
@@ -175,23 +174,23 @@ class LabelingHealth:
         self.errors_logged = _forward_labeling_health(stats, metrics, self.errors_logged, self.tracker)
 
 
-def open_rank0_records(config: dict, cfg, start_step: int):
+def open_rank0_records(job, start_step: int):
     """Rank 0's MLflow tracker and metric history (a restart's replayed steps keep their first
     records), after noting this start in ``starts.jsonl``."""
     from dynamix_core import storage
     from pipelines.tracking import ResilientTracker
 
-    run_dir = config["run_dir"]  # a folder, or a URI (s3://...) when run.storage is an object store
+    run_dir = job.run_dir  # a folder, or a URI (s3://...) when run.storage is an object store
     record_start(run_dir, start_step)
     # the MLflow spool is a local buffer: in the run folder, or in the driver's local folder of a
     # run on an object store (this node's own one when that path cannot be made here)
-    local = Path(config.get("local_dir") or local_run_dir(run_dir))
+    local = Path(job.local_dir or local_run_dir(run_dir))
     try:
         local.mkdir(parents=True, exist_ok=True)
     except OSError:
         local = local_run_dir(run_dir)
-    tracker = ResilientTracker(config["tracking_uri"], cfg.tracking.experiment, cfg.run.name,
-                               str(local / "spool_rank0"), run_id=config.get("mlflow_run_id"))
+    tracker = ResilientTracker(job.tracking_uri, job.cfg.tracking.experiment, job.cfg.run.name,
+                               str(local / "spool_rank0"), run_id=job.mlflow_run_id)
     return tracker, MetricHistory(storage.join(run_dir, "history.jsonl"))
 
 
