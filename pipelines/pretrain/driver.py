@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dynamix_core.config import ConfigError, dump_yaml, to_dict
 from pipelines.pretrain.config import PretrainConfig
+from pipelines.checkpoints import repair_checkpoints
 from pipelines.job import RunFolder, WorkerJob, open_tracker
 from pipelines.ray_cluster import require_resources, training_demands
 from pipelines.train.driver import (_ProgressPrinter, _ray_storage, _read_history, _silent, check_ingest, init_ray,
@@ -92,6 +93,7 @@ def run_pretraining(cfg: PretrainConfig, *, progress: bool = True) -> PretrainRe
                                  failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
         )
+        repair_checkpoints(run.dir, echo=print if progress else _silent, prefix="pretrain")
         with _PretrainProgress(run.path("history.jsonl"), cfg.run.max_steps) if progress else contextlib.nullcontext():
             result = trainer.fit()
     except BaseException:

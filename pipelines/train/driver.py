@@ -26,6 +26,7 @@ from pathlib import Path
 
 from dynamix_core import storage
 from dynamix_core.config import dump_yaml, to_dict
+from pipelines.checkpoints import repair_checkpoints
 from pipelines.job import RunFolder, WorkerJob, open_tracker
 from pipelines.ray_cluster import require_resources, training_demands
 from pipelines.train.config import TrainConfig
@@ -253,6 +254,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                                  failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
         )
+        repair_checkpoints(run_dir, echo=print if progress else _silent)  # resume from the newest intact one
         with _ProgressPrinter(storage.join(run_dir, "history.jsonl"), cfg.run.max_steps) if progress \
                 else contextlib.nullcontext():
             result = trainer.fit()
