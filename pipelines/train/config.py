@@ -47,6 +47,7 @@ class DataSection:
     transform: TransformConfig = field(default_factory=TransformConfig, help="augmentation views")
     prefetch_batches: int = field(2, help="batches decoded ahead of the step in a background thread")
     decode_threads: int = field(2, help="threads decoding and augmenting images of the next batch")
+    bad_images: Literal["stop", "skip"] = field("stop", help="an image of a shard that does not decode: stop the run naming its shard and key, or skip it (left out of its batch, printed and counted)")
     camera_centroid_every: int = field(0, help="steps between recomputing (identity, camera) centroids with f~ (0: once per pass over the multi-camera set)")
 
 
