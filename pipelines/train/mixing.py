@@ -68,6 +68,8 @@ class MixingStep(Hook):
 
     def at_report(self, done: int, metrics: dict) -> None:
         metrics["bank_stale_rows"] = float(self.trainer.bank.staleness_counts(done).get("stale", 0))
+        if self.producer.bad_images == "skip":
+            metrics["data/bad_images_skipped"] = float(self.producer.bad_images_skipped)
 
 
 class CentroidRefresh(Hook):
@@ -200,7 +202,7 @@ def run_mixing(cfg, rt: Runtime, inputs: MixingInputs):
 
     producer = BatchProducer(sampler, multi, feed, cfg.data.transform, seed=cfg.run.seed * 1000003 + rt.rank,
                              prefetch=cfg.data.prefetch_batches, threads=cfg.data.decode_threads,
-                             snapshot_at=is_checkpoint_step)
+                             snapshot_at=is_checkpoint_step, bad_images=cfg.data.bad_images)
     step = MixingStep(trainer, producer, rt.device)
     refresh_every = cfg.data.camera_centroid_every or max(1, len(multi.keys) // max(1, cfg.sampler.batch_size))
     refresh = CentroidRefresh(trainer, bank, multi, cfg, rt.device, refresh_every)
