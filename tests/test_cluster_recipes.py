@@ -61,7 +61,8 @@ RECIPES = {
 }
 
 
-@pytest.mark.parametrize("method", list(RECIPES))
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m != "cluster_contrast" else m
+                                    for m in RECIPES])
 def test_recipe_trains_evaluates_tracks_and_exports(ray_local, tiny_data, method):
     from mlflow.tracking import MlflowClient
 

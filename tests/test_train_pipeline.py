@@ -128,6 +128,7 @@ def _dead_port() -> int:
         return s.getsockname()[1]  # closed again: nothing listens there
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [
     # the store keeps only the newest label version beyond those the kept checkpoints pinned, and
     # snapshots every 2: the restart must find its checkpoint's version all the same
