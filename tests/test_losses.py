@@ -228,3 +228,43 @@ def test_instance_loss_closed_form_two_keys():
     zk = torch.tensor([[0.6, 0.8], [0.0, 1.0]], dtype=torch.float64)
     loss = instance_loss(z, torch.tensor([0]), zk, torch.tensor([0, 1]), 0.1)
     assert loss.item() == pytest.approx(math.log1p(math.exp((0.0 - 0.6) / 0.1)), rel=1e-12)
+
+
+# ---------------------------------------------------------------- per-domain means (loss.anchor_mean)
+
+
+def test_per_domain_mean_is_the_multi_camera_mean_plus_the_single_camera_mean():
+    """Each domain's anchors averaged on their own, the two means added: a reference from the
+    subsets (instance loss of each domain's anchors alone against all keys) and from the loops."""
+    z, zk, zs = unit(len(LABELS), 20), unit(len(LABELS), 21), unit(len(LABELS), 22)
+    y = torch.tensor(LABELS)
+    is_single = ~torch.tensor(IS_MULTI)
+    tau_B = anchor_temperatures(torch.tensor(IS_MULTI), TAU_M, TAU_S, dtype=torch.float64)
+    loss = instance_loss(z, y, zk, y, tau_B, is_single)
+    m, s = ~is_single, is_single
+    ref = instance_loss(z[m], y[m], zk, y, tau_B[m]) + instance_loss(z[s], y[s], zk, y, tau_B[s])
+    assert_same(loss, ref, [z, zk])
+    assert not torch.allclose(loss, instance_loss(z, y, zk, y, tau_B))
+    taus = [TAU_M if mm else TAU_S for mm in IS_MULTI]
+    assert_same(augmentation_loss(zs, zk, y, tau_B, is_single), _ref_augmentation_domains(zs, zk, LABELS, taus, IS_MULTI),
+                [zs, zk])
+    # no single-camera anchor: per-domain equals the batch mean
+    none = torch.zeros(len(LABELS), dtype=torch.bool)
+    torch.testing.assert_close(instance_loss(z, y, zk, y, tau_B, none), instance_loss(z, y, zk, y, tau_B))
+
+
+def _ref_augmentation_domains(zs, zk, y, taus, is_multi):
+    """The augmentation loop of ``ref_augmentation`` over the whole batch (negatives from both
+    domains), averaged per domain and summed."""
+    per_domain = {True: [], False: []}
+    for i in range(len(y)):
+        pos = torch.exp(dot(zs[i], zk[i]) / taus[i])
+        neg = sum((torch.exp(dot(zs[i], zk[j]) / taus[i]) for j in range(len(y)) if y[j] != y[i]),
+                  torch.zeros((), dtype=torch.float64))
+        per_domain[is_multi[i]].append(-torch.log(pos / (pos + neg)))
+    return sum(sum(v) / len(v) for v in per_domain.values())
+
+
+def test_anchor_mean_option():
+    assert LossConfig().anchor_mean == "batch"
+    assert LossConfig(anchor_mean="per_domain").anchor_mean == "per_domain"

@@ -451,7 +451,9 @@ def test_mixing_recipes_train_the_baselines_multi_camera_images_plus_videos(reci
 
     base_recipe = "multicam_baseline_demo.yaml" if "demo" in recipe else "multicam_baseline.yaml"
     base = load_config(TrainConfig, RECIPES_DIR / base_recipe, []).sampler
-    cfg = load_config(TrainConfig, RECIPES_DIR / recipe, []).sampler
+    full = load_config(TrainConfig, RECIPES_DIR / recipe, [])
+    assert full.loss.anchor_mean == "per_domain"  # the multi-camera anchors weigh as in the baseline's loss
+    cfg = full.sampler
     for step in (0, 399, 799):
         want, got = shape_at(base, step, 800), shape_at(cfg, step, 800)
         assert want.num_single_images == 0 and want.num_multi_images == 16 * 4
