@@ -103,3 +103,15 @@ def test_the_experiment_command_takes_preset_and_json():
                                                   "--steps", "800", "--json", "out.json"])
     assert (args.suite, args.preset, args.seeds, args.steps, args.json_path, args.out) == \
         ("mixing", "real", 5, 800, "out.json", None)
+
+
+@pytest.mark.parametrize("recipe, mask", [("remix_demo.yaml", False), ("remix.yaml", False),
+                                          ("dynamix_demo.yaml", True), ("dynamix.yaml", True)])
+def test_only_dynamix_masks_its_own_videos_centroids(recipe, mask, monkeypatch, tmp_path):
+    """ReMix (SPEC 2.2) has no same-video mask; DynaMix's is optional (SPEC 2.3b) and on."""
+    from dynamix_core.config import load_config
+    from pipelines.recipes import RECIPES_DIR
+    from pipelines.train.config import TrainConfig
+
+    monkeypatch.setenv("DYNAMIX_STORAGE_URI", str(tmp_path))
+    assert load_config(TrainConfig, RECIPES_DIR / recipe, []).centroids.mask_same_video is mask
