@@ -26,7 +26,8 @@ def add_arguments(p) -> None:
                    help="recipes: all six recipes; mixing: multicam, remix, dynamix; pretraining: "
                         "with/without self-supervised pre-training (pipelines/experiment_pretraining.py)")
     p.add_argument("--steps", type=int, default=800, help="optimizer steps of every recipe (default: the demo budget, "
-                   "800; about 11 min per run and seed on 2 idle cores)")
+                   "800; about 11 min per multi-camera-only run and seed on 2 idle cores, ~1.5x that for the mixing recipes, "
+                   "which add 32 video images to the 64 multi-camera ones)")
     from dynamix_core.data.synth.presets import PRESETS
 
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS),
