@@ -114,11 +114,13 @@ class TrainStep:
         z_BD, strong_BD = z_2BD[:B], z_2BD[B:]
         key_BD = key_BD.float()
         lc = self.loss_cfg
+        domain_B = batch.is_single_B if lc.anchor_mean == "per_domain" else None
         terms = {
             "instance": instance_loss(z_BD, batch.pid_B, key_BD, batch.pid_B,
-                                      anchor_temperatures(is_multi_B, lc.tau_ins_multi, lc.tau_ins_single)),
-            "augmentation": augmentation_loss(strong_BD, key_BD, batch.pid_B, lc.tau_aug),
-            "centroid": self.bank.loss(z_BD, batch.pid_B, self.bank.temperatures(batch.is_single_B), batch.video_B),
+                                      anchor_temperatures(is_multi_B, lc.tau_ins_multi, lc.tau_ins_single), domain_B),
+            "augmentation": augmentation_loss(strong_BD, key_BD, batch.pid_B, lc.tau_aug, domain_B),
+            "centroid": self.bank.loss(z_BD, batch.pid_B, self.bank.temperatures(batch.is_single_B), batch.video_B,
+                                       domain_B),
         }
         if self.camera_centroids is not None:
             terms["camera_centroid"] = camera_centroid_loss(
