@@ -86,7 +86,7 @@ def retrieval_strip(weights: Path, cfg: TrainConfig, num_queries: int = 6, top_k
 
     from dynamix_core.data.images import decode_image
     from dynamix_core.model import build_encoder, load_weights
-    from pipelines.train.evaluate import TargetSet, embed_images
+    from dynamix_core.evaluation.target import TargetSet, embed_images
 
     model = build_encoder(cfg.model).eval()
     load_weights(model, weights)
@@ -113,7 +113,7 @@ def target_references(cfg: TrainConfig) -> dict[str, float]:
     from dynamix_core.evaluation.baselines import colour_histogram, random_ranking
     from dynamix_core.evaluation.features import evaluate_features
     from dynamix_core.model import MomentumEncoder, build_encoder
-    from pipelines.train.evaluate import TargetSet, evaluate_target
+    from dynamix_core.evaluation.target import TargetSet, evaluate_target
 
     target = TargetSet.load(cfg.data.target, cfg.data.transform)
     chance = random_ranking(target.q_pid, target.g_pid, target.q_cam, target.g_cam)

@@ -82,7 +82,7 @@ def test_poll_switches_labels_buffer_and_bank_and_resume_returns_the_checkpoint_
     import threading
 
     from dynamix_core.sampling import SingleCameraSampler
-    from pipelines.train.data import RankVideos, VideoFeed
+    from dynamix_core.data.train_sets import RankVideos, VideoFeed
     from services.label_store import get_or_create_store
 
     name = f"client-{uuid.uuid4().hex[:6]}"

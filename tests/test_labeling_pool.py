@@ -26,7 +26,7 @@ from dynamix_core.config import load_config, to_dict
 from dynamix_core.data.synth import SynthConfig, generate
 from pipelines.ingest import IngestConfig, run_ingest
 from pipelines.train.config import TrainConfig
-from pipelines.train.index import write_single_camera_index
+from dynamix_core.data.run_index_writer import write_single_camera_index
 from pipelines.train.driver import _initial_momentum_state, _labeling_cfg
 from dynamix_core.labeling.label_table import LabelStore
 from services.label_store import get_or_create_store

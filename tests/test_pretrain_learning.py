@@ -38,7 +38,7 @@ def sklearn_map(q, g, q_pid, g_pid, q_cam, g_cam) -> float:
 
 
 def target_map(backbone, target) -> float:
-    from pipelines.train.evaluate import embed_images
+    from dynamix_core.evaluation.target import embed_images
 
     backbone.eval()
     q = embed_images(backbone, target.q_data, target.transform, torch.device("cpu")).numpy()
@@ -51,7 +51,7 @@ def target_map(backbone, target) -> float:
                                        "benchmarks/bench_pretrain_knn.py measures it (docs/learning.md section 6); "
                                        "remove this marker once a CPU-sized setting shows it")
 def test_pretrained_backbone_alone_ranks_the_target_better_than_random_init(tiny_data):
-    from pipelines.train.evaluate import TargetSet
+    from dynamix_core.evaluation.target import TargetSet
 
     view = dict(height=IMG[0], width=IMG[1], crop_scale=(0.2, 1.0), pad=0, erase_prob=0.0, saturation=0.2)
     target = TargetSet.load(str(tiny_data / "shards" / "synth_target"), TransformConfig(height=IMG[0], width=IMG[1]))

@@ -1,4 +1,4 @@
-"""Crash-safe run files (pipelines/train/run_files.py) and rank 0's once-per-step metric records:
+"""Crash-safe run files (pipelines/runs/files.py) and rank 0's once-per-step metric records:
 checkpoint state loads with ``weights_only=True`` (and a pickled object is refused), RNG states go
 through JSON unchanged, a torn history line is cut off, and a restart's replayed steps reach
 history.jsonl and a real MLflow store once."""
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dynamix_core.centroids import CentroidBank, CentroidBankConfig
-from pipelines.train.run_files import (MetricHistory, load_tensors, read_jsonl, rng_state, set_rng_state,
+from pipelines.runs.files import (MetricHistory, load_tensors, read_jsonl, rng_state, set_rng_state,
                                        write_atomic)
 
 

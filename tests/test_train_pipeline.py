@@ -108,7 +108,7 @@ def test_training_run_end_to_end(ray_local, tiny_data):
 def _sklearn_target_map(encoder, cfg: TrainConfig) -> float:
     from sklearn.metrics import average_precision_score
 
-    from pipelines.train.evaluate import TargetSet, embed_images
+    from dynamix_core.evaluation.target import TargetSet, embed_images
 
     target = TargetSet.load(cfg.data.target, cfg.data.transform)
     q = embed_images(encoder, target.q_data, cfg.data.transform, torch.device("cpu")).numpy()
@@ -148,7 +148,7 @@ def test_worker_and_labeling_actor_killed_tracking_down(ray_local, tiny_data, va
     from dynamix_core.labeling import LabelStore
     from pipelines.tracking import flush_spool
     from pipelines.train.driver import run_training
-    from pipelines.train.run_files import load_json, load_tensors, read_jsonl
+    from pipelines.runs.files import load_json, load_tensors, read_jsonl
 
     max_steps, checkpoint_every = 48, 8
     name = "faults-" + "-".join(f"{v}" for v in variant.values() if isinstance(v, str)) if variant else "faults"

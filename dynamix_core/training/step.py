@@ -52,13 +52,18 @@ class StepOutput:
     compute_s: float
 
 
-def _all_gather(t: torch.Tensor) -> torch.Tensor:
+def all_gather(t: torch.Tensor) -> torch.Tensor:
     """Concatenate ``t`` (same shape on every rank) over the data-parallel group."""
     import torch.distributed as dist
 
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.contiguous())  # the list form: gloo (CPU) and NCCL both support it
     return torch.cat(parts)
+
+
+#: the former private name, still imported by the clustering and pre-training workers until they move
+#: onto the training engine; new code imports :func:`all_gather`
+_all_gather = all_gather
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -139,7 +144,7 @@ class TrainStep:
                 dist.broadcast(buf, src=0)
         key_BD, pid_B = key_BD.detach(), batch.pid_B
         if self.replicate_bank_updates:
-            key_BD, pid_B = _all_gather(key_BD), _all_gather(pid_B)
+            key_BD, pid_B = all_gather(key_BD), all_gather(pid_B)
         self.bank.update(key_BD, pid_B, step)
         return StepOutput(terms=logged, lr=lr, grad_norm=float(grad_norm), compute_s=time.perf_counter() - t0)
 

@@ -1,0 +1,167 @@
+"""Crash-safe files of a training run: atomic writes (temp + fsync + rename + fsync of the folder),
+the metric history that tolerates a torn line and records each step once across restarts, the
+record of every (re)start, and checkpoint state that loads with ``torch.load(weights_only=True)``
+(tensors in ``.pt``; the RNG states, which hold no tensors worth pickling, as JSON beside them).
+
+The run folder may be an object-store URI (``s3://bucket/runs/NAME``, :mod:`dynamix_core.storage`).
+An object cannot be appended to, so there the JSON-lines files are rewritten whole (one upload, seen
+whole or not at all) at every record; they stay small (one line per metric report or restart).
+What cannot live in a bucket stays in a local folder of the run (:func:`local_run_dir`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dynamix_core import storage
+from dynamix_core.atomic import fsync_dir, write_atomic  # noqa: F401  (re-exported for the run files)
+
+log = logging.getLogger("dynamix.train")
+
+
+def local_run_dir(run_dir: str | Path) -> Path:
+    """The local folder of a run on an object store, for what must be a local file: the default
+    MLflow sqlite store, the MLflow spools, the copy of the exported weights that is logged and
+    registered. ``$XDG_CACHE_HOME/dynamix/runs/NAME-HASH`` (``~/.cache`` by default; the system
+    temporary folder when that is not writable), HASH from the run's URI so that runs of the same name
+    in two buckets stay apart. A local run folder is its own local folder."""
+    if not storage.is_remote(run_dir):
+        return Path(run_dir)
+    run_dir = str(run_dir).rstrip("/")
+    leaf = f"{storage.name(run_dir)}-{hashlib.sha256(run_dir.encode()).hexdigest()[:10]}"
+    folder = storage.cache_dir("runs") / leaf
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def _read_text(path: str | Path) -> str | None:
+    """The text of a local file or an object (None when there is none)."""
+    try:
+        return storage.read_bytes(path).decode(errors="replace")
+    except FileNotFoundError:
+        return None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file; a torn or garbled line (a crash mid-append) is skipped with a warning."""
+    text = _read_text(path)
+    if text is None:
+        return []
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s: line %d is not a JSON record (torn by a crash?); skipped", path, number)
+    return rows
+
+
+class MetricHistory:
+    """``history.jsonl`` of rank 0: one JSON line per metric report, each step recorded once.
+
+    A restart replays the steps after its checkpoint; their rows (and MLflow values) from the
+    attempt that first reached them are kept, and the replay does not write them again. Opening
+    cuts a torn last line off (rewriting the file atomically). On an object store every record
+    rewrites the whole object (it holds one line per report)."""
+
+    def __init__(self, path: str | Path):
+        self.remote = storage.is_remote(path)
+        self.path = str(path) if self.remote else Path(path)
+        rows = read_jsonl(self.path)
+        self.steps = {int(r["step"]) for r in rows if "step" in r}
+        self._text = "".join(json.dumps(r) + "\n" for r in rows)  # what an object store holds
+        if self.remote:
+            self._file = None
+            return
+        if self.path.is_file():
+            text = self.path.read_text(errors="replace")
+            if len([ln for ln in text.splitlines() if ln.strip()]) != len(rows) or not text.endswith("\n"):
+                write_atomic(self.path, self._text)
+        self._file = open(self.path, "a")
+
+    def __contains__(self, step: int) -> bool:
+        return step in self.steps
+
+    def append(self, metrics: dict) -> None:
+        """Record ``metrics`` (with its ``step``) unless that step is recorded already."""
+        step = int(metrics["step"])
+        if step in self.steps:
+            return
+        line = json.dumps(metrics) + "\n"
+        if self.remote:
+            storage.write_bytes_atomic(self.path, self._text + line)
+            self._text += line
+        else:
+            self._file.write(line)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        self.steps.add(step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def record_start(run_dir: str | Path, start_step: int) -> None:
+    """Append this (re)start of the worker group to ``starts.jsonl``: the step it resumed at."""
+    line = json.dumps({"start_step": start_step, "time": time.time()}) + "\n"
+    if storage.is_remote(run_dir):  # no append on an object store: rewrite it whole
+        path = storage.join(run_dir, "starts.jsonl")
+        storage.write_bytes_atomic(path, (_read_text(path) or "") + line)
+        return
+    with open(Path(run_dir) / "starts.jsonl", "a") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+# --- checkpoint state ---------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch RNG states as JSON-safe data."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(mt), gauss],
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state().tolist()}
+
+
+def set_rng_state(state: dict) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def _numpy_scalar(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable checkpoint state")
+
+
+def save_json(path: str | Path, obj) -> None:
+    """Checkpoint state as JSON (NumPy scalars become Python numbers)."""
+    Path(path).write_text(json.dumps(obj, default=_numpy_scalar))
+
+
+def load_json(path: str | Path):
+    return json.loads(Path(path).read_text())
+
+
+def load_tensors(path: str | Path, device: torch.device | str = "cpu"):
+    """A checkpoint ``.pt`` (tensors in plain containers): never unpickles code (``weights_only``)."""
+    return torch.load(path, map_location=device, weights_only=True)
