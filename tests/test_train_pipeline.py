@@ -145,7 +145,7 @@ def test_worker_and_labeling_actor_killed_tracking_down(ray_local, tiny_data, va
     shards hold the published centroids), and every metric reaches MLflow once the server is back."""
     from mlflow.tracking import MlflowClient
 
-    from dynamix_core.labeling import LabelStore
+    from dynamix_core.labeling import LabelTable
     from pipelines.tracking import flush_spool
     from pipelines.train.driver import run_training
     from pipelines.runs.files import load_json, load_tensors, read_jsonl
@@ -193,7 +193,7 @@ def test_worker_and_labeling_actor_killed_tracking_down(ray_local, tiny_data, va
     # consistency after the restart: the final checkpoint's label version is one the store published
     ckpt = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
     progress = load_json(ckpt / "progress.json")
-    labels = LabelStore(run_dir / "labels")
+    labels = LabelTable(run_dir / "labels")
     versions = labels.committed_versions()
     assert progress["step"] == max_steps and progress["label_version"] in versions
     assert len(labels.read(progress["label_version"])) > 0  # readable: pinned by the checkpoint
