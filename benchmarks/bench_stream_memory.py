@@ -33,7 +33,7 @@ measured work:
 The figures are each process's peak RSS in MB (``VmHWM``) and its peak private memory (sampled
 from ``/proc/self/smaps_rollup``; it leaves out the Ray object-store pages the trainer maps while
 reading the stream, which are shared memory capped by the stream's ``read_ahead_mb``); ``growth`` is
-the largest size's over the smallest's (the issue asks for within 20 %). The Ray Data read tasks run
+the largest size's over the smallest's (the goal: within 20 %, memory that does not grow with the images). The Ray Data read tasks run
 in Ray's worker processes; their memory is not the trainer's and is not counted.
 """
 
@@ -352,7 +352,7 @@ def to_markdown(res: dict) -> str:
                  f"(reference {g['driver_reference']:.2f}x), trainer {g['trainer_new']:.2f}x "
                  f"(reference {g['trainer_reference']:.2f}x); private peak: driver {g['driver_new_private']:.2f}x "
                  f"(reference {g['driver_reference_private']:.2f}x), trainer {g['trainer_new_private']:.2f}x "
-                 f"(reference {g['trainer_reference_private']:.2f}x). The issue asks for within 1.20x.")
+                 f"(reference {g['trainer_reference_private']:.2f}x). The goal is within 1.20x.")
     lines += ["", "Labeling coordinator (its index state and the chunks of a round over every video, 64 videos "
               "each; actors and store not included), peak RSS (private peak) in MB:", "",
               "| rows | coordinator (new: per video) | coordinator (reference: compact columns per image) | s (new / ref) |",

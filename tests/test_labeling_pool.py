@@ -313,8 +313,8 @@ def test_repeated_remix_rounds_reuse_retired_identity_numbers(ray_local, shards,
 
 
 def test_a_round_publishes_its_results_as_they_come_not_whole(ray_local, shards, tmp_path):
-    """Issue 13: a round is not collected whole before it is published (the first ReMix round covers
-    every video of the run). With one video per chunk and commits of two videos, a round over the 6
+    """A round is not collected whole before it is published (the first ReMix round covers every
+    video of the run: held whole, it would cost memory growing with the run). With one video per chunk and commits of two videos, a round over the 6
     videos publishes 3 versions of 2 videos each. Each changes only its videos' rows and publishes
     exactly its identities' centroids (unit means of features computed here); after the last, every
     video is labelled. The coordinator never held more chunks than its 2 x pool_size out at once plus
