@@ -44,7 +44,7 @@ def main() -> int:
     from dynamix_core.evaluation import evaluate_features
     from dynamix_core.evaluation.baselines import colour_histogram
     from pipelines.train.config import TrainConfig
-    from pipelines.train.evaluate import TargetSet, evaluate_target
+    from dynamix_core.evaluation.target import TargetSet, evaluate_target
     from pipelines.train.local import train_local
 
     torch.set_num_threads(args.threads)

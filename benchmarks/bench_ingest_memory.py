@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/bench_ingest_memory.py --rows 100000 400000 --json bench_results/ingest_memory.json
     .venv/bin/python benchmarks/bench_ingest_memory.py --quick        # 20K and 100K rows (run_all.py --quick)
 
-Issue 13 item 4 asks for ingest planning in bounded memory; LUPerson-NL is the set that is large
-(10M images). For each size a real LUPerson-NL store is written (``keys.pkl`` with keys and tracker
+Ingest planning must hold memory that grows with the identities and videos, not with a list of
+Python objects per image; LUPerson-NL is the set where that matters, being large (10M images). For each size a real LUPerson-NL store is written (``keys.pkl`` with keys and tracker
 pids, an LMDB whose values are 32-byte stand-ins for the JPEGs: planning reads their sizes, never
 their bytes), with ``rows / 480`` videos and ~23 images per tracklet, the shape of the real set
 (10.7M images, 21K videos, 433K identities). Then, each in a fresh Python process, so that the peak

@@ -12,7 +12,7 @@ videos published, ``--dim`` floats each). After each
 commit a trainer moves to the new version as ``LabelClient.poll`` does (``changes_since`` + apply to
 its int32 array; the sampler and bank updates of poll are not included).
 
-Figures (JSON, with the targets of issue 13 at 10M rows):
+Figures (JSON; the label store is meant for 10M rows, the scale the goals are set at):
 
 * ``commit_s``: median seconds of ``commit`` of one 256-video relabel, called from the driver;
 * ``switch_s``: median seconds for a trainer to fetch the delta and apply it;
@@ -25,7 +25,7 @@ Figures (JSON, with the targets of issue 13 at 10M rows):
 
 At the identity scale (``--ids``, e.g. ``--rows 10000000 --ids 1000000``) a base of
 ``--ids`` published identities (ids 0 .. ids-1, ``--dim`` floats each) is written and merged into
-the centroid base before the store actor starts (in a child process, through ``LabelStore``), and
+the centroid base before the store actor starts (in a child process, through ``LabelTable``), and
 the JSON also has:
 
 * ``merge_commit_s``: median seconds of a commit that retires a centroid file (merges it into the base);
@@ -80,24 +80,24 @@ def peak_rss_mb() -> float:
 def seed_base(root: str, pids: np.ndarray, ids: int, dim: int, out) -> None:
     """Version 0 (tracker labels) and ``ids`` identities published and merged into the centroid base
     (child process: the trainer's peak RSS stays its own)."""
-    from dynamix_core.labeling import LabelStore
+    from dynamix_core.labeling import LabelTable
 
     rng = np.random.default_rng(1)
-    store = LabelStore(root, keep_versions=1)
-    store.write(0, rows=np.zeros(0, np.int64), pids_after=pids, parent=None, step=0,
+    table = LabelTable(root, keep_versions=1)
+    table.write(0, rows=np.zeros(0, np.int64), pids_after=pids, parent=None, step=0,
                 record={"num_identities": max(ids, int(pids.max()) + 1)})
     version = 0
     t0 = time.perf_counter()
     for lo in range(0, ids, SEED_CHUNK):
         chunk = np.arange(lo, min(ids, lo + SEED_CHUNK), dtype=np.int64)
         version += 1
-        store.write(version, rows=np.zeros(0, np.int64), pids_after=pids, parent=version - 1, step=version,
+        table.write(version, rows=np.zeros(0, np.int64), pids_after=pids, parent=version - 1, step=version,
                     centroids=(chunk, rng.normal(size=(len(chunk), dim)).astype(np.float32), chunk // IDS_PER_VIDEO),
                     record={"num_identities": max(ids, int(pids.max()) + 1)})
     version += 1  # one version without centroids, so that every seeding file is merged
-    store.write(version, rows=np.zeros(0, np.int64), pids_after=pids, parent=version - 1, step=version,
+    table.write(version, rows=np.zeros(0, np.int64), pids_after=pids, parent=version - 1, step=version,
                 record={"num_identities": max(ids, int(pids.max()) + 1)})
-    store.collect(version)
+    table.collect(version)
     out.put({"seed_s": time.perf_counter() - t0, "seed_versions": version, "seed_peak_mb": peak_rss_mb()})
 
 
@@ -339,7 +339,7 @@ def to_markdown(r: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=1_000_000, help="single-camera rows (default 1M; issue 13 targets 10M)")
+    ap.add_argument("--rows", type=int, default=1_000_000, help="single-camera rows (default 1M; the store is meant for 10M)")
     ap.add_argument("--rounds", type=int, default=12, help="relabel commits measured")
     ap.add_argument("--dim", type=int, default=768, help="centroid width (ViT-B: 768)")
     ap.add_argument("--ids", type=int, default=0, help="identities published before the measured commits "

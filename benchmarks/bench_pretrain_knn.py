@@ -63,7 +63,7 @@ def chance_map(q_pid, g_pid, q_cam, g_cam, draws: int = 50, seed: int = 0) -> fl
 
 
 def features(backbone, target, device) -> tuple[np.ndarray, np.ndarray]:
-    from pipelines.train.evaluate import embed_images
+    from dynamix_core.evaluation.target import embed_images
 
     backbone.eval()
     return (embed_images(backbone, target.q_data, target.transform, device).numpy(),
@@ -72,7 +72,7 @@ def features(backbone, target, device) -> tuple[np.ndarray, np.ndarray]:
 
 def main() -> int:
     from pipelines.pretrain.config import PretrainConfig
-    from pipelines.train.evaluate import TargetSet
+    from dynamix_core.evaluation.target import TargetSet
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="40 steps at 64x32, one seed: a smoke run")

@@ -13,7 +13,7 @@ stream moves bytes and never decodes them; about 21 videos per shard) plus its `
 Then, each in a fresh Python process, so that peak resident memory (``VmHWM``) is that of the
 measured work:
 
-* **driver** (``new``): :func:`pipelines.train.index.write_single_camera_index`, the run's index
+* **driver** (``new``): :func:`dynamix_core.data.run_index_writer.write_single_camera_index`, the run's index
   written shard by shard, as ``dynamix train`` does before the workers start;
 * **driver** (``reference``): the replaced driver code, the whole manifest turned into Python lists
   and numbered with ``IdentityMap`` (kept here as the reference; it was
@@ -21,7 +21,7 @@ measured work:
 * **trainer** (``new``): rank 0 of 2 as a training worker sets itself up (``RankVideos.load``, its
   int32 label array of every row), then one full pass over its videos through
   :func:`pipelines.train.data.ray_video_stream` (Ray Data tasks on a local Ray reading the tars) into
-  a :class:`~pipelines.train.data.VideoFeed` with a 64-video cache;
+  a :class:`~dynamix_core.data.train_sets.VideoFeed` with a 64-video cache;
 * **trainer** (``reference``): the replaced ``rank_video_rows`` (every image of the rank as Python
   lists) and the same pass read in-process through the same 64-video cache;
 * **labeling coordinator** (``new``): its per-video ``VideoTable`` and the chunks of a round over
@@ -33,7 +33,7 @@ measured work:
 The figures are each process's peak RSS in MB (``VmHWM``) and its peak private memory (sampled
 from ``/proc/self/smaps_rollup``; it leaves out the Ray object-store pages the trainer maps while
 reading the stream, which are shared memory capped by the stream's ``read_ahead_mb``); ``growth`` is
-the largest size's over the smallest's (the issue asks for within 20 %). The Ray Data read tasks run
+the largest size's over the smallest's (the goal: within 20 %, memory that does not grow with the images). The Ray Data read tasks run
 in Ray's worker processes; their memory is not the trainer's and is not counted.
 """
 
@@ -145,7 +145,7 @@ class PrivatePeak:
 
 
 def driver_new(root: str, out: str) -> dict:
-    from pipelines.train.index import write_single_camera_index
+    from dynamix_core.data.run_index_writer import write_single_camera_index
 
     before = _rss_mb()
     t0 = time.perf_counter()
@@ -159,7 +159,7 @@ def driver_reference(root: str, out: str) -> dict:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    import pipelines.train.index  # noqa: F401  (the same libraries as the new driver loads)
+    import dynamix_core.data.run_index_writer  # noqa: F401  (the same libraries as the new driver loads)
     from dynamix_core.data.reader import read_dataset_manifest
     from dynamix_core.data.records import IdentityMap
 
@@ -187,7 +187,8 @@ def trainer_new(root: str, out: str) -> dict:
     import pyarrow.parquet as pq
     import ray
 
-    from pipelines.train.data import RankVideos, VideoFeed, ray_video_stream
+    from dynamix_core.data.train_sets import RankVideos, VideoFeed
+    from pipelines.train.data import ray_video_stream
 
     index_path = str(Path(out) / "index.parquet")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=False)
@@ -264,7 +265,7 @@ def coordinator_reference(root: str, out: str) -> dict:
     the same chunks built from them."""
     import pyarrow.parquet as pq
 
-    import pipelines.train.index  # noqa: F401  (the same libraries as the new coordinator loads)
+    import dynamix_core.data.run_index_writer  # noqa: F401  (the same libraries as the new coordinator loads)
 
     index_path = str(Path(out) / "index.parquet")
     before = _rss_mb()
@@ -351,7 +352,7 @@ def to_markdown(res: dict) -> str:
                  f"(reference {g['driver_reference']:.2f}x), trainer {g['trainer_new']:.2f}x "
                  f"(reference {g['trainer_reference']:.2f}x); private peak: driver {g['driver_new_private']:.2f}x "
                  f"(reference {g['driver_reference_private']:.2f}x), trainer {g['trainer_new_private']:.2f}x "
-                 f"(reference {g['trainer_reference_private']:.2f}x). The issue asks for within 1.20x.")
+                 f"(reference {g['trainer_reference_private']:.2f}x). The goal is within 1.20x.")
     lines += ["", "Labeling coordinator (its index state and the chunks of a round over every video, 64 videos "
               "each; actors and store not included), peak RSS (private peak) in MB:", "",
               "| rows | coordinator (new: per video) | coordinator (reference: compact columns per image) | s (new / ref) |",

@@ -1,5 +1,6 @@
 """Ray Train overhead: the DynaMix worker step under a 1-worker TorchTrainer vs the same step run
-bare in this process, on the same in-memory batches (issue: target ratio >= 0.9).
+bare in this process, on the same in-memory batches (the goal: ratio >= 0.9,
+Ray Train costing at most a tenth of the step).
 
     .venv/bin/python benchmarks/bench_train_loop.py [--quick] [--steps 30] [--out FILE.md]
 

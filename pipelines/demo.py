@@ -73,7 +73,7 @@ def label_quality(run_dir: str | Path) -> dict[str, float]:
     """Pairwise F-score of the single-camera labels against SynthReID ground truth: tracker labels
     (version 0) and the final version after relabeling (``run_dir``: a folder or an object-store URI)."""
     from dynamix_core import storage
-    from dynamix_core.labeling.label_table import LabelStore
+    from dynamix_core.labeling.label_table import LabelTable
     from dynamix_core.labeling.quality import pairwise_scores
 
     index_path = storage.join(run_dir, "labels", "index.parquet")
@@ -82,14 +82,14 @@ def label_quality(run_dir: str | Path) -> dict[str, float]:
     if "truth" not in storage.read_schema(index_path).names:
         return {}
     truth = storage.read_table(index_path, columns=["truth"])["truth"].to_numpy()  # labels are addressed by its rows
-    store = LabelStore(storage.join(run_dir, "labels"))
+    table = LabelTable(storage.join(run_dir, "labels"))
     out = {}
-    for name, version in (("before", 0), ("after", store.latest_version())):
-        pids = store.read(version)
+    for name, version in (("before", 0), ("after", table.latest_version())):
+        pids = table.read(version)
         scores = pairwise_scores(pids.astype(np.int64), truth)
         out[f"label_F_{name}"] = scores["pair_f_score"]
         out[f"label_purity_{name}"] = scores["purity"]
-    out["label_versions"] = float(store.latest_version())
+    out["label_versions"] = float(table.latest_version())
     return out
 
 
@@ -99,7 +99,7 @@ def retrieval_strip(weights: Path, cfg: TrainConfig, num_queries: int = 6, top_k
 
     from dynamix_core.data.images import decode_image
     from dynamix_core.model import build_encoder, load_weights
-    from pipelines.train.evaluate import TargetSet, embed_images
+    from dynamix_core.evaluation.target import TargetSet, embed_images
 
     model = build_encoder(cfg.model).eval()
     load_weights(model, weights)
@@ -126,7 +126,7 @@ def target_references(cfg: TrainConfig) -> dict[str, float]:
     from dynamix_core.evaluation.baselines import colour_histogram, random_ranking
     from dynamix_core.evaluation.features import evaluate_features
     from dynamix_core.model import MomentumEncoder, build_encoder
-    from pipelines.train.evaluate import TargetSet, evaluate_target
+    from dynamix_core.evaluation.target import TargetSet, evaluate_target
 
     target = TargetSet.load(cfg.data.target, cfg.data.transform)
     chance = random_ranking(target.q_pid, target.g_pid, target.q_cam, target.g_cam)

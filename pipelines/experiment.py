@@ -155,14 +155,14 @@ def format_differences(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def aggregate(row: str, description: str, runs: list[dict]) -> dict:
     """Mean and standard deviation over seeds of a row's runs (``{"mAP", "rank1"}`` each)."""
-    m_mean, m_std = _mean_std([r["mAP"] for r in runs])
-    r_mean, r_std = _mean_std([r["rank1"] for r in runs])
+    m_mean, m_std = mean_std([r["mAP"] for r in runs])
+    r_mean, r_std = mean_std([r["rank1"] for r in runs])
     return {"row": row, "setting": description, "mAP_mean": m_mean, "mAP_std": m_std, "rank1_mean": r_mean,
             "rank1_std": r_std, "runs": runs}
 

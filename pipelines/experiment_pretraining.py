@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from pipelines.demo import SETS, demo_config, prepare_data
-from pipelines.experiment import _mean_std, aggregate, plot_rows, run_name_for, seed_overrides
+from pipelines.experiment import aggregate, mean_std, plot_rows, run_name_for, seed_overrides
 from pipelines.recipes import RECIPES_DIR
 
 SUITE = "pretraining"
@@ -161,7 +161,7 @@ def format_table(rows: list[dict], bare: list[dict], *, steps: int, seeds: int, 
     after = [b[f"{key}_after"] for b in bare if f"{key}_after" in b]
     if before and after:
         lines += ["", f"Bare backbone, no fine-tuning (kNN monitor, target mAP): random init "
-                      f"{pct(*_mean_std(before))}, pre-trained {pct(*_mean_std(after))}."]
+                      f"{pct(*mean_std(before))}, pre-trained {pct(*mean_std(after))}."]
     return "\n".join(lines)
 
 

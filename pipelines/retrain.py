@@ -322,7 +322,7 @@ def _evaluate(cfg: RetrainConfig, cycle_dir: Path | str, journal: Journal) -> di
     import torch
 
     from dynamix_core.model import build_encoder, load_weights
-    from pipelines.train.evaluate import TargetSet, evaluate_target
+    from dynamix_core.evaluation.target import TargetSet, evaluate_target
 
     tcfg = train_config(cfg, storage.name(cycle_dir), journal.outputs("base"))
     if tcfg.data.target is None:

@@ -3,7 +3,7 @@ changed since the version they hold, plus the published centroids of their shard
 
 Labels are addressed by row of the run's ``index.parquet`` (fixed order): the actor holds the
 current version as one int32 array, a commit writes only the rows it changed
-(:class:`dynamix_core.labeling.label_table.LabelStore`: deltas, periodic snapshots, retention of the
+(:class:`dynamix_core.labeling.label_table.LabelTable`: deltas, periodic snapshots, retention of the
 last versions and of every version a checkpoint pinned, old centroids merged into a base partitioned
 by identity range, of which a commit rewrites only the partitions it touched), and
 every rank that asks for the same step gets the same delta: it is put into the object store once
@@ -30,7 +30,7 @@ import ray
 
 from dynamix_core import storage
 from dynamix_core.centroids.sharded import owner_rank
-from dynamix_core.labeling.label_table import LabelStore, LabelStoreError, merge_newest
+from dynamix_core.labeling.label_table import LabelTable, LabelTableError, merge_newest
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,9 @@ class LabelDelta:
         return labels
 
 
-class LabelStoreService:
-    """The actor's logic (plain class: unit-testable without Ray)."""
+class LabelStore:
+    """The run's label store, the only writer of its :class:`LabelTable`: the actor's logic (plain
+    class: unit-testable without Ray; the actor is :data:`LabelStoreActor`)."""
 
     #: deltas kept for re-serving (every rank asks for the same one within a step)
     cache_size = 4
@@ -77,7 +78,7 @@ class LabelStoreService:
     recent_versions = 4
 
     def __init__(self, root: str, snapshot_every: int = 32, keep_versions: int = 8):
-        self.store = LabelStore(root, snapshot_every=snapshot_every, keep_versions=keep_versions)
+        self.table = LabelTable(root, snapshot_every=snapshot_every, keep_versions=keep_versions)
         self.version: int | None = None
         self.pids: np.ndarray | None = None  # int32, the latest version
         self.step = 0
@@ -95,32 +96,32 @@ class LabelStoreService:
         return None
 
     def _recover(self) -> None:
-        version = self.store.latest_version()  # warns about newer unreadable versions
+        version = self.table.latest_version()  # warns about newer unreadable versions
         self._set_aside_newer(-1 if version is None else version)
         if version is None:
             return
-        self.version, self.pids = version, self.store.read(version)
-        history = {r["version"]: r for r in self.store.history()}
+        self.version, self.pids = version, self.table.read(version)
+        history = {r["version"]: r for r in self.table.history()}
         self._identities_at = {v: int(r.get("num_identities", 0)) for v, r in history.items()}
         self.step = int(history.get(version, {}).get("step", 0))
         self.num_identities = max(int(self.pids.max(initial=-1)) + 1, self._identities_at.get(version, 0))
-        log.info("label store %s: recovered version %d (step %d)", self.store.root, version, self.step)
+        log.info("label store %s: recovered version %d (step %d)", self.table.root, version, self.step)
 
     def _set_aside_newer(self, version: int) -> None:
         """Rename the (unreadable) version files newer than ``version`` to ``<name>.corrupt-<time>``:
         versions are immutable, so left in place they would make every later commit fail; renamed,
         the next commit reuses their number and the evidence stays on disk."""
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        for name in self.store.listing():
+        for name in self.table.listing():
             head = name.split(".")[0]
             if name.startswith("v") and head[1:].isdigit() and int(head[1:]) > version and ".corrupt-" not in name:
                 aside = f"{name}.corrupt-{stamp}"
-                _move(self.store.path(name), self.store.path(aside))
-                log.warning("label store %s: unreadable %s moved to %s", self.store.root, name, aside)
+                _move(self.table.path(name), self.table.path(aside))
+                log.warning("label store %s: unreadable %s moved to %s", self.table.root, name, aside)
 
     def root(self) -> str:
         """The folder this store serves (resolved)."""
-        return _canonical(self.store.root)
+        return _canonical(self.table.root)
 
     def latest(self) -> tuple[int | None, int]:
         return self.version, self.step
@@ -156,12 +157,12 @@ class LabelStoreService:
         pids = np.asarray(pids)
         if self.version is not None:
             if len(pids) != len(self.pids):
-                raise LabelStoreError(
-                    f"label store {self.store.root} holds {len(self.pids)} rows, the run's index has {len(pids)}: "
+                raise LabelTableError(
+                    f"label store {self.table.root} holds {len(self.pids)} rows, the run's index has {len(pids)}: "
                     "the single-camera data changed under a running run; start a new run.name")
             return self.version
         table = pids.astype(np.int32)
-        self.store.write(0, rows=np.zeros(0, np.int64), pids_after=table, parent=None, step=0,
+        self.table.write(0, rows=np.zeros(0, np.int64), pids_after=table, parent=None, step=0,
                          record={"num_identities": int(table.max(initial=-1)) + 1})
         self.version, self.pids, self.step = 0, table, 0
         self.num_identities = self._identities_at[0] = int(table.max(initial=-1)) + 1
@@ -178,14 +179,14 @@ class LabelStoreService:
     def read_rows(self, rows) -> tuple[int, np.ndarray]:
         """The latest version and the labels of ``rows`` in it (int32)."""
         if self.pids is None:
-            raise LabelStoreError("no label version yet")
+            raise LabelTableError("no label version yet")
         return self.version, self.pids[np.asarray(rows, dtype=np.int64)]
 
     def commit(self, rows, pids, *, step: int, centroid_ids, centroids, centroid_videos, videos=(),
                num_splits: int = 0, num_merges: int = 0) -> int:
         """A new version: ``rows`` get ``pids``; centroids published for ``centroid_ids``."""
         if self.pids is None:
-            raise LabelStoreError("commit before initialise: the store holds no version yet")
+            raise LabelTableError("commit before initialise: the store holds no version yet")
         rows = np.asarray(rows, dtype=np.int64)
         pids = np.asarray(pids, dtype=np.int32)
         if len(rows) != len(pids):
@@ -200,7 +201,7 @@ class LabelStoreService:
         version = self.version + 1
         num_identities = max(self.num_identities, int(pids.max(initial=-1)) + 1, int(ids.max(initial=-1)) + 1)
         try:
-            self.store.write(version, rows=changed, pids_after=self.pids, parent=self.version, step=step,
+            self.table.write(version, rows=changed, pids_after=self.pids, parent=self.version, step=step,
                              centroids=(ids, centroids, centroid_videos),
                              record={"videos_relabeled": sorted(int(v) for v in videos), "num_splits": int(num_splits),
                                      "num_merges": int(num_merges), "num_identities": num_identities})
@@ -215,12 +216,12 @@ class LabelStoreService:
         while len(self._recent) > self.recent_versions:
             self._recent.popitem(last=False)
         # the trainers' current version stays too: a checkpoint pins it only when one is written
-        self.store.collect(version, held=[self._held])
+        self.table.collect(version, held=[self._held])
         return version
 
     def pin(self, version: int, keep: int) -> list[int]:
         """A checkpoint references ``version``: keep it readable (the newest ``keep`` pins count)."""
-        return self.store.pin(version, keep)
+        return self.table.pin(version, keep)
 
     def _cached(self, key: tuple, compute):
         if key not in self._cache:
@@ -238,7 +239,7 @@ class LabelStoreService:
         if self._in_memory(since, until) or since == until:
             full = False
         else:
-            full = since is None or since < 0 or since > until or not self.store.can_move(since, until)
+            full = since is None or since < 0 or since > until or not self.table.can_move(since, until)
         target = self._table_at(until)
         if full:
             rows, pids = None, target.copy()
@@ -247,7 +248,7 @@ class LabelStoreService:
                 parts = [self._recent[v][0] for v in range(since + 1, until + 1)]
                 rows = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
             else:
-                rows = self.store.changed_rows(since, until)
+                rows = self.table.changed_rows(since, until)
             pids = target[rows]
         return full, rows, pids, self._share((rows, pids))
 
@@ -263,24 +264,24 @@ class LabelStoreService:
                 changed, before, _ = self._recent[v]
                 table[changed] = before
             return table
-        return self.store.read(until)
+        return self.table.read(until)
 
     def _reads_base(self, since: int | None, until: int) -> bool:
         """Whether the centroids of (since, until] come from the partitioned base (a trainer's first
         call, or one behind the base), not only from memory or the newer centroid files."""
-        return not self._in_memory(since, until) and (since is None or since < self.store.base_version())
+        return not self._in_memory(since, until) and (since is None or since < self.table.base_version())
 
     def _centroids(self, since: int | None, until: int, owned=None) -> tuple:
         """Newest publication of each identity published in (since, until]: from memory when this
         process committed those versions, else from storage (``owned``: filter to a rank's identities
         while reading, so a sharded trainer's first call never gathers the whole base)."""
         if not self._in_memory(since, until):
-            merged_up_to = self.store.base_version()
+            merged_up_to = self.table.base_version()
             if until < merged_up_to:
                 # publications up to `until` were merged into the base (only each identity's newest is
                 # kept): hand out the newest known ones; they only initialise bank rows
-                return self.store.centroids_between(since, merged_up_to, owned)
-            return self.store.centroids_between(since, until, owned)
+                return self.table.centroids_between(since, merged_up_to, owned)
+            return self.table.centroids_between(since, until, owned)
         ids, rows, videos, versions = [], [], [], []
         for v in range(since + 1, until + 1):
             i, c, vid = self._recent[v][2]
@@ -300,10 +301,10 @@ class LabelStoreService:
         share one copy of the labels. ``with_centroids=False``: labels only (a resume, whose bank
         comes from its checkpoint)."""
         if self.pids is None:
-            raise LabelStoreError("no label version yet")
+            raise LabelTableError("no label version yet")
         until = self.version if until is None else until
         if until > self.version:
-            raise LabelStoreError(f"label version {until} does not exist yet (latest is {self.version})")
+            raise LabelTableError(f"label version {until} does not exist yet (latest is {self.version})")
         full, rows, pids, shared = self._cached(("labels", since, until), lambda: self._labels(since, until))
         self._held = until
         if with_centroids:
@@ -327,7 +328,7 @@ class LabelStoreService:
         return LabelDelta(until, self.step, rows, pids, ids_M, rows_MD, videos_M, full, num_identities, shared)
 
     def history(self) -> list[dict]:
-        return self.store.history()
+        return self.table.history()
 
     def resources(self) -> dict:
         """This process's resident memory and the store folder's size (MiB), for monitoring."""
@@ -338,7 +339,7 @@ class LabelStoreService:
             rss_kb, peak_kb = (int(fields.get(k, "0 kB").split()[0]) for k in ("VmRSS", "VmHWM"))
         except (OSError, ValueError):
             pass
-        return {"rss_mb": rss_kb / 1024, "peak_rss_mb": peak_kb / 1024, "disk_mb": self.store.disk_bytes() / 2**20,
+        return {"rss_mb": rss_kb / 1024, "peak_rss_mb": peak_kb / 1024, "disk_mb": self.table.disk_bytes() / 2**20,
                 "label_mb": 0.0 if self.pids is None else self.pids.nbytes / 2**20}
 
 
@@ -355,7 +356,7 @@ def _move(src: str, dst: str) -> None:
         os.replace(storage.local_path(src), storage.local_path(dst))
 
 
-class _SharedLabelStore(LabelStoreService):
+class _SharedLabelStore(LabelStore):
     def _share(self, payload):
         return [ray.put(payload)]
 

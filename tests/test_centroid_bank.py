@@ -267,7 +267,7 @@ def test_never_written_rows_are_left_out_of_the_softmax(mode):
 
 def test_growth_is_geometric_and_keeps_every_row():
     """Identities arrive a few at a time (each label version adds some): the bank must not copy
-    itself at every growth (issue 13: it did, O(N) per version). Reallocations are counted by the
+    itself at every growth (an O(N) copy per version would make label versions cost the bank's size). Reallocations are counted by the
     storage address; the rows written before every growth keep their values, new rows are unset,
     and a checkpoint holds exactly the identities in use (not the spare capacity)."""
     cfg = CentroidBankConfig(storage_dtype="float32")

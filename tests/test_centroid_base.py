@@ -13,8 +13,8 @@ import pytest
 
 import dynamix_core.labeling.label_table as lt
 from dynamix_core.centroids.sharded import owner_rank
-from dynamix_core.labeling import LabelStore
-from services.label_store import LabelStoreService
+from dynamix_core.labeling import LabelTable
+from services.label_store import LabelStore
 
 K, D, P, ROWS = 1000, 4, 50, 40
 
@@ -60,7 +60,7 @@ def assert_same(held: Dense, dense: Dense, mask=None):
 
 
 def new_store(root, **kw):
-    store = LabelStore(root, snapshot_every=8, keep_versions=2, partition_ids=P, **kw)
+    store = LabelTable(root, snapshot_every=8, keep_versions=2, partition_ids=P, **kw)
     store.write(0, rows=[], pids_after=np.zeros(ROWS, np.int32), parent=None, step=0)
     return store
 
@@ -140,8 +140,8 @@ def test_a_trainer_at_or_after_the_base_reads_no_partition_and_one_behind_reads_
     for version in range(1, 21):
         commit(store, dense, rng, version)
     read: list[int] = []
-    real = LabelStore.read_partition
-    monkeypatch.setattr(LabelStore, "read_partition", lambda self, p: read.append(p) or real(self, p))
+    real = LabelTable.read_partition
+    monkeypatch.setattr(LabelTable, "read_partition", lambda self, p: read.append(p) or real(self, p))
     base = store.base_version()
     store.centroids_between(base, 20)
     assert read == []  # only the centroid files after the base
@@ -179,7 +179,7 @@ def test_a_crash_part_way_through_a_merge_loses_nothing_and_the_next_collect_fin
     assert store.base_version() == 5
     assert (tmp_path / "v00000006.centroids.npz").exists()
     for held in (None, 5):
-        got = LabelStore(tmp_path, partition_ids=P).centroids_between(held, 8)
+        got = LabelTable(tmp_path, partition_ids=P).centroids_between(held, 8)
         reader = Dense()
         apply(reader, got, 8)
         assert_same(reader, dense, None if held is None else dense.version > held)
@@ -200,7 +200,7 @@ def test_a_store_with_the_old_single_file_base_is_split_into_partitions(tmp_path
     np.savez(buf, ids=ids, centroids=cents, videos=ids % 7, version=np.ones(len(ids), np.int64),
              base_version=np.array(1))
     (tmp_path / "centroids-base.npz").write_bytes(buf.getvalue())
-    store = LabelStore(tmp_path, snapshot_every=8, keep_versions=2, partition_ids=P)
+    store = LabelTable(tmp_path, snapshot_every=8, keep_versions=2, partition_ids=P)
     store.write(1, rows=[0], pids_after=np.ones(ROWS, np.int32), parent=0, step=1)
     for version in range(2, 6):
         commit(store, dense, rng, version)
@@ -213,8 +213,8 @@ def test_a_store_with_the_old_single_file_base_is_split_into_partitions(tmp_path
 
 def test_the_service_hands_each_sharded_rank_its_rows_of_the_base_and_a_lagging_one_only_what_changed(tmp_path):
     rng = np.random.default_rng(5)
-    svc = LabelStoreService(str(tmp_path), snapshot_every=8, keep_versions=2)
-    svc.store.partition_ids = P
+    svc = LabelStore(str(tmp_path), snapshot_every=8, keep_versions=2)
+    svc.table.partition_ids = P
     svc.initialise(np.zeros(ROWS, np.int32))
     dense = Dense()
     for version in range(1, 16):
@@ -222,7 +222,7 @@ def test_the_service_hands_each_sharded_rank_its_rows_of_the_base_and_a_lagging_
         dense.publish(version, ids, cents, videos)
         assert svc.commit([version % ROWS], [version], step=version, centroid_ids=ids, centroids=cents,
                           centroid_videos=videos) == version
-    again = LabelStoreService(str(tmp_path), snapshot_every=8, keep_versions=2)  # nothing in memory
+    again = LabelStore(str(tmp_path), snapshot_every=8, keep_versions=2)  # nothing in memory
     world, offset = 4, 3
     for rank in range(world):
         delta = again.changes_since(None, rank=rank, world_size=world, sharded=True, bank_offset=offset)
@@ -232,6 +232,6 @@ def test_the_service_hands_each_sharded_rank_its_rows_of_the_base_and_a_lagging_
         apply(shard, (delta.centroid_ids, delta.centroids, delta.centroid_videos), 15)
         assert_same(shard, dense, mine)
         assert delta.num_identities == int(np.flatnonzero(dense.version >= 0).max()) + 1
-    held = again.store.base_version()
+    held = again.table.base_version()
     delta = again.changes_since(held, until=15)
     assert set(delta.centroid_ids.tolist()) == set(np.flatnonzero(dense.version > held).tolist())

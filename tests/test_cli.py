@@ -149,9 +149,9 @@ def test_progress_lines_of_a_clustering_recipe_have_no_label_version(tmp_path, c
     """Cluster-Contrast / CALR / DomainMix report epochs and clusters, not label versions: the
     console line leaves the field out instead of killing the printer thread (KeyError seen in
     `dynamix experiment recipes`)."""
-    from pipelines.train.driver import _ProgressPrinter
+    from pipelines.train.driver import ProgressPrinter
 
-    printer = _ProgressPrinter(tmp_path / "history.jsonl", max_steps=400)
+    printer = ProgressPrinter(tmp_path / "history.jsonl", max_steps=400)
     row = {"step": 50, "loss/total": 3.2, "lr": 3.5e-4, "images_per_s": 41.0, "data_wait_fraction": 0.1,
            "epoch": 2.0, "cluster/num_clusters": 77.0, "eval/mAP": 0.25}
     line = printer.format(row)

@@ -57,7 +57,7 @@ import sys
 for name in ("ray", "mlflow", "webdataset", "lmdb", "faiss", "cuml", "s3fs"):
     sys.modules[name] = None  # import raises ImportError, as where the package is not installed
 import dynamix_core.data.synth.videos, dynamix_core.labeling, dynamix_core.pretrain.local, dynamix_core.centroids
-import pipelines.train.evaluate, pipelines.pretrain.config
+import dynamix_core.evaluation.target, pipelines.pretrain.config
 print("OK")
 """
 

@@ -10,7 +10,7 @@ import pytest
 from pipelines.experiment_pretraining import ROWS, aggregate, format_table, plot_rows
 
 
-def test_rows_are_the_six_settings_of_the_issue():
+def test_rows_are_the_six_settings_of_remix_pretraining_ablation():
     assert [(r, pre) for r, _, _, pre in ROWS] == [("a", False), ("b", True), ("c", False), ("d", True),
                                                     ("e", False), ("f", True)]
     assert [recipe for _, _, recipe, _ in ROWS] == ["multicam_baseline_demo.yaml"] * 2 + ["remix_demo.yaml"] * 2 + \

@@ -165,7 +165,8 @@ class _OnePlan:
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_a_bad_image_at_training_time_is_named_by_shard_and_key(policy, capsys):
     from dynamix_core.data.transforms import TransformConfig
-    from pipelines.train.data import BadImageError, BatchProducer, MultiCameraSet
+    from dynamix_core.data.train_sets import MultiCameraSet
+    from pipelines.train.data import BadImageError, BatchProducer
 
     keys = ["ds_train_a", "ds_train_b", "ds_train_c"]
     data = [jpeg(20, (32, 16)), b"\xff\xd8\xff\xe0garbage over the header", jpeg(21, (32, 16))]

@@ -1,5 +1,5 @@
-"""Ingest planning on columns (issue 13 item 4): the columnar sample table, the LMDB parsers that
-build it batch by batch, and the shard planner, each against a reference written here from the
+"""Ingest planning on columns, in memory bounded by identities and videos rather than images: the
+columnar sample table, the LMDB parsers that build it batch by batch, and the shard planner, each against a reference written here from the
 definition with one Python object per image (the form the planner used to hold)."""
 
 from __future__ import annotations

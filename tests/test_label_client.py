@@ -20,7 +20,7 @@ from conftest import free_port
 
 from dynamix_core.centroids import CentroidBankConfig, build_centroid_bank
 from pipelines.train.labels import LabelClient
-from services.label_store import LabelStoreService
+from services.label_store import LabelStore
 
 WORLD = 2
 BANK_OFFSET = 5  # odd: single identity g is bank row 5 + g, so g's parity is not its owner's
@@ -33,8 +33,8 @@ CENTROIDS = np.random.default_rng(0).normal(size=(4, DIM)).astype(np.float32)
 VIDEOS = np.array([10, 10, 11, 12])
 
 
-def build_store(root) -> LabelStoreService:
-    svc = LabelStoreService(str(root))
+def build_store(root) -> LabelStore:
+    svc = LabelStore(str(root))
     svc.initialise(PIDS_V0)
     svc.commit([6, 7], [3, 3], step=4, centroid_ids=PUBLISHED, centroids=CENTROIDS, centroid_videos=VIDEOS)
     return svc
@@ -45,7 +45,7 @@ def _rank(rank: int, port: int, root: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        svc = LabelStoreService(root)
+        svc = LabelStore(root)
         # the bank the worker builds from the index: multi identities + the initial single ones
         bank = build_centroid_bank(CentroidBankConfig(loss_mode="sharded", storage_dtype="float32"),
                                    BANK_OFFSET + 3, DIM)
@@ -82,7 +82,7 @@ def test_poll_switches_labels_buffer_and_bank_and_resume_returns_the_checkpoint_
     import threading
 
     from dynamix_core.sampling import SingleCameraSampler
-    from pipelines.train.data import RankVideos, VideoFeed
+    from dynamix_core.data.train_sets import RankVideos, VideoFeed
     from services.label_store import get_or_create_store
 
     name = f"client-{uuid.uuid4().hex[:6]}"

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dynamix_core.labeling.label_table import LabelStore, LabelStoreError
-from services.label_store import LabelStoreService, get_or_create_store
+from dynamix_core.labeling.label_table import LabelTable, LabelTableError
+from services.label_store import LabelStore, get_or_create_store
 
 ROWS = 6
 PIDS_V0 = np.array([0, 0, 1, 1, -1, 2])
@@ -23,9 +23,9 @@ CENT_V1 = RNG.normal(size=(2, DIM)).astype(np.float32)
 CENT_V2 = RNG.normal(size=(2, DIM)).astype(np.float32)
 
 
-def build_store(root) -> LabelStoreService:
+def build_store(root) -> LabelStore:
     """v0 = PIDS_V0; v1 (step 10): row 0 -> 5, row 1 -> 0 (unchanged); v2 (step 20): row 4 -> 6."""
-    svc = LabelStoreService(str(root))
+    svc = LabelStore(str(root))
     assert svc.initialise(PIDS_V0) == 0
     assert svc.commit([0, 1], [5, 0], step=10, centroid_ids=[5, 0], centroids=CENT_V1,
                       centroid_videos=[1, 0], videos=[0, 1], num_splits=1) == 1
@@ -36,7 +36,7 @@ def build_store(root) -> LabelStoreService:
 
 def labels_of(delta_or_service) -> dict:
     """row -> pid of a delta (every row when it is full), or of the table a service holds."""
-    if isinstance(delta_or_service, LabelStoreService):
+    if isinstance(delta_or_service, LabelStore):
         return dict(enumerate(delta_or_service.pids.tolist()))
     rows, pids = delta_or_service.labels()
     rows = np.arange(len(pids)) if rows is None else rows
@@ -85,7 +85,7 @@ def test_deltas_served_from_memory_equal_those_read_from_storage(tmp_path):
     """The committing service answers from what it just wrote; a restarted one reads the files."""
     svc = build_store(tmp_path)
     svc.commit([2, 3], [9, 1], step=30, centroid_ids=[9], centroids=CENT_V1[:1], centroid_videos=[4])
-    reopened = LabelStoreService(str(tmp_path))
+    reopened = LabelStore(str(tmp_path))
     assert not reopened._recent and len(svc._recent) == 3
     for since in (None, 0, 1, 2, 3):
         for until in range(0 if since is None else since, 4):
@@ -111,13 +111,13 @@ def test_sharded_delta_keeps_only_the_ranks_identities(tmp_path):
 
 
 def test_initialise_is_a_no_op_once_a_version_exists_and_commit_needs_one(tmp_path):
-    with pytest.raises(LabelStoreError, match="commit before initialise"):
-        LabelStoreService(str(tmp_path / "empty")).commit([0], [1], step=1, centroid_ids=[],
+    with pytest.raises(LabelTableError, match="commit before initialise"):
+        LabelStore(str(tmp_path / "empty")).commit([0], [1], step=1, centroid_ids=[],
                                                           centroids=np.zeros((0, DIM)), centroid_videos=[])
     svc = build_store(tmp_path)
     assert svc.initialise(np.full(ROWS, -1)) == 2
     assert labels_of(svc) == FULL_V2
-    with pytest.raises(LabelStoreError, match="holds 6 rows, the run's index has 7"):
+    with pytest.raises(LabelTableError, match="holds 6 rows, the run's index has 7"):
         svc.initialise(np.full(ROWS + 1, -1))
     with pytest.raises(ValueError, match="rows outside 0..5"):
         svc.commit([6], [1], step=30, centroid_ids=[], centroids=np.zeros((0, DIM)), centroid_videos=[])
@@ -125,7 +125,7 @@ def test_initialise_is_a_no_op_once_a_version_exists_and_commit_needs_one(tmp_pa
 
 def test_a_new_service_recovers_latest_version_and_step(tmp_path):
     build_store(tmp_path)
-    again = LabelStoreService(str(tmp_path))
+    again = LabelStore(str(tmp_path))
     assert again.latest() == (2, 20)
     assert labels_of(again) == FULL_V2
     assert labels_of(again.changes_since(0)) == {0: 5, 4: 6}
@@ -136,23 +136,23 @@ def test_a_new_service_recovers_latest_version_and_step(tmp_path):
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_unreadable_newest_version_falls_back_and_commits_continue(tmp_path, damage):
     svc = build_store(tmp_path)
-    newest = Path(svc.store.delta_path(2))
+    newest = Path(svc.table.delta_path(2))
     if damage == "truncate":
         newest.write_bytes(newest.read_bytes()[:20])
     else:
         newest.unlink()
     if damage == "truncate":
         with pytest.warns(UserWarning, match=r"label version 2.*v00000002\.delta\.npz.*falling back"):
-            again = LabelStoreService(str(tmp_path))
+            again = LabelStore(str(tmp_path))
     else:
-        again = LabelStoreService(str(tmp_path))
+        again = LabelStore(str(tmp_path))
     assert again.latest() == (1, 10)  # v1 and its step stay in force
     assert labels_of(again) == {**FULL_V2, 4: -1}
     # v2's centroids are no longer part of the store's state
     assert_centroids(again.changes_since(None), {5: (CENT_V1[0], 1), 0: (CENT_V1[1], 0)})
     # the store goes on: the next commit takes the lost version's number
     assert again.commit([5], [9], step=30, centroid_ids=[9], centroids=CENT_V2[:1], centroid_videos=[3]) == 2
-    reopened = LabelStoreService(str(tmp_path))
+    reopened = LabelStore(str(tmp_path))
     assert reopened.latest() == (2, 30)
     assert labels_of(reopened) == {**FULL_V2, 4: -1, 5: 9}
     if damage == "truncate":  # the damaged files are kept for inspection under another name
@@ -192,7 +192,7 @@ def test_a_version_rank_0_chose_stays_servable_after_newer_commits_retire_it(tmp
     """Rank 0 picks the latest version, the pool commits more (retention deletes the picked one from
     storage), then the other ranks ask for it: they must get it (found by the kill/restart pipeline
     test with labeling.keep_versions=1, where a worker crashed on the missing file)."""
-    svc = LabelStoreService(str(tmp_path), snapshot_every=2, keep_versions=1)
+    svc = LabelStore(str(tmp_path), snapshot_every=2, keep_versions=1)
     tables = [np.array([0, 0, 1, 1, 2, 2], np.int32)]
     svc.initialise(tables[0])
     rng = np.random.default_rng(3)
@@ -204,7 +204,7 @@ def test_a_version_rank_0_chose_stays_servable_after_newer_commits_retire_it(tmp
         table = tables[-1].copy()
         table[rows] = new
         tables.append(table)
-    assert not Path(svc.store.delta_path(2)).exists()  # retired from storage
+    assert not Path(svc.table.delta_path(2)).exists()  # retired from storage
     for since, until in [(1, 2), (2, 3), (1, 3), (None, 2), (0, 2)]:
         delta = svc.changes_since(since, until=until)
         held = None if since is None else tables[since].copy()
@@ -215,7 +215,7 @@ def test_the_version_trainers_hold_outlives_newer_commits_until_a_checkpoint_pin
     """A checkpoint pins its label version when it is written, which may be many commits after the
     trainers switched to it: retention must keep the version trainers hold meanwhile (the fresh-clone
     kill/restart test resumed from a checkpoint whose version had already been deleted)."""
-    svc = LabelStoreService(str(tmp_path), snapshot_every=2, keep_versions=1)
+    svc = LabelStore(str(tmp_path), snapshot_every=2, keep_versions=1)
     svc.initialise(PIDS_V0)
 
     def commit(step):
@@ -227,14 +227,14 @@ def test_the_version_trainers_hold_outlives_newer_commits_until_a_checkpoint_pin
     table = svc.changes_since(None).apply(None)
     for step in range(4, 9):
         commit(step)
-    fresh = LabelStore(str(tmp_path))  # storage alone, as a restarted store or a resume reads it
+    fresh = LabelTable(str(tmp_path))  # storage alone, as a restarted store or a resume reads it
     assert fresh.read(held).tolist() == table.tolist()
     svc.pin(held, keep=2)  # the checkpoint is written now
     svc.changes_since(held)  # the trainers move on to the latest
     for step in range(9, 14):
         commit(step)
     assert fresh.read(held).tolist() == table.tolist()  # pinned
-    with pytest.raises(LabelStoreError, match="v00000001.delta.npz is missing"):
+    with pytest.raises(LabelTableError, match="v00000001.delta.npz is missing"):
         fresh.read(1)  # older than every version held or pinned: retired
 
 
@@ -244,13 +244,13 @@ def test_free_ids_are_the_retired_identities_but_not_the_newest_commits(tmp_path
     after initialise or after a restart until this process commits."""
     rng = np.random.default_rng(3)
     table = np.repeat(np.arange(20), 3).astype(np.int32)  # ids 0..19, 3 rows each
-    svc = LabelStoreService(str(tmp_path))
+    svc = LabelStore(str(tmp_path))
     svc.initialise(table)
     assert svc.free_ids().tolist() == []
     num_ids = 20
     for commit in range(12):
         if commit == 6:  # a restart: the newest commit's retirements are unknown, so nothing is reused
-            svc = LabelStoreService(str(tmp_path))
+            svc = LabelStore(str(tmp_path))
             assert svc.free_ids().tolist() == []
         rows = rng.choice(len(table), size=9, replace=False)
         pids = rng.choice(np.r_[np.unique(table), num_ids, num_ids + 1], size=len(rows)).astype(np.int32)

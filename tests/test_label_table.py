@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import dynamix_core.labeling.label_table as lt
-from dynamix_core.labeling import LabelStore, LabelStoreError
+from dynamix_core.labeling import LabelTable, LabelTableError
 
 DIM = 3
 
@@ -71,7 +71,7 @@ def root(label_root):
 def test_every_retained_version_reads_as_the_reference_and_older_ones_are_gone(root):
     rng = np.random.default_rng(0)
     n = 50
-    store = LabelStore(root, snapshot_every=4, keep_versions=3)
+    store = LabelTable(root, snapshot_every=4, keep_versions=3)
     ref = Reference(rng.integers(-1, 20, size=n))
     store.write(0, rows=np.zeros(0, np.int64), pids_after=ref.tables[0], parent=None, step=0)
     store.pin(5, keep=2)  # a checkpoint of version 5 (pinned before it exists, as a worker may)
@@ -93,13 +93,13 @@ def test_every_retained_version_reads_as_the_reference_and_older_ones_are_gone(r
         assert_centroids(store.centroids_between(None, version), ref.centroids(None, version))
     # versions before the oldest retained one (the pin, 5) were deleted: asking names what is missing;
     # everything after it stays (a holder of version 5 moves forward by deltas)
-    with pytest.raises(LabelStoreError, match=r"v00000003\.delta\.npz is missing"):
+    with pytest.raises(LabelTableError, match=r"v00000003\.delta\.npz is missing"):
         store.read(3)
     np.testing.assert_array_equal(store.read(10), ref.tables[10])
     # a newer pin releases the oldest: version 5 goes at the next collect
     store.pin(17, keep=1)
     commit_both(store, ref, rng, n, 19)
-    with pytest.raises(LabelStoreError):
+    with pytest.raises(LabelTableError):
         store.read(5)
     np.testing.assert_array_equal(store.read(17), ref.tables[17])
     np.testing.assert_array_equal(store.read(0), ref.tables[0])  # the initial labels always stay
@@ -107,7 +107,7 @@ def test_every_retained_version_reads_as_the_reference_and_older_ones_are_gone(r
 
 def test_a_version_costs_its_changed_rows_not_the_table(tmp_path):
     n = 200_000
-    store = LabelStore(tmp_path, snapshot_every=1000, keep_versions=2)
+    store = LabelTable(tmp_path, snapshot_every=1000, keep_versions=2)
     pids = np.arange(n, dtype=np.int32) // 20
     store.write(0, rows=np.zeros(0, np.int64), pids_after=pids, parent=None, step=0)
     before = store.disk_bytes()
@@ -125,7 +125,7 @@ def test_a_version_costs_its_changed_rows_not_the_table(tmp_path):
 def test_history_records_each_version_and_survives_a_lost_log_line(root):
     from dynamix_core import storage
 
-    store = LabelStore(root)
+    store = LabelTable(root)
     store.write(0, rows=[], pids_after=[0, 0, 1, 1], parent=None, step=0)
     store.write(1, rows=[1], pids_after=[0, 7, 1, 1], parent=0, step=120,
                 record={"videos_relabeled": [3], "num_splits": 1, "num_merges": 0})
@@ -139,14 +139,14 @@ def test_history_records_each_version_and_survives_a_lost_log_line(root):
     storage.write_bytes_atomic(log, lines[0] + "\n")
     assert [h["version"] for h in store.history()] == [0, 1] and store.history()[1]["step"] == 120
     storage.delete(log)
-    assert LabelStore(root).latest_version() == 1  # versions are found by scanning the folder
-    with pytest.raises(LabelStoreError, match="immutable"):
+    assert LabelTable(root).latest_version() == 1  # versions are found by scanning the folder
+    with pytest.raises(LabelTableError, match="immutable"):
         store.write(1, rows=[], pids_after=[0, 7, 1, 1], parent=0, step=1)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_unreadable_newest_version_is_reported_and_the_previous_stays_in_force(tmp_path, damage):
-    store = LabelStore(tmp_path)
+    store = LabelTable(tmp_path)
     store.write(0, rows=[], pids_after=[0, 0, 1], parent=None, step=0)
     store.write(1, rows=[2], pids_after=[0, 0, 5], parent=0, step=1)
     path = Path(store.delta_path(1))
@@ -154,12 +154,12 @@ def test_unreadable_newest_version_is_reported_and_the_previous_stays_in_force(t
         path.write_bytes(path.read_bytes()[:30])
         with pytest.warns(UserWarning, match=r"v00000001\.delta\.npz.*falling back"):
             assert store.latest_version() == 0
-        with pytest.raises(LabelStoreError, match=r"cannot read .*v00000001\.delta\.npz"):
+        with pytest.raises(LabelTableError, match=r"cannot read .*v00000001\.delta\.npz"):
             store.read(1)
     else:
         path.unlink()
         assert store.latest_version() == 0  # no longer a version at all
-        with pytest.raises(LabelStoreError, match=r"v00000001\.delta\.npz is missing"):
+        with pytest.raises(LabelTableError, match=r"v00000001\.delta\.npz is missing"):
             store.read(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -167,7 +167,7 @@ def test_unreadable_newest_version_is_reported_and_the_previous_stays_in_force(t
 
 
 def test_a_crash_before_the_commit_point_leaves_no_version_and_the_next_commit_takes_its_number(tmp_path, monkeypatch):
-    store = LabelStore(tmp_path, snapshot_every=2)
+    store = LabelTable(tmp_path, snapshot_every=2)
     store.write(0, rows=[], pids_after=[0, 0, 1, 1], parent=None, step=0)
     store.write(1, rows=[0], pids_after=[3, 0, 1, 1], parent=0, step=1)
     real = lt._atomic_bytes

@@ -26,9 +26,9 @@ from dynamix_core.config import load_config, to_dict
 from dynamix_core.data.synth import SynthConfig, generate
 from pipelines.ingest import IngestConfig, run_ingest
 from pipelines.train.config import TrainConfig
-from pipelines.train.index import write_single_camera_index
+from dynamix_core.data.run_index_writer import write_single_camera_index
 from pipelines.train.driver import _initial_momentum_state, _labeling_cfg
-from dynamix_core.labeling.label_table import LabelStore
+from dynamix_core.labeling.label_table import LabelTable
 from services.label_store import get_or_create_store
 from services.labeling_pool import LabelingWorkerService, start_coordinator
 
@@ -77,7 +77,7 @@ class Pool:
 
     def labels(self, version: int) -> dict[str, int]:
         """key -> pid of ``version``, read from the store's folder (labels are addressed by index row)."""
-        return dict(zip(self.keys, LabelStore(self.label_dir).read(version).tolist()))
+        return dict(zip(self.keys, LabelTable(self.label_dir).read(version).tolist()))
 
     def close(self) -> None:
         ray.get(self.coordinator.shutdown.remote())
@@ -147,7 +147,7 @@ def assert_centroids_of_version(pool: Pool, version: int, labels: dict[str, int]
         assert delta.version == version
         ids, centroids, videos = delta.centroid_ids, delta.centroids, delta.centroid_videos
     else:
-        ids, centroids, videos = LabelStore(pool.label_dir).centroids_between(version - 1, version)
+        ids, centroids, videos = LabelTable(pool.label_dir).centroids_between(version - 1, version)
     in_use = {g for k, g in labels.items() if g >= 0 and (keys is None or k in keys)}
     assert sorted(ids.tolist()) == sorted(in_use)
     np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
@@ -183,7 +183,7 @@ def partition(labels: dict[str, int]) -> set[frozenset[str]]:
 
 
 def changed_keys(pool: Pool, version: int) -> set[str]:
-    rows, _ = LabelStore(pool.label_dir).read_delta(version)
+    rows, _ = LabelTable(pool.label_dir).read_delta(version)
     return {pool.keys[r] for r in rows.tolist()}
 
 
@@ -313,8 +313,8 @@ def test_repeated_remix_rounds_reuse_retired_identity_numbers(ray_local, shards,
 
 
 def test_a_round_publishes_its_results_as_they_come_not_whole(ray_local, shards, tmp_path):
-    """Issue 13: a round is not collected whole before it is published (the first ReMix round covers
-    every video of the run). With one video per chunk and commits of two videos, a round over the 6
+    """A round is not collected whole before it is published (the first ReMix round covers every
+    video of the run: held whole, it would cost memory growing with the run). With one video per chunk and commits of two videos, a round over the 6
     videos publishes 3 versions of 2 videos each. Each changes only its videos' rows and publishes
     exactly its identities' centroids (unit means of features computed here); after the last, every
     video is labelled. The coordinator never held more chunks than its 2 x pool_size out at once plus

@@ -1,4 +1,4 @@
-"""Crash-safe run files (pipelines/train/run_files.py) and rank 0's once-per-step metric records:
+"""Crash-safe run files (pipelines/runs/files.py) and rank 0's once-per-step metric records:
 checkpoint state loads with ``weights_only=True`` (and a pickled object is refused), RNG states go
 through JSON unchanged, a torn history line is cut off, and a restart's replayed steps reach
 history.jsonl and a real MLflow store once."""
@@ -16,7 +16,7 @@ import torch
 
 from dynamix_core.centroids import CentroidBank, CentroidBankConfig
 from dynamix_core.engine import load_tensors, rng_state, set_rng_state
-from pipelines.train.run_files import MetricHistory, read_jsonl, write_atomic
+from pipelines.runs.files import MetricHistory, read_jsonl, write_atomic
 
 
 def _draws() -> tuple:
@@ -85,7 +85,7 @@ def test_replayed_steps_reach_mlflow_once(tmp_path):
     replays 12 with other values: MLflow holds every step once, with history.jsonl's values."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.job import WorkerJob
+    from pipelines.runs.folder import WorkerJob
     from pipelines.train.worker import open_rank0_records, record_metrics
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

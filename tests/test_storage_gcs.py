@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from dynamix_core import storage
+from dynamix_core.data.run_index import read_video
+from dynamix_core.data.run_index_writer import write_single_camera_index
+from dynamix_core.data.train_sets import RankVideos
 from pipelines.cli import main
-from pipelines.train.data import RankVideos, read_video
-from pipelines.train.index import write_single_camera_index
 from test_storage_s3 import SETS, SHARD_COUNT, _remote_files, _same_as_local, synth  # noqa: F401  (synth: the fixture)
 
 

@@ -23,14 +23,15 @@ from conftest import TINY_SYNTH, free_port
 from dynamix_core import storage
 from dynamix_core.data.reader import ShardReader, read_dataset_manifest
 from dynamix_core.data.records import Record
+from dynamix_core.data.run_index import read_video
+from dynamix_core.data.run_index_writer import write_single_camera_index
 from dynamix_core.data.shards import ShardWriter, StaleShardError, read_members
+from dynamix_core.data.train_sets import MultiCameraSet, RankVideos
 from dynamix_core.data.transforms import TransformConfig
+from dynamix_core.evaluation.target import TargetSet
 from dynamix_core.storage import StorageError
 from pipelines.cli import main
 from pipelines.ingest import IngestConfig, run_ingest
-from pipelines.train.data import MultiCameraSet, RankVideos, read_video
-from pipelines.train.index import write_single_camera_index
-from pipelines.train.evaluate import TargetSet
 
 SETS = {"synth_m0": "multi", "synth_video": "single", "synth_target": "target"}
 SHARD_COUNT = 40  # several shards per set

@@ -10,7 +10,7 @@ import numpy as np
 from dynamix_core.data.transforms import TransformConfig
 from dynamix_core.evaluation import evaluate_features
 from pipelines.ingest import IngestConfig, run_ingest
-from pipelines.train.evaluate import TargetSet
+from dynamix_core.evaluation.target import TargetSet
 from test_ingest import image_bytes
 
 # path, pid (-1 = unlabeled), camid, split

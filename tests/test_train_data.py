@@ -18,10 +18,12 @@ import torch
 
 from conftest import make_tiny_reid
 from dynamix_core.config import load_config
+from dynamix_core.data.run_index import videos_path
+from dynamix_core.data.run_index_writer import write_single_camera_index
+from dynamix_core.data.train_sets import MultiCameraSet, RankVideos, VideoFeed
 from dynamix_core.data.transforms import TransformConfig
 from dynamix_core.sampling import MixedBatchSampler, SamplerConfig
-from pipelines.train.data import BatchProducer, MultiCameraSet, RankVideos, VideoFeed, ray_video_stream
-from pipelines.train.index import videos_path, write_single_camera_index
+from pipelines.train.data import BatchProducer, ray_video_stream
 
 TOTAL_STEPS = 12
 

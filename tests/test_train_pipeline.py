@@ -108,7 +108,7 @@ def test_training_run_end_to_end(ray_local, tiny_data):
 def _sklearn_target_map(encoder, cfg: TrainConfig) -> float:
     from sklearn.metrics import average_precision_score
 
-    from pipelines.train.evaluate import TargetSet, embed_images
+    from dynamix_core.evaluation.target import TargetSet, embed_images
 
     target = TargetSet.load(cfg.data.target, cfg.data.transform)
     q = embed_images(encoder, target.q_data, cfg.data.transform, torch.device("cpu")).numpy()
@@ -146,11 +146,11 @@ def test_worker_and_labeling_actor_killed_tracking_down(ray_local, tiny_data, va
     shards hold the published centroids), and every metric reaches MLflow once the server is back."""
     from mlflow.tracking import MlflowClient
 
-    from dynamix_core.labeling import LabelStore
+    from dynamix_core.labeling import LabelTable
     from pipelines.tracking import flush_spool
     from pipelines.train.driver import run_training
     from dynamix_core.engine import load_json, load_tensors
-    from pipelines.train.run_files import read_jsonl
+    from pipelines.runs.files import read_jsonl
 
     max_steps, checkpoint_every = 48, 8
     name = "faults-" + "-".join(f"{v}" for v in variant.values() if isinstance(v, str)) if variant else "faults"
@@ -195,7 +195,7 @@ def test_worker_and_labeling_actor_killed_tracking_down(ray_local, tiny_data, va
     # consistency after the restart: the final checkpoint's label version is one the store published
     ckpt = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
     progress = load_json(ckpt / "progress.json")
-    labels = LabelStore(run_dir / "labels")
+    labels = LabelTable(run_dir / "labels")
     versions = labels.committed_versions()
     assert progress["step"] == max_steps and progress["label_version"] in versions
     assert len(labels.read(progress["label_version"])) > 0  # readable: pinned by the checkpoint

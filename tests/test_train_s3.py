@@ -66,7 +66,7 @@ def test_train_with_shards_and_storage_on_s3_keeps_the_run_there_and_resumes_fro
     from pipelines.demo import label_quality
     from pipelines.ingest import IngestConfig, run_ingest
     from pipelines.train.driver import run_training
-    from pipelines.train.run_files import local_run_dir
+    from pipelines.runs.files import local_run_dir
     from test_train_pipeline import tiny_config
 
     caplog.set_level("WARNING", logger="werkzeug")  # moto's server logs every request
@@ -182,7 +182,7 @@ def test_dynamix_storage_uri_is_the_default_run_storage_and_ingest_out(s3_bucket
 def test_metric_history_and_starts_on_s3_are_whole_objects_with_each_step_once(s3_bucket):
     """No append on an object store: rank 0's records rewrite the object; a restart replaying steps
     after its checkpoint records them once, as in a local run folder (tests/test_run_files.py)."""
-    from pipelines.train.run_files import MetricHistory, read_jsonl, record_start
+    from pipelines.runs.files import MetricHistory, read_jsonl, record_start
 
     run = f"{s3_bucket}/runs/r1"
     assert read_jsonl(f"{run}/history.jsonl") == []  # no object yet

@@ -1,43 +1,31 @@
-"""In-process reader over an ingested shard set (no Ray): samples, whole videos, label-table join.
+"""In-process reader over an ingested shard set (no Ray): samples and whole videos.
 
-    reader = ShardReader("data/shards/synth_video", labels="labels/v3.parquet")
+    reader = ShardReader("data/shards/synth_video")
     for video in reader.iter_videos():          # single-camera sets: one list per video, in frame order
         ...
-    batch = to_batch(samples, ViewTransform(TransformConfig(), "standard"), seed=epoch)
 
 The shard set is what ``dynamix ingest`` wrote: ``manifest.parquet`` (one row per image, with its
 ``shard``, e.g. ``train/shard-000000.tar``, relative to the set) and the tars, read sequentially,
 from a folder or an object-store URI (``s3://bucket/prefix``, see :mod:`dynamix_core.storage`).
-Pseudo-labels are never baked into shards (SPEC 1.1): a label table (parquet ``key, pid, version``)
-is joined at read time and its rows override ``pid``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import torch
 
 from dynamix_core import storage
-from dynamix_core.data.images import decode_image
 from dynamix_core.data.records import BadInputError, InputReport, Record
 from dynamix_core.data.shards import DATASET_SCHEMA, MANIFEST_NAME, iter_tar_samples, no_manifest_error
-from dynamix_core.data.transforms import ViewTransform, sample_generator
-
-#: integer record fields stacked into tensors by :func:`to_batch`
-BATCH_FIELDS = ("pid", "camid", "video_id", "tracklet_id", "frame")
 
 
 @dataclass(slots=True)
 class Sample:
-    """One image read from a shard: its record (label-joined ``pid``) and encoded bytes."""
+    """One image read from a shard: its record and encoded bytes."""
 
     record: Record
     data: bytes
@@ -57,35 +45,17 @@ def read_dataset_manifest(root: str | Path) -> pa.Table:
     return storage.read_table(path, schema=DATASET_SCHEMA)
 
 
-def read_label_table(path: str | Path) -> dict[str, int]:
-    """``key -> pid`` from a label table (parquet ``key, pid, version``), the highest version per key."""
-    table = storage.read_table(path, columns=["key", "pid", "version"])
-    if table.num_rows == 0:
-        return {}
-    order = pc.sort_indices(table, sort_keys=[("key", "ascending"), ("version", "ascending")])
-    table = table.take(order)
-    # after sorting, the last row of each key holds its highest version; dict() keeps the last
-    return dict(zip(table.column("key").to_pylist(), table.column("pid").to_pylist()))
-
-
 class ShardReader:
-    """Reads a shard set in manifest order; ``labels`` (a table path or a ``key -> pid`` mapping)
-    overrides ``pid``. Bad shard content (see :func:`~dynamix_core.data.shards.iter_tar_samples`)
-    goes to ``report``: skipped and reported, or raised in strict mode."""
+    """Reads a shard set in manifest order. Bad shard content (see
+    :func:`~dynamix_core.data.shards.iter_tar_samples`) goes to ``report``: skipped and reported, or
+    raised in strict mode."""
 
-    def __init__(
-        self,
-        root: str | Path,
-        *,
-        labels: str | Path | Mapping[str, int] | None = None,
-        report: InputReport | None = None,
-    ):
+    def __init__(self, root: str | Path, *, report: InputReport | None = None):
         self.root = root if storage.is_remote(root) else Path(root)
         self.manifest = read_dataset_manifest(self.root)
         shard_col = self.manifest.column("shard").to_pylist()
         self.shards: list[str] = list(dict.fromkeys(shard_col))  # manifest (= write) order
         self._shard_sizes = Counter(shard_col)
-        self.labels = read_label_table(labels) if isinstance(labels, (str, Path)) else labels
         self.report = report if report is not None else InputReport()
 
     def __len__(self) -> int:
@@ -97,8 +67,6 @@ class ShardReader:
             tar_path = storage.join(self.root, name) if storage.is_remote(self.root) else self.root / name
             before, count = len(self.report), 0
             for record, data, ext in iter_tar_samples(tar_path, self.report):
-                if self.labels is not None and record.key in self.labels:
-                    record = dataclasses.replace(record, pid=int(self.labels[record.key]))
                 count += 1
                 yield Sample(record, data, ext)
             # a tar cut exactly at a member boundary reads as a valid, shorter archive
@@ -127,21 +95,3 @@ class ShardReader:
 
 def _video_of(sample: Sample) -> tuple[str, int]:
     return sample.record.dataset, sample.record.video_id
-
-
-def load_image(sample: Sample, size: tuple[int, int] | None = None) -> np.ndarray:
-    """The sample's image, RGB ``uint8`` ``(H, W, 3)``, resized to ``size = (H, W)`` if given."""
-    return decode_image(sample.data, size)
-
-
-def to_batch(samples: list[Sample], transform: ViewTransform, seed: int) -> dict[str, torch.Tensor]:
-    """Decode and transform ``samples`` into ``{"image": float (B, 3, H, W), "pid": int64 (B,), ...}``
-    (the fields of :data:`BATCH_FIELDS`); each view is seeded by ``(seed, key, view)``."""
-    size = (transform.cfg.height, transform.cfg.width)
-    images_BCHW = torch.stack(
-        [transform(load_image(s, size), sample_generator(seed, s.key, transform.view)) for s in samples]
-    )
-    batch = {"image": images_BCHW}
-    for name in BATCH_FIELDS:
-        batch[name] = torch.tensor([getattr(s.record, name) for s in samples], dtype=torch.int64)
-    return batch

@@ -1,5 +1,5 @@
 """The index of a training run's single-camera images, read by row range: each video's rows are
-contiguous in ``index.parquet`` (written by :mod:`pipelines.train.index`), and
+contiguous in ``index.parquet`` (written by :mod:`dynamix_core.data.run_index_writer`), and
 ``index.videos.parquet`` gives each video's first row, row count and shard. The trainers' Ray Data
 read tasks, a trainer's cache misses and the labeling coordinator read only the row groups that hold
 the rows they need (ranged reads on an object store). Ray-free: the labeling service uses it too."""
@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from dynamix_core import storage
+from dynamix_core.data.shards import read_members  # validates each tar header before reading
 
 
 def videos_path(index_path: str | Path) -> str:
@@ -80,6 +81,14 @@ def read_checked_rows(index_path: str, start: int, stop: int, video: np.ndarray,
 def read_video_rows(index_path: str, video: int, start: int, stop: int, columns: list[str]):
     """``columns`` (plus ``video``) of one video's index rows ``start .. stop - 1`` (see :func:`read_checked_rows`)."""
     return read_checked_rows(index_path, start, stop, np.full(stop - start, video, dtype=np.int64), columns)
+
+
+def read_video(index_path: str, item: dict) -> tuple[list[str], list[bytes]]:
+    """Keys and encoded images of one video (``item``: video, row_start, count, tar) in index order:
+    its index rows from the row groups holding them, then its members from the shard."""
+    s = item["row_start"]
+    t = read_video_rows(index_path, item["video"], s, s + item["count"], ["key", "offset", "size"])
+    return t["key"].to_pylist(), read_members(item["tar"], t["offset"].to_pylist(), t["size"].to_pylist())
 
 
 class VideoTable:

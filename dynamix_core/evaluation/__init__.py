@@ -2,7 +2,9 @@
 
 - :func:`evaluate_rank` - from a query x gallery distance matrix (``rank.py``);
 - :func:`evaluate_features` / :func:`evaluate` - from features, distances chunk by chunk
-  (``features.py``), optionally k-reciprocal re-ranked (``rerank.py``).
+  (``features.py``), optionally k-reciprocal re-ranked (``rerank.py``);
+- :class:`~dynamix_core.evaluation.target.TargetSet` / :func:`~dynamix_core.evaluation.target.evaluate_target`
+  - an encoder on the query/gallery of an ingested shard set (``target.py``, imported by its path).
 """
 
 from dynamix_core.evaluation.features import (

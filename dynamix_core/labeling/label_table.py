@@ -20,7 +20,7 @@ version exists exactly when its delta (snapshot for version 0) is readable; file
 version are overwritten by the next commit. Every file is written to a temporary name in the folder
 and renamed, so a reader sees the old file or the new one, never half of one.
 
-Retention (:meth:`LabelStore.collect`): version 0 (the initial labels), the last ``keep_versions``
+Retention (:meth:`LabelTable.collect`): version 0 (the initial labels), the last ``keep_versions``
 versions and every pinned one stay readable, and so do the deltas after the oldest of them (a trainer that holds it can be moved
 forward by deltas alone); older label files are deleted and older centroid files are merged into
 the base, so "which centroids did versions (a, b] publish" stays answerable for any retained ``a``.
@@ -32,12 +32,12 @@ newer than the manifest's ``base_version``, so readers still use it, and its pub
 any partition row it already reached), and the next collect merges it again (idempotent). Readers
 skip the base when the version they hold is at or after ``base_version`` (a lagging trainer reads
 only the centroid files it missed), read only partitions with a publication newer than that
-version otherwise, and filter each partition to the asking rank's identities as it is read. A store
+version otherwise, and filter each partition to the asking rank's identities as it is read. A table
 written before partitions (one ``centroids-base.npz``) is split into partitions on first use.
 
 A version file that is missing or unreadable is reported (naming the file) and the newest readable
-version stays in force: :meth:`LabelStore.latest_version` skips it with a warning, :meth:`read` of it
-raises :class:`LabelStoreError`.
+version stays in force: :meth:`LabelTable.latest_version` skips it with a warning, :meth:`read` of it
+raises :class:`LabelTableError`.
 """
 
 from __future__ import annotations
@@ -61,12 +61,12 @@ HISTORY_FILE = "history.jsonl"
 PINS_FILE = "pins.json"
 BASE_DIR = "centroids-base"
 MANIFEST_FILE = "manifest.json"
-LEGACY_BASE_FILE = "centroids-base.npz"  # one whole K x D file (stores written before partitions)
+LEGACY_BASE_FILE = "centroids-base.npz"  # one whole K x D file (tables written before partitions)
 PARTITION_IDS = 256
 MERGE_THREADS = 8  # partitions merged at once (their I/O overlaps)
 
 
-class LabelStoreError(RuntimeError):
+class LabelTableError(RuntimeError):
     """A label version file is missing, unreadable or invalid."""
 
 
@@ -81,13 +81,13 @@ def merge_newest(ids, rows, videos, versions) -> tuple[np.ndarray, np.ndarray, n
     return ids[keep], np.asarray(rows)[keep], np.asarray(videos)[keep], np.asarray(versions)[keep]
 
 
-class LabelStore:
+class LabelTable:
     """A folder of row-addressed label versions, their published centroids and the audit log."""
 
     def __init__(self, root: str | Path, *, snapshot_every: int = 32, keep_versions: int = 8,
                  partition_ids: int = PARTITION_IDS):
         """``root``: a local folder or an object-store URI (``s3://bucket/run/labels``).
-        ``partition_ids``: identities per centroid-base partition of a new store (an existing base
+        ``partition_ids``: identities per centroid-base partition of a new table (an existing base
         keeps the size its manifest records)."""
         if snapshot_every < 1 or keep_versions < 1 or partition_ids < 1:
             raise ValueError(f"snapshot_every ({snapshot_every}), keep_versions ({keep_versions}) and "
@@ -124,7 +124,7 @@ class LabelStore:
         return self.snapshot_path(0) if version == 0 else self.delta_path(version)
 
     def listing(self) -> dict[str, int]:
-        """``name -> size`` of the files in the store (one LIST on an object store)."""
+        """``name -> size`` of the files in the table (one LIST on an object store)."""
         return storage.listdir(self.root)
 
     def _files(self, listing: dict[str, int] | None = None) -> dict[str, set[int]]:
@@ -146,7 +146,7 @@ class LabelStore:
             try:
                 self.read(version)
                 return version
-            except LabelStoreError as exc:
+            except LabelTableError as exc:
                 warnings.warn(f"{exc}; falling back to the previous version", stacklevel=2)
         return None
 
@@ -154,19 +154,19 @@ class LabelStore:
         try:
             raw = storage.read_bytes(path)
         except FileNotFoundError:
-            raise LabelStoreError(f"label version {version}: {what} file {path} is missing") from None
+            raise LabelTableError(f"label version {version}: {what} file {path} is missing") from None
         try:
             data = np.load(io.BytesIO(raw), allow_pickle=False)
             if isinstance(data, np.lib.npyio.NpzFile):
                 data = {k: data[k] for k in data.files}
             return data
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-            raise LabelStoreError(f"label version {version}: cannot read {path}: {exc}") from exc
+            raise LabelTableError(f"label version {version}: cannot read {path}: {exc}") from exc
 
     def read_snapshot(self, version: int) -> np.ndarray:
         pids = self._load(self.snapshot_path(version), version, "snapshot")
         if pids.ndim != 1 or pids.dtype != np.int32:
-            raise LabelStoreError(f"label version {version}: {self.snapshot_path(version)} holds {pids.dtype} "
+            raise LabelTableError(f"label version {version}: {self.snapshot_path(version)} holds {pids.dtype} "
                                   f"{pids.shape}, expected a 1-d int32 pid array")
         return pids
 
@@ -174,7 +174,7 @@ class LabelStore:
         """Rows version ``version`` changed and their new pids."""
         data = self._load(self.delta_path(version), version, "delta")
         if not {"rows", "pids"} <= set(data) or len(data["rows"]) != len(data["pids"]):
-            raise LabelStoreError(f"label version {version}: {self.delta_path(version)} must hold equal-length "
+            raise LabelTableError(f"label version {version}: {self.delta_path(version)} must hold equal-length "
                                   f"'rows' and 'pids', has {sorted(data)}")
         return data["rows"].astype(np.int64), data["pids"].astype(np.int32)
 
@@ -183,10 +183,10 @@ class LabelStore:
         if version is None:
             version = self.latest_version()
             if version is None:
-                raise LabelStoreError(f"no readable label version in {self.root}")
+                raise LabelTableError(f"no readable label version in {self.root}")
         files = self._files()
         if version != 0 and version not in files["delta.npz"]:
-            raise LabelStoreError(f"label version {version}: delta file {self.delta_path(version)} is missing")
+            raise LabelTableError(f"label version {version}: delta file {self.delta_path(version)} is missing")
         snaps = sorted(v for v in files["snap.npy"] if v <= version)
         for base in reversed(snaps):  # the newest snapshot whose chain is complete
             try:
@@ -195,10 +195,10 @@ class LabelStore:
                     rows, new = self.read_delta(v)
                     pids[rows] = new
                 return pids
-            except LabelStoreError:
+            except LabelTableError:
                 if base == snaps[0]:
                     raise
-        raise LabelStoreError(f"label version {version}: no snapshot at or below it in {self.root}")
+        raise LabelTableError(f"label version {version}: no snapshot at or below it in {self.root}")
 
     def changed_rows(self, since: int, until: int) -> np.ndarray:
         """Rows whose pid versions (since, until] set (sorted, unique); needs every delta in between."""
@@ -225,7 +225,7 @@ class LabelStore:
             manifest["partitions"] = {int(p): [int(a), int(b)] for p, (a, b) in manifest["partitions"].items()}
             int(manifest["base_version"]), int(manifest["partition_ids"])
         except (ValueError, KeyError, TypeError) as exc:
-            raise LabelStoreError(f"cannot read the centroid base manifest {self.base_path(MANIFEST_FILE)}: {exc}") from exc
+            raise LabelTableError(f"cannot read the centroid base manifest {self.base_path(MANIFEST_FILE)}: {exc}") from exc
         return manifest
 
     def base_version(self) -> int:
@@ -236,7 +236,7 @@ class LabelStore:
         """One base partition: ids (sorted), centroids, videos, version."""
         data = self._load(self.partition_path(partition), -1, "centroid base partition")
         if not {"ids", "centroids", "videos", "version"} <= set(data):
-            raise LabelStoreError(f"centroid base partition {self.partition_path(partition)} lacks "
+            raise LabelTableError(f"centroid base partition {self.partition_path(partition)} lacks "
                                   f"ids/centroids/videos/version, has {sorted(data)}")
         return data
 
@@ -251,7 +251,7 @@ class LabelStore:
         manifest = self.base_manifest()
         base_version = int(manifest["base_version"])
         if until < base_version:
-            raise LabelStoreError(f"centroids up to version {until} were merged into {self.base_path('')} "
+            raise LabelTableError(f"centroids up to version {until} were merged into {self.base_path('')} "
                                   f"(at version {base_version}); only newer ones can be listed")
 
         def kept(ids, rows, videos, versions, mask=None):
@@ -294,7 +294,7 @@ class LabelStore:
         size = int(manifest["partition_ids"])
         storage.makedirs(storage.join(self.root, BASE_DIR))
         if len(ids) and ids.min() < 0:
-            raise LabelStoreError(f"label version {version}: {self.centroid_path(version)} has negative identity ids")
+            raise LabelTableError(f"label version {version}: {self.centroid_path(version)} has negative identity ids")
         part = ids // size
         order = np.argsort(part, kind="stable")
         bounds = np.flatnonzero(np.r_[True, part[order][1:] != part[order][:-1], True])
@@ -324,7 +324,7 @@ class LabelStore:
         _atomic_bytes(self.base_path(MANIFEST_FILE), json.dumps(body, separators=(",", ":")).encode())
 
     def _split_legacy_base(self) -> None:
-        """A store written before partitions holds one ``centroids-base.npz``: split it into
+        """A table written before partitions holds one ``centroids-base.npz``: split it into
         partitions (once; the file is deleted after the manifest is written)."""
         if self._legacy_checked:
             return
@@ -355,7 +355,7 @@ class LabelStore:
         """Commit ``version``: ``rows`` changed to ``pids_after[rows]`` (``pids_after`` is the whole
         table at this version; version 0 stores it whole). ``centroids`` = (ids, rows, videos)."""
         if storage.exists(self.commit_path(version)):
-            raise LabelStoreError(f"label version {version} already exists at {self.commit_path(version)}; "
+            raise LabelTableError(f"label version {version} already exists at {self.commit_path(version)}; "
                                   "versions are immutable")
         pids_after = np.asarray(pids_after, dtype=np.int32)
         rows = np.unique(np.asarray(rows, dtype=np.int64))
@@ -391,7 +391,7 @@ class LabelStore:
                 continue
             try:
                 records[v] = json.loads(str(self._load(self.delta_path(v), v, "delta")["record"]))
-            except (LabelStoreError, KeyError):
+            except (LabelTableError, KeyError):
                 continue  # unreadable: latest_version() reports it
         return [records[v] for v in sorted(records)]
 
@@ -435,7 +435,7 @@ class LabelStore:
         return oldest
 
     def disk_bytes(self) -> int:
-        """Bytes of the store's files, the centroid base included."""
+        """Bytes of the table's files, the centroid base included."""
         return sum(self.listing().values()) + sum(storage.listdir(storage.join(self.root, BASE_DIR)).values())
 
 
@@ -448,7 +448,7 @@ def _rows2d(rows: np.ndarray, n: int) -> np.ndarray:
 def _width(parts: list[tuple], where: str) -> int:
     dims = {p[1].shape[1] for p in parts if len(p[0])}
     if len(dims) > 1:
-        raise LabelStoreError(f"centroids of different widths {sorted(dims)} in {where}")
+        raise LabelTableError(f"centroids of different widths {sorted(dims)} in {where}")
     return dims.pop() if dims else 0
 
 

@@ -98,7 +98,7 @@ class KeyEncoder(nn.Module):
 
     def train(self, mode: bool = True) -> KeyEncoder:
         """Stays in train mode whatever ``mode`` is: an eval-mode teacher would normalise keys with
-        running statistics that lag its weights (what broke the training step's keys, issue 10)."""
+        running statistics that lag its weights (an eval-mode key encoder broke the training step's keys)."""
         return self
 
     @torch.no_grad()

@@ -3,7 +3,7 @@ at this step's momentum, online queries and teacher keys of both views, the symm
 contrastive loss over the all-gathered keys, backward, clipping, AdamW with warm-up + cosine.
 
 Data parallel: pass ``gather`` (concatenate a tensor over the ranks, e.g.
-``dynamix_core.training.step._all_gather``) and this rank's ``rank``; the online network may be
+``dynamix_core.training.step.all_gather``) and this rank's ``rank``; the online network may be
 DistributedDataParallel-wrapped or compiled, the teacher is a plain module on every rank.
 
 Legend: B images of this rank, C channels, H/W image size, D projector output dim.

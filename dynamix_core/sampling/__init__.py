@@ -1,6 +1,7 @@
 """Data Sampling Module (SPEC 2.2 step 3, 2.3c): mixed multi-camera + single-camera batches.
 
 * :mod:`.config` - :class:`SamplerConfig` (P_m, K_m, V, G, K_s, buffer policy, curriculum);
+* :mod:`.shape` - how the fixed batch splits between the two parts for a ratio and G;
 * :mod:`.schedule` - the batch shape at a step (fixed batch size, schedulable ratio and G; or videos added on top);
 * :mod:`.multicam` - P x K identities, uniform over source datasets, spread over cameras;
 * :mod:`.singlecam` - V videos x G identities x K images from a bounded buffer of streamed videos;
@@ -11,7 +12,8 @@
 from dynamix_core.sampling.config import SamplerConfig, ScheduleBreakpoint
 from dynamix_core.sampling.mixed import BatchPlan, MixedBatchSampler
 from dynamix_core.sampling.multicam import MultiCameraSampler
-from dynamix_core.sampling.schedule import BatchShape, shape_at, split_batch
+from dynamix_core.sampling.schedule import shape_at
+from dynamix_core.sampling.shape import BatchShape, split_batch
 from dynamix_core.sampling.singlecam import SingleCameraSampler, VideoSamples, VideoStream, partition_stream
 from dynamix_core.sampling.unlabeled import UnlabeledImageSampler
 

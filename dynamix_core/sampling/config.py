@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dynamix_core.config import ConfigError, field
-from dynamix_core.sampling.schedule import split_batch
+from dynamix_core.sampling.shape import split_batch
 
 
 @dataclass(kw_only=True)

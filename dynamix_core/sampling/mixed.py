@@ -26,7 +26,8 @@ import numpy as np
 
 from dynamix_core.sampling.config import SamplerConfig
 from dynamix_core.sampling.multicam import MultiCameraSampler
-from dynamix_core.sampling.schedule import BatchShape, shape_at
+from dynamix_core.sampling.schedule import shape_at
+from dynamix_core.sampling.shape import BatchShape
 from dynamix_core.sampling.singlecam import SingleCameraSampler, VideoStream
 
 

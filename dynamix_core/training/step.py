@@ -52,7 +52,7 @@ class StepOutput:
     compute_s: float
 
 
-def _all_gather(t: torch.Tensor) -> torch.Tensor:
+def all_gather(t: torch.Tensor) -> torch.Tensor:
     """Concatenate ``t`` (same shape on every rank) over the data-parallel group."""
     import torch.distributed as dist
 
@@ -141,7 +141,7 @@ class TrainStep:
                 dist.broadcast(buf, src=0)
         key_BD, pid_B = key_BD.detach(), batch.pid_B
         if self.replicate_bank_updates:
-            key_BD, pid_B = _all_gather(key_BD), _all_gather(pid_B)
+            key_BD, pid_B = all_gather(key_BD), all_gather(pid_B)
         self.bank.update(key_BD, pid_B, step)
         return StepOutput(terms=logged, lr=lr, grad_norm=float(grad_norm), compute_s=time.perf_counter() - t0)
 

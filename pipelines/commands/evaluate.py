@@ -33,7 +33,7 @@ def run(args) -> int:
     from pipelines.recipes import resolve_config_path
     from pipelines.train.driver import WEIGHTS_FILE
     from pipelines.train.config import TrainConfig
-    from pipelines.train.evaluate import TargetSet, evaluate_target
+    from dynamix_core.evaluation.target import TargetSet, evaluate_target
 
     if args.run:  # a folder or an object-store URI (s3://bucket/runs/NAME)
         weights, config = storage.join(args.run, WEIGHTS_FILE), storage.join(args.run, "config.yaml")

@@ -37,7 +37,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from dynamix_core.config import ConfigError
     from pipelines.ingest import IngestConfig, format_result, run_ingest
-    from pipelines.runs import storage_root
+    from pipelines.runs.listing import storage_root
 
     options = {}
     for item in args.option:

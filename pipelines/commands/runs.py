@@ -18,7 +18,7 @@ def run(args) -> int:
     import dataclasses
     import json
 
-    from pipelines.runs import default_runs_root, format_runs, list_runs
+    from pipelines.runs.listing import default_runs_root, format_runs, list_runs
 
     storage = args.storage or default_runs_root()
     runs = list_runs(storage)

@@ -1,7 +1,7 @@
 """Pre-training batches on one worker: the images of the videos the sampler holds, and a background
 thread that turns sampler plans into two augmented views per image.
 
-The single-camera stream is the training's seekable :class:`pipelines.train.data.VideoFeed` over
+The single-camera stream is the training's seekable :class:`dynamix_core.data.train_sets.VideoFeed` over
 this rank's videos of the run index (labels unused): a resumed worker opens it at the checkpoint's
 position, and the videos a restored :class:`~dynamix_core.sampling.UnlabeledImageSampler` buffers
 are read again from their shards when a batch needs them.
@@ -23,7 +23,7 @@ import torch
 from dynamix_core.data.transforms import TransformConfig
 from dynamix_core.pretrain.views import TwoViews
 from dynamix_core.sampling import UnlabeledImageSampler
-from pipelines.train.data import VideoFeed
+from dynamix_core.data.train_sets import VideoFeed
 
 
 @dataclass

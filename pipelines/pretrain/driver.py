@@ -1,9 +1,9 @@
 """The pre-training job: the job's Ray cluster (or a local instance), one Ray Data stream of whole single-camera
-videos per worker (the training's streams: :func:`pipelines.train.index.write_single_camera_index`,
-:class:`pipelines.train.data.RankVideos`, :func:`pipelines.train.data.ray_video_stream`), a ``TorchTrainer`` running
+videos per worker (the training's streams: :func:`dynamix_core.data.run_index_writer.write_single_camera_index`,
+:class:`dynamix_core.data.train_sets.RankVideos`, :func:`pipelines.train.data.ray_video_stream`), a ``TorchTrainer`` running
 :func:`pipelines.pretrain.worker.pretrain_loop_per_worker`, MLflow tracking, and at the end the
 backbone as ``STORAGE/NAME/backbone.safetensors`` plus ``report.html``. ``run.storage`` may be a
-local folder or an object-store URI, as for training (:class:`pipelines.job.RunFolder`).
+local folder or an object-store URI, as for training (:class:`pipelines.runs.folder.RunFolder`).
 
 The exported file loads with ``model.weights=<it>`` and ``model.weights_scope=backbone`` into any
 training recipe with the same ``model.backbone`` (and, for ViTs, any ``img_size``: position
@@ -23,10 +23,10 @@ from pathlib import Path
 from dynamix_core.config import ConfigError, dump_yaml, to_dict
 from pipelines.pretrain.config import PretrainConfig
 from pipelines.checkpoints import repair_checkpoints
-from pipelines.job import RunFolder, WorkerJob, open_tracker
+from pipelines.runs.folder import RunFolder, WorkerJob, open_tracker
 from pipelines.ray_cluster import require_resources, training_demands
-from pipelines.train.driver import (_ProgressPrinter, _ray_storage, _read_history, _silent, check_ingest, init_ray,
-                                    resolve_model)
+from pipelines.train.driver import (ProgressPrinter, check_ingest, init_ray, ray_storage, read_history,
+                                    resolve_model, silent)
 
 #: the exported backbone, in the run folder
 BACKBONE_FILE = "backbone.safetensors"
@@ -53,7 +53,7 @@ def run_pretraining(cfg: PretrainConfig, *, progress: bool = True) -> PretrainRe
 
     from pipelines.pretrain.worker import pretrain_loop_per_worker
     from pipelines.report import print_summary_table, write_report
-    from pipelines.train.index import write_single_camera_index
+    from dynamix_core.data.run_index_writer import write_single_camera_index
 
     from dynamix_core.model import check_backbone
 
@@ -62,7 +62,7 @@ def run_pretraining(cfg: PretrainConfig, *, progress: bool = True) -> PretrainRe
     run = RunFolder.create(cfg.run.storage, cfg.run.name)
     init_ray(cfg.scaling.address)
     require_resources(training_demands(cfg), timeout_s=cfg.scaling.resources_timeout_s, prefix="pretrain",
-                      echo=print if progress else _silent)
+                      echo=print if progress else silent)
     config_file = run.write("config.yaml", dump_yaml(cfg), local_copy=True)
     tracker, tracking_uri = open_tracker(run, cfg.tracking, cfg.run.name)
     try:
@@ -89,17 +89,17 @@ def run_pretraining(cfg: PretrainConfig, *, progress: bool = True) -> PretrainRe
                                                 index_path=str(index_path), videos_per_rank=tuple(videos_per_rank))},
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                          resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-            run_config=RunConfig(name=cfg.run.name, **_ray_storage(run.root),
+            run_config=RunConfig(name=cfg.run.name, **ray_storage(run.root),
                                  failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
         )
-        repair_checkpoints(run.dir, echo=print if progress else _silent, prefix="pretrain")
+        repair_checkpoints(run.dir, echo=print if progress else silent, prefix="pretrain")
         with _PretrainProgress(run.path("history.jsonl"), cfg.run.max_steps) if progress else contextlib.nullcontext():
             result = trainer.fit()
     except BaseException:
         tracker.close(status="FAILED")
         raise
-    history = list(_read_history(run.dir))
+    history = list(read_history(run.dir))
     metrics = dict(result.metrics or {})
     weights_path = None
     if result.checkpoint is not None:
@@ -147,7 +147,7 @@ def export_backbone(checkpoint, run_dir: Path, which: str = "online") -> Path:
     return out
 
 
-class _PretrainProgress(_ProgressPrinter):
+class _PretrainProgress(ProgressPrinter):
     prefix = "pretrain"
 
     def format(self, m: dict) -> str:

@@ -35,10 +35,10 @@ def run_pretrain(cfg, rt, *, videos, reporter, restore_dir=None, video_stream=No
     ``record_baseline(row)`` (rank 0, a fresh run) records the untrained backbone's monitor row."""
     from dynamix_core.pretrain import OnlineNetwork, PretrainStep
     from dynamix_core.sampling import UnlabeledImageSampler
-    from dynamix_core.training.step import _all_gather
+    from dynamix_core.training.step import all_gather
     from pipelines.pretrain.batches import PairProducer
-    from pipelines.train.data import VideoFeed
-    from pipelines.train.evaluate import TargetSet
+    from dynamix_core.data.train_sets import VideoFeed
+    from dynamix_core.evaluation.target import TargetSet
 
     online = OnlineNetwork(build_backbone(cfg), cfg.objective.dim, cfg.objective.mlp_dim,
                            cfg.objective.projector_layers, cfg.objective.predictor_layers)
@@ -49,7 +49,7 @@ def run_pretrain(cfg, rt, *, videos, reporter, restore_dir=None, video_stream=No
     online = rt.prepare(online)
     step_fn = PretrainStep(online, cfg.objective, cfg.optim, total_steps=cfg.run.max_steps, device=rt.device,
                            bf16=cfg.scaling.precision == "bf16", rank=rt.rank,
-                           gather=_all_gather if rt.world > 1 else None)
+                           gather=all_gather if rt.world > 1 else None)
     # this rank's videos of the run index, seekable: a resume reads nothing before its position,
     # and the videos a restored sampler buffers are read again when a batch needs them
     feed = VideoFeed(videos, None, 0, cache_videos=2 * cfg.data.buffer_videos,
@@ -98,7 +98,7 @@ def run_pretrain(cfg, rt, *, videos, reporter, restore_dir=None, video_stream=No
 
 def has_step_zero(run_dir: str) -> bool:
     from dynamix_core import storage
-    from pipelines.train.run_files import read_jsonl
+    from pipelines.runs.files import read_jsonl
 
     return any(row.get("step") == 0 for row in read_jsonl(storage.join(run_dir, "history.jsonl")))
 
@@ -116,8 +116,8 @@ def build_backbone(cfg) -> nn.Module:
 
 def knn_monitor(backbone: nn.Module, monitors: list, cfg, device) -> dict[str, float]:
     """mAP / Rank-1 / mINP of the bare backbone (pooled features, eval mode, L2-normalised) on each
-    monitor set, by :func:`pipelines.train.evaluate.evaluate_target`; keys ``knn/<set>/<metric>``."""
-    from pipelines.train.evaluate import evaluate_target
+    monitor set, by :func:`dynamix_core.evaluation.target.evaluate_target`; keys ``knn/<set>/<metric>``."""
+    from dynamix_core.evaluation.target import evaluate_target
 
     was_training = backbone.training
     backbone.eval()

@@ -8,7 +8,8 @@ from __future__ import annotations
 def pretrain_loop_per_worker(config: dict) -> None:
     import dynamix_core  # noqa: F401  (the torchvision shim, before anything imports timm)
     from pipelines.pretrain.run import has_step_zero, run_pretrain
-    from pipelines.train.data import RankVideos, ray_video_stream
+    from dynamix_core.data.train_sets import RankVideos
+    from pipelines.train.data import ray_video_stream
     from pipelines.train.worker import RayReporter, ray_runtime, restored_checkpoint, start_step_of
 
     job = config["job"]

@@ -28,7 +28,7 @@ from dynamix_core.losses.domain import MLPDiscriminator
 from dynamix_core.methods import Calr, ClusterContrast, DomainMixHead, DomainMixSchedule, RealClusterer, StepKind
 from dynamix_core.methods.calr import camera_alignment_loss
 from dynamix_core.methods.cluster_contrast import cluster_sampler
-from pipelines.train.data import MultiCameraSet
+from dynamix_core.data.train_sets import MultiCameraSet
 from pipelines.train.methods_config import ClusterMethodSection
 
 

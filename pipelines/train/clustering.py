@@ -28,7 +28,7 @@ import dynamix_core  # noqa: F401  (the torchvision shim, before anything import
 from dynamix_core.data.images import decode_image
 from dynamix_core.data.transforms import sample_generator
 from dynamix_core.engine import Checkpointer, Engine, EvalHook, Hook, StepResult
-from dynamix_core.training.step import _all_gather, unwrap
+from dynamix_core.training.step import all_gather, unwrap
 
 
 class ClusterEpochs(Hook):
@@ -110,7 +110,7 @@ class ClusterStep:
         if kind == "encoder":
             self.momentum.update(self.plain.encoder)
             if key_BD is not None:  # every rank's keys, so the memory replicas stay equal
-                keys, labels = (_all_gather(key_BD), _all_gather(label_B)) if rt.world > 1 else (key_BD, label_B)
+                keys, labels = (all_gather(key_BD), all_gather(label_B)) if rt.world > 1 else (key_BD, label_B)
                 method.after_step(keys, labels, step)
         return StepResult(means={f"loss/{k}": float(v.detach()) for k, v in {"total": loss, **terms}.items()},
                           last={"lr": lr, "grad_norm": grad_norm}, images=len(refs),
@@ -139,8 +139,8 @@ def run_clustering(cfg, rt, *, reporter, restore_dir=None):
     from dynamix_core.model import MomentumEncoder, build_encoder
     from dynamix_core.training.optim import build_optimizer
     from pipelines.train.cluster_methods import LossNet, build_method
-    from pipelines.train.data import MultiCameraSet
-    from pipelines.train.evaluate import TargetSet, evaluate_target
+    from dynamix_core.data.train_sets import MultiCameraSet
+    from dynamix_core.evaluation.target import TargetSet, evaluate_target
 
     sec = cfg.cluster_method
     multi = MultiCameraSet.load(cfg.data.multi)
@@ -196,7 +196,7 @@ def _embed_sharded(encoder, data: list[bytes], cfg, device, rank: int, world: in
                    dim: int) -> torch.Tensor:
     """(N, D) unit features of ``data`` on ``device``, identical on every rank: each rank embeds one
     contiguous block, the blocks are all-gathered (padded to one length)."""
-    from pipelines.train.evaluate import embed_images
+    from dynamix_core.evaluation.target import embed_images
 
     per = math.ceil(len(data) / world)
     mine = data[rank * per:(rank + 1) * per]
@@ -206,7 +206,7 @@ def _embed_sharded(encoder, data: list[bytes], cfg, device, rank: int, world: in
         return feat
     padded = torch.zeros(per, dim, device=device, dtype=feat.dtype)
     padded[:len(feat)] = feat
-    return _all_gather(padded)[:len(data)]
+    return all_gather(padded)[:len(data)]
 
 
 def _check_same_labels(labels: np.ndarray, world: int, device, epoch: int) -> None:

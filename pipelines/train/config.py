@@ -18,7 +18,7 @@ from dynamix_core.losses import LossConfig
 from dynamix_core.model import ModelConfig
 from dynamix_core.sampling import SamplerConfig
 from dynamix_core.training.optim import OptimConfig
-from pipelines.runs import default_runs_root
+from pipelines.runs.listing import default_runs_root
 from pipelines.train.methods import METHODS
 from pipelines.train.methods_config import CLUSTER_METHODS, ClusterMethodSection
 

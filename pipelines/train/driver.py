@@ -9,7 +9,7 @@ checkpoint under ``STORAGE/NAME``, the label store recovers its newest version f
 every file of the run is then an object under ``STORAGE/NAME`` (config, metric history, starts,
 result, exported weights, label store, checkpoints: Ray Train writes and reads them through the
 same pyarrow file system, endpoint included). What must be a local file stays in the run's local
-folder (:func:`~pipelines.train.run_files.local_run_dir`): MLflow's spools, the default sqlite
+folder (:func:`~pipelines.runs.files.local_run_dir`): MLflow's spools, the default sqlite
 tracking store, and the copy of the exported weights that is logged and registered.
 """
 
@@ -26,12 +26,12 @@ from pathlib import Path
 
 from dynamix_core import storage
 from dynamix_core.config import dump_yaml, to_dict
-from pipelines.checkpoints import repair_checkpoints
-from pipelines.job import RunFolder, WorkerJob, open_tracker
-from pipelines.ray_cluster import require_resources, training_demands
-from pipelines.train.config import TrainConfig
 from dynamix_core.engine import load_tensors
-from pipelines.train.run_files import local_run_dir, read_jsonl, write_atomic
+from pipelines.checkpoints import repair_checkpoints
+from pipelines.ray_cluster import require_resources, training_demands
+from pipelines.runs.files import local_run_dir, read_jsonl, write_atomic
+from pipelines.runs.folder import RunFolder, WorkerJob, open_tracker
+from pipelines.train.config import TrainConfig
 
 log = logging.getLogger("dynamix.train")
 
@@ -60,7 +60,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     connect(address, local_cpus=num_cpus)
 
 
-def _silent(*_args, **_kwargs) -> None:
+def silent(*_args, **_kwargs) -> None:
     pass
 
 
@@ -181,8 +181,8 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     from pipelines.tracking import flatten_params
+    from dynamix_core.data.run_index_writer import write_single_camera_index
     from pipelines.train.methods import METHODS
-    from pipelines.train.index import write_single_camera_index
     from services.label_store import get_or_create_store, store_actor_name
     from services.labeling_pool import coordinator_name, start_coordinator
 
@@ -195,7 +195,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     run_dir, local_dir = run.dir, run.local
     init_ray(cfg.scaling.address)
     require_resources(training_demands(cfg), timeout_s=cfg.scaling.resources_timeout_s,
-                      echo=print if progress else _silent)
+                      echo=print if progress else silent)
     changed = changed_settings(run.path("config.yaml"), cfg)
     config_file = run.write("config.yaml", dump_yaml(cfg), local_copy=True)  # MLflow uploads it from a local file
     tracker, tracking_uri = open_tracker(run, cfg.tracking, cfg.run.name)
@@ -250,12 +250,12 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             train_loop_config={"job": job},
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                          resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-            run_config=RunConfig(name=cfg.run.name, **_ray_storage(run.root),
+            run_config=RunConfig(name=cfg.run.name, **ray_storage(run.root),
                                  failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
         )
-        repair_checkpoints(run_dir, echo=print if progress else _silent)  # resume from the newest intact one
-        with _ProgressPrinter(storage.join(run_dir, "history.jsonl"), cfg.run.max_steps) if progress \
+        repair_checkpoints(run_dir, echo=print if progress else silent)  # resume from the newest intact one
+        with ProgressPrinter(storage.join(run_dir, "history.jsonl"), cfg.run.max_steps) if progress \
                 else contextlib.nullcontext():
             result = trainer.fit()
         labeling = {} if coordinator is None else ray.get(coordinator.stats.remote())
@@ -267,7 +267,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         # recreates them), so a failed run leaves no detached actor behind
         if cfg.uses_labeling_pool:
             stop_labeling_actors(cfg.run.name)
-    history = list(_read_history(run_dir))
+    history = list(read_history(run_dir))
     metrics = dict(result.metrics or {})
     weights_path = None
     if result.checkpoint is not None:
@@ -284,7 +284,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     return TrainResult(run_dir, metrics, history, weights_path, tracker.run_id, labeling, registered, tracking_uri)
 
 
-def _ray_storage(root: Path | str) -> dict:
+def ray_storage(root: Path | str) -> dict:
     """``RunConfig`` storage arguments for the runs' root. An object store is passed as the pyarrow
     file system :mod:`dynamix_core.storage` resolves (Ray would otherwise build its own from the URI,
     without the endpoint of ``AWS_ENDPOINT_URL``) and the bucket path; the file system object travels
@@ -339,7 +339,7 @@ def stop_labeling_actors(run_name: str, namespace: str = "dynamix") -> None:
         ray.kill(actor, no_restart=True)
 
 
-class _ProgressPrinter:
+class ProgressPrinter:
     """Prints one line per metric report (rank 0 appends them to history.jsonl) while training runs."""
 
     prefix = "train"
@@ -388,7 +388,7 @@ class _ProgressPrinter:
                 f"{labels}{evals}")
 
 
-def _read_history(run_dir: Path | str) -> list[dict]:
+def read_history(run_dir: Path | str) -> list[dict]:
     return read_jsonl(storage.join(run_dir, "history.jsonl"))
 
 

@@ -13,8 +13,9 @@ from dynamix_core.centroids import CentroidBank
 
 
 class LabelClient:
-    """Polls the label store with ``ray.wait(timeout=0)``; applies deltas to the local label map,
-    the sampler's buffered videos and this rank's centroid rows."""
+    """A trainer's view of the run's label store (the actor of :class:`services.label_store.LabelStore`):
+    polls it with ``ray.wait(timeout=0)``; applies deltas to the local label map, the sampler's
+    buffered videos and this rank's centroid rows."""
 
     def __init__(self, store, coordinator, *, rank: int, world_size: int, sharded: bool, bank_offset: int,
                  version: int | None):

@@ -63,7 +63,7 @@ def train_local(cfg, *, checkpoints: str | Path | None = None, resume: bool = Tr
     and, with ``resume``, a run continues from the newest one."""
     import dynamix_core  # noqa: F401  (the torchvision shim, before anything imports timm)
     from pipelines.train.clustering import run_clustering
-    from pipelines.train.data import MultiCameraSet
+    from dynamix_core.data.train_sets import MultiCameraSet
     from pipelines.train.methods import METHODS
     from pipelines.train.mixing import MixingInputs, Runtime, run_mixing
     from pipelines.train.worker import seed_all

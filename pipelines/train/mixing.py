@@ -148,8 +148,9 @@ def run_mixing(cfg, rt: Runtime, inputs: MixingInputs):
     from dynamix_core.model import build_encoder
     from dynamix_core.sampling import MixedBatchSampler
     from dynamix_core.training import TrainStep
-    from pipelines.train.data import BatchProducer, VideoFeed
-    from pipelines.train.evaluate import TargetSet, evaluate_target
+    from dynamix_core.data.train_sets import VideoFeed
+    from dynamix_core.evaluation.target import TargetSet, evaluate_target
+    from pipelines.train.data import BatchProducer
 
     multi = inputs.multi
     bank_offset = multi.num_identities

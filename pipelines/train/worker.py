@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipelines.train.run_files import MetricHistory, local_run_dir, record_start
+from pipelines.runs.files import MetricHistory, local_run_dir, record_start
 
 log = logging.getLogger("dynamix.train")
 
@@ -114,7 +114,8 @@ def start_step_of(folder) -> int:
 
 def train_loop_per_worker(config: dict) -> None:
     import dynamix_core  # noqa: F401
-    from pipelines.train.data import MultiCameraSet, RankVideos, ray_video_stream
+    from dynamix_core.data.train_sets import MultiCameraSet, RankVideos
+    from pipelines.train.data import ray_video_stream
     from pipelines.train.mixing import MixingInputs, run_mixing
 
     job = config["job"]

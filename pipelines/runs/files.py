@@ -17,6 +17,7 @@ import os
 import time
 from pathlib import Path
 
+
 from dynamix_core import storage
 from dynamix_core.atomic import fsync_dir, write_atomic  # noqa: F401  (re-exported for the run files)
 

@@ -1,5 +1,6 @@
 """Target-domain evaluation with the momentum encoder (SPEC 3): query/gallery of an ingested shard
-set, features by f~ (L2-normalised), exact chunked ranking from :mod:`dynamix_core.evaluation`."""
+set, features by f~ (L2-normalised), exact chunked ranking (:mod:`dynamix_core.evaluation.features`).
+Ray-free: the training and pre-training workers, ``dynamix evaluate``, the demo and retraining use it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dynamix_core.data.reader import read_dataset_manifest
 from dynamix_core.data.records import IdentityMap
 from dynamix_core.data.shards import read_members
 from dynamix_core.data.transforms import TransformConfig, ViewTransform
-from dynamix_core.evaluation import EvalConfig, evaluate
+from dynamix_core.evaluation.features import EvalConfig, evaluate
 
 
 @dataclass

@@ -5,7 +5,7 @@ A run folder is ``STORAGE/NAME``, a local folder or an object-store URI (``s3://
 :mod:`dynamix_core.storage`). Its files are written whole and atomically (a temporary file renamed,
 or one object upload). What must be a local file (MLflow's spools and the default sqlite store) lives
 in the run's *local folder*: the run folder itself for a local run, a per-run cache folder for a run
-on an object store (:func:`pipelines.train.run_files.local_run_dir`).
+on an object store (:func:`pipelines.runs.files.local_run_dir`).
 
 MLflow: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else the *embedded* store: sqlite in the
 run's local folder, with the run's artifacts (the registered model included) in ``RUN/mlartifacts``
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dynamix_core import storage
-from pipelines.train.run_files import local_run_dir, write_atomic
+from pipelines.runs.files import local_run_dir, write_atomic
 
 log = logging.getLogger("dynamix.job")
 

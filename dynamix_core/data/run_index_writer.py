@@ -9,7 +9,7 @@ so each video's rows are contiguous. A row's number is the address of its label 
 :mod:`dynamix_core.labeling.label_table`).
 
 Beside it, ``index.videos.parquet`` has one row per video (``video, row_start, count, tar``): all a
-trainer needs to stream its videos (:class:`pipelines.train.data.RankVideos`).
+trainer needs to stream its videos (:class:`dynamix_core.data.train_sets.RankVideos`).
 
 The builder reads each manifest twice in record batches (the distinct videos and identities, then
 the rows) and writes the index one shard at a time; what it holds grows with the number of
