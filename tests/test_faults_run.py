@@ -140,3 +140,140 @@ def test_a_full_disk_leaves_no_temporary_shard(tmp_path):
             writer.commit({})
     assert failed.value.errno == errno.ENOSPC
     assert sorted(p.name for p in tar.parent.iterdir()) == []  # no .shard-000000.tar.tmp-PID, no tar
+
+
+# --- one writer per run folder -------------------------------------------------------------------
+
+_HOLD = ("import sys, time\nfrom pipelines.lease import RunLease\nRunLease(sys.argv[1]).__enter__()\n"
+         "print('held', flush=True)\ntime.sleep(120)\n")
+
+
+def _hold_lease(run_dir) -> subprocess.Popen:
+    """Another process holding ``run_dir``'s lease (returns once it holds it)."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def _demo_cfg(tmp_path, *overrides):
+    from dynamix_core.config import load_config
+    from pipelines.recipes import resolve_config_path
+    from pipelines.train.config import TrainConfig
+
+    return load_config(TrainConfig, resolve_config_path(DEMO), [f"run.storage={tmp_path / 'runs'}", "run.name=r1",
+                                                                *overrides])
+
+
+class _Stop(Exception):
+    pass
+
+
+def _no_cluster(monkeypatch):
+    """The training driver up to its MLflow tracker, without data checks, Ray or MLflow (which raises _Stop)."""
+    import pipelines.train.driver as driver
+
+    monkeypatch.setattr(driver, "resolve_paths", lambda cfg: cfg)
+    monkeypatch.setattr(driver, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(driver, "require_resources", lambda *a, **k: None)
+    monkeypatch.setattr(driver, "open_tracker", lambda *a, **k: (_ for _ in ()).throw(_Stop()))
+    return driver
+
+
+def test_a_second_run_on_a_live_run_folder_refuses_before_touching_it(tmp_path, monkeypatch):
+    driver = _no_cluster(monkeypatch)
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("run: {max_steps: 30}\n")
+    holder = _hold_lease(run_dir)
+    try:
+        with pytest.raises(Exception) as refused:
+            driver.run_training(_demo_cfg(tmp_path, "run.max_steps=60"), progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    message = str(refused.value)
+    assert type(refused.value).__name__ == "RunFolderBusy" and "\n" not in message
+    assert f"run folder {run_dir} is in use by another run (host {os.uname().nodename}, pid {holder.pid}, started 20" in message
+    assert "choose another run.name or run.storage" in message
+    assert (run_dir / "config.yaml").read_text() == "run: {max_steps: 30}\n"  # untouched
+    assert not (run_dir / "params.json").exists()
+
+
+def test_the_lease_of_a_killed_run_is_taken_over(tmp_path, monkeypatch, caplog):
+    from pipelines.lease import RunLease
+
+    driver = _no_cluster(monkeypatch)
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    dead = _hold_lease(run_dir)
+    dead.kill()  # kill -9: no clean-up of its own
+    dead.wait()
+    with pytest.raises(_Stop):  # past the lease, up to MLflow
+        driver.run_training(_demo_cfg(tmp_path), progress=False)
+    assert f"took over the lease of a run that is no longer running (host {os.uname().nodename}, pid {dead.pid}" \
+        in caplog.text
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["max_steps"] > 0
+    with RunLease(run_dir) as lease:  # the driver gave it back when it stopped
+        assert lease.previous is None
+        assert json.loads((run_dir / "lease.json").read_text())["pid"] == os.getpid()
+
+
+def test_an_object_store_lease_refuses_a_second_writer_and_takes_over_a_stale_one(s3_bucket):
+    import socket
+
+    from dynamix_core import storage
+    from pipelines.lease import RunFolderBusy, RunLease, _S3Object
+
+    run_dir = f"{s3_bucket}/runs/r1"
+    with RunLease(run_dir, ttl_s=30):
+        with pytest.raises(RunFolderBusy, match=f"run folder {run_dir} is in use by another run \\(host "):
+            RunLease(run_dir).__enter__()
+        # creation is conditional: a lease that appeared meanwhile is never overwritten
+        assert _S3Object(f"{run_dir}/lease.json").put(b"{}", if_absent=True, if_etag=None) is None
+    assert not storage.exists(f"{run_dir}/lease.json")  # released
+    # a lease whose holder stopped renewing it (another machine) is taken over after its ttl
+    other = {"host": "elsewhere", "pid": 7, "started": 0, "renewed": 0, "ttl_s": 1, "token": "x", "boot_id": "b"}
+    storage.write_bytes_atomic(f"{run_dir}/lease.json", json.dumps(other))
+    import time
+
+    time.sleep(2.2)
+    with RunLease(run_dir) as lease:
+        assert lease.previous["host"] == "elsewhere"
+    # a dead process of this host: at once, however recent its last renewal
+    mine = {**other, "host": socket.gethostname(), "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+            "pid": 2**22 + 1, "ttl_s": 3600}
+    storage.write_bytes_atomic(f"{run_dir}/lease.json", json.dumps(mine))
+    with RunLease(run_dir) as lease:
+        assert lease.previous["pid"] == 2**22 + 1
+
+
+# --- the settings of an interrupted attempt ------------------------------------------------------
+
+
+def test_an_interrupted_attempt_with_changed_settings_never_makes_mlflow_reject_a_param(tmp_path):
+    """Attempt 1 logs max_steps=30; attempt 2 (max_steps=60) is interrupted after writing its config;
+    attempt 3 repeats attempt 2's command: no param it logs differs from what MLflow holds, and the
+    change is a tag; attempt 4 with the same settings logs nothing that is not already there."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.job import RunFolder
+    from pipelines.train.driver import mlflow_settings
+    from dynamix_core.config import dump_yaml
+
+    run = RunFolder.create(str(tmp_path / "runs"), "r1")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    held: dict[str, str] = {}
+    for attempt, steps in enumerate((30, 60, 60, 60), 1):
+        cfg = _demo_cfg(tmp_path, f"run.max_steps={steps}")
+        params, tags, changed = mlflow_settings(run, cfg)
+        run.write("config.yaml", dump_yaml(cfg))  # as the driver does, before anything can interrupt it
+        for key, value in params.items():  # MLflow raises on a param logged again with another value
+            client.log_param(run_id, key, value)
+        if attempt > 1:
+            assert "run.max_steps" not in params and tags["dynamix.resumed_with.run.max_steps"] == "60"
+        if attempt == 4:
+            assert set(params.items()) <= set(held.items()) and changed == {}
+        held.update(params)
+    assert client.get_run(run_id).data.params["run.max_steps"] == "30"

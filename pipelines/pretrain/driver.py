@@ -25,7 +25,7 @@ from pipelines.pretrain.config import PretrainConfig
 from pipelines.job import RunFolder, open_tracker
 from pipelines.ray_cluster import require_resources, training_demands
 from pipelines.train.driver import (_ProgressPrinter, _ray_storage, _read_history, _silent, check_ingest, init_ray,
-                                    resolve_model)
+                                    mlflow_settings, resolve_model)
 
 #: the exported backbone, in the run folder
 BACKBONE_FILE = "backbone.safetensors"
@@ -47,6 +47,18 @@ def resolve_paths(cfg: PretrainConfig) -> PretrainConfig:
 
 
 def run_pretraining(cfg: PretrainConfig, *, progress: bool = True) -> PretrainResult:
+    from pipelines.lease import RunLease
+
+    from dynamix_core.model import check_backbone
+
+    check_backbone(cfg.model.backbone, cfg.model.img_size, cfg.model.ibn)  # before the data and the cluster
+    cfg = resolve_paths(cfg)
+    run = RunFolder.create(cfg.run.storage, cfg.run.name)
+    with RunLease(run.dir):  # one writer per run folder: a second run refuses before writing there
+        return _run_pretraining(cfg, run, progress)
+
+
+def _run_pretraining(cfg: PretrainConfig, run: RunFolder, progress: bool) -> PretrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -54,19 +66,15 @@ def run_pretraining(cfg: PretrainConfig, *, progress: bool = True) -> PretrainRe
     from pipelines.report import print_summary_table, write_report
     from pipelines.train.index import write_single_camera_index
 
-    from dynamix_core.model import check_backbone
-
-    check_backbone(cfg.model.backbone, cfg.model.img_size, cfg.model.ibn)  # before the data and the cluster
-    cfg = resolve_paths(cfg)
-    run = RunFolder.create(cfg.run.storage, cfg.run.name)
     init_ray(cfg.scaling.address)
     require_resources(training_demands(cfg), timeout_s=cfg.scaling.resources_timeout_s, prefix="pretrain",
                       echo=print if progress else _silent)
+    params, tags, _ = mlflow_settings(run, cfg)  # MLflow params are immutable: changed settings become tags
     config_file = run.write("config.yaml", dump_yaml(cfg), local_copy=True)
     tracker, tracking_uri = open_tracker(run, cfg.tracking, cfg.run.name)
     try:
-        tracker.log_params(to_dict(cfg))
-        tracker.set_tags({"dynamix.method": "pretrain", "dynamix.objective": "moco_v3"})
+        tracker.log_params(params)
+        tracker.set_tags({"dynamix.method": "pretrain", "dynamix.objective": "moco_v3", **tags})
         tracker.log_artifact(str(config_file))
         tracker.flush(timeout_s=30)  # the MLflow run exists before rank 0 logs into it (see the training driver)
 

@@ -35,6 +35,8 @@ log = logging.getLogger("dynamix.train")
 
 #: the deployable encoder a finished run exports into its folder
 WEIGHTS_FILE = "momentum_encoder.safetensors"
+#: the settings a run logged as MLflow params (flattened), kept in its folder
+PARAMS_FILE = "params.json"
 
 
 @dataclass
@@ -156,48 +158,89 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
                                labeling=dataclasses.replace(cfg.labeling, ground_truth=truth))
 
 
-def changed_settings(previous_config: Path | str, cfg) -> dict[str, tuple[str, str]]:
-    """``{dotted key: (previous, now)}`` for the settings that differ from the run folder's
-    ``config.yaml`` (a file or an object; a re-run of the same run with, e.g., a larger
-    ``run.max_steps``); empty for a new run."""
+def _settings(cfg) -> dict[str, str]:
+    """``cfg`` flattened as MLflow params, by the same YAML round trip as the saved ``config.yaml``."""
     import yaml
 
     from pipelines.tracking import flatten_params
 
-    if not storage.exists(previous_config):
-        return {}
-    before = flatten_params(yaml.safe_load(storage.read_bytes(previous_config).decode()) or {})
-    now = flatten_params(yaml.safe_load(dump_yaml(cfg)))  # the same round trip as the saved file
-    return {k: (before[k], v) for k, v in now.items() if k in before and before[k] != v}
+    return flatten_params(yaml.safe_load(dump_yaml(cfg)))
+
+
+def _saved_settings(config_file: Path | str) -> dict[str, str] | None:
+    """The settings of a saved ``config.yaml`` (a file or an object), flattened; None when there is none."""
+    import yaml
+
+    from pipelines.tracking import flatten_params
+
+    if not storage.exists(config_file):
+        return None
+    return flatten_params(yaml.safe_load(storage.read_bytes(config_file).decode()) or {})
+
+
+def changed_settings(previous_config: Path | str, cfg) -> dict[str, tuple[str, str]]:
+    """``{dotted key: (previous, now)}`` for the settings that differ from the run folder's
+    ``config.yaml`` (a file or an object; a re-run of the same run with, e.g., a larger
+    ``run.max_steps``); empty for a new run."""
+    before = _saved_settings(previous_config) or {}
+    return {k: (before[k], v) for k, v in _settings(cfg).items() if k in before and before[k] != v}
+
+
+def mlflow_settings(run: RunFolder, cfg) -> tuple[dict[str, str], dict[str, str], dict[str, tuple[str, str]]]:
+    """``(params, tags, changed)`` of this attempt of a run. MLflow params cannot change once logged,
+    so the run folder keeps what was logged (``params.json``: the first attempt's settings, and keys
+    added since) and an attempt logs only params equal to those or new; a setting that differs
+    becomes the tag ``dynamix.resumed_with.KEY``. ``changed``: the settings that differ from the
+    previous attempt's ``config.yaml`` (what the console tells). Writes ``params.json`` when it adds
+    keys: an attempt interrupted after this never makes the next one log a conflicting value."""
+    now = _settings(cfg)
+    changed = changed_settings(run.path("config.yaml"), cfg)
+    logged_path = run.path(PARAMS_FILE)
+    if storage.exists(logged_path):
+        logged = json.loads(storage.read_bytes(logged_path))
+    else:  # a new run, or one begun before params.json: its config.yaml holds what it logged
+        logged = _saved_settings(run.path("config.yaml")) or {}
+    params = {k: v for k, v in now.items() if logged.get(k, v) == v}
+    tags = {f"dynamix.resumed_with.{k}": v for k, v in now.items()
+            if (k in logged and logged[k] != v) or k in changed}
+    if set(now) - set(logged) or not storage.exists(logged_path):
+        run.write(PARAMS_FILE, json.dumps({**logged, **params}, indent=0, sort_keys=True))
+    return params, tags, changed
 
 
 def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipelines.tracking import flatten_params
-    from pipelines.train.index import write_single_camera_index
-    from services.label_store import get_or_create_store, store_actor_name
-    from services.labeling_pool import coordinator_name, start_coordinator
+    """Train ``cfg`` in its run folder, holding the folder's lease (:class:`pipelines.lease.RunLease`)
+    for the whole run: a second run on the same folder refuses before writing anything."""
+    from pipelines.lease import RunLease
 
     from dynamix_core.model import check_backbone
 
     check_backbone(cfg.model.backbone, cfg.model.img_size, cfg.model.ibn)  # before the data and the cluster
     cfg = resolve_paths(cfg)
     run = RunFolder.create(cfg.run.storage, cfg.run.name)
+    with RunLease(run.dir):
+        return _run_training(cfg, run, progress)
+
+
+def _run_training(cfg: TrainConfig, run: RunFolder, progress: bool) -> TrainResult:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.train.index import write_single_camera_index
+    from services.label_store import get_or_create_store, store_actor_name
+    from services.labeling_pool import coordinator_name, start_coordinator
+
     run_dir, local_dir = run.dir, run.local
     init_ray(cfg.scaling.address)
     require_resources(training_demands(cfg), timeout_s=cfg.scaling.resources_timeout_s,
                       echo=print if progress else _silent)
-    changed = changed_settings(run.path("config.yaml"), cfg)
+    # MLflow params are immutable: a resumed run with changed settings records them as tags
+    params, tags, changed = mlflow_settings(run, cfg)
     config_file = run.write("config.yaml", dump_yaml(cfg), local_copy=True)  # MLflow uploads it from a local file
     tracker, tracking_uri = open_tracker(run, cfg.tracking, cfg.run.name)
-    # MLflow params are immutable: a resumed run with changed settings records them as tags
-    params = flatten_params(to_dict(cfg))
-    tracker.log_params({k: v for k, v in params.items() if k not in changed})
-    tracker.set_tags({"dynamix.method": cfg.method,
-                      **{f"dynamix.resumed_with.{k}": new for k, (_, new) in changed.items()}})
+    tracker.log_params(params)
+    tracker.set_tags({"dynamix.method": cfg.method, **tags})
     if changed and progress:
         print(f"[train] resuming {cfg.run.name} with changed settings: "
               + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()), flush=True)
