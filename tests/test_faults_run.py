@@ -4,7 +4,8 @@ the path or key and what to do, before anything is damaged or any minute is wast
 Settings checked at load (before data or workers), YAML that does not parse, a refused or full disk
 (no temporary shard left), one writer per run folder (a second run refuses before touching it, a
 dead run's lease is taken over), the settings of an interrupted attempt, labelling failures with
-their plain cause, and deterministic errors that Ray Train does not retry. No test here starts Ray.
+their plain cause, and deterministic errors that Ray Train does not retry (the one test that
+starts Ray proves that on a real trainer).
 """
 
 from __future__ import annotations
@@ -277,3 +278,173 @@ def test_an_interrupted_attempt_with_changed_settings_never_makes_mlflow_reject_
             assert set(params.items()) <= set(held.items()) and changed == {}
         held.update(params)
     assert client.get_run(run_id).data.params["run.max_steps"] == "30"
+
+
+# --- labelling failures --------------------------------------------------------------------------
+
+
+def _actor_error(exc: BaseException):
+    """``exc`` as ``ray.get`` raises it when a labelling actor raised it: Ray's coloured header first."""
+    import traceback
+
+    from ray.exceptions import RayTaskError
+
+    try:
+        raise exc
+    except type(exc) as raised:
+        return RayTaskError("LabelingWorkerService.process", traceback.format_exc(), raised, pid=4242,
+                            ip="10.0.0.7").as_instanceof_cause()
+
+
+def test_a_failed_round_s_cause_is_plain_text():
+    from services.labeling_pool import round_error_cause
+
+    wrapped = _actor_error(ValueError("video 17: no image decodes"))
+    assert "\x1b[" in str(wrapped).splitlines()[0]  # what Ray's first line is
+    assert round_error_cause(wrapped) == "ValueError: video 17: no image decodes"
+    try:
+        raise RuntimeError("labeling chunk 3 of round 2 lost its actor 4 times") from wrapped
+    except RuntimeError as lost:
+        assert round_error_cause(lost) == "RuntimeError: labeling chunk 3 of round 2 lost its actor 4 times"
+
+
+class _FakeStats:
+    """The coordinator's ``stats()`` after ``failed`` rounds failed (the last five causes kept)."""
+
+    def __init__(self):
+        self.failed = 0
+
+    def fail(self, n: int) -> None:
+        self.failed += n
+
+    def __call__(self) -> dict:
+        causes = [f"round at step {10 * i}: ValueError: video {i}: no image decodes" for i in range(1, self.failed + 1)]
+        return {"counters": {"round_errors": self.failed, "rounds": 3}, "errors": causes[-5:], "reports": []}
+
+
+def test_every_failed_round_is_one_console_line_with_its_cause(tmp_path, capsys):
+    from pipelines.train.driver import _ProgressPrinter
+    from services.labeling_pool import new_round_errors
+
+    stats = _FakeStats()
+    reported = 0
+
+    def labeling():
+        nonlocal reported
+        causes, reported = new_round_errors(stats(), reported)
+        return causes
+
+    printer = _ProgressPrinter(tmp_path / "history.jsonl", 100, labeling=labeling)
+    printer.interval_s = 0.05
+    import time
+
+    with printer:
+        stats.fail(1)
+        time.sleep(0.3)
+        stats.fail(3)
+        time.sleep(0.3)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[labels]")]
+    assert lines == [f"[labels] labelling round failed: round at step {10 * i}: ValueError: video {i}: no image decodes"
+                     for i in range(1, 5)]
+
+
+def test_mlflow_ends_with_the_labelling_counters_of_result_json():
+    """Rounds that fail after rank 0's last metric report still reach MLflow: the driver logs the
+    final counters (what result.json holds) at the run's last step, and the last cause as a tag."""
+    from pipelines.train.driver import _log_labeling_outcome
+
+    class Tracker:
+        metrics, tags = {}, {}
+
+        def log_metrics(self, metrics, step):
+            self.metrics.update({k: (v, step) for k, v in metrics.items()})
+
+        def set_tags(self, tags):
+            self.tags.update(tags)
+
+    stats = _FakeStats()
+    stats.fail(4)
+    tracker = Tracker()
+    _log_labeling_outcome(tracker, stats(), step=60)
+    assert tracker.metrics["labeling/round_errors"] == (4.0, 60)
+    assert tracker.metrics["labeling/rounds"] == (3.0, 60)
+    assert tracker.tags["labeling.last_error"] == "round at step 40: ValueError: video 4: no image decodes"
+
+
+def test_a_failed_first_remix_round_is_one_line_with_its_cause(monkeypatch):
+    import ray
+
+    from dynamix_core.errors import StopRun
+    from pipelines.train.driver import _wait_first_round
+
+    class Call:
+        def __init__(self, value):
+            self.value = value
+
+        def remote(self, *a, **k):
+            return self.value
+
+    failed = {"counters": {"round_errors": 1}, "errors": ["round at step 0: ValueError: video 3: no image decodes"],
+              "chunks": 4, "chunks_done": 4}
+    coordinator = type("C", (), {"wait_idle": Call(True), "stats": Call(failed)})()
+    store = type("S", (), {"latest": Call((0, None))})()
+    monkeypatch.setattr(ray, "get", lambda value, **k: value)
+    with pytest.raises(StopRun) as stopped:
+        _wait_first_round(coordinator, store, 60.0, progress=False)
+    message = str(stopped.value)
+    assert "\n" not in message and "above" not in message
+    assert message.startswith("labeling: the first ReMix round failed, so training would start with no pseudo-label: "
+                              "round at step 0: ValueError: video 3: no image decodes (the labeling actors' logs: ")
+
+
+# --- deterministic errors are not retried --------------------------------------------------------
+
+
+def test_ray_train_retries_a_lost_worker_but_not_a_deterministic_error():
+    from ray.train import FailureConfig
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from dynamix_core.config import ConfigError
+    from dynamix_core.errors import StopRun
+    from pipelines.train.failures import NoRetryOfDeterministicErrors
+
+    def failed(*errors):
+        return WorkerGroupError("worker errors", {r: UserExceptionWithTraceback(e, "Traceback ...")
+                                                  for r, e in enumerate(errors)})
+
+    policy = NoRetryOfDeterministicErrors(FailureConfig(max_failures=2))
+    no_fill = StopRun("single-camera stream: 3 full passes over this rank's 8 videos (1 of them labelled) did "
+                      "not fill a batch")
+    assert policy.make_decision(failed(no_fill, RuntimeError("collective aborted"))) == FailureDecision.RAISE
+    assert policy.make_decision(failed(ConfigError("sampler.num_videos=9 ..."))) == FailureDecision.RAISE
+    assert policy.make_decision(failed(RuntimeError("connection reset"))) == FailureDecision.RETRY
+
+
+def test_a_deterministic_worker_error_stops_the_run_at_once_in_one_line(ray_local, tmp_path):
+    """A real TorchTrainer with max_failures=2 whose workers cannot fill a batch: one attempt, and
+    the error the user sees is the workers' one line."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from dynamix_core.errors import StopRun
+    from pipelines.train.failures import fit
+
+    attempts = tmp_path / "attempts"
+
+    def loop(config):
+        with open(config["attempts"], "a") as fh:
+            fh.write("x")
+        raise StopRun("single-camera stream: 3 full passes over this rank's 8 videos did not fill a batch; "
+                      "lower sampler.num_videos")
+
+    trainer = TorchTrainer(loop, train_loop_config={"attempts": str(attempts)},
+                           scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+                           run_config=RunConfig(name="det", storage_path=str(tmp_path / "runs"),
+                                                failure_config=FailureConfig(max_failures=2)))
+    with pytest.raises(StopRun) as stopped:
+        fit(trainer)
+    assert str(stopped.value) == ("single-camera stream: 3 full passes over this rank's 8 videos did not fill a "
+                                  "batch; lower sampler.num_videos")
+    assert attempts.read_text() == "x"  # not retried

@@ -102,7 +102,7 @@ def _run_pretraining(cfg: PretrainConfig, run: RunFolder, progress: bool) -> Pre
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
         )
         with _PretrainProgress(run.path("history.jsonl"), cfg.run.max_steps) if progress else contextlib.nullcontext():
-            result = trainer.fit()
+            result = fit(trainer)  # a deterministic worker error: no retry
     except BaseException:
         tracker.close(status="FAILED")
         raise

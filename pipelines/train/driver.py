@@ -28,6 +28,7 @@ from dynamix_core.config import dump_yaml, to_dict
 from pipelines.job import RunFolder, open_tracker
 from pipelines.ray_cluster import require_resources, training_demands
 from pipelines.train.config import TrainConfig
+from pipelines.train.failures import fit
 from pipelines.train.run_files import load_tensors, local_run_dir, read_jsonl, write_atomic
 
 log = logging.getLogger("dynamix.train")
@@ -296,10 +297,11 @@ def _run_training(cfg: TrainConfig, run: RunFolder, progress: bool) -> TrainResu
                                  failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
         )
-        with _ProgressPrinter(storage.join(run_dir, "history.jsonl"), cfg.run.max_steps) if progress \
-                else contextlib.nullcontext():
-            result = trainer.fit()
+        with _ProgressPrinter(storage.join(run_dir, "history.jsonl"), cfg.run.max_steps,
+                              labeling=_labeling_errors(coordinator)) if progress else contextlib.nullcontext():
+            result = fit(trainer)  # a deterministic worker error: no retry
         labeling = {} if coordinator is None else ray.get(coordinator.stats.remote())
+        _log_labeling_outcome(tracker, labeling, cfg.run.max_steps)
     except BaseException:
         tracker.close(status="FAILED")
         raise
@@ -357,9 +359,48 @@ def _wait_first_round(coordinator, store, timeout_s: float, progress: bool) -> N
             print(f"[labels] first ReMix round: {stats['chunks_done']}/{stats['chunks']} chunks", flush=True)
     version, _ = ray.get(store.latest.remote())
     if stats["counters"].get("round_errors") or not version:
-        cause = stats["errors"][-1] if stats["errors"] else "no version was published"
-        raise RuntimeError(f"labeling: the first ReMix round failed ({cause}); training would start with no "
-                           "pseudo-label. See the labeling actors' log above")
+        from dynamix_core.errors import StopRun
+        from pipelines.console import ray_logs_dir
+
+        cause = stats["errors"][-1] if stats["errors"] else "no label version was published"
+        raise StopRun(f"labeling: the first ReMix round failed, so training would start with no pseudo-label: "
+                      f"{cause} (the labeling actors' logs: {ray_logs_dir()})")
+
+
+def _labeling_errors(coordinator):
+    """A callable that returns the causes of the labelling rounds failed since its last call (for
+    the console), or None without a labeling service."""
+    if coordinator is None:
+        return None
+    import ray
+
+    from services.labeling_pool import new_round_errors
+
+    reported = 0
+
+    def new_errors() -> list[str]:
+        nonlocal reported
+        try:
+            stats = ray.get(coordinator.stats.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - a busy or restarting coordinator: ask again next time
+            return []
+        causes, reported = new_round_errors(stats, reported)
+        return causes
+
+    return new_errors
+
+
+def _log_labeling_outcome(tracker, stats: dict, step: int) -> None:
+    """The labeling service's final counters as MLflow metrics at the run's last step (rank 0 sends
+    them with each metric report, which a round failing after the last one would miss), and its last
+    failure's cause as the tag ``labeling.last_error``: MLflow then says what ``result.json`` says."""
+    from pipelines.train.worker import LABELING_COUNTERS
+
+    if not stats:
+        return
+    tracker.log_metrics({f"labeling/{k}": float(stats["counters"].get(k, 0)) for k in LABELING_COUNTERS}, step=step)
+    if stats["errors"]:
+        tracker.set_tags({"labeling.last_error": stats["errors"][-1]})
 
 
 def stop_labeling_actors(run_name: str, namespace: str = "dynamix") -> None:
@@ -385,10 +426,11 @@ class _ProgressPrinter:
 
     prefix = "train"
 
-    def __init__(self, history: Path | str, max_steps: int):
+    def __init__(self, history: Path | str, max_steps: int, labeling=None):
         import threading
 
         self.history, self.max_steps = history, max_steps
+        self.labeling = labeling  # returns the causes of newly failed labelling rounds (or None: no service)
         self.interval_s = 5.0 if storage.is_remote(history) else 1.0  # one GET per look on an object store
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -416,6 +458,8 @@ class _ProgressPrinter:
             for m in lines[printed:]:
                 print(self.format(m), flush=True)
             printed = len(lines)
+            for cause in self.labeling() if self.labeling is not None else ():
+                print(f"[labels] labelling round failed: {cause}", flush=True)
 
     def format(self, m: dict) -> str:
         """One console line for the history row ``m``."""
