@@ -448,3 +448,8 @@ def test_a_deterministic_worker_error_stops_the_run_at_once_in_one_line(ray_loca
     assert str(stopped.value) == ("single-camera stream: 3 full passes over this rank's 8 videos did not fill a "
                                   "batch; lower sampler.num_videos")
     assert attempts.read_text() == "x"  # not retried
+
+
+def test_pretraining_values_out_of_range_fail_at_print_config(capsys):
+    code, err = _cli(capsys, "pretrain", "--config", "pretrain_demo", "--set", "run.max_steps=-5", "--print-config")
+    assert code == 2 and err == ["dynamix pretrain: error: --set run.max_steps=-5: run.max_steps: -5 must be >= 1"]

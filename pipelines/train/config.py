@@ -57,7 +57,7 @@ class LabelingSection:
     max_staleness: int = field(100, min=0, help="labels computed from weights more than this many steps old are discarded")
     queue_size: int | None = field(None, min=1, help="labeling requests queued at most, older ones dropped (backpressure); >= scaling.num_workers, as every rank requests at each publish (default: 2 x scaling.num_workers)")
     max_chunk_retries: int = field(3, help="times a chunk whose labeling actor died is retried on another actor before its round fails")
-    first_round_timeout_s: float = field(3600.0, min=1, help="ReMix: seconds the driver waits for the first pseudo-labels (every video) before training; the run fails after that")
+    first_round_timeout_s: float = field(3600.0, min=0, help="ReMix: seconds the driver waits for the first pseudo-labels (every video) before training; the run fails after that")
     embed_batch_size: int = field(128, min=1, help="images embedded at once by a labeling actor")
     chunk_videos: int = field(64, help="videos per labeling task: an actor holds the images and features of one chunk at a time")
     commit_videos: int = field(256, help="a round's finished chunks are published as one label version each time they cover this many videos (and at the round's end): a big round streams its results instead of holding them")
