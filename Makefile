@@ -6,7 +6,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test test-fast bench install clean help manifests
+.PHONY: demo test test-fast scenarios bench install clean help manifests
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -24,14 +24,18 @@ install: $(STAMP)  ## create .venv and install the pinned dependencies
 demo: $(STAMP)  ## synthesize SynthReID, ingest it, train + evaluate DynaMix on local Ray
 	$(VENV)/bin/dynamix demo --out $(DEMO_DIR)
 
-test: $(STAMP)  ## run the whole test suite (CPU)
-	$(VPY) -m pytest -q --durations=30
+test: $(STAMP)  ## run the test suite (CPU), without the long scenarios (`make scenarios`)
+	$(VPY) -m pytest -q -m "not slow" --durations=30
+
+scenarios: $(STAMP)  ## the long end-to-end scenarios (kill/restart matrices, S3 and cluster variants, every clustering recipe)
+	$(VPY) -m pytest -q -m slow --durations=15
 
 test-fast: $(STAMP)  ## the tests that start no Ray and are not long scenarios (a few minutes)
 	$(VPY) -m pytest -q -m "not ray and not slow" --durations=10
 
-bench: $(STAMP)  ## run every benchmark; each prints its ratio against a reference measured in the same run
+bench: $(STAMP)  ## run every benchmark (each prints its ratio against a reference measured in the same run), then the long scenarios
 	$(VPY) benchmarks/run_all.py
+	$(VPY) -m pytest -q -m slow --durations=15
 
 manifests: $(STAMP)  ## render the Helm chart into plain manifests under deploy/manifests/
 	$(VPY) -c "import helm_python as h, pathlib; out = h.Chart.load('helm/dynamix').render(None, name='dynamix', namespace='dynamix', is_install=True); d = pathlib.Path('deploy/manifests'); d.mkdir(exist_ok=True); [(d / pathlib.Path(k).name).write_text(v) for k, v in out.items() if v.strip()]; print('wrote', sorted(p.name for p in d.iterdir()))"

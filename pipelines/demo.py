@@ -11,41 +11,54 @@ from pathlib import Path
 import numpy as np
 
 from dynamix_core.config import load_config
+from dynamix_core.data.synth.presets import preset_overrides
 from pipelines.recipes import RECIPES_DIR
 from pipelines.train.config import TrainConfig
 
-#: the demo's SynthReID: more single-camera videos than the generator's test-sized default, so the
-#: single-camera part has data to add (the method's claim) and 2 workers get 32 videos each; 150
-#: identities per multi-camera set (450 in all) so a network trained from scratch generalises
-DEMO_SYNTH = ["num_videos=64", "multi_train_ids=150"]
+#: the demo's SynthReID (preset ``demo``): more single-camera videos than the generator's test-sized
+#: default, so the single-camera part has data to add (the method's claim) and 2 workers get 32 videos
+#: each; 150 identities per multi-camera set (450 in all) so a network trained from scratch generalises
+DEMO_SYNTH = preset_overrides("demo")
 SETS = {"multi": ["synth_m0", "synth_m1", "synth_m2"], "single": ["synth_video"], "target": ["synth_target"]}
 
 
-def prepare_data(out: Path, *, synth_overrides: list[str] = (), progress: bool = True) -> dict[str, Path]:
-    """Generate SynthReID under ``out/data`` and ingest every set into ``out/shards/<name>``."""
+def prepare_data(out: Path, *, synth_overrides: list[str] = (), progress: bool = True,
+                 preset: str = "demo") -> dict[str, Path]:
+    """Generate SynthReID (settings of ``preset``, then ``synth_overrides``) under ``out/data`` and
+    ingest every set into ``out/shards/<name>``."""
     from dynamix_core.data.synth import SynthConfig, generate
     from pipelines.ingest import IngestConfig, format_result, run_ingest
 
     t0 = time.perf_counter()
-    cfg = load_config(SynthConfig, None, DEMO_SYNTH + list(synth_overrides))
-    generate(cfg, out / "data", progress=progress)
-    print(f"[demo] SynthReID ready in {out / 'data'} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    cfg = load_config(SynthConfig, None, preset_overrides(preset) + list(synth_overrides))
+    summary = generate(cfg, out / "data", progress=progress)
+    print(f"[demo] SynthReID ({preset}) ready in {out / 'data'} ({time.perf_counter() - t0:.0f}s)", flush=True)
     shards = {}
-    for kind, names in SETS.items():
-        for name in names:
-            dst = out / "shards" / name
-            # each set under its own dataset name: identities are namespaced by (dataset, source id)
-            result = run_ingest(IngestConfig(root=out / "data" / kind / name, out=dst, format="auto", dataset=name),
-                                progress=progress)
-            print(f"[demo] ingest {name}: " + format_result(result).splitlines()[0], flush=True)
-            shards[name] = dst
+    for info in summary["sets"]:
+        name = info["name"]
+        dst = out / "shards" / name
+        # each set under its own dataset name: identities are namespaced by (dataset, source id)
+        result = run_ingest(IngestConfig(root=out / "data" / info["path"], out=dst, format="auto", dataset=name),
+                            progress=progress)
+        print(f"[demo] ingest {name}: " + format_result(result).splitlines()[0], flush=True)
+        shards[name] = dst
     return shards
+
+
+def multi_sets(out: Path) -> list[str]:
+    """The multi-camera sets of the SynthReID data under ``out/data`` (the demo's three if none is there yet)."""
+    from dynamix_core.data.synth import MANIFEST
+
+    manifest = out / "data" / MANIFEST
+    if not manifest.is_file():
+        return list(SETS["multi"])
+    return [s["name"] for s in json.loads(manifest.read_text())["sets"] if s["kind"] == "multi"]
 
 
 def demo_config(out: Path, recipe: str, overrides: list[str]) -> TrainConfig:
     shards = out / "shards"
     paths = [
-        f"data.multi=[{','.join(str(shards / n) for n in SETS['multi'])}]",
+        f"data.multi=[{','.join(str(shards / n) for n in multi_sets(out))}]",
         f"data.target={shards / 'synth_target'}",
         f"run.storage={out / 'runs'}",
     ]

@@ -1,10 +1,14 @@
 """Comparison runs on SynthReID under one budget (``dynamix experiment recipes|mixing``).
 
-Every recipe of a suite is trained on the same demo data (:func:`pipelines.demo.prepare_data`) with
-the same ``run.max_steps`` and its demo recipe's batch of 64 images per worker on 2 workers, then
-evaluated on the held-out target domain, once per seed (``--seeds``, default 3); one markdown row per
+Every recipe of a suite is trained on the same SynthReID data (:func:`pipelines.demo.prepare_data`,
+``--preset demo`` or ``real``) with the same ``run.max_steps`` on 2 workers, then evaluated on the
+held-out target domain, once per seed (``--seeds``, default 3; a seed sets the initialisation and the
+data order, :func:`seed_overrides`). Every recipe trains the same 16x4 multi-camera images per worker
+and step; the mixing recipes add their videos on top (``sampler.videos: add``). One markdown row per
 recipe (mean ± std of mAP and Rank-1 over seeds, and each seed's mAP) is printed and saved with a bar
-plot under ``OUT/experiments/``. Runs are named by recipe, seed, steps and any ``--set`` overrides (not
+plot under ``OUT/experiments/``; the ``mixing`` suite also prints the paired per-seed differences
+with 95 % t-intervals and writes them with the per-seed mAPs as JSON (``--json``). Runs are named by
+recipe, seed, steps and a hash of the recipe file, the seed settings and any ``--set`` overrides (not
 by suite), so a re-run skips the runs that already finished and resumes an interrupted one, and
 ``recipes`` reuses the three runs per seed that ``mixing`` already trained.
 """
@@ -20,7 +24,7 @@ from pathlib import Path
 from pipelines.demo import demo_config, prepare_data
 from pipelines.recipes import RECIPES_DIR
 
-#: suite -> (row name, demo recipe); every demo recipe trains 64 images per step on each worker
+#: suite -> (row name, demo recipe); every demo recipe trains 16x4 multi-camera images per step on each worker
 SUITES: dict[str, list[tuple[str, str]]] = {
     "recipes": [("multicam", "multicam_baseline_demo.yaml"), ("cluster_contrast", "cluster_contrast_demo.yaml"),
                 ("domainmix", "domainmix_demo.yaml"), ("calr", "calr_demo.yaml"), ("remix", "remix_demo.yaml"),
@@ -30,9 +34,17 @@ SUITES: dict[str, list[tuple[str, str]]] = {
 }
 
 
+#: row of the mixing suite -> its key in the JSON of ``--json``
+MIXING_KEYS = {"multicam": "multi_only", "remix": "remix", "dynamix": "dynamix"}
+#: paired differences of the mixing suite: (name, minuend, subtrahend), JSON keys
+PAIRS = [("dynamix - multi_only", "dynamix", "multi_only"), ("remix - multi_only", "remix", "multi_only"),
+         ("dynamix - remix", "dynamix", "remix")]
+
+
 def run_suite(suite: str, out: Path, *, steps: int, seeds: int = 3, overrides: list[str] = (),
-              address: str | None = None) -> list[dict]:
-    """Train and evaluate every recipe of ``suite`` with ``seeds`` seeds (``run.seed`` 0..seeds-1);
+              address: str | None = None, preset: str = "demo", json_path: Path | None = None) -> list[dict]:
+    """Train and evaluate every recipe of ``suite`` with ``seeds`` seeds (0..seeds-1, each setting
+    ``run.seed`` and ``sampler.seed``: :func:`seed_overrides`);
     returns one row per recipe with the mean and standard deviation over seeds."""
     from pipelines.train.driver import run_training
 
@@ -43,21 +55,22 @@ def run_suite(suite: str, out: Path, *, steps: int, seeds: int = 3, overrides: l
     if seeds < 1:
         raise ValueError(f"--seeds {seeds}: must be >= 1")
     out = out.resolve()
-    prepare_data(out)
+    prepare_data(out, preset=preset)
     t0 = time.perf_counter()
     rows = []
     for name, recipe in SUITES[suite]:
         runs = []
         for seed in range(seeds):
-            run_name = run_name_for(name, seed, steps, overrides)
+            settings = list(overrides) + seed_overrides(seed) + [f"recipe:{(RECIPES_DIR / recipe).read_text()}"]
+            run_name = run_name_for(name, seed, steps, settings)
             storage = out / "experiments" / "runs"
             done = storage / run_name / "result.json"
             if done.is_file() and "eval/mAP" in json.loads(done.read_text())["metrics"]:
                 metrics = json.loads(done.read_text())["metrics"]  # finished earlier: a resumed run reports nothing
                 print(f"[experiment] {name} seed {seed}: finished earlier ({done})", flush=True)
             else:
-                extra = [f"run.name={run_name}", f"run.storage={storage}", f"run.max_steps={steps}", f"run.seed={seed}",
-                         "run.eval_every=0"]
+                extra = [f"run.name={run_name}", f"run.storage={storage}", f"run.max_steps={steps}", "run.eval_every=0"]
+                extra += seed_overrides(seed)
                 extra += list(overrides) + ([f"scaling.address={address}"] if address else [])
                 cfg = demo_config(out, str(RECIPES_DIR / recipe), extra)
                 print(f"[experiment] {name} seed {seed}: {cfg.method}, {steps} steps on {cfg.scaling.num_workers} "
@@ -66,14 +79,28 @@ def run_suite(suite: str, out: Path, *, steps: int, seeds: int = 3, overrides: l
             runs.append({"seed": seed, "mAP": float(metrics["eval/mAP"]), "rank1": float(metrics["eval/rank1"])})
         rows.append(aggregate(name, recipe, runs))
     folder = out / "experiments"
-    stem = f"{suite}_{steps}_{seeds}seeds"
-    table = format_table(rows, suite, steps, seeds, (time.perf_counter() - t0) / 60)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{suite}_{preset}_{steps}_{seeds}seeds"
+    table = format_table(rows, suite, steps, seeds, (time.perf_counter() - t0) / 60, preset=preset)
+    if suite == "mixing":
+        result = mixing_result(rows, preset=preset, steps=steps)
+        table += "\n\n" + format_differences(result)
+        for path in [folder / f"{stem}_paired.json"] + ([Path(json_path)] if json_path else []):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=2) + "\n")
     (folder / f"{stem}.md").write_text(table + "\n")
     (folder / f"{stem}.json").write_text(json.dumps(rows, indent=2))
-    plot_rows(rows, folder / f"{stem}.png", title=f"SynthReID target, suite {suite}, {steps} steps, {seeds} seeds")
+    plot_rows(rows, folder / f"{stem}.png",
+              title=f"SynthReID ({preset}) target, suite {suite}, {steps} steps, {seeds} seeds")
     print(table, flush=True)
     print(f"[experiment] table and plot: {folder / stem}.md / .png", flush=True)
     return rows
+
+
+def seed_overrides(seed: int) -> list[str]:
+    """What one seed of an experiment sets: the initialisation and augmentations (``run.seed``) and
+    the data order, i.e. which identities, videos and images every batch holds (``sampler.seed``)."""
+    return [f"run.seed={seed}", f"sampler.seed={seed}"]
 
 
 def run_name_for(row: str, seed: int, steps: int, overrides: list[str] = ()) -> str:
@@ -82,6 +109,50 @@ def run_name_for(row: str, seed: int, steps: int, overrides: list[str] = ()) -> 
     if overrides:
         name += "-" + hashlib.sha256("\n".join(sorted(overrides)).encode()).hexdigest()[:8]
     return name
+
+
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and the two-sided ``level`` Student-t confidence interval of the mean of ``values``
+    (``mean -+ t_{(1+level)/2, n-1} * s / sqrt(n)``, ``s`` the sample standard deviation);
+    with one value the interval is unbounded."""
+    from scipy import stats
+
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return mean, float("-inf"), float("inf")
+    half = float(stats.t.ppf((1.0 + level) / 2.0, n - 1)) * statistics.stdev(values) / n ** 0.5
+    return mean, mean - half, mean + half
+
+
+def mixing_result(rows: list[dict], *, preset: str, steps: int) -> dict:
+    """The mixing suite's JSON: per-seed target mAPs of each arm (in seed order) and the paired
+    per-seed differences with their mean and 95 % t-interval."""
+    by_key = {MIXING_KEYS[r["row"]]: sorted(r["runs"], key=lambda x: x["seed"]) for r in rows}
+    seeds = [x["seed"] for x in by_key["multi_only"]]
+    if any([x["seed"] for x in runs] != seeds for runs in by_key.values()):
+        raise ValueError("the arms of the mixing suite ran different seeds; differences need pairs")
+    maps = {key: [x["mAP"] for x in runs] for key, runs in by_key.items()}
+    paired = {}
+    for name, a, b in PAIRS:
+        diffs = [x - y for x, y in zip(maps[a], maps[b])]
+        mean, lo, hi = t_interval(diffs)
+        paired[name] = {"per_seed": diffs, "mean": mean, "ci95": [lo, hi]}
+    return {"preset": preset, "steps": steps, "seeds": seeds, "target_mAP": maps, "paired_differences": paired}
+
+
+def format_differences(result: dict) -> str:
+    """Markdown table of the paired differences (mAP points) with their 95 % t-intervals."""
+    pts = lambda x: f"{100 * x:+.1f}"  # noqa: E731
+    n = len(result["seeds"])
+    lines = [f"Paired differences of target mAP over {n} seed{'s' if n != 1 else ''} (same seed = same init and "
+             "data order), mean and 95 % t-interval, in points:", "",
+             "| difference | mean | 95 % interval | per seed |", "|---|---:|---|---|"]
+    for name, d in result["paired_differences"].items():
+        lo, hi = d["ci95"]
+        interval = f"[{pts(lo)}, {pts(hi)}]" if n > 1 else "(one seed: none)"
+        lines.append(f"| {name} | {pts(d['mean'])} | {interval} | {', '.join(pts(x) for x in d['per_seed'])} |")
+    return "\n".join(lines)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -96,10 +167,11 @@ def aggregate(row: str, description: str, runs: list[dict]) -> dict:
             "rank1_std": r_std, "runs": runs}
 
 
-def format_table(rows: list[dict], suite: str, steps: int, seeds: int, minutes: float) -> str:
+def format_table(rows: list[dict], suite: str, steps: int, seeds: int, minutes: float, preset: str = "demo") -> str:
     pct = lambda mean, std: f"{100 * mean:.1f} ± {100 * std:.1f}"  # noqa: E731
-    lines = [f"SynthReID target domain, suite `{suite}`: {steps} steps x 64 images per worker, 2 workers, "
-             f"from scratch, {seeds} seeds, mean ± std ({minutes:.0f} min)",
+    lines = [f"SynthReID (preset `{preset}`) target domain, suite `{suite}`: {steps} steps x 16x4 multi-camera "
+             f"images per worker (+ videos for the mixing recipes), 2 workers, from scratch, {seeds} seeds, "
+             f"mean ± std ({minutes:.0f} min)",
              "", "| recipe | mAP | Rank-1 | mAP per seed |", "|---|---:|---:|---|"]
     for r in rows:
         per_seed = ", ".join(f"{100 * x['mAP']:.1f}" for x in r["runs"])

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from pipelines.demo import SETS, demo_config, prepare_data
-from pipelines.experiment import _mean_std, aggregate, plot_rows, run_name_for
+from pipelines.experiment import _mean_std, aggregate, plot_rows, run_name_for, seed_overrides
 from pipelines.recipes import RECIPES_DIR
 
 SUITE = "pretraining"
@@ -106,12 +106,13 @@ def _train(out: Path, recipe: str, run_name: str, overrides: list[str]) -> dict:
 
 
 def run_ablation(out: Path, *, steps: int, seeds: int, pretrain_steps: int | None = None,
-                 overrides: list[str] = (), pretrain_overrides: list[str] = (), address: str | None = None) -> list[dict]:
+                 overrides: list[str] = (), pretrain_overrides: list[str] = (), address: str | None = None,
+                 preset: str = "demo") -> list[dict]:
     """Pre-train once per seed, train the six settings per seed, aggregate; returns one row per setting."""
     if steps < 1 or seeds < 1:
         raise ValueError(f"--steps {steps} and --seeds {seeds}: both must be >= 1")
     out = out.resolve()
-    prepare_data(out)
+    prepare_data(out, preset=preset)
     t0 = time.perf_counter()
     runs: dict[str, list[dict]] = {row: [] for row, *_ in ROWS}
     bare: list[dict] = []
@@ -124,7 +125,7 @@ def run_ablation(out: Path, *, steps: int, seeds: int, pretrain_steps: int | Non
                       f"model.ibn={str(pre.model.ibn).lower()}",
                       f"data.transform.height={h}", f"data.transform.width={w}"]
         for row, _, recipe, pretrained in ROWS:
-            extra = same_model + [f"run.seed={seed}", f"run.max_steps={steps}", "run.eval_every=0"]
+            extra = same_model + seed_overrides(seed) + [f"run.max_steps={steps}", "run.eval_every=0"]
             extra += [f"model.weights={weights}", "model.weights_scope=backbone"] if pretrained else []
             extra += list(overrides) + ([f"scaling.address={address}"] if address else [])
             name = training_run_name(row, seed, steps, overrides=list(overrides),

@@ -62,7 +62,7 @@ from dynamix_core.config import ConfigError, field
 from dynamix_core.data.images import image_problem, sniff_format
 from dynamix_core.data.lmdb_io import open_lmdb
 from dynamix_core.data.parsers import DISTRACTOR_PIDS, FORMATS, detect_format_why, parse_source_table
-from dynamix_core.data.parsers._common import describe
+from dynamix_core.data.parsers._common import dangling_symlink, describe
 from dynamix_core.data.records import (NO_IDENTITY, RECORD_FIELDS, SPLITS, BadInputError, IdentityMaps, ImageRef,
                                        InputReport, Record, global_identity)
 from dynamix_core.data.sample_table import column_codes, combined_codes, fill_null, identity_maps, ids_by_row, where
@@ -79,6 +79,7 @@ from dynamix_core.data.shards import (
     read_shard_metadata,
     remove_stale_tmp,
     set_shard_paths,
+    shard_damage,
     shard_relpath,
     shard_sizes,
     tmp_path,
@@ -246,7 +247,8 @@ def _stored_sizes(table: pa.Table, report: InputReport, batch: int = 1 << 16) ->
                         raise KeyError(f"LMDB has no key {member!r}")
                     sizes[row] = len(value)
                 except (OSError, KeyError, lmdb.Error) as exc:
-                    report.reject(where(container, member), f"missing file: {exc}")
+                    dangling = member is None and os.path.islink(container)
+                    report.reject(where(container, member), dangling_symlink(container) if dangling else f"missing file: {exc}")
                     sizes[row] = -1
         finally:
             for txn in txns.values():
@@ -494,11 +496,13 @@ def plan_shards(
 
 
 def _finished_shard(plan: ShardPlan, out_dir: str | Path) -> dict | None:
-    """The metadata of ``plan``'s shard when it is already written from this very plan and nothing
-    was rejected from it (None: it has to be written)."""
-    meta = read_shard_metadata(*set_shard_paths(out_dir, plan.relpath))
+    """The metadata of ``plan``'s shard when it is already written from this very plan, nothing
+    was rejected from it and its bytes are still those written (None: it has to be written; a
+    damaged shard is rewritten by the next ingest)."""
+    tar_path, manifest_path = set_shard_paths(out_dir, plan.relpath)
+    meta = read_shard_metadata(tar_path, manifest_path)
     if meta is not None and meta.get("plan_digest") == plan.digest and meta.get("num_rejected") == "0":
-        return meta
+        return meta if shard_damage(tar_path, meta) is None else None
     return None
 
 
@@ -522,7 +526,8 @@ def write_planned_shard(item: dict, out_dir: str) -> dict:
             try:
                 data = image.read_bytes()
             except (OSError, KeyError) as exc:
-                report.reject(describe(image), f"missing file: {exc}")
+                dangling = image.member is None and os.path.islink(image.container)
+                report.reject(describe(image), dangling_symlink(image.container) if dangling else f"missing file: {exc}")
                 continue
             problem = image_problem(data)
             if problem is not None:

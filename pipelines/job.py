@@ -97,3 +97,20 @@ def open_tracker(run: RunFolder, tracking, run_name: str, spool: str = "spool_dr
                     "to keep the records elsewhere)", run.dir, run.local / "mlflow.db", artifacts)
     tracker = ResilientTracker(uri, tracking.experiment, run_name, str(run.local / spool), artifact_location=artifacts)
     return tracker, uri
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What a driver hands every Ray Train worker (``train_loop_config={"job": WorkerJob(...)}``): the
+    typed config and where the run lives. Workers read fields, never dict keys with fallbacks."""
+
+    cfg: object  # a TrainConfig or PretrainConfig
+    run_dir: str  # a folder or a URI (s3://...)
+    local_dir: str  # the driver's local folder of the run (MLflow spools)
+    tracking_uri: str
+    mlflow_run_id: str | None
+    index_path: str | None = None  # the run's single-camera index
+    num_single_identities: int = 0  # single-camera identities in the centroid bank
+    store_name: str | None = None  # the label store actor (relabelling recipes)
+    coordinator_name: str | None = None  # the labelling pool's coordinator actor
+    videos_per_rank: tuple[int, ...] = ()  # pre-training: videos of each rank

@@ -51,9 +51,9 @@ def reference_loss_and_grad(feat, pid, tau, rows, row_ids, row_video=None, video
     return loss.detach(), feat64.grad
 
 
-def loss_and_grad(bank, feat, pid, tau, video=None):
+def loss_and_grad(bank, feat, pid, tau, video=None, is_single_B=None):
     feat = feat.clone().requires_grad_(True)
-    loss = bank.loss(feat, pid, tau, video)
+    loss = bank.loss(feat, pid, tau, video, is_single_B)
     loss.backward()
     return loss.detach().double(), feat.grad.double()
 
@@ -296,3 +296,22 @@ def test_growth_is_geometric_and_keeps_every_row():
     again = CentroidBank(1, 4, cfg)
     again.load_state_dict(state)
     torch.testing.assert_close(again.centroids, bank.centroids)
+
+
+def test_per_domain_loss_is_the_sum_of_each_domains_mean():
+    """``is_single_B`` given: the mean over the multi-camera anchors plus the mean over the
+    single-camera anchors, each against the reference of that domain's anchors alone."""
+    bank = make_bank(10, chunk_rows=3)
+    feat, pid, tau = batch(num_anchors=9)
+    is_single = torch.tensor([False] * 6 + [True] * 3)
+    loss, grad = loss_and_grad(bank, feat, pid, tau, is_single_B=is_single)
+    ref_loss = sum(reference_loss_and_grad(feat[m], pid[m].tolist(), tau[m].tolist(), bank.centroids, range(10))[0]
+                   for m in (~is_single, is_single))
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    batch_loss, _ = loss_and_grad(bank, feat, pid, tau)
+    assert not torch.isclose(loss, batch_loss, atol=1e-3)
+    # a multi-camera anchor's gradient is 1/6 of its own loss's, not 1/9 as in the batch mean
+    own = torch.zeros(9, dtype=torch.bool)
+    own[0] = True
+    _, grad_alone = loss_and_grad(bank, feat, pid, tau, is_single_B=~own)  # anchor 0 alone in its domain
+    torch.testing.assert_close(grad[0] * 6, grad_alone[0], atol=1e-6, rtol=1e-5)

@@ -34,9 +34,9 @@ def rank_batch(rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     return unit(BATCH, seed * 10 + rank), pid, tau, video
 
 
-def loss_and_grad(bank, feat, pid, tau, video):
+def loss_and_grad(bank, feat, pid, tau, video, is_single=None):
     feat = feat.clone().requires_grad_(True)
-    loss = bank.loss(feat, pid, tau, video)
+    loss = bank.loss(feat, pid, tau, video, is_single)
     loss.backward()
     return loss.detach(), feat.grad
 
@@ -59,6 +59,11 @@ def _worker(rank: int, port: int) -> None:
             feat, pid, tau, video = rank_batch(rank, seed=2)
             loss, grad = loss_and_grad(sharded, feat, pid, tau, video)
             ref_loss, ref_grad = loss_and_grad(replicated, feat, pid, tau, video)
+            torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0)
+            torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=0)
+            # per-domain means (loss.anchor_mean=per_domain): the same on both banks
+            loss, grad = loss_and_grad(sharded, feat, pid, tau, video, video >= 0)
+            ref_loss, ref_grad = loss_and_grad(replicated, feat, pid, tau, video, video >= 0)
             torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0)
             torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=0)
 

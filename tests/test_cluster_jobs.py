@@ -210,6 +210,7 @@ def test_jobs_leave_their_working_directory_unchanged(box, train_job):
     assert sorted(p.name for p in box["cwd"].iterdir()) == []
 
 
+@pytest.mark.slow
 def test_chart_retraining_job_continues_from_the_champion_and_registers_a_version(box, train_job):
     """`ray job submit` (Ray's CLI) with the chart's retraining entrypoint; its config is an object in
     the bucket, its state, sources and suite are all under the storage URI."""
@@ -250,6 +251,7 @@ def test_chart_retraining_job_continues_from_the_champion_and_registers_a_versio
     assert sorted(p.name for p in box["cwd"].iterdir()) == []
 
 
+@pytest.mark.slow
 def test_dynamix_submit_wait_pretraining_keeps_its_run_on_s3(box):
     prod, shards = box["prod"], f"{box['prod']}/shards"
     view = [f"data.view{i}.{k}={v}" for i in (1, 2) for k, v in (("height", 32), ("width", 16))]

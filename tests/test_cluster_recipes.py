@@ -12,7 +12,7 @@ import pytest
 
 from dynamix_core.config import ConfigError, load_config
 from dynamix_core.methods.cluster_contrast import cluster_sampler
-from pipelines.train.cluster_worker import draw_batch
+from pipelines.train.clustering import draw_batch
 from conftest import make_tiny_reid
 from pipelines.train.config import TrainConfig
 
@@ -61,7 +61,8 @@ RECIPES = {
 }
 
 
-@pytest.mark.parametrize("method", list(RECIPES))
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m != "cluster_contrast" else m
+                                    for m in RECIPES])
 def test_recipe_trains_evaluates_tracks_and_exports(ray_local, tiny_data, method):
     from mlflow.tracking import MlflowClient
 

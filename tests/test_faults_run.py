@@ -61,8 +61,8 @@ def test_multicam_without_its_schedule_is_one_line(tmp_path, capsys):
     recipe.write_text("\n".join(ln for ln in lines if not ln.startswith("sampler:")) + "\n")
     code, err = _cli(capsys, "train", "--config", str(recipe), "--print-config")
     assert code == 2 and len(err) == 1
-    assert "sampler.schedule: method=multicam has no single-camera data" in err[0]
-    assert "multi_fraction: 1.0" in err[0] and str(recipe) in err[0]
+    assert "sampler: method=multicam has no single-camera data" in err[0]
+    assert "sampler.num_videos=0" in err[0] and str(recipe) in err[0]
     code, _ = _cli(capsys, "train", "--config", "multicam_baseline_demo", "--print-config")
     assert code == 0  # the shipped recipe has its schedule
 

@@ -228,3 +228,90 @@ def test_instance_loss_closed_form_two_keys():
     zk = torch.tensor([[0.6, 0.8], [0.0, 1.0]], dtype=torch.float64)
     loss = instance_loss(z, torch.tensor([0]), zk, torch.tensor([0, 1]), 0.1)
     assert loss.item() == pytest.approx(math.log1p(math.exp((0.0 - 0.6) / 0.1)), rel=1e-12)
+
+
+# ---------------------------------------------------------------- per-domain means (loss.anchor_mean)
+
+
+def test_per_domain_mean_is_the_multi_camera_mean_plus_the_single_camera_mean():
+    """Each domain's anchors averaged on their own, the two means added: a reference from the
+    subsets (instance loss of each domain's anchors alone against all keys) and from the loops."""
+    z, zk, zs = unit(len(LABELS), 20), unit(len(LABELS), 21), unit(len(LABELS), 22)
+    y = torch.tensor(LABELS)
+    is_single = ~torch.tensor(IS_MULTI)
+    tau_B = anchor_temperatures(torch.tensor(IS_MULTI), TAU_M, TAU_S, dtype=torch.float64)
+    loss = instance_loss(z, y, zk, y, tau_B, is_single)
+    m, s = ~is_single, is_single
+    ref = instance_loss(z[m], y[m], zk, y, tau_B[m]) + instance_loss(z[s], y[s], zk, y, tau_B[s])
+    assert_same(loss, ref, [z, zk])
+    assert not torch.allclose(loss, instance_loss(z, y, zk, y, tau_B))
+    taus = [TAU_M if mm else TAU_S for mm in IS_MULTI]
+    assert_same(augmentation_loss(zs, zk, y, tau_B, is_single), _ref_augmentation_domains(zs, zk, LABELS, taus, IS_MULTI),
+                [zs, zk])
+    # no single-camera anchor: per-domain equals the batch mean
+    none = torch.zeros(len(LABELS), dtype=torch.bool)
+    torch.testing.assert_close(instance_loss(z, y, zk, y, tau_B, none), instance_loss(z, y, zk, y, tau_B))
+
+
+def _ref_augmentation_domains(zs, zk, y, taus, is_multi):
+    """The augmentation loop of ``ref_augmentation`` over the whole batch (negatives from both
+    domains), averaged per domain and summed."""
+    per_domain = {True: [], False: []}
+    for i in range(len(y)):
+        pos = torch.exp(dot(zs[i], zk[i]) / taus[i])
+        neg = sum((torch.exp(dot(zs[i], zk[j]) / taus[i]) for j in range(len(y)) if y[j] != y[i]),
+                  torch.zeros((), dtype=torch.float64))
+        per_domain[is_multi[i]].append(-torch.log(pos / (pos + neg)))
+    return sum(sum(v) / len(v) for v in per_domain.values())
+
+
+def test_anchor_mean_option():
+    assert LossConfig().anchor_mean == "batch"
+    assert LossConfig(anchor_mean="per_domain").anchor_mean == "per_domain"
+
+
+@pytest.mark.parametrize("mode", ["batch", "per_domain"])
+def test_train_step_reduces_the_terms_as_loss_anchor_mean_says(mode, monkeypatch):
+    """The training step's logged Instance, Augmentation and Centroids terms are the reductions that
+    ``loss.anchor_mean`` names, recomputed here from the step's own per-anchor inputs."""
+    import dynamix_core.training.step as step_module
+    from dynamix_core.centroids import build_centroid_bank
+    from dynamix_core.centroids.config import CentroidBankConfig
+    from dynamix_core.model import build_encoder
+    from dynamix_core.model.config import ModelConfig
+    from dynamix_core.training.optim import OptimConfig
+
+    torch.manual_seed(0)
+    model = build_encoder(ModelConfig(backbone="test_resnet", img_size=(64, 32), num_stripes=2))
+    bank = build_centroid_bank(CentroidBankConfig(mask_same_video=False), 6, model.embed_dim)
+    bank.reinit(F.normalize(torch.randn(6, model.embed_dim), dim=1), torch.arange(6), step=0,
+                video_M=torch.full((6,), -1))
+    seen = {}
+    real_instance, real_augmentation = step_module.instance_loss, step_module.augmentation_loss
+
+    def spy_instance(z, y, zk, yk, tau, *rest):
+        seen["instance"] = (z.detach(), y, zk.detach(), yk, tau)
+        return real_instance(z, y, zk, yk, tau, *rest)
+
+    def spy_augmentation(zs, zk, y, tau, *rest):
+        seen["augmentation"] = (zs.detach(), zk.detach(), y, tau)
+        return real_augmentation(zs, zk, y, tau, *rest)
+
+    monkeypatch.setattr(step_module, "instance_loss", spy_instance)
+    monkeypatch.setattr(step_module, "augmentation_loss", spy_augmentation)
+    step = step_module.TrainStep(model, bank, loss_cfg=LossConfig(anchor_mean=mode), optim_cfg=OptimConfig(),
+                                 ema_momentum=0.9, total_steps=10, device=torch.device("cpu"))
+    is_single = torch.tensor([False] * 4 + [True] * 8)  # 4 multi-camera anchors, 8 video anchors
+    batch = step_module.StepBatch(torch.randn(12, 3, 64, 32), torch.randn(12, 3, 64, 32),
+                                  torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]), torch.arange(12),
+                                  is_single, torch.where(is_single, 7, -1))
+    terms = step(batch, 0).terms
+    z, y, zk, yk, tau = seen["instance"]
+    domains = (~is_single, is_single) if mode == "per_domain" else (torch.ones(12, dtype=torch.bool),)
+    want = sum(float(real_instance(z[m], y[m], zk, yk, tau[m])) for m in domains)
+    assert terms["instance"] == pytest.approx(want, rel=1e-5)
+    zs, zk, y, tau = seen["augmentation"]  # (its per-domain reduction is checked against the loop above)
+    want = real_augmentation(zs, zk, y, tau, is_single if mode == "per_domain" else None)
+    assert terms["augmentation"] == pytest.approx(float(want), rel=1e-5)
+    assert terms["augmentation"] != pytest.approx(float(real_augmentation(zs, zk, y, tau, None if mode == "per_domain"
+                                                                          else is_single)), rel=1e-3)

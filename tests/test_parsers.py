@@ -374,13 +374,14 @@ def test_manifest_rows_paths_and_rejections(tmp_path, kind):
     manifest = write_manifest(base / f"list.{kind}", manifest_rows(abs_image), kind)
     report = InputReport()
     samples = parse_source("manifest", manifest, report)
-    abs_key = "manifest_gallery_" + re.sub(r"[^A-Za-z0-9_-]", "_", str(abs_image)[: -len(".jpg")])
+    abs_key = "manifest_gallery_" + "".join(c if re.fullmatch(r"[A-Za-z0-9_]", c) else f"-{ord(c):02x}"
+                                            for c in str(abs_image)[: -len(".jpg")])
     expected = [
         # key, split, pid, camid, video, tracklet, frame, image, ext
         (abs_key, "gallery", "4", "2", "v9", "4", 7, str(abs_image), "jpg"),
-        ("manifest_query_imgs_c", "query", None, "1", None, None, -1, str(base / "imgs/c.jpg"), "jpg"),
-        ("manifest_train_imgs_a", "train", "3", "1", None, None, -1, str(base / "imgs/a.jpg"), "jpg"),
-        ("manifest_train_imgs_b", "train", None, "2", "v1", None, 5, str(base / "imgs/b.png"), "png"),
+        ("manifest_query_imgs-2fc", "query", None, "1", None, None, -1, str(base / "imgs/c.jpg"), "jpg"),
+        ("manifest_train_imgs-2fa", "train", "3", "1", None, None, -1, str(base / "imgs/a.jpg"), "jpg"),
+        ("manifest_train_imgs-2fb", "train", None, "2", "v1", None, 5, str(base / "imgs/b.png"), "png"),
     ]
     assert sorted(expected) == expected  # the parser's order is the key order
     assert [(s.key, s.split, s.source_pid, s.source_camid, s.source_video, s.source_tracklet, s.frame,
@@ -503,7 +504,7 @@ def test_output_order_does_not_depend_on_creation_or_row_order(tmp_path):
         samples = parse_source("manifest", tmp_path / f"m{i}.csv", report)
         outcomes.append(([(s.key, s.image.container) for s in samples], [p.path for p in report.problems]))
     assert outcomes[0] == outcomes[1] == (
-        [("manifest_train_imgs_a", str(tmp_path / "imgs/a.jpg")), ("manifest_train_imgs_b", str(tmp_path / "imgs/b.jpg"))],
+        [("manifest_train_imgs-2fa", str(tmp_path / "imgs/a.jpg")), ("manifest_train_imgs-2fb", str(tmp_path / "imgs/b.jpg"))],
         [str(tmp_path / "imgs/a.png")],
     )
 

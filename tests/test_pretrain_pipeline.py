@@ -43,6 +43,7 @@ def tiny_pretrain_config(root: Path, name: str, *extra: str) -> PretrainConfig:
     return load_config(PretrainConfig, None, overrides + list(extra))
 
 
+@pytest.mark.slow
 def test_pretraining_resumes_after_a_killed_worker_and_exports_a_loadable_backbone(ray_local, tiny_data):
     from mlflow.tracking import MlflowClient
 

@@ -11,7 +11,7 @@ def _s(ds, pid, cam, key, video=None, trk=None, split="train"):
 
 
 def test_make_key_has_no_dots():
-    assert make_key("market1501", "train", "0002_c1s1_000451_03.jpg") == "market1501_train_0002_c1s1_000451_03_jpg"
+    assert make_key("market1501", "train", "0002_c1s1_000451_03.jpg") == "market1501_train_0002_c1s1_000451_03-2ejpg"
     assert "." not in make_key("a.b", "c/d", 3)
 
 

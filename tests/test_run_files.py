@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from dynamix_core.centroids import CentroidBank, CentroidBankConfig
-from pipelines.train.run_files import (MetricHistory, load_tensors, read_jsonl, rng_state, set_rng_state,
-                                       write_atomic)
+from dynamix_core.engine import load_tensors, rng_state, set_rng_state
+from pipelines.train.run_files import MetricHistory, read_jsonl, write_atomic
 
 
 def _draws() -> tuple:
@@ -85,14 +85,15 @@ def test_replayed_steps_reach_mlflow_once(tmp_path):
     replays 12 with other values: MLflow holds every step once, with history.jsonl's values."""
     from mlflow.tracking import MlflowClient
 
+    from pipelines.job import WorkerJob
     from pipelines.train.worker import open_rank0_records, record_metrics
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = {"run_dir": str(tmp_path), "tracking_uri": uri}
     cfg = types.SimpleNamespace(tracking=types.SimpleNamespace(experiment="exp"),
                                 run=types.SimpleNamespace(name="replay"))
+    job = WorkerJob(cfg, str(tmp_path), str(tmp_path), uri, None)
     for start, losses in ((0, {4: 1.0, 8: 0.9, 12: 0.8}), (8, {12: 0.7, 16: 0.6})):
-        tracker, history = open_rank0_records(config, cfg, start)
+        tracker, history = open_rank0_records(job, start)
         for step, loss in losses.items():
             record_metrics(tracker, history, {"step": step, "loss/total": loss}, step)
         history.close()

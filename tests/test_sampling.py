@@ -415,3 +415,47 @@ def test_resume_from_state_gives_the_batches_of_an_uninterrupted_run():
     assert [plan_key(resumed.next_batch()) for _ in range(7, total)] == expected[7:]
     with pytest.raises(ValueError, match="rank 1 .* cannot resume rank 0"):
         mixed(cfg, total_steps=total, rank=0, world_size=2).load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- videos added on top
+def test_videos_add_keeps_the_baseline_multi_camera_images_and_adds_the_videos():
+    """``videos: add``: every step has the multi-camera-only baseline's P_m x K_m images (the same
+    ones, same seed) followed by V x G x K_s video images; ``replace`` gives part of them up."""
+    baseline = small_cfg(videos="add", num_videos=0)
+    added = small_cfg(videos="add")
+    runs = [mixed(c) for c in (baseline, added)]
+    for _ in range(12):
+        base, add = (s.next_batch() for s in runs)
+        assert len(base.multi_refs) == 4 * 2 and len(base.single_refs) == 0
+        assert add.multi_refs == base.multi_refs and add.multi_pids.tolist() == base.multi_pids.tolist()
+        assert len(add.single_refs) == 3 * 2 * 2 and len(add.refs) == 4 * 2 + 3 * 2 * 2
+        assert add.is_single.sum() == 12 and (~add.is_single).sum() == 8
+
+
+def test_videos_add_takes_no_split_schedule():
+    with pytest.raises(ConfigError, match="sampler.schedule"):
+        from_dict(SamplerConfig, {"videos": "add", "schedule": [
+            {"step_fraction": 0.0, "multi_fraction": 0.5, "ids_per_video": 2}]}, "sampler")
+    # G*K_s need not be a multiple of K_m when nothing is traded between the two parts
+    cfg = from_dict(SamplerConfig, {"videos": "add", "multi_images_per_id": 3}, "sampler")
+    shape = shape_at(cfg, 5, 10)
+    assert (shape.num_multi_images, shape.num_single_images) == (16 * 3, 8 * 2 * 4)
+
+
+@pytest.mark.parametrize("recipe", ["remix_demo.yaml", "dynamix_demo.yaml", "remix.yaml", "dynamix.yaml"])
+def test_mixing_recipes_train_the_baselines_multi_camera_images_plus_videos(recipe, monkeypatch, tmp_path):
+    monkeypatch.setenv("DYNAMIX_STORAGE_URI", str(tmp_path))  # the full recipes' paths
+    from dynamix_core.config import load_config
+    from pipelines.recipes import RECIPES_DIR
+    from pipelines.train.config import TrainConfig
+
+    base_recipe = "multicam_baseline_demo.yaml" if "demo" in recipe else "multicam_baseline.yaml"
+    base = load_config(TrainConfig, RECIPES_DIR / base_recipe, []).sampler
+    full = load_config(TrainConfig, RECIPES_DIR / recipe, [])
+    assert full.loss.anchor_mean == "per_domain"  # the multi-camera anchors weigh as in the baseline's loss
+    cfg = full.sampler
+    for step in (0, 399, 799):
+        want, got = shape_at(base, step, 800), shape_at(cfg, step, 800)
+        assert want.num_single_images == 0 and want.num_multi_images == 16 * 4
+        assert (got.num_multi_ids, got.multi_images_per_id) == (want.num_multi_ids, want.multi_images_per_id)
+        assert got.num_single_images > 0

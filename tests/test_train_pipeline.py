@@ -128,6 +128,7 @@ def _dead_port() -> int:
         return s.getsockname()[1]  # closed again: nothing listens there
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [
     # the store keeps only the newest label version beyond those the kept checkpoints pinned, and
     # snapshots every 2: the restart must find its checkpoint's version all the same
@@ -148,7 +149,8 @@ def test_worker_and_labeling_actor_killed_tracking_down(ray_local, tiny_data, va
     from dynamix_core.labeling import LabelStore
     from pipelines.tracking import flush_spool
     from pipelines.train.driver import run_training
-    from pipelines.train.run_files import load_json, load_tensors, read_jsonl
+    from dynamix_core.engine import load_json, load_tensors
+    from pipelines.train.run_files import read_jsonl
 
     max_steps, checkpoint_every = 48, 8
     name = "faults-" + "-".join(f"{v}" for v in variant.values() if isinstance(v, str)) if variant else "faults"

@@ -55,6 +55,7 @@ def _jsonl(bucket_uri: str, key: str) -> list[dict]:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_train_with_shards_and_storage_on_s3_keeps_the_run_there_and_resumes_from_it(
         ray_s3, s3_bucket, tmp_path, monkeypatch, caplog):
     from mlflow.tracking import MlflowClient

@@ -27,6 +27,7 @@ from torch import Tensor
 from dynamix_core.centroids.config import CentroidBankConfig
 from dynamix_core.centroids.softmax import RowMask, cross_entropy_over_rows, hardest_rows
 from dynamix_core.config import ConfigError
+from dynamix_core.losses.common import domain_mean
 
 
 class CentroidBank:
@@ -155,8 +156,10 @@ class CentroidBank:
         """Per-anchor temperature: ``temp_single`` for single-camera anchors, ``temp_multi`` otherwise."""
         return torch.where(is_single_B, self.cfg.temp_single, self.cfg.temp_multi).float()
 
-    def loss(self, feat_BD: Tensor, pid_B: Tensor, tau_B: Tensor, video_B: Tensor | None = None) -> Tensor:
-        """Centroids loss (mean over the batch) of online features ``feat_BD`` (unit) with identities
+    def loss(self, feat_BD: Tensor, pid_B: Tensor, tau_B: Tensor, video_B: Tensor | None = None,
+             is_single_B: Tensor | None = None) -> Tensor:
+        """Centroids loss (mean over the batch; per domain, summed, when ``is_single_B`` is given:
+        :func:`~dynamix_core.losses.common.domain_mean`) of online features ``feat_BD`` (unit) with identities
         ``pid_B`` and temperatures ``tau_B``; ``video_B`` (-1 for multi-camera anchors) is required
         when ``mask_same_video`` is on. Mode ``all``: softmax over every centroid; ``sampled``: over
         the batch identities plus ``num_negatives`` negatives. Gradients reach ``feat_BD`` only."""
@@ -172,7 +175,7 @@ class CentroidBank:
             rows_ND = self.centroids[row_id_N]
         mask = self._mask(pid_B, video_B, row_id_N)
         loss_B = cross_entropy_over_rows(feat_BD, inv_tau_B, rows_ND, positive_B, self.cfg.chunk_rows, mask)
-        return loss_B.mean()
+        return domain_mean(loss_B, None, is_single_B)
 
     @torch.no_grad()
     def sample_negatives(self, feat_BD: Tensor, pid_B: Tensor, tau_B: Tensor,

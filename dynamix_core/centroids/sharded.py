@@ -33,6 +33,7 @@ from dynamix_core.centroids.bank import CentroidBank
 from dynamix_core.centroids.config import CentroidBankConfig
 from dynamix_core.centroids.softmax import RowMask, cross_entropy_from_stats, softmax_stats
 from dynamix_core.config import ConfigError
+from dynamix_core.losses.common import domain_mean
 
 
 def owner_rank(bank_id, world_size: int):
@@ -102,7 +103,8 @@ class ShardedCentroidBank(CentroidBank):
         pid_G = _all_gather_cat(pid_B, self.group)
         self._momentum_update(feat_GD, pid_G, step)
 
-    def loss(self, feat_BD: Tensor, pid_B: Tensor, tau_B: Tensor, video_B: Tensor | None = None) -> Tensor:
+    def loss(self, feat_BD: Tensor, pid_B: Tensor, tau_B: Tensor, video_B: Tensor | None = None,
+             is_single_B: Tensor | None = None) -> Tensor:
         """Centroids loss over every centroid of every shard: the mean over this rank's anchors,
         equal (value and gradient) to the replicated ``all`` mode. Collective."""
         self._check_pids(pid_B)
@@ -137,4 +139,4 @@ class ShardedCentroidBank(CentroidBank):
             positive_BD = packed_GX[mine, 1 + dim:]
         loss_B = cross_entropy_from_stats(feat_BD, inv_tau_G[mine], global_max_G[mine], sumexp_B, weighted_BD,
                                           positive_BD)
-        return loss_B.mean()
+        return domain_mean(loss_B, None, is_single_B)

@@ -11,6 +11,8 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dynamix_core.data.jpeg_check import jpeg_structure_problem
+
 _MAGIC = {b"\xff\xd8\xff": "jpg", b"\x89PNG\r\n\x1a\n": "png"}
 
 
@@ -26,7 +28,10 @@ def image_problem(data: bytes) -> str | None:
     """Why ``data`` is not a usable JPEG/PNG image, or ``None`` when it decodes completely.
 
     The whole image is decoded (``Image.load``), not just its header (``verify`` would accept a
-    truncated JPEG): a file that passes here will not fail later inside a training worker."""
+    truncated JPEG): a file that passes here will not fail later inside a training worker. A JPEG's
+    Huffman-coded data is also checked symbol by symbol (:mod:`~dynamix_core.data.jpeg_check`):
+    libjpeg decodes garbage in the middle of a scan into wrong pixels with only a warning, which
+    Pillow drops."""
     if not data:
         return "unreadable image: empty file"
     if sniff_format(data) is None:
@@ -39,6 +44,10 @@ def image_problem(data: bytes) -> str | None:
     except (OSError, ValueError, SyntaxError) as exc:  # Pillow's truncated/corrupt-stream errors
         reason = "truncated image" if "truncated" in str(exc).lower() else "unreadable image"
         return f"{reason}: {exc}"
+    if sniff_format(data) == "jpg":
+        problem = jpeg_structure_problem(data)
+        if problem is not None:
+            return f"corrupt image: {problem}"
     return None
 
 

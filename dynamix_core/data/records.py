@@ -31,16 +31,23 @@ RECORD_FIELDS = (
     "source_pid", "source_camid",
 )
 
-_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]")
+_KEY_ESCAPED = re.compile(r"[^A-Za-z0-9_]")
 
 #: the global identity of an image without one (unlabeled, or a data set's distractor)
 NO_IDENTITY = -1
 
 
+def _escape(match: re.Match) -> str:
+    return "".join(f"-{b:02x}" for b in match.group().encode())
+
+
 def make_key(*parts: object) -> str:
-    """A dot-free sample key: WebDataset splits keys at the first dot, so dots (and any other
-    character outside ``[A-Za-z0-9_-]``) become ``_``. ``make_key("market1501", "train", "0002_c1s1_000451_03")``."""
-    return _KEY_BAD.sub("_", "_".join(str(p) for p in parts if p is not None and str(p) != ""))
+    """A dot-free sample key: the parts joined by ``_``, every character outside ``[A-Za-z0-9_]``
+    written as ``-`` and the hex of its UTF-8 bytes (WebDataset splits keys at the first dot).
+    ``make_key("market1501", "train", "0002_c1s1_000451_03")`` is ``market1501_train_0002_c1s1_000451_03``;
+    ``a/x_1`` gives ``a-2fx_1`` and ``a_x/1`` gives ``a_x-2f1``: two names never share a key, so no
+    image of a data set is dropped as a duplicate of another."""
+    return _KEY_ESCAPED.sub(_escape, "_".join(str(p) for p in parts if p is not None and str(p) != ""))
 
 
 def global_identity(dataset: str, source_pid: str) -> int:

@@ -36,6 +36,7 @@ a local temporary file and uploaded whole, the manifest after it, and members ar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -229,6 +230,7 @@ class ShardWriter:
             self._tmp = tmp_path(self.tar_path if tmp_dir is None else Path(tmp_dir) / self.tar_path.name)
         self._fh = open(self._tmp, "wb", buffering=_IO_BUFFER)
         self._committed = False
+        self._sha256 = hashlib.sha256()
         self._offset = 0
         self._rows: list[dict] = []
 
@@ -249,9 +251,9 @@ class ShardWriter:
     def _write_member(self, name: str, data: bytes) -> int:
         """Append one member; returns the offset of its data."""
         header = _member_header(name) + _ustar_header(name.encode()[:100], len(data))
-        self._fh.write(header)
-        self._fh.write(data)
-        self._fh.write(bytes(-len(data) % BLOCK))
+        for part in (header, data, bytes(-len(data) % BLOCK)):
+            self._fh.write(part)
+            self._sha256.update(part)
         data_offset = self._offset + len(header)
         self._offset = data_offset + len(data) + -len(data) % BLOCK
         return data_offset
@@ -270,8 +272,9 @@ class ShardWriter:
 
     def commit(self, metadata: dict[str, str]) -> ShardInfo:
         """Move the tar into place, then write the manifest (the completion mark) with
-        ``metadata`` plus ``tar_bytes`` and ``num_samples`` in its schema metadata."""
+        ``metadata`` plus ``tar_bytes``, ``tar_sha256`` and ``num_samples`` in its schema metadata."""
         self._fh.write(bytes(2 * BLOCK))  # end-of-archive marker
+        self._sha256.update(bytes(2 * BLOCK))
         self._fh.close()
         tar_bytes = self._tmp.stat().st_size
         if self.remote:
@@ -283,7 +286,8 @@ class ShardWriter:
             os.replace(self._tmp, self.tar_path)
         self._committed = True
         table = pa.Table.from_pylist(self._rows, schema=SHARD_SCHEMA).replace_schema_metadata(
-            {**metadata, "tar_bytes": str(tar_bytes), "num_samples": str(len(self._rows))}
+            {**metadata, "tar_bytes": str(tar_bytes), "tar_sha256": self._sha256.hexdigest(),
+             "num_samples": str(len(self._rows))}
         )
         if not storage.is_remote(self.manifest_path):
             Path(self.manifest_path).parent.mkdir(parents=True, exist_ok=True)
@@ -302,6 +306,27 @@ def read_shard_metadata(tar_path: str | Path, manifest: str | Path | None = None
     if meta.get("tar_bytes") != str(storage.size(tar_path)):
         return None
     return meta
+
+
+def tar_sha256(tar_path: str | Path) -> str:
+    """SHA-256 of a shard's bytes (read in one stream)."""
+    digest = hashlib.sha256()
+    with storage.open_input(tar_path, buffer_size=_IO_BUFFER) as fh:
+        while chunk := fh.read(_IO_BUFFER):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shard_damage(tar_path: str | Path, meta: dict[str, str]) -> str | None:
+    """Why the tar at ``tar_path`` is not the one its manifest metadata ``meta`` describes (size,
+    then the SHA-256 a shard is written with), or None. A shard written before digests were
+    recorded is checked by size only."""
+    size = storage.size(tar_path)
+    if meta.get("tar_bytes") != str(size):
+        return f"{size} bytes, its manifest records {meta.get('tar_bytes')}"
+    if "tar_sha256" in meta and tar_sha256(tar_path) != meta["tar_sha256"]:
+        return "its bytes changed since it was written (SHA-256 differs from its manifest's)"
+    return None
 
 
 def read_shard_manifest(tar_path: str | Path, manifest: str | Path | None = None) -> pa.Table:

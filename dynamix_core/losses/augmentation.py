@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from dynamix_core.losses.common import similarity
+from dynamix_core.losses.common import domain_mean, similarity
 
 
 def augmentation_loss(
@@ -21,8 +21,9 @@ def augmentation_loss(
     key_BD: torch.Tensor,
     label_B: torch.Tensor,
     tau: float | torch.Tensor,
+    is_single_B: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean Augmentation loss. ``strong_BD`` unit-norm online embeddings of the strong views,
+    """Mean Augmentation loss (per domain, summed, when ``is_single_B`` is given). ``strong_BD`` unit-norm online embeddings of the strong views,
     ``key_BD`` unit-norm momentum keys of the standard views of the same images, in the same order;
     ``tau`` a float or per-anchor ``tau_B``."""
     tau_B1 = tau.reshape(-1, 1) if isinstance(tau, torch.Tensor) else tau
@@ -32,4 +33,4 @@ def augmentation_loss(
     # positive is always present, so the log-sum-exp never sees an all -inf row.
     in_denominator_BB = own_BB | (label_B[:, None] != label_B[None, :])
     log_denominator_B = torch.logsumexp(logit_BB.masked_fill(~in_denominator_BB, float("-inf")), dim=1)
-    return (log_denominator_B - logit_BB.diagonal()).mean()
+    return domain_mean(log_denominator_B - logit_BB.diagonal(), None, is_single_B)

@@ -33,3 +33,17 @@ def mean_over_valid(loss_B: torch.Tensor, valid_B: torch.Tensor) -> torch.Tensor
     Written without a data-dependent branch, so it never forces a GPU synchronisation."""
     valid = valid_B.to(loss_B.dtype)
     return (loss_B * valid).sum() / valid.sum().clamp(min=1.0)
+
+
+def domain_mean(loss_B: torch.Tensor, valid_B: torch.Tensor | None = None,
+                is_single_B: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch reduction of a loss term (``loss.anchor_mean``).
+
+    ``is_single_B`` None: the mean over the valid anchors (``batch``). Given: the mean over the valid
+    multi-camera anchors plus the mean over the valid single-camera anchors (``per_domain``), so the
+    multi-camera anchors weigh as much as in a batch without videos and the videos add a term of
+    their own; a domain without anchors adds 0."""
+    valid_B = torch.ones_like(loss_B, dtype=torch.bool) if valid_B is None else valid_B
+    if is_single_B is None:
+        return mean_over_valid(loss_B, valid_B)
+    return mean_over_valid(loss_B, valid_B & ~is_single_B) + mean_over_valid(loss_B, valid_B & is_single_B)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from dynamix_core.config import ConfigError, field
 
@@ -26,6 +27,10 @@ class LossConfig:
     tau_ins_single: float = field(0.1, help="Instance loss temperature for single-camera anchors (tau_ins^s)")
     tau_aug: float = field(0.1, help="Augmentation loss temperature (tau_aug)")
     tau_camera: float = field(0.05, help="Camera-centroids loss temperature (multi-camera anchors only; tau_cen^m)")
+    anchor_mean: Literal["batch", "per_domain"] = field(
+        "batch", help="how the Instance, Augmentation and Centroids terms average their anchors: batch (mean "
+        "over all; the videos dilute the multi-camera anchors' share) or per_domain (mean over the multi-camera "
+        "anchors + mean over the single-camera anchors: the multi-camera part weighs as without videos)")
 
     def __post_init__(self) -> None:
         for name in ("tau_ins_multi", "tau_ins_single", "tau_aug", "tau_camera"):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from dynamix_core.losses.common import mean_over_valid, similarity
+from dynamix_core.losses.common import domain_mean, similarity
 
 
 def instance_loss(
@@ -24,8 +24,10 @@ def instance_loss(
     key_ND: torch.Tensor,
     key_label_N: torch.Tensor,
     tau: float | torch.Tensor,
+    is_single_B: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean Instance loss over anchors.
+    """Mean Instance loss over anchors (per domain, summed, when ``is_single_B`` is given; see
+    :func:`~dynamix_core.losses.common.domain_mean`).
 
     ``anchor_BD`` are unit-norm online embeddings ``z``; ``key_ND`` unit-norm momentum keys ``z~``
     (no gradient flows into them by construction of ``f~``); ``tau`` a float or per-anchor
@@ -36,4 +38,4 @@ def instance_loss(
     pos_BN = anchor_label_B[:, None] == key_label_N[None, :]
     num_pos_B = pos_BN.sum(dim=1)
     loss_B = -(log_prob_BN * pos_BN).sum(dim=1) / num_pos_B.clamp(min=1)
-    return mean_over_valid(loss_B, num_pos_B > 0)
+    return domain_mean(loss_B, num_pos_B > 0, is_single_B)

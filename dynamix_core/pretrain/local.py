@@ -10,6 +10,7 @@ machine (whose Python has no Ray); production runs go through ``pipelines.pretra
 from __future__ import annotations
 
 import itertools
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch import nn
 
 from dynamix_core.data.reader import ShardReader
 from dynamix_core.data.transforms import TransformConfig
+from dynamix_core.engine import Engine, StepResult
 from dynamix_core.pretrain.config import MocoConfig
 from dynamix_core.pretrain.moco import OnlineNetwork
 from dynamix_core.pretrain.step import PretrainOutput, PretrainStep
@@ -69,7 +71,8 @@ class LocalPretrainConfig:
 
 def pretrain_local(backbone: nn.Module, videos: LocalVideos, cfg: LocalPretrainConfig, *, device: torch.device,
                    on_step: Callable[[int, PretrainOutput], None] | None = None) -> PretrainStep:
-    """Pre-train ``backbone`` (in place) for ``cfg.steps`` steps; returns the step (teacher, optimizer)."""
+    """Pre-train ``backbone`` (in place) for ``cfg.steps`` steps on the training engine; returns the
+    step (teacher, optimizer)."""
     online = OnlineNetwork(backbone, cfg.objective.dim, cfg.objective.mlp_dim, cfg.objective.projector_layers,
                            cfg.objective.predictor_layers).to(device)
     step_fn = PretrainStep(online, cfg.objective, cfg.optim, total_steps=cfg.steps, device=device)
@@ -78,18 +81,25 @@ def pretrain_local(backbone: nn.Module, videos: LocalVideos, cfg: LocalPretrainC
                                     max_images_per_video=cfg.max_images_per_video, seed=cfg.seed)
     two_views = TwoViews(cfg.view1, cfg.view2)
     pool = ThreadPoolExecutor(cfg.view_threads) if cfg.view_threads > 1 else None
+
+    def step(step: int) -> StepResult:
+        t0 = time.perf_counter()
+        refs, _ = sampler.next_batch()
+        seed = cfg.seed * 1000003 + 7919 * step
+
+        def make(key: str) -> tuple[torch.Tensor, torch.Tensor]:
+            return two_views(videos.images[key], key, seed)
+
+        views = list(pool.map(make, refs)) if pool is not None else [make(key) for key in refs]
+        x1, x2 = torch.stack([v[0] for v in views]).to(device), torch.stack([v[1] for v in views]).to(device)
+        waited = time.perf_counter() - t0
+        out = step_fn(x1, x2, step)
+        if on_step is not None:
+            on_step(step, out)
+        return out.result(len(refs), waited)
+
     try:
-        for step in range(cfg.steps):
-            refs, _ = sampler.next_batch()
-            seed = cfg.seed * 1000003 + 7919 * step
-
-            def make(key: str, seed: int = seed) -> tuple[torch.Tensor, torch.Tensor]:
-                return two_views(videos.images[key], key, seed)
-
-            views = list(pool.map(make, refs)) if pool is not None else [make(key) for key in refs]
-            out = step_fn(torch.stack([v[0] for v in views]).to(device), torch.stack([v[1] for v in views]).to(device), step)
-            if on_step is not None:
-                on_step(step, out)
+        Engine(step, max_steps=cfg.steps, log_every=cfg.steps, checkpoint_every=cfg.steps).run(0)
     finally:
         if pool is not None:
             pool.shutdown()

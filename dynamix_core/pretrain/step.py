@@ -42,6 +42,14 @@ class PretrainOutput:
     grad_norm: float
     compute_s: float
 
+    def result(self, images: int, data_wait_s: float = 0.0):
+        """This step for the engine's metric window."""
+        from dynamix_core.engine import StepResult
+
+        return StepResult(means={"loss/contrastive": self.loss, "pretrain/accuracy": self.accuracy},
+                          last={"lr": self.lr, "momentum": self.momentum, "grad_norm": self.grad_norm},
+                          images=images, timers={"data_wait": data_wait_s, "compute": self.compute_s})
+
 
 class PretrainStep:
     """Owns the optimizer, the LR schedule and the teacher of one worker."""

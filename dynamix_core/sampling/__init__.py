@@ -1,7 +1,7 @@
 """Data Sampling Module (SPEC 2.2 step 3, 2.3c): mixed multi-camera + single-camera batches.
 
 * :mod:`.config` - :class:`SamplerConfig` (P_m, K_m, V, G, K_s, buffer policy, curriculum);
-* :mod:`.schedule` - the batch shape at a step (fixed batch size, schedulable ratio and G);
+* :mod:`.schedule` - the batch shape at a step (fixed batch size, schedulable ratio and G; or videos added on top);
 * :mod:`.multicam` - P x K identities, uniform over source datasets, spread over cameras;
 * :mod:`.singlecam` - V videos x G identities x K images from a bounded buffer of streamed videos;
 * :mod:`.mixed` - :class:`MixedBatchSampler`, one :class:`BatchPlan` per step, resumable;

@@ -6,6 +6,8 @@
       num_videos: 8              # V
       ids_per_video: 2           # G
       single_images_per_id: 4    # K_s   -> batch of 16*4 + 8*2*4 = 128 images
+      videos: replace            # replace: fixed batch, the schedule moves the split; add: P_m x K_m always,
+                                 #          the V x G x K_s video images on top (no split schedule)
       schedule_mode: linear
       schedule:                  # easy -> hard: more multi-camera and G=1 first, then G=2
         - {step_fraction: 0.0, multi_fraction: 0.75, ids_per_video: 1}
@@ -32,8 +34,14 @@ class ScheduleBreakpoint:
 
 @dataclass(kw_only=True)
 class SamplerConfig:
-    """Mixed-batch sampler. Counts are per data-parallel rank; the batch size
-    ``P_m*K_m + V*G*K_s`` stays fixed while the schedule moves the multi:single split."""
+    """Mixed-batch sampler. Counts are per data-parallel rank.
+
+    ``videos: replace``: the batch size ``P_m*K_m + V*G*K_s`` stays fixed while the schedule moves
+    the multi:single split (videos take the place of multi-camera images). ``videos: add``: every
+    batch holds exactly ``P_m x K_m`` multi-camera images - the same ones a multi-camera-only run of
+    the same seed draws - and ``V x G x K_s`` video images on top (ReMix's N_P^m x N_K^m + N_P^s x
+    N_K^s); ``num_videos: 0`` is then the multi-camera-only batch. A fair comparison of mixing against
+    multi-camera-only training uses ``add`` with the baseline's ``P_m``, ``K_m``."""
 
     num_multi_ids: int = field(16, help="P_m: multi-camera identities per batch")
     multi_images_per_id: int = field(4, help="K_m: images per multi-camera identity")
@@ -41,7 +49,10 @@ class SamplerConfig:
     balance_datasets: bool = field(
         True, help="draw multi-camera identities uniformly over source datasets first (false: over identities)"
     )
-    num_videos: int = field(8, help="V: videos per batch in the single-camera part")
+    videos: Literal["replace", "add"] = field(
+        "replace", help="replace: fixed batch size, videos replace multi-camera images (schedulable split); "
+        "add: always P_m x K_m multi-camera images, the V x G x K_s video images added on top")
+    num_videos: int = field(8, help="V: videos per batch in the single-camera part (add: may be 0)")
     ids_per_video: int = field(2, help="G: identities per video (>= 2: same-video people as hard negatives)")
     single_images_per_id: int = field(4, help="K_s: images per single-camera identity")
     video_buffer_size: int = field(32, help="videos held for the single-camera part, refilled from the stream")
@@ -61,16 +72,29 @@ class SamplerConfig:
         return multi + self.num_videos * self.ids_per_video * self.single_images_per_id
 
     @property
+    def adds_videos(self) -> bool:
+        return self.videos == "add"
+
+    @property
     def base_multi_fraction(self) -> float:
         return self.num_multi_ids * self.multi_images_per_id / self.batch_size
 
     def __post_init__(self) -> None:
         for name in ("num_multi_ids", "multi_images_per_id", "num_videos", "ids_per_video", "single_images_per_id",
                      "video_buffer_size", "max_video_uses"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"sampler.{name}={getattr(self, name)} must be >= 1")
+            if getattr(self, name) < (0 if name == "num_videos" and self.adds_videos else 1):
+                raise ConfigError(f"sampler.{name}={getattr(self, name)} must be >= "
+                                  f"{0 if name == 'num_videos' and self.adds_videos else 1}")
         if self.seed < 0:
             raise ConfigError(f"sampler.seed={self.seed} must be >= 0")
+        if self.adds_videos:
+            if self.schedule:
+                raise ConfigError("sampler.schedule: videos=add keeps P_m x K_m multi-camera images and adds "
+                                  "V x G x K_s video images in every batch; a schedule of the split needs videos=replace")
+            if self.num_videos > self.video_buffer_size:
+                raise ConfigError(f"sampler.video_buffer_size={self.video_buffer_size} is smaller than "
+                                  f"num_videos={self.num_videos}; raise video_buffer_size")
+            return
         self._check_unit("sampler.ids_per_video", self.ids_per_video)
         for i, point in enumerate(self.schedule):
             where = f"sampler.schedule[{i}]"

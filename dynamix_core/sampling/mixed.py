@@ -2,7 +2,8 @@
 
 At step ``t`` the schedule gives the shape (:func:`~dynamix_core.sampling.schedule.shape_at`):
 ``P_t x K_m`` multi-camera images then ``V_t x G_t x K_s`` single-camera images, always
-``B = P_m*K_m + V*G*K_s`` in all. The plan lists sample refs; the loader turns them into images.
+``B = P_m*K_m + V*G*K_s`` in all (``videos: add``: always ``P_m x K_m`` plus ``V x G x K_s``; the
+multi-camera part then draws the same images as a multi-camera-only run of the same seed). The plan lists sample refs; the loader turns them into images.
 
     sampler = MixedBatchSampler(cfg, refs=idx, pids=pid, camids=cam, datasets=ds,
                                 video_stream=partition_stream(videos, rank, world), total_steps=n,

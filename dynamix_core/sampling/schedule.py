@@ -7,6 +7,9 @@ curriculum (:class:`~dynamix_core.sampling.config.SamplerConfig.schedule`) gives
 multi-camera part fills the rest with ``P_t = (B - V_t*G*K_s) / K_m`` identities. The config
 guarantees ``G*K_s`` is a multiple of ``K_m``, so the split is always exact and the realised
 fraction is the nearest one the unit sizes allow.
+
+With ``videos: add`` there is no split: every step is ``P_m x K_m`` multi-camera images plus
+``V x G x K_s`` video images (the config forbids a schedule then).
 """
 
 from __future__ import annotations
@@ -81,5 +84,8 @@ def schedule_point(cfg: "SamplerConfig", progress: float) -> tuple[float, int]:
 
 def shape_at(cfg: "SamplerConfig", step: int, total_steps: int) -> BatchShape:
     """Batch shape of training step ``step`` (0-based) out of ``total_steps``."""
+    if cfg.adds_videos:
+        return BatchShape(cfg.num_multi_ids, cfg.multi_images_per_id, cfg.num_videos, cfg.ids_per_video,
+                          cfg.single_images_per_id)
     multi_fraction, ids_per_video = schedule_point(cfg, step / total_steps)
     return split_batch(cfg.batch_size, cfg.multi_images_per_id, cfg.single_images_per_id, multi_fraction, ids_per_video)

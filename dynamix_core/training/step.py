@@ -114,11 +114,13 @@ class TrainStep:
         z_BD, strong_BD = z_2BD[:B], z_2BD[B:]
         key_BD = key_BD.float()
         lc = self.loss_cfg
+        domain_B = batch.is_single_B if lc.anchor_mean == "per_domain" else None
         terms = {
             "instance": instance_loss(z_BD, batch.pid_B, key_BD, batch.pid_B,
-                                      anchor_temperatures(is_multi_B, lc.tau_ins_multi, lc.tau_ins_single)),
-            "augmentation": augmentation_loss(strong_BD, key_BD, batch.pid_B, lc.tau_aug),
-            "centroid": self.bank.loss(z_BD, batch.pid_B, self.bank.temperatures(batch.is_single_B), batch.video_B),
+                                      anchor_temperatures(is_multi_B, lc.tau_ins_multi, lc.tau_ins_single), domain_B),
+            "augmentation": augmentation_loss(strong_BD, key_BD, batch.pid_B, lc.tau_aug, domain_B),
+            "centroid": self.bank.loss(z_BD, batch.pid_B, self.bank.temperatures(batch.is_single_B), batch.video_B,
+                                       domain_B),
         }
         if self.camera_centroids is not None:
             terms["camera_centroid"] = camera_centroid_loss(
@@ -146,15 +148,20 @@ class TrainStep:
     # --- checkpoint state ------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "model": unwrap(self.model).state_dict(),
             "momentum": self.momentum.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
         }
+        if self.camera_centroids is not None:  # they change the loss: a resume must continue with them
+            state["camera_centroids"] = list(self.camera_centroids)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         unwrap(self.model).load_state_dict(state["model"])
         self.momentum.model.load_state_dict(state["momentum"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if "camera_centroids" in state:
+            self.camera_centroids = tuple(t.to(self.device) for t in state["camera_centroids"])

@@ -4,6 +4,11 @@ shard count and sizes, the ingest's skipped inputs, and any label tables.
     dynamix inspect data/shards/synth_m0
     dynamix inspect data/shards/synth_video --labels runs/r1/labels.parquet --json
     dynamix inspect s3://bucket/shards/synth_m0
+    dynamix inspect data/shards/synth_m0 --verify
+
+``--verify`` re-reads every shard: its size and SHA-256 against its manifest, the tar structure
+(a truncated tar is named), and a full, strict decode of every image; each problem is one line
+naming the shard (and key), and the command exits 1 when there is any.
 
 Label tables are read from DIR/labels/*.parquet and from each --labels file.
 """
@@ -21,6 +26,38 @@ def add_arguments(p) -> None:
     p.add_argument("--labels", action="append", default=[], metavar="FILE",
                    help="a label table (parquet key, pid, version) to summarise too; repeatable")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--verify", action="store_true",
+                   help="re-read every shard: size and SHA-256 against its manifest, tar structure, a strict full decode "
+                        "of every image; one line per problem, exit status 1 when there is any")
+
+
+def verify_shard_set(root: str | Path) -> list[str]:
+    """One line per problem found by re-reading every shard of the set at ``root``."""
+    from dynamix_core import storage
+    from dynamix_core.data.images import image_problem
+    from dynamix_core.data.reader import read_dataset_manifest
+    from dynamix_core.data.records import InputReport
+    from dynamix_core.data.shards import iter_tar_samples, set_shard_paths, shard_damage
+
+    problems = []
+    manifest = read_dataset_manifest(root)
+    for shard in dict.fromkeys(manifest.column("shard").to_pylist()):
+        tar, shard_manifest = set_shard_paths(root, shard)
+        if not storage.exists(tar):
+            problems.append(f"{tar}: missing; re-run `dynamix ingest` on the set's source")
+            continue
+        raw = storage.read_schema(shard_manifest).metadata or {} if storage.exists(shard_manifest) else {}
+        meta = {k.decode(): v.decode() for k, v in raw.items() if not k.startswith(b"ARROW:")}
+        damage = shard_damage(tar, meta)
+        if damage is not None:
+            problems.append(f"{tar}: damaged: {damage}; re-run `dynamix ingest` on the set's source to rewrite it")
+        report = InputReport()
+        for record, data, _ in iter_tar_samples(tar, report):
+            reason = image_problem(data)
+            if reason is not None:
+                problems.append(f"{tar}: image {record.key}: {reason}")
+        problems += [f"{p.path}: {p.reason}" for p in report.problems]
+    return problems
 
 
 def inspect_shard_set(root: str | Path, label_files: list[str | Path]) -> dict:
@@ -119,5 +156,10 @@ def run(args) -> int:
 
     root = args.dir if storage.is_remote(args.dir) else Path(args.dir)
     summary = inspect_shard_set(root, args.labels)
+    if args.verify:
+        summary["verify_problems"] = verify_shard_set(root)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
-    return 0
+    if args.verify and not args.json:
+        problems = summary["verify_problems"]
+        print("\n".join(problems) if problems else "verify: every shard matches its manifest and every image decodes")
+    return 1 if args.verify and summary["verify_problems"] else 0

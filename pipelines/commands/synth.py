@@ -3,6 +3,7 @@
     dynamix synth --out data/synthreid                      # defaults: ~3k images, well under a minute
     dynamix synth --out data/big --scale 100 --workers 8    # 100x the identities and videos
     dynamix synth --out data/s1 --seed 1 --set num_videos=40 --set fragment_rate=0.3
+    dynamix synth --out data/real --preset real --workers 2  # the regime of docs/learning.md section 8
 
 Writes OUT/multi/synth_m*/ (Market-1501 layout), OUT/single/synth_video/ (LUPerson-NL LMDB +
 ground_truth.parquet), OUT/target/synth_target/ (Market layout, query + gallery) and
@@ -19,12 +20,17 @@ from dynamix_core.config import field_help
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dynamix_core.data.synth import SynthConfig
+    from dynamix_core.data.synth.presets import PRESETS
 
     keys = "\n".join(f"  {key} (default {default}): {help}" for key, help, default in field_help(SynthConfig))
     parser.epilog = f"settings for --set KEY=VALUE:\n{keys}"
     parser.add_argument("--out", required=True, help="output folder (created; must be new, empty or a SynthReID folder)")
     parser.add_argument("--seed", type=int, default=None, help="master seed (overrides the config's seed)")
     parser.add_argument("--config", default=None, help="YAML file of SynthConfig settings")
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="named settings applied over --config and under --set: demo (what `make demo` "
+                             "generates), real (one small labelled set, 600 videos of world people and cameras "
+                             "with scene, viewpoint and light changes, a 200-identity target)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting (repeatable), e.g. --set num_videos=40")
     parser.add_argument("--scale", type=float, default=1.0,
@@ -44,6 +50,11 @@ def format_summary(summary: dict) -> str:
         if s["kind"] == "single":
             line += (f"; {s['videos']} videos, {s['people']} people, {s['tracklets']} tracklets; noise: "
                      f"{s['fragmented_people']} people fragmented, {s['switched_tracklets']} tracklets with an id switch")
+            if s.get("target_look_people") or s.get("target_camera_videos") or s.get("scene_changing_walks") \
+                    or s.get("turning_walks"):
+                line += (f"; world: {s['target_look_people']} people in the target's clothing, "
+                         f"{s['target_camera_videos']} target-like cameras; {s['scene_changing_walks']} walks "
+                         f"change scene, {s['turning_walks']} turn")
         else:
             ids = s["identities"]
             id_text = f"{ids['train']} train + {ids['test']} test ids" if ids["train"] else f"{ids['test']} ids"
@@ -57,7 +68,10 @@ def run(args: argparse.Namespace) -> int:
     from dynamix_core.config import load_config
     from dynamix_core.data.synth import SynthConfig, generate
 
-    overrides = ([f"seed={args.seed}"] if args.seed is not None else []) + list(args.overrides)
+    from dynamix_core.data.synth.presets import preset_overrides
+
+    overrides = preset_overrides(args.preset) if args.preset else []
+    overrides += ([f"seed={args.seed}"] if args.seed is not None else []) + list(args.overrides)
     cfg = load_config(SynthConfig, args.config, overrides).scaled(args.scale)
     summary = generate(cfg, args.out, progress=not args.no_progress, workers=args.workers)
     print(format_summary(summary))

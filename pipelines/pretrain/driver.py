@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from dynamix_core.config import ConfigError, dump_yaml, to_dict
+from dynamix_core.config import ConfigError, dump_yaml
 from pipelines.pretrain.config import PretrainConfig
-from pipelines.job import RunFolder, open_tracker
+from pipelines.checkpoints import repair_checkpoints
+from pipelines.job import RunFolder, WorkerJob, open_tracker
 from pipelines.ray_cluster import require_resources, training_demands
 from pipelines.train.driver import (_ProgressPrinter, _ray_storage, _read_history, _silent, check_ingest, init_ray,
                                     mlflow_settings, resolve_model)
@@ -92,15 +93,15 @@ def _run_pretraining(cfg: PretrainConfig, run: RunFolder, progress: bool) -> Pre
             videos_per_rank.append(count)
         trainer = TorchTrainer(
             pretrain_loop_per_worker,
-            train_loop_config={"pretrain": to_dict(cfg), "run_dir": str(run.dir), "local_dir": str(run.local),
-                               "tracking_uri": tracking_uri, "mlflow_run_id": tracker.run_id,
-                               "index_path": str(index_path), "videos_per_rank": videos_per_rank},
+            train_loop_config={"job": WorkerJob(cfg, str(run.dir), str(run.local), tracking_uri, tracker.run_id,
+                                                index_path=str(index_path), videos_per_rank=tuple(videos_per_rank))},
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                          resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
             run_config=RunConfig(name=cfg.run.name, **_ray_storage(run.root),
                                  failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
         )
+        repair_checkpoints(run.dir, echo=print if progress else _silent, prefix="pretrain")
         with _PretrainProgress(run.path("history.jsonl"), cfg.run.max_steps) if progress else contextlib.nullcontext():
             result = fit(trainer)  # a deterministic worker error: no retry
     except BaseException:
@@ -143,7 +144,7 @@ def summarize(history: list[dict]) -> dict:
 def export_backbone(checkpoint, run_dir: Path, which: str = "online") -> Path:
     """The pre-trained backbone (``which``: online or teacher) of a checkpoint, as safetensors."""
     from dynamix_core.model import save_state_dict
-    from pipelines.train.run_files import load_tensors
+    from dynamix_core.engine import load_tensors
 
     with checkpoint.as_directory() as d:
         state = load_tensors(Path(d) / "pretrain.pt")

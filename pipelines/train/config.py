@@ -19,6 +19,7 @@ from dynamix_core.model import ModelConfig
 from dynamix_core.sampling import SamplerConfig
 from dynamix_core.training.optim import OptimConfig
 from pipelines.runs import default_runs_root
+from pipelines.train.methods import METHODS
 from pipelines.train.methods_config import CLUSTER_METHODS, ClusterMethodSection
 
 Method = Literal["dynamix", "remix", "multicam", "cluster_contrast", "domainmix", "calr"]
@@ -46,6 +47,7 @@ class DataSection:
     transform: TransformConfig = field(default_factory=TransformConfig, help="augmentation views")
     prefetch_batches: int = field(2, min=1, help="batches decoded ahead of the step in a background thread")
     decode_threads: int = field(2, min=1, help="threads decoding and augmenting images of the next batch")
+    bad_images: Literal["stop", "skip"] = field("stop", help="an image of a shard that does not decode: stop the run naming its shard and key, or skip it (left out of its batch, printed and counted)")
     camera_centroid_every: int = field(0, min=0, help="steps between recomputing (identity, camera) centroids with f~ (0: once per pass over the multi-camera set)")
 
 
@@ -123,12 +125,13 @@ class TrainConfig:
         elif self.cluster_method is not None:
             raise ConfigError(f"cluster_method: read only by method={'|'.join(CLUSTER_METHODS)}; "
                               f"remove it for method={self.method}")
-        if self.method == "multicam" and (not self.sampler.schedule
-                                          or any(p.multi_fraction < 1.0 for p in self.sampler.schedule)):
+        if self.method == "multicam" and self.sampler.num_videos and (
+                self.sampler.adds_videos or not self.sampler.schedule
+                or any(p.multi_fraction < 1.0 for p in self.sampler.schedule)):
             raise ConfigError(
-                "sampler.schedule: method=multicam has no single-camera data, so every batch must be multi-camera; "
-                "set sampler.schedule=[{step_fraction: 0.0, multi_fraction: 1.0, ids_per_video: 1}] "
-                "(as recipes/multicam_baseline.yaml does)", key="sampler.schedule")
+                "sampler: method=multicam has no single-camera data, so every batch must be multi-camera; "
+                "set sampler.videos=add and sampler.num_videos=0 (as recipes/multicam_baseline.yaml does), or "
+                "sampler.schedule=[{step_fraction: 0.0, multi_fraction: 1.0, ids_per_video: 1}]", key="sampler")
         if (self.data.transform.height, self.data.transform.width) != tuple(self.model.img_size):
             raise ConfigError(
                 f"data.transform size ({self.data.transform.height}, {self.data.transform.width}) must equal "
@@ -157,9 +160,9 @@ class TrainConfig:
     @property
     def uses_single(self) -> bool:
         """The run reads data.single (DomainMix: as its unlabeled real domain)."""
-        return self.method in ("dynamix", "remix", "domainmix")
+        return METHODS[self.method].reads_single
 
     @property
     def uses_labeling_pool(self) -> bool:
         """Single-camera labels come from the label store + labeling pool (DynaMix, ReMix)."""
-        return self.method in ("dynamix", "remix")
+        return METHODS[self.method].labeling_pool

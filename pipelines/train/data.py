@@ -37,6 +37,10 @@ from dynamix_core.training import StepBatch
 from pipelines.train.stream import read_video, read_video_batch
 
 
+#: what a training worker does with an image that does not decode (``data.bad_images``)
+BAD_IMAGE_POLICIES = ("stop", "skip")
+
+
 @dataclass
 class MultiCameraSet:
     """Every multi-camera train image in memory (encoded bytes) with global bank ids and cameras."""
@@ -47,6 +51,7 @@ class MultiCameraSet:
     camid: np.ndarray  # global camera id
     dataset: np.ndarray  # dataset name per image
     num_identities: int
+    shards: list[str] | None = None  # the tar each image was read from (named when one does not decode)
 
     @classmethod
     def load(cls, roots: list[str]) -> "MultiCameraSet":
@@ -83,6 +88,7 @@ class MultiCameraSet:
             camid=np.array([cam_map[(r["dataset"], r["source_camid"])] for r in rows], dtype=np.int64),
             dataset=np.array([r["dataset"] for r in rows]),
             num_identities=len(pid_map),
+            shards=[storage.join(r["root"], r["shard"]) for r in rows],
         )
 
 
@@ -297,6 +303,11 @@ class VideoFeed:
             while len(self.images) > self.cache_videos:
                 self.images.popitem(last=False)
 
+    def shard_of(self, video: int) -> str:
+        """The tar that holds ``video`` (one of this rank's videos)."""
+        i = self.videos.ordinal(video)
+        return self.videos.tar[i] if i is not None else "?"
+
     def image(self, video: int, key: str) -> bytes:
         """Encoded bytes of image ``key`` of ``video`` (read with its whole video on a cache miss)."""
         with self.lock:
@@ -314,12 +325,25 @@ class VideoFeed:
         return images[key]
 
 
+class BadImageError(ValueError):
+    """An image of a shard that does not decode; the message names the shard and the key."""
+
+
 class BatchProducer:
     """A background thread that asks the sampler for the next plan and decodes + augments it, so
-    the training step does not wait for JPEG decoding; ``get()`` reports the time it blocked."""
+    the training step does not wait for JPEG decoding; ``get()`` reports the time it blocked.
+
+    An image that does not decode stops the run with a :class:`BadImageError` naming its shard and
+    key (``bad_images="stop"``), or is left out of its batch, printed in one line and counted in
+    ``bad_images_skipped`` (``"skip"``)."""
 
     def __init__(self, sampler, multi: MultiCameraSet, feed: VideoFeed | None, transform: TransformConfig,
-                 seed: int, prefetch: int = 2, threads: int = 2, snapshot_at: Callable[[int], bool] = lambda s: False):
+                 seed: int, prefetch: int = 2, threads: int = 2, snapshot_at: Callable[[int], bool] = lambda s: False,
+                 bad_images: str = "stop"):
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"data.bad_images: {bad_images!r} is not one of {list(BAD_IMAGE_POLICIES)}")
+        self.bad_images = bad_images
+        self.bad_images_skipped = 0
         self.sampler = sampler  # a MixedBatchSampler (or anything with next_batch/state_dict/step)
         self.snapshot_at = snapshot_at
         self.snapshots: dict[int, dict] = {}
@@ -338,9 +362,19 @@ class BatchProducer:
         self.thread = threading.Thread(target=self._run, name="batch-producer", daemon=True)
         self.thread.start()
 
-    def _decode_one(self, item: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        data, key, step_seed = item
-        img = decode_image(data, self.size)
+    def _decode_one(self, item: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+        data, key, step_seed, shard = item
+        try:
+            img = decode_image(data, self.size)
+        except (OSError, ValueError, SyntaxError) as exc:  # Pillow's unidentified/truncated/corrupt-stream errors
+            text = f"{shard}: image {key} does not decode ({exc})"
+            if self.bad_images == "stop":
+                raise BadImageError(f"{text}; re-run `dynamix ingest` on its source to rewrite the shard, "
+                                    f"check the set with `dynamix inspect --verify`, or set data.bad_images: skip") from None
+            with self.lock:
+                self.bad_images_skipped += 1
+            print(f"[data] skipped: {text} ({self.bad_images_skipped} skipped so far)", flush=True)
+            return None
         return (self.standard(img, sample_generator(step_seed, key, "standard")),
                 self.strong(img, sample_generator(step_seed, key, "strong")))
 
@@ -350,21 +384,24 @@ class BatchProducer:
         step_seed = self.seed + 7919 * step
         for ref in plan.multi_refs:
             i = self.multi_index[ref]
-            items.append((self.multi.data[i], ref, step_seed))
+            items.append((self.multi.data[i], ref, step_seed, self.multi.shards[i] if self.multi.shards else "?"))
             camid.append(int(self.multi.camid[i]))
         for ref, vid in zip(plan.single_refs, plan.single_video_ids):
-            items.append((self.feed.image(int(vid), ref), ref, step_seed))
+            items.append((self.feed.image(int(vid), ref), ref, step_seed, self.feed.shard_of(int(vid))))
             camid.append(-1 - int(vid))  # single-camera images: one camera per video, never a multi camera
         views = list(self.pool.map(self._decode_one, items))
         num_multi = len(plan.multi_refs)
         video = np.concatenate([np.full(num_multi, -1), np.asarray(plan.single_video_ids, dtype=np.int64)])
+        pid = np.concatenate([plan.multi_pids, plan.single_pids]).astype(np.int64)
+        kept = np.array([v is not None for v in views], dtype=bool)  # all but skipped bad images
+        views = [v for v in views if v is not None]
         return StepBatch(
             standard_BCHW=torch.stack([v[0] for v in views]),
             strong_BCHW=torch.stack([v[1] for v in views]),
-            pid_B=torch.as_tensor(np.concatenate([plan.multi_pids, plan.single_pids]).astype(np.int64)),
-            camid_B=torch.as_tensor(camid, dtype=torch.int64),
-            is_single_B=torch.as_tensor(video >= 0),
-            video_B=torch.as_tensor(video),
+            pid_B=torch.as_tensor(pid[kept]),
+            camid_B=torch.as_tensor(np.asarray(camid, dtype=np.int64)[kept]),
+            is_single_B=torch.as_tensor(video[kept] >= 0),
+            video_B=torch.as_tensor(video[kept]),
         )
 
     def _run(self) -> None:
@@ -400,6 +437,8 @@ class BatchProducer:
         t0 = time.perf_counter()
         batch = self.queue.get()
         if batch is None:
+            if isinstance(self.error, BadImageError):
+                raise BadImageError(str(self.error))
             raise RuntimeError(f"batch producer failed: {self.error!r}") from self.error
         return batch, time.perf_counter() - t0
 

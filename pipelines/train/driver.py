@@ -16,6 +16,7 @@ tracking store, and the copy of the exported weights that is logged and register
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -25,11 +26,13 @@ from pathlib import Path
 
 from dynamix_core import storage
 from dynamix_core.config import dump_yaml, to_dict
-from pipelines.job import RunFolder, open_tracker
+from pipelines.checkpoints import repair_checkpoints
+from pipelines.job import RunFolder, WorkerJob, open_tracker
 from pipelines.ray_cluster import require_resources, training_demands
 from pipelines.train.config import TrainConfig
+from dynamix_core.engine import load_tensors
 from pipelines.train.failures import fit
-from pipelines.train.run_files import load_tensors, local_run_dir, read_jsonl, write_atomic
+from pipelines.train.run_files import local_run_dir, read_jsonl, write_atomic
 
 log = logging.getLogger("dynamix.train")
 
@@ -164,6 +167,7 @@ def _settings(cfg) -> dict[str, str]:
     import yaml
 
     from pipelines.tracking import flatten_params
+    from pipelines.train.methods import METHODS
 
     return flatten_params(yaml.safe_load(dump_yaml(cfg)))
 
@@ -228,10 +232,12 @@ def _run_training(cfg: TrainConfig, run: RunFolder, progress: bool) -> TrainResu
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipelines.train.methods import METHODS
     from pipelines.train.index import write_single_camera_index
     from services.label_store import get_or_create_store, store_actor_name
     from services.labeling_pool import coordinator_name, start_coordinator
 
+    method = METHODS[cfg.method]
     run_dir, local_dir = run.dir, run.local
     init_ray(cfg.scaling.address)
     require_resources(training_demands(cfg), timeout_s=cfg.scaling.resources_timeout_s,
@@ -251,8 +257,7 @@ def _run_training(cfg: TrainConfig, run: RunFolder, progress: bool) -> TrainResu
     # once it is back, and find the same run)
     tracker.flush(timeout_s=30)
 
-    loop_config = {"train": to_dict(cfg), "num_single_identities": 0, "run_dir": str(run_dir),
-                   "local_dir": str(local_dir), "tracking_uri": tracking_uri, "mlflow_run_id": tracker.run_id}
+    job = WorkerJob(cfg, str(run_dir), str(local_dir), tracking_uri, tracker.run_id)
     try:
         coordinator = None
         if cfg.uses_labeling_pool:
@@ -271,32 +276,29 @@ def _run_training(cfg: TrainConfig, run: RunFolder, progress: bool) -> TrainResu
             store = get_or_create_store(cfg.run.name, label_root, snapshot_every=cfg.labeling.snapshot_every,
                                         keep_versions=cfg.labeling.keep_versions)
             # version 0, one label per row of the index: read by the store itself from the index
-            ray.get(store.initialise_from_index.remote(index_path, cfg.method == "dynamix"))
+            ray.get(store.initialise_from_index.remote(index_path, method.starts_from_given_labels))
             quota = cfg.labeling.quota or _multi_train_size(cfg.data.multi)  # SPEC 2.2: default = |multi train|
             coordinator = start_coordinator(_labeling_cfg(cfg, run_dir, index_path, quota))
-            num_single = info.num_labels if cfg.method == "dynamix" else 0
-            loop_config.update({"num_single_identities": num_single, "store_name": store_actor_name(cfg.run.name),
-                                "coordinator_name": coordinator_name(cfg.run.name), "index_path": index_path})
+            num_single = info.num_labels if method.single_centroids else 0
+            job = dataclasses.replace(job, num_single_identities=num_single, store_name=store_actor_name(cfg.run.name),
+                                      coordinator_name=coordinator_name(cfg.run.name), index_path=str(index_path))
             version, _ = ray.get(store.latest.remote())
-            if cfg.method == "remix" and version == 0:
+            if method.first_round_before_training and version == 0:
                 # ReMix: the first pseudo-labels come from the initial momentum encoder before training
                 ray.get(coordinator.publish_weights.remote(0, [ray.put(_initial_momentum_state(cfg))]))
                 # every video once, so each rank starts with pseudo-labelled videos; later rounds take the quota
                 ray.get(coordinator.request.remote(0, 0, ray.get(coordinator.video_ids.remote())))
                 _wait_first_round(coordinator, store, cfg.labeling.first_round_timeout_s, progress)
-        if cfg.cluster_method is not None:  # Cluster-Contrast / DomainMix / CALR: epoch loop, no labeling pool
-            from pipelines.train.cluster_worker import train_loop_per_worker
-        else:
-            from pipelines.train.worker import train_loop_per_worker
         trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=loop_config,
+            method.worker_loop(),
+            train_loop_config={"job": job},
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                          resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
             run_config=RunConfig(name=cfg.run.name, **_ray_storage(run.root),
                                  failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
         )
+        repair_checkpoints(run_dir, echo=print if progress else _silent)  # resume from the newest intact one
         with _ProgressPrinter(storage.join(run_dir, "history.jsonl"), cfg.run.max_steps,
                               labeling=_labeling_errors(coordinator)) if progress else contextlib.nullcontext():
             result = fit(trainer)  # a deterministic worker error: no retry

@@ -15,7 +15,7 @@ from dynamix_core.config import ConfigError, field
 from dynamix_core.methods import CalrConfig, ClusterContrastConfig, ClusterMemoryConfig, DomainMixConfig
 from dynamix_core.methods.config import JaccardDbscanConfig
 
-CLUSTER_METHODS = ("cluster_contrast", "domainmix", "calr")
+from pipelines.train.methods import CLUSTER_METHODS  # noqa: F401  (re-exported for the config)
 
 
 @dataclass(kw_only=True)

@@ -1,7 +1,6 @@
 """Crash-safe files of a training run: atomic writes (temp + fsync + rename + fsync of the folder),
-the metric history that tolerates a torn line and records each step once across restarts, the
-record of every (re)start, and checkpoint state that loads with ``torch.load(weights_only=True)``
-(tensors in ``.pt``; the RNG states, which hold no tensors worth pickling, as JSON beside them).
+the metric history that tolerates a torn line and records each step once across restarts, and the
+record of every (re)start. Checkpoints are :mod:`dynamix_core.engine.checkpoint`'s.
 
 The run folder may be an object-store URI (``s3://bucket/runs/NAME``, :mod:`dynamix_core.storage`).
 An object cannot be appended to, so there the JSON-lines files are rewritten whole (one upload, seen
@@ -15,13 +14,8 @@ import hashlib
 import json
 import logging
 import os
-import random
-import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from dynamix_core import storage
 from dynamix_core.atomic import fsync_dir, write_atomic  # noqa: F401  (re-exported for the run files)
@@ -125,43 +119,3 @@ def record_start(run_dir: str | Path, start_step: int) -> None:
         fh.write(line)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-# --- checkpoint state ---------------------------------------------------------------------------
-
-
-def rng_state() -> dict:
-    """Python, NumPy and torch RNG states as JSON-safe data."""
-    version, mt, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(mt), gauss],
-            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-            "torch": torch.get_rng_state().tolist()}
-
-
-def set_rng_state(state: dict) -> None:
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-
-
-def _numpy_scalar(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable checkpoint state")
-
-
-def save_json(path: str | Path, obj) -> None:
-    """Checkpoint state as JSON (NumPy scalars become Python numbers)."""
-    Path(path).write_text(json.dumps(obj, default=_numpy_scalar))
-
-
-def load_json(path: str | Path):
-    return json.loads(Path(path).read_text())
-
-
-def load_tensors(path: str | Path, device: torch.device | str = "cpu"):
-    """A checkpoint ``.pt`` (tensors in plain containers): never unpickles code (``weights_only``)."""
-    return torch.load(path, map_location=device, weights_only=True)

@@ -23,18 +23,27 @@ def require_dir(path: Path, expected: str) -> Path:
 
 
 def list_image_files(folder: Path, report: InputReport) -> list[str]:
-    """Sorted names of the plain files in ``folder``. Subfolders are rejected ("unexpected entry");
-    dotfiles and OS metadata files are skipped."""
+    """Sorted names of the plain files in ``folder``. Subfolders are rejected ("unexpected entry"),
+    and so are symlinks whose target is missing ("dangling symlink"); dotfiles and OS metadata files
+    are skipped."""
     names: list[str] = []
     folders: list[str] = []
     with os.scandir(folder) as entries:
         for entry in entries:
             if entry.name.startswith(".") or entry.name in _OS_METADATA:
                 continue
+            if entry.is_symlink() and not os.path.exists(entry.path):
+                report.reject(folder / entry.name, dangling_symlink(entry.path))
+                continue
             (names if entry.is_file() else folders).append(entry.name)
     for name in sorted(folders):
         report.reject(folder / name, "unexpected entry: a folder where image files are expected")
     return sorted(names)
+
+
+def dangling_symlink(path: str | Path) -> str:
+    """The reason for a symlink whose target does not exist."""
+    return f"dangling symlink: points to {os.readlink(path)}, which does not exist; restore the target or remove the link"
 
 
 def count_junk(report: InputReport, path: Path, detail: str) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 import pyarrow
 import pyarrow.parquet as pq
 
+from dynamix_core.data.parsers._common import dangling_symlink
 from dynamix_core.data.records import DOMAINS, SPLITS, BadInputError, ImageRef, InputReport, RawSample, make_key
 
 REQUIRED_COLUMNS = ("path", "pid", "camid")
@@ -111,7 +112,8 @@ def _parse_row(row: dict, where: str, base: Path, report: InputReport, dataset: 
         report.reject(where, f"bad split: {split!r}, expected one of {list(SPLITS)}")
         return None
     if not path.is_file():
-        report.reject(path, f"missing file: listed at {where}")
+        report.reject(path, f"{dangling_symlink(path)} (listed at {where})" if path.is_symlink()
+                      else f"missing file: listed at {where}")
         return None
     source_pid = str(pid) if pid >= 0 else None
     video = _as_id(row.get("video_id"))

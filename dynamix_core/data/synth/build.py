@@ -91,12 +91,18 @@ def _video_summary(cfg: SynthConfig) -> dict:
     totals = collections.Counter()
     for plan in video_plans(cfg):
         totals.update(images=len(plan.boxes), people=len(plan.walks), tracklets=plan.num_tracklets,
-                      fragmented_people=plan.num_fragmented, switched_tracklets=plan.num_switched)
+                      fragmented_people=plan.num_fragmented, switched_tracklets=plan.num_switched,
+                      target_camera_videos=int(plan.target_camera),
+                      target_look_people=sum(w.target_look for w in plan.walks),
+                      scene_changing_walks=sum(len(w.scenes) > 1 for w in plan.walks),
+                      turning_walks=sum(w.turn_at >= 0 for w in plan.walks))
     return {
         "name": VIDEO_SET, "kind": "single", "format": "luperson_nl", "path": f"single/{VIDEO_SET}",
         "num_images": totals["images"], "images": {"train": totals["images"]}, "videos": cfg.num_videos,
         "people": totals["people"], "tracklets": totals["tracklets"],
         "fragmented_people": totals["fragmented_people"], "switched_tracklets": totals["switched_tracklets"],
+        "target_camera_videos": totals["target_camera_videos"], "target_look_people": totals["target_look_people"],
+        "scene_changing_walks": totals["scene_changing_walks"], "turning_walks": totals["turning_walks"],
     }
 
 

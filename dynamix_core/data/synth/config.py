@@ -16,6 +16,11 @@ MARKET_MAX_PID = 9999
 #: LUPerson-NL keys ``VVVVV_PPPPPP_FFFFFFF_OO``: the widest value of each field.
 VIDEO_KEY_LIMITS = {"num_videos": 10**5, "video_frames": 10**7, "max_people_per_video": 100}
 
+#: Video knobs added after data sets were generated: left out of the fingerprint while 0, so folders
+#: written before them keep theirs (their bytes are the same).
+VIDEO_WORLD_FIELDS = ("video_target_clothing_share", "video_target_camera_share", "scene_change_rate", "turn_rate",
+                      "light_change")
+
 #: Count fields multiplied by ``--scale``; everything else (cameras, image size, rates) is kept.
 SCALED_FIELDS = ("multi_train_ids", "multi_test_ids", "distractors_per_set", "junk_per_set",
                  "num_videos", "target_ids")
@@ -53,6 +58,17 @@ class SynthConfig:
     min_fragment_frames: int = field(4, help="shortest tracklet piece left by a fragmentation")
     fragment_rate: float = field(0.2, help="probability that the tracker splits a person's track into 2-3 tracklets")
     switch_rate: float = field(0.1, help="share of tracklets holding two people (identity switch)")
+    # who and what the videos show, and how much a walk varies (0: the source's people and cameras, one
+    # scene, one viewpoint and one light per walk)
+    video_target_clothing_share: float = field(
+        0.0, help="share of video people wearing the target's clothing combination (the rest: the source's prior)")
+    video_target_camera_share: float = field(
+        0.0, help="share of videos filmed by a camera like the target's (its colour-cast band and harshness)")
+    scene_change_rate: float = field(
+        0.0, help="probability that a walk crosses into another scene of its video (1-2 changes)")
+    turn_rate: float = field(0.0, help="probability that a person turns once during a walk (another viewpoint)")
+    light_change: float = field(
+        0.0, help="light on a walking person drifts linearly between two levels drawn in 1 -+ this (0: fixed)")
 
     # held-out target domain, Market layout (query + gallery only)
     target_ids: int = field(50, help="identities of the target domain synth_target")
@@ -98,6 +114,9 @@ class SynthConfig:
              "must be in min_track_frames..video_frames")
         need(0.0 <= self.fragment_rate <= 1.0, "fragment_rate", "must be in [0, 1]")
         need(0.0 <= self.switch_rate <= 1.0, "switch_rate", "must be in [0, 1]")
+        for name in ("video_target_clothing_share", "video_target_camera_share", "scene_change_rate", "turn_rate"):
+            need(0.0 <= getattr(self, name) <= 1.0, name, "must be in [0, 1]")
+        need(0.0 <= self.light_change < 1.0, "light_change", "must be in [0, 1)")
         need(1 <= self.target_ids <= MARKET_MAX_PID, "target_ids", f"must be in 1..{MARKET_MAX_PID}")
         need(2 <= self.target_cameras <= MARKET_MAX_CAMERAS, "target_cameras", f"must be in 2..{MARKET_MAX_CAMERAS}")
         for name in ("held_out_hue", "held_out_cast_hue"):
@@ -116,5 +135,6 @@ class SynthConfig:
 
     def fingerprint(self) -> str:
         """A short hash of every value: two configs with equal fingerprints write equal bytes."""
-        text = json.dumps(to_dict(self), sort_keys=True)
+        values = {k: v for k, v in to_dict(self).items() if not (k in VIDEO_WORLD_FIELDS and v == 0)}
+        text = json.dumps(values, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]

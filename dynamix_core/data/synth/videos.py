@@ -7,6 +7,21 @@ run of consecutive frames (a *walk*). The tracker's output is simulated with kno
 * identity switch - about ``switch_rate`` of the tracklets hold two people: the tracker joined
   pieces of two people that never share a frame (it follows one box per frame).
 
+Who the videos show and how a walk varies are knobs (0 by default: the source's people and cameras,
+one scene, one viewpoint and one light per walk):
+
+* ``video_target_clothing_share`` of the people wear the target's clothing combination, and
+  ``video_target_camera_share`` of the videos are filmed by a camera drawn like the target's
+  (held-out colour-cast band, harsher imaging): a video population drawn from the world, not from
+  the labelled source;
+* ``scene_change_rate`` of the walks cross into another scene of the video (1-2 times: every walk
+  starts in the video's first scene, the later ones come from a pool of three more);
+  ``turn_rate`` of the people turn once (another viewpoint from then on); ``light_change`` makes the
+  light on a person drift between two levels along the walk.
+
+Every such draw comes from its own random stream, so with the knobs at 0 the output is byte-identical
+to a generator without them.
+
 People are never shared between videos. Keys are LUPerson-NL's ``VVVVV_PPPPPP_FFFFFFF_OO``
 (video, tracklet, frame, object), all 0-based; the object number is the person's rank among the
 people visible in that frame.
@@ -14,6 +29,7 @@ people visible in that frame.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -23,7 +39,7 @@ from PIL import Image
 
 from dynamix_core.data.synth.cameras import VIEWS, CameraStyle, sample_camera_style
 from dynamix_core.data.synth.config import SynthConfig
-from dynamix_core.data.synth.identities import sample_identity
+from dynamix_core.data.synth.identities import Identity, sample_identity
 from dynamix_core.data.synth.scene import Shot, render_shot
 from dynamix_core.data.synth.seeding import rng_for
 
@@ -45,6 +61,20 @@ class Walk:
     bg_x0: float
     bg_step: float  # background pan per frame (the detector's crop follows the person)
     bg_y: float
+    target_look: bool = False  # wears the target's clothing combination
+    scene_cuts: tuple[int, ...] = ()  # walk frames (from 0) at which the next scene of ``scenes`` starts
+    scenes: tuple[int, ...] = (0,)  # the video's scenes the walk crosses, in order
+    turn_at: int = -1  # walk frame from which the person is seen from ``turned_view`` (-1: never)
+    turned_view: str = ""
+    shade0: float = 1.0  # light on the person at the first and the last frame of the walk
+    shade1: float = 1.0
+
+    def at(self, t: int) -> tuple[str, int, float]:
+        """``(view, scene, shade)`` at walk frame ``t``."""
+        view = self.turned_view if 0 <= self.turn_at <= t else self.view
+        scene = self.scenes[sum(cut <= t for cut in self.scene_cuts)]
+        shade = self.shade0 + (self.shade1 - self.shade0) * t / max(1, self.length - 1)
+        return view, scene, shade
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +101,29 @@ class VideoPlan:
     num_fragmented: int  # people cut into >= 2 tracklets
     num_switched: int  # tracklets holding two people
     owed_switches: int  # switches no pair of this video could take, carried to the next video
+    target_camera: bool = False  # filmed by a camera drawn like the target's
+
+
+#: Scenes a video's walks can cross into besides its first one.
+EXTRA_SCENES_PER_VIDEO = 3
+
+
+def _vary(cfg: SynthConfig, walk: Walk, rng: np.random.Generator) -> Walk:
+    """``walk`` with its clothing kind, scene changes, turn and light drift (the within-video knobs)."""
+    changes = {"target_look": bool(rng.random() < cfg.video_target_clothing_share)}
+    inner = walk.length - 2  # cuts and turns fall on frames 1 .. length-2, so both sides are seen
+    if rng.random() < cfg.scene_change_rate and inner >= 1:
+        num = min(inner, 2 if rng.random() < 0.3 else 1)
+        cuts = np.sort(rng.choice(np.arange(1, walk.length - 1), size=num, replace=False))
+        extra = rng.choice(np.arange(1, EXTRA_SCENES_PER_VIDEO + 1), size=num, replace=False)
+        changes.update(scene_cuts=tuple(int(c) for c in cuts), scenes=(0,) + tuple(int(s) for s in extra))
+    if rng.random() < cfg.turn_rate and inner >= 1:
+        changes.update(turn_at=int(rng.integers(1, walk.length - 1)),
+                       turned_view=str(rng.choice([v for v in VIEWS if v != walk.view])))
+    if cfg.light_change > 0:
+        lo, hi = 1.0 - cfg.light_change, 1.0 + cfg.light_change
+        changes.update(shade0=float(rng.uniform(lo, hi)), shade1=float(rng.uniform(lo, hi)))
+    return dataclasses.replace(walk, **changes)
 
 
 def _walk(cfg: SynthConfig, style: CameraStyle, rng: np.random.Generator, person: int, true_pid: int) -> Walk:
@@ -130,10 +183,13 @@ def _switch(cfg: SynthConfig, rng: np.random.Generator, pieces: list[tuple[int, 
 def plan_video(cfg: SynthConfig, video: int, first_true_pid: int, first_tracker_pid: int,
                owed_switches: int = 0) -> VideoPlan:
     """The people, walks and (noisy) tracker output of one video (``owed_switches``: see :func:`_switch`)."""
-    style = sample_camera_style(rng_for(cfg.seed, "video", video, "camera"), cfg.held_out_cast_hue, held_out=False)
+    target_camera = bool(rng_for(cfg.seed, "video", video, "camera kind").random() < cfg.video_target_camera_share)
+    style = sample_camera_style(rng_for(cfg.seed, "video", video, "camera"), cfg.held_out_cast_hue,
+                                held_out=target_camera)
     rng = rng_for(cfg.seed, "video", video, "plan")
     num_people = int(rng.integers(cfg.min_people_per_video, cfg.max_people_per_video + 1))
     walks = tuple(_walk(cfg, style, rng, p, first_true_pid + p) for p in range(num_people))
+    walks = tuple(_vary(cfg, w, rng_for(cfg.seed, "video", video, "variation", w.person)) for w in walks)
     pieces = [(w.person, a, b) for w in walks for a, b in _fragment(cfg, rng, w)]
     groups, owed = _switch(cfg, rng, pieces, owed_switches)
     groups.sort(key=lambda g: min((pieces[i][1], pieces[i][0]) for i in g))
@@ -152,7 +208,7 @@ def plan_video(cfg: SynthConfig, video: int, first_true_pid: int, first_tracker_
     return VideoPlan(
         video=video, style=style, walks=walks, boxes=tuple(boxes), first_tracker_pid=first_tracker_pid,
         num_tracklets=len(groups), num_fragmented=sum(n >= 2 for n in num_pieces),
-        num_switched=sum(len(g) == 2 for g in groups), owed_switches=owed,
+        num_switched=sum(len(g) == 2 for g in groups), owed_switches=owed, target_camera=target_camera,
     )
 
 
@@ -167,22 +223,28 @@ def video_plans(cfg: SynthConfig) -> Iterator[VideoPlan]:
         yield plan
 
 
+def video_person(cfg: SynthConfig, video: int, walk: Walk) -> Identity:
+    """What the person of ``walk`` looks like: the source's prior, or the target's combination."""
+    return sample_identity(rng_for(cfg.seed, "video", video, "person", walk.person), cfg.held_out_hue,
+                           target=walk.target_look)
+
+
 def render_video(cfg: SynthConfig, plan: VideoPlan) -> list[Image.Image]:
     """The crops of ``plan.boxes``, in order."""
     walks = plan.walks
-    people = [sample_identity(rng_for(cfg.seed, "video", plan.video, "person", w.person), cfg.held_out_hue)
-              for w in walks]
+    people = [video_person(cfg, plan.video, w) for w in walks]
     out = []
     for box in plan.boxes:
         w = walks[box.person]
         t = box.frame - w.start
+        view, scene, shade = w.at(t)
         rng = rng_for(cfg.seed, "video", plan.video, "box", box.person, box.frame)
         shot = Shot(  # the walk's smooth motion plus detector jitter
-            view=w.view, facing=w.facing, phase=w.phase0 + w.phase_step * t,
+            view=view, facing=w.facing, phase=w.phase0 + w.phase_step * t,
             scale=w.scale0 * (1.0 + w.scale_step * t) * (1.0 + rng.normal(0.0, plan.style.scale_jitter / 2)),
             dx=float(rng.normal(0.0, plan.style.shift_jitter / 2)),
             feet=float(np.clip(0.97 + rng.normal(0.0, 0.01), 0.93, 1.02)),
-            bg_x=float(np.clip(w.bg_x0 + w.bg_step * t, 0.0, 1.0)), bg_y=w.bg_y, shade=1.0,
+            bg_x=float(np.clip(w.bg_x0 + w.bg_step * t, 0.0, 1.0)), bg_y=w.bg_y, shade=shade, scene=scene,
         )
         out.append(render_shot(people[box.person], plan.style, shot, rng, cfg.height, cfg.width))
     return out
