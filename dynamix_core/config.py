@@ -75,9 +75,11 @@ def expand_env(node: Any, where: str = "") -> Any:
     return _ENV_REF.sub(substitute, node)
 
 
-def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING):
-    """A dataclass field with a one-line ``help`` (shown by ``--help`` and in config dumps)."""
-    kw: dict[str, Any] = {"metadata": {"help": help}}
+def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
+          min: float | None = None):
+    """A dataclass field with a one-line ``help`` (shown by ``--help`` and in config dumps) and, for a
+    number, its smallest valid value ``min`` (checked when the config is loaded, naming the key)."""
+    kw: dict[str, Any] = {"metadata": {"help": help} if min is None else {"help": help, "min": min}}
     if default_factory is not dataclasses.MISSING:
         kw["default_factory"] = default_factory
     elif default is not dataclasses.MISSING:
@@ -189,10 +191,17 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
             if exc.key is None:  # the innermost field names the key
                 exc.key = where
             raise
+        _check_min(fields[name], kwargs[name], where)
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field is missing
         raise ConfigError(f"{prefix or cls.__name__}: {exc}") from None
+
+
+def _check_min(f: dataclasses.Field, value: Any, where: str) -> None:
+    low = f.metadata.get("min")
+    if low is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
+        raise ConfigError(f"{where}: {value} must be >= {low:g}", key=where)
 
 
 def to_dict(cfg: Any) -> Any:
@@ -279,8 +288,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        with path.open() as fh:
-            loaded = yaml.safe_load(fh) or {}
+        loaded = load_yaml_file(path)
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping, got {type(loaded).__name__}")
         data = loaded
@@ -297,6 +305,19 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if path is not None:
             raise ConfigError(f"{path}: {exc}", key=exc.key) from None
         raise
+
+
+def load_yaml_file(path: str | Path) -> Any:
+    """The YAML document of ``path`` (None read as ``{}``); a file that does not parse is a
+    :class:`ConfigError` in one line naming the file, the line and column, and the problem."""
+    text = Path(path).read_text()
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {where}: not valid YAML ({problem}); fix the file there") from None
 
 
 def _override_of(key: str | None, given: dict[str, str]) -> str | None:

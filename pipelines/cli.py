@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     # imported after parsing: `dynamix --help` should not pay for importing torch
     from dynamix_core.config import ConfigError
     from dynamix_core.data.records import BadInputError
+    from dynamix_core.errors import StopRun, os_error_line
     from dynamix_core.model import WeightsError
     from dynamix_core.storage import StorageError
 
@@ -103,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `dynamix ... | head` stopped reading: end quietly, as other command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the closed pipe
-    except (ConfigError, BadInputError, WeightsError, FileNotFoundError, StorageError) as exc:
+    except (ConfigError, BadInputError, WeightsError, FileNotFoundError, StorageError, StopRun) as exc:
         print(f"dynamix {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # Ray and MLflow failures end in one line; anything else keeps its traceback
-        line = describe_failure(exc)
+    except Exception as exc:  # Ray, MLflow and refused writes end in one line; anything else keeps its traceback
+        line = os_error_line(exc) or describe_failure(exc)
         if line is None or os.environ.get("DYNAMIX_TRACEBACK"):
             raise
         print(f"dynamix {args.command}: error: {line}", file=sys.stderr)

@@ -158,10 +158,10 @@ def run_demo(out: Path, *, recipe: str | None = None, overrides: list[str] = (),
 
     t0 = time.perf_counter()
     out = out.resolve()
-    prepare_data(out, synth_overrides=synth_overrides)
     recipe = recipe or str(RECIPES_DIR / "dynamix_demo.yaml")
     extra = list(overrides) + ([f"scaling.address={address}"] if address else [])
-    cfg = demo_config(out, recipe, extra)
+    cfg = demo_config(out, recipe, extra)  # every setting checked before minutes of data generation
+    prepare_data(out, synth_overrides=synth_overrides)
     print(f"[demo] training {cfg.method} for {cfg.run.max_steps} steps on {cfg.scaling.num_workers} workers "
           f"(run folder {out / 'runs' / cfg.run.name})", flush=True)
     result = run_training(cfg)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import re
 import threading
 import time
 import traceback
@@ -450,7 +451,7 @@ class LabelingCoordinatorService:
                     continue
                 self._run_round(self.round)
             except Exception as exc:  # a bad round must not kill the service: report it and go on
-                cause = f"round at step {getattr(self.round, 'step', '?')}: {type(exc).__name__}: {exc}".splitlines()[0]
+                cause = f"round at step {getattr(self.round, 'step', '?')}: {round_error_cause(exc)}"
                 with self.lock:
                     self.counters["round_errors"] += 1
                     self.errors.append(cause)
@@ -458,6 +459,34 @@ class LabelingCoordinatorService:
             finally:
                 with self.lock:
                     self.round, self.busy = None, False
+
+
+#: terminal colour codes that Ray puts in the header line of a remote task's error
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def round_error_cause(exc: BaseException) -> str:
+    """The plain cause of a failed labelling round, one line without terminal colours: for an error
+    raised inside a labelling actor (Ray's ``RayTaskError``, whose first line is Ray's coloured header
+    naming the actor and its pid), the actor's own exception; else ``exc`` itself."""
+    while True:
+        inner = getattr(exc, "cause", None)  # RayTaskError: the exception raised in the actor
+        if not isinstance(inner, BaseException) or inner is exc:
+            break
+        exc = inner
+    lines = [ln.strip() for ln in _ANSI.sub("", str(exc)).splitlines() if ln.strip()]
+    if isinstance(exc, ray.exceptions.RayError) and len(lines) > 1:
+        text = lines[-1]  # a wrapped traceback (the cause could not travel): its last line names it
+    else:
+        text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text
+
+
+def new_round_errors(stats: dict, reported: int) -> tuple[list[str], int]:
+    """The causes of the rounds that failed since ``reported`` failures were reported (from the
+    coordinator's ``stats()``: the last five causes at most), and the number failed so far."""
+    failed = int(stats["counters"].get("round_errors", 0))
+    return (list(stats["errors"][-(failed - reported):]) if failed > reported else []), failed
 
 
 def coordinator_name(run_name: str) -> str:

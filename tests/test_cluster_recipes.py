@@ -124,9 +124,10 @@ def test_cluster_method_section_rules():
     assert cfg.cluster_method.steps_per_epoch("cluster_contrast", 120) == 3  # default 50 epochs: ceil(120 / 50)
     calr = load_config(TrainConfig, None, base + ["method=calr", "run.max_steps=120"])
     assert calr.cluster_method.steps_per_epoch("calr", 120) == 2  # 10 local + 50 global epochs
-    assert load_config(TrainConfig, None, base + ["method=multicam"]).cluster_method is None
+    multicam = ["method=multicam", "sampler.schedule=[{step_fraction: 0.0, multi_fraction: 1.0, ids_per_video: 1}]"]
+    assert load_config(TrainConfig, None, base + multicam).cluster_method is None
     with pytest.raises(ConfigError, match="cluster_method: read only by"):
-        load_config(TrainConfig, None, base + ["method=multicam", "cluster_method.images_per_id=2"])
+        load_config(TrainConfig, None, base + multicam + ["cluster_method.images_per_id=2"])
     with pytest.raises(ConfigError, match=r"num_epochs = 50: must lie in \[1, run.max_steps=10\]"):
         load_config(TrainConfig, None, base + ["method=cluster_contrast", "run.max_steps=10"])
     with pytest.raises(ConfigError, match="local_epochs=0"):

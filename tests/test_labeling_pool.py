@@ -404,7 +404,7 @@ def test_a_chunk_that_keeps_losing_its_actor_fails_the_round_with_its_cause(ray_
         assert stats["counters"]["round_errors"] == 1 and "chunk_retries" not in stats["counters"]
         assert "lost its actor 1 times" in stats["errors"][-1] and "max_chunk_retries=0" in stats["errors"][-1]
         assert ray.get(pool.store.latest.remote())[0] == 0  # nothing was published
-        with pytest.raises(RuntimeError, match="first ReMix round failed .*lost its actor 1 times"):
+        with pytest.raises(RuntimeError, match="first ReMix round failed, so .*: round at step 0: RuntimeError: .*lost its actor 1 times"):
             _wait_first_round(pool.coordinator, pool.store, timeout_s=10, progress=False)
     finally:
         pool.close()

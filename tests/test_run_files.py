@@ -133,7 +133,7 @@ def test_changed_settings_of_a_resumed_run(tmp_path):
     from pipelines.train.config import TrainConfig
     from pipelines.train.driver import changed_settings
 
-    base = ["data.multi=[shards/m0]", "method=multicam"]
+    base = ["data.multi=[shards/m0]", "method=multicam", "sampler.schedule=[{step_fraction: 0.0, multi_fraction: 1.0, ids_per_video: 1}]"]
     first = load_config(TrainConfig, None, [*base, "run.max_steps=150"])
     saved = tmp_path / "config.yaml"
     assert changed_settings(saved, first) == {}  # a new run

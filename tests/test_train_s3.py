@@ -158,7 +158,8 @@ def test_dynamix_storage_uri_is_the_default_run_storage_and_ingest_out(s3_bucket
     from test_ingest import make_market
 
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("method: multicam\ndata: {multi: [shards/m0]}\n")
+    recipe.write_text("method: multicam\ndata: {multi: [shards/m0]}\n"
+                      "sampler: {schedule: [{step_fraction: 0.0, multi_fraction: 1.0, ids_per_video: 1}]}\n")
     monkeypatch.setenv("DYNAMIX_STORAGE_URI", f"{s3_bucket}/prod/")
     assert main(["train", "--config", str(recipe), "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["run"]["storage"] == f"{s3_bucket}/prod/runs"

@@ -151,8 +151,12 @@ def write_table_atomic(table: pa.Table, path: str | Path) -> None:
         return
     path = Path(path)
     tmp = tmp_path(path)
-    pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no half-written temporary file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def record_row(record: Record) -> dict:
@@ -225,6 +229,7 @@ class ShardWriter:
             self.tar_path.parent.mkdir(parents=True, exist_ok=True)
             self._tmp = tmp_path(self.tar_path if tmp_dir is None else Path(tmp_dir) / self.tar_path.name)
         self._fh = open(self._tmp, "wb", buffering=_IO_BUFFER)
+        self._committed = False
         self._sha256 = hashlib.sha256()
         self._offset = 0
         self._rows: list[dict] = []
@@ -233,9 +238,15 @@ class ShardWriter:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if not self._fh.closed:  # not committed
+        if self._committed:
+            return
+        try:  # a full disk fails the close too (its buffer cannot be flushed): the file goes all the same
             self._fh.close()
-            self._tmp.unlink()
+        except OSError:
+            if exc_info[0] is None:
+                raise
+        finally:
+            self._tmp.unlink(missing_ok=True)
 
     def _write_member(self, name: str, data: bytes) -> int:
         """Append one member; returns the offset of its data."""
@@ -273,6 +284,7 @@ class ShardWriter:
                 self._tmp.unlink()
         else:
             os.replace(self._tmp, self.tar_path)
+        self._committed = True
         table = pa.Table.from_pylist(self._rows, schema=SHARD_SCHEMA).replace_schema_metadata(
             {**metadata, "tar_bytes": str(tar_bytes), "tar_sha256": self._sha256.hexdigest(),
              "num_samples": str(len(self._rows))}

@@ -27,6 +27,7 @@ from dynamix_core.data.reader import read_dataset_manifest
 from dynamix_core.data.records import IdentityMap
 from dynamix_core.data.run_index import read_video, videos_path
 from dynamix_core.data.shards import read_members  # validates each tar header before reading
+from dynamix_core.errors import StopRun
 from dynamix_core.sampling import VideoSamples
 
 
@@ -189,7 +190,7 @@ class VideoFeed:
                 idle, seen_progress = 0, self.progress
             elif idle >= self.max_idle_passes * num_videos:
                 labeled = sum(bool((self._labels_of(i) >= 0).any()) for i in range(num_videos))
-                raise RuntimeError(
+                raise StopRun(  # no restart can fill it: Ray Train does not retry it (pipelines.train.failures)
                     f"single-camera stream: {self.max_idle_passes} full passes over this rank's {num_videos} videos "
                     f"({labeled} of them labelled) did not fill a batch; the sampler needs more labelled videos "
                     "per rank than exist: lower sampler.num_videos / sampler.ids_per_video, or use fewer workers")

@@ -27,12 +27,12 @@ def _view(blur_prob: float) -> TransformConfig:
 class PretrainRunSection:
     name: str = field("pretrain", help="run name: re-running with the same name and storage resumes it")
     storage: str = field("runs", help="root folder of runs (checkpoints and the exported backbone under STORAGE/NAME)")
-    seed: int = field(0, help="global seed (each rank adds its rank)")
-    max_steps: int = field(2000, help="optimizer steps of the whole run")
-    log_every: int = field(10, help="steps between metric reports (loss, accuracy, lr, momentum, images/s)")
-    checkpoint_every: int = field(200, help="steps between checkpoints (a multiple of log_every)")
-    keep_checkpoints: int = field(2, help="checkpoints kept (the newest ones)")
-    monitor_every: int = field(0, help="steps between kNN-monitor evaluations of the bare backbone on data.monitor "
+    seed: int = field(0, min=0, help="global seed (each rank adds its rank)")
+    max_steps: int = field(2000, min=1, help="optimizer steps of the whole run")
+    log_every: int = field(10, min=1, help="steps between metric reports (loss, accuracy, lr, momentum, images/s)")
+    checkpoint_every: int = field(200, min=1, help="steps between checkpoints (a multiple of log_every)")
+    keep_checkpoints: int = field(2, min=1, help="checkpoints kept (the newest ones)")
+    monitor_every: int = field(0, min=0, help="steps between kNN-monitor evaluations of the bare backbone on data.monitor "
                                        "(a multiple of log_every; 0: before the first and after the last step only)")
 
 
@@ -40,13 +40,13 @@ class PretrainRunSection:
 class PretrainDataSection:
     single: list[str] = field(default_factory=list, help="ingested single-camera shard sets (streamed as whole videos; labels unused)")
     monitor: list[str] = field(default_factory=list, help="ingested shard sets with query/gallery splits ranked by the kNN monitor (target or in-domain test sets)")
-    batch_size: int = field(64, help="images per step on each worker (each seen in two views); the other images of the global batch are the negatives")
-    buffer_videos: int = field(32, help="videos buffered per worker; a batch draws from all of them")
-    max_images_per_video: int = field(4, help="images of one video in one batch at most (fewer frames of one person = fewer false negatives)")
+    batch_size: int = field(64, min=1, help="images per step on each worker (each seen in two views); the other images of the global batch are the negatives")
+    buffer_videos: int = field(32, min=1, help="videos buffered per worker; a batch draws from all of them")
+    max_images_per_video: int = field(4, min=1, help="images of one video in one batch at most (fewer frames of one person = fewer false negatives)")
     view1: TransformConfig = field(default_factory=lambda: _view(1.0), help="augmentation of the first view (the 'strong' view pipeline)")
     view2: TransformConfig = field(default_factory=lambda: _view(0.1), help="augmentation of the second view (the 'strong' view pipeline)")
-    prefetch_batches: int = field(2, help="batches decoded ahead of the step in a background thread")
-    decode_threads: int = field(2, help="threads decoding and augmenting images of the next batch")
+    prefetch_batches: int = field(2, min=1, help="batches decoded ahead of the step in a background thread")
+    decode_threads: int = field(2, min=1, help="threads decoding and augmenting images of the next batch")
 
 
 @dataclass(kw_only=True)

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from dynamix_core.config import ConfigError, dump_yaml, to_dict
+from dynamix_core.config import ConfigError, dump_yaml
 from pipelines.pretrain.config import PretrainConfig
 from pipelines.checkpoints import repair_checkpoints
 from pipelines.runs.folder import RunFolder, WorkerJob, open_tracker
 from pipelines.ray_cluster import require_resources, training_demands
-from pipelines.train.driver import (ProgressPrinter, check_ingest, init_ray, ray_storage, read_history,
+from pipelines.train.driver import (ProgressPrinter, check_ingest, init_ray, mlflow_settings, ray_storage, read_history,
                                     resolve_model, silent)
 
 #: the exported backbone, in the run folder
@@ -48,6 +48,18 @@ def resolve_paths(cfg: PretrainConfig) -> PretrainConfig:
 
 
 def run_pretraining(cfg: PretrainConfig, *, progress: bool = True) -> PretrainResult:
+    from pipelines.runs.lease import RunLease
+
+    from dynamix_core.model import check_backbone
+
+    check_backbone(cfg.model.backbone, cfg.model.img_size, cfg.model.ibn)  # before the data and the cluster
+    cfg = resolve_paths(cfg)
+    run = RunFolder.create(cfg.run.storage, cfg.run.name)
+    with RunLease(run.dir):  # one writer per run folder: a second run refuses before writing there
+        return _run_pretraining(cfg, run, progress)
+
+
+def _run_pretraining(cfg: PretrainConfig, run: RunFolder, progress: bool) -> PretrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -55,19 +67,15 @@ def run_pretraining(cfg: PretrainConfig, *, progress: bool = True) -> PretrainRe
     from pipelines.report import print_summary_table, write_report
     from dynamix_core.data.run_index_writer import write_single_camera_index
 
-    from dynamix_core.model import check_backbone
-
-    check_backbone(cfg.model.backbone, cfg.model.img_size, cfg.model.ibn)  # before the data and the cluster
-    cfg = resolve_paths(cfg)
-    run = RunFolder.create(cfg.run.storage, cfg.run.name)
     init_ray(cfg.scaling.address)
     require_resources(training_demands(cfg), timeout_s=cfg.scaling.resources_timeout_s, prefix="pretrain",
                       echo=print if progress else silent)
+    params, tags, _ = mlflow_settings(run, cfg)  # MLflow params are immutable: changed settings become tags
     config_file = run.write("config.yaml", dump_yaml(cfg), local_copy=True)
     tracker, tracking_uri = open_tracker(run, cfg.tracking, cfg.run.name)
     try:
-        tracker.log_params(to_dict(cfg))
-        tracker.set_tags({"dynamix.method": "pretrain", "dynamix.objective": "moco_v3"})
+        tracker.log_params(params)
+        tracker.set_tags({"dynamix.method": "pretrain", "dynamix.objective": "moco_v3", **tags})
         tracker.log_artifact(str(config_file))
         tracker.flush(timeout_s=30)  # the MLflow run exists before rank 0 logs into it (see the training driver)
 
@@ -95,7 +103,7 @@ def run_pretraining(cfg: PretrainConfig, *, progress: bool = True) -> PretrainRe
         )
         repair_checkpoints(run.dir, echo=print if progress else silent, prefix="pretrain")
         with _PretrainProgress(run.path("history.jsonl"), cfg.run.max_steps) if progress else contextlib.nullcontext():
-            result = trainer.fit()
+            result = fit(trainer)  # a deterministic worker error: no retry
     except BaseException:
         tracker.close(status="FAILED")
         raise

@@ -31,12 +31,12 @@ class RunSection:
     storage: str = field(default_factory=default_runs_root,
                          help="root folder or object-store URI (s3://bucket/prefix) of runs: everything of a run under "
                               "STORAGE/NAME (default: $DYNAMIX_STORAGE_URI/runs, else runs)")
-    seed: int = field(0, help="global seed (each rank adds its rank)")
-    max_steps: int = field(1000, help="optimizer steps of the whole run")
-    log_every: int = field(10, help="steps between metric reports (loss terms, lr, images/s, wait fractions)")
-    checkpoint_every: int = field(200, help="steps between checkpoints")
-    keep_checkpoints: int = field(2, help="checkpoints kept (the newest ones)")
-    eval_every: int = field(0, help="steps between target-domain evaluations during training (0: only at the end)")
+    seed: int = field(0, min=0, help="global seed (each rank adds its rank)")
+    max_steps: int = field(1000, min=1, help="optimizer steps of the whole run")
+    log_every: int = field(10, min=1, help="steps between metric reports (loss terms, lr, images/s, wait fractions)")
+    checkpoint_every: int = field(200, min=1, help="steps between checkpoints")
+    keep_checkpoints: int = field(2, min=1, help="checkpoints kept (the newest ones)")
+    eval_every: int = field(0, min=0, help="steps between target-domain evaluations during training (0: only at the end)")
 
 
 @dataclass(kw_only=True)
@@ -45,27 +45,27 @@ class DataSection:
     single: list[str] = field(default_factory=list, help="ingested single-camera shard sets (streamed as whole videos)")
     target: str | None = field(None, help="ingested shard set with the target domain's query/gallery")
     transform: TransformConfig = field(default_factory=TransformConfig, help="augmentation views")
-    prefetch_batches: int = field(2, help="batches decoded ahead of the step in a background thread")
-    decode_threads: int = field(2, help="threads decoding and augmenting images of the next batch")
+    prefetch_batches: int = field(2, min=1, help="batches decoded ahead of the step in a background thread")
+    decode_threads: int = field(2, min=1, help="threads decoding and augmenting images of the next batch")
     bad_images: Literal["stop", "skip"] = field("stop", help="an image of a shard that does not decode: stop the run naming its shard and key, or skip it (left out of its batch, printed and counted)")
-    camera_centroid_every: int = field(0, help="steps between recomputing (identity, camera) centroids with f~ (0: once per pass over the multi-camera set)")
+    camera_centroid_every: int = field(0, min=0, help="steps between recomputing (identity, camera) centroids with f~ (0: once per pass over the multi-camera set)")
 
 
 @dataclass(kw_only=True)
 class LabelingSection:
-    pool_size: int = field(1, help="labeling actors (GPU actors when GPUs exist)")
-    cpus_per_actor: float = field(0.5, help="CPUs reserved by each labeling actor")
-    publish_every: int = field(20, help="steps between publishing momentum-encoder weights to the pool")
-    max_staleness: int = field(100, help="labels computed from weights more than this many steps old are discarded")
-    queue_size: int | None = field(None, help="labeling requests queued at most, older ones dropped (backpressure); >= scaling.num_workers, as every rank requests at each publish (default: 2 x scaling.num_workers)")
+    pool_size: int = field(1, min=1, help="labeling actors (GPU actors when GPUs exist)")
+    cpus_per_actor: float = field(0.5, min=0, help="CPUs reserved by each labeling actor")
+    publish_every: int = field(20, min=1, help="steps between publishing momentum-encoder weights to the pool")
+    max_staleness: int = field(100, min=0, help="labels computed from weights more than this many steps old are discarded")
+    queue_size: int | None = field(None, min=1, help="labeling requests queued at most, older ones dropped (backpressure); >= scaling.num_workers, as every rank requests at each publish (default: 2 x scaling.num_workers)")
     max_chunk_retries: int = field(3, help="times a chunk whose labeling actor died is retried on another actor before its round fails")
-    first_round_timeout_s: float = field(3600.0, help="ReMix: seconds the driver waits for the first pseudo-labels (every video) before training; the run fails after that")
-    embed_batch_size: int = field(128, help="images embedded at once by a labeling actor")
+    first_round_timeout_s: float = field(3600.0, min=0, help="ReMix: seconds the driver waits for the first pseudo-labels (every video) before training; the run fails after that")
+    embed_batch_size: int = field(128, min=1, help="images embedded at once by a labeling actor")
     chunk_videos: int = field(64, help="videos per labeling task: an actor holds the images and features of one chunk at a time")
     commit_videos: int = field(256, help="a round's finished chunks are published as one label version each time they cover this many videos (and at the round's end): a big round streams its results instead of holding them")
     keep_versions: int = field(8, help="label versions kept readable besides those a kept checkpoint references (older ones are deleted)")
     snapshot_every: int = field(32, help="every this many label versions the whole table is stored; the others store only their changed rows")
-    quota: int | None = field(None, help="ReMix: single-camera images pseudo-labelled per round (default: size of the multi-camera train set)")
+    quota: int | None = field(None, min=1, help="ReMix: single-camera images pseudo-labelled per round (default: size of the multi-camera train set)")
     ground_truth: list[str] = field(default_factory=list, help="SynthReID ground_truth.parquet files: pseudo-label quality (pairwise F, purity) is measured against them")
     cluster: ClusterConfig = field(default_factory=ClusterConfig, help="ReMix: DBSCAN inside each video")
     relabel: RelabelConfig = field(default_factory=RelabelConfig, help="DynaMix: the Relabeling Module")
@@ -73,15 +73,15 @@ class LabelingSection:
 
 @dataclass(kw_only=True)
 class ScalingSection:
-    num_workers: int = field(2, help="Ray Train workers (one per GPU in production)")
+    num_workers: int = field(2, min=1, help="Ray Train workers (one per GPU in production)")
     use_gpu: bool = field(False, help="one GPU per worker")
-    cpus_per_worker: float = field(0.5, help="CPUs reserved per worker (0.5 on a 2-core box: Ray Data needs the rest)")
+    cpus_per_worker: float = field(0.5, min=0, help="CPUs reserved per worker (0.5 on a 2-core box: Ray Data needs the rest)")
     precision: Literal["fp32", "bf16"] = field("fp32", help="bf16 autocast on GPU")
     compile: bool = field(False, help="torch.compile the encoder (GPU)")
-    max_failures: int = field(2, help="worker-group restarts from the last checkpoint before the run fails")
+    max_failures: int = field(2, min=0, help="worker-group restarts from the last checkpoint before the run fails")
     address: str | None = field(None, help="Ray address to join (default: $RAY_ADDRESS, which Ray sets for a submitted job; "
                                            "else start a local instance)")
-    resources_timeout_s: float = field(600.0, help="seconds to wait for the cluster to offer what the run asks for "
+    resources_timeout_s: float = field(600.0, min=0, help="seconds to wait for the cluster to offer what the run asks for "
                                                    "(trainers, labeling actors; an autoscaler may add nodes) before failing")
 
 
@@ -125,6 +125,13 @@ class TrainConfig:
         elif self.cluster_method is not None:
             raise ConfigError(f"cluster_method: read only by method={'|'.join(CLUSTER_METHODS)}; "
                               f"remove it for method={self.method}")
+        if self.method == "multicam" and self.sampler.num_videos and (
+                self.sampler.adds_videos or not self.sampler.schedule
+                or any(p.multi_fraction < 1.0 for p in self.sampler.schedule)):
+            raise ConfigError(
+                "sampler: method=multicam has no single-camera data, so every batch must be multi-camera; "
+                "set sampler.videos=add and sampler.num_videos=0 (as recipes/multicam_baseline.yaml does), or "
+                "sampler.schedule=[{step_fraction: 0.0, multi_fraction: 1.0, ids_per_video: 1}]", key="sampler")
         if (self.data.transform.height, self.data.transform.width) != tuple(self.model.img_size):
             raise ConfigError(
                 f"data.transform size ({self.data.transform.height}, {self.data.transform.width}) must equal "

@@ -32,12 +32,15 @@ from pipelines.ray_cluster import require_resources, training_demands
 from pipelines.runs.files import local_run_dir, read_jsonl, write_atomic
 from pipelines.runs.folder import RunFolder, WorkerJob, open_tracker
 from pipelines.train.config import TrainConfig
+from pipelines.train.failures import fit
 
 log = logging.getLogger("dynamix.train")
 
 
 #: the deployable encoder a finished run exports into its folder
 WEIGHTS_FILE = "momentum_encoder.safetensors"
+#: the settings a run logged as MLflow params (flattened), kept in its folder
+PARAMS_FILE = "params.json"
 
 
 @dataclass
@@ -159,129 +162,234 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
                                labeling=dataclasses.replace(cfg.labeling, ground_truth=truth))
 
 
+def _settings(cfg) -> dict[str, str]:
+    """``cfg`` flattened as MLflow params, by the same YAML round trip as the saved ``config.yaml``."""
+    import yaml
+
+    from pipelines.tracking import flatten_params
+
+    return flatten_params(yaml.safe_load(dump_yaml(cfg)))
+
+
+def _saved_settings(config_file: Path | str) -> dict[str, str] | None:
+    """The settings of a saved ``config.yaml`` (a file or an object), flattened; None when there is none."""
+    import yaml
+
+    from pipelines.tracking import flatten_params
+
+    if not storage.exists(config_file):
+        return None
+    return flatten_params(yaml.safe_load(storage.read_bytes(config_file).decode()) or {})
+
+
 def changed_settings(previous_config: Path | str, cfg) -> dict[str, tuple[str, str]]:
     """``{dotted key: (previous, now)}`` for the settings that differ from the run folder's
     ``config.yaml`` (a file or an object; a re-run of the same run with, e.g., a larger
     ``run.max_steps``); empty for a new run."""
-    import yaml
+    before = _saved_settings(previous_config) or {}
+    return {k: (before[k], v) for k, v in _settings(cfg).items() if k in before and before[k] != v}
 
-    from pipelines.tracking import flatten_params
-    from pipelines.train.methods import METHODS
 
-    if not storage.exists(previous_config):
-        return {}
-    before = flatten_params(yaml.safe_load(storage.read_bytes(previous_config).decode()) or {})
-    now = flatten_params(yaml.safe_load(dump_yaml(cfg)))  # the same round trip as the saved file
-    return {k: (before[k], v) for k, v in now.items() if k in before and before[k] != v}
+def mlflow_settings(run: RunFolder, cfg) -> tuple[dict[str, str], dict[str, str], dict[str, tuple[str, str]]]:
+    """``(params, tags, changed)`` of this attempt of a run. MLflow params cannot change once logged,
+    so the run folder keeps what was logged (``params.json``: the first attempt's settings, and keys
+    added since) and an attempt logs only params equal to those or new; a setting that differs
+    becomes the tag ``dynamix.resumed_with.KEY``. ``changed``: the settings that differ from the
+    previous attempt's ``config.yaml`` (what the console tells). Writes ``params.json`` when it adds
+    keys: an attempt interrupted after this never makes the next one log a conflicting value."""
+    now = _settings(cfg)
+    changed = changed_settings(run.path("config.yaml"), cfg)
+    logged_path = run.path(PARAMS_FILE)
+    if storage.exists(logged_path):
+        logged = json.loads(storage.read_bytes(logged_path))
+    else:  # a new run, or one begun before params.json: its config.yaml holds what it logged
+        logged = _saved_settings(run.path("config.yaml")) or {}
+    params = {k: v for k, v in now.items() if logged.get(k, v) == v}
+    tags = {f"dynamix.resumed_with.{k}": v for k, v in now.items()
+            if (k in logged and logged[k] != v) or k in changed}
+    if set(now) - set(logged) or not storage.exists(logged_path):
+        run.write(PARAMS_FILE, json.dumps({**logged, **params}, indent=0, sort_keys=True))
+    return params, tags, changed
 
 
 def run_training(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipelines.tracking import flatten_params
-    from dynamix_core.data.run_index_writer import write_single_camera_index
-    from pipelines.train.methods import METHODS
-    from services.label_store import get_or_create_store, store_actor_name
-    from services.labeling_pool import coordinator_name, start_coordinator
+    """Train ``cfg`` in its run folder, holding the folder's lease (:class:`pipelines.runs.lease.RunLease`)
+    for the whole run: a second run on the same folder refuses before writing anything."""
+    from pipelines.runs.lease import RunLease
 
     from dynamix_core.model import check_backbone
 
     check_backbone(cfg.model.backbone, cfg.model.img_size, cfg.model.ibn)  # before the data and the cluster
     cfg = resolve_paths(cfg)
-    method = METHODS[cfg.method]
     run = RunFolder.create(cfg.run.storage, cfg.run.name)
-    run_dir, local_dir = run.dir, run.local
+    with RunLease(run.dir):
+        return _run_training(cfg, run, progress)
+
+
+def _run_training(cfg: TrainConfig, run: RunFolder, progress: bool) -> TrainResult:
+    from pipelines.train.methods import METHODS
+
+    method = METHODS[cfg.method]
+    echo = print if progress else silent
     init_ray(cfg.scaling.address)
-    require_resources(training_demands(cfg), timeout_s=cfg.scaling.resources_timeout_s,
-                      echo=print if progress else silent)
-    changed = changed_settings(run.path("config.yaml"), cfg)
+    require_resources(training_demands(cfg), timeout_s=cfg.scaling.resources_timeout_s, echo=echo)
+    tracker, tracking_uri = _open_run_records(cfg, run, progress)
+    job = WorkerJob(cfg, str(run.dir), str(run.local), tracking_uri, tracker.run_id)
+    try:
+        with LabelingService(cfg, run.dir, progress) if cfg.uses_labeling_pool else contextlib.nullcontext() as service:
+            if service is not None:
+                job = service.worker_job(job)
+            repair_checkpoints(run.dir, echo=echo)  # resume from the newest intact checkpoint
+            with ProgressPrinter(run.path("history.jsonl"), cfg.run.max_steps,
+                                 labeling=service.new_errors if service else None) if progress \
+                    else contextlib.nullcontext():
+                result = fit(_trainer(cfg, method, run, job))  # a deterministic worker error: no retry
+            labeling = service.stats() if service is not None else {}
+            _log_labeling_outcome(tracker, labeling, cfg.run.max_steps)
+    except BaseException:
+        tracker.close(status="FAILED")
+        raise
+    return _finish(cfg, run, tracker, tracking_uri, result, labeling)
+
+
+def _open_run_records(cfg: TrainConfig, run: RunFolder, progress: bool):
+    """The run's MLflow run with its params (changed settings of a resumed run as tags, said on the
+    console) and ``config.yaml``; resolved before the workers start, so rank 0 logs into this run
+    rather than racing to create one by name (None when the server is unreachable: both then
+    resolve by name once it is back, and find the same run)."""
+    params, tags, changed = mlflow_settings(run, cfg)  # MLflow params are immutable: changes become tags
     config_file = run.write("config.yaml", dump_yaml(cfg), local_copy=True)  # MLflow uploads it from a local file
     tracker, tracking_uri = open_tracker(run, cfg.tracking, cfg.run.name)
-    # MLflow params are immutable: a resumed run with changed settings records them as tags
-    params = flatten_params(to_dict(cfg))
-    tracker.log_params({k: v for k, v in params.items() if k not in changed})
-    tracker.set_tags({"dynamix.method": cfg.method,
-                      **{f"dynamix.resumed_with.{k}": new for k, (_, new) in changed.items()}})
+    tracker.log_params(params)
+    tracker.set_tags({"dynamix.method": cfg.method, **tags})
     if changed and progress:
         print(f"[train] resuming {cfg.run.name} with changed settings: "
               + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()), flush=True)
     tracker.log_artifact(str(config_file))
-    # resolve the MLflow run before the workers start, so rank 0 logs into this run rather than
-    # racing to create one by name (None when the server is unreachable: both then resolve by name
-    # once it is back, and find the same run)
     tracker.flush(timeout_s=30)
+    return tracker, tracking_uri
 
-    job = WorkerJob(cfg, str(run_dir), str(local_dir), tracking_uri, tracker.run_id)
-    try:
-        coordinator = None
-        if cfg.uses_labeling_pool:
-            label_root = storage.join(run_dir, "labels")
-            index_path = storage.join(label_root, "index.parquet")
-            storage.makedirs(label_root)
-            # the run's fixed row order (read by every worker and the pool), written shard by shard: the
-            # driver holds per-video figures, never the rows
-            info = write_single_camera_index(cfg.data.single, index_path, cfg.labeling.ground_truth)
-            # each rank streams its own videos (video % num_workers == rank) straight from the shards,
-            # by the index: a seekable stream, so a restart resumes where its checkpoint was
-            per_rank = info.videos_per_rank(cfg.scaling.num_workers)
-            if (per_rank == 0).any():
-                raise ValueError(f"data.single: {int(per_rank.sum())} videos cannot feed {cfg.scaling.num_workers} "
-                                 "workers (each needs at least one); lower scaling.num_workers")
-            store = get_or_create_store(cfg.run.name, label_root, snapshot_every=cfg.labeling.snapshot_every,
-                                        keep_versions=cfg.labeling.keep_versions)
-            # version 0, one label per row of the index: read by the store itself from the index
-            ray.get(store.initialise_from_index.remote(index_path, method.starts_from_given_labels))
-            quota = cfg.labeling.quota or _multi_train_size(cfg.data.multi)  # SPEC 2.2: default = |multi train|
-            coordinator = start_coordinator(_labeling_cfg(cfg, run_dir, index_path, quota))
-            num_single = info.num_labels if method.single_centroids else 0
-            job = dataclasses.replace(job, num_single_identities=num_single, store_name=store_actor_name(cfg.run.name),
-                                      coordinator_name=coordinator_name(cfg.run.name), index_path=str(index_path))
-            version, _ = ray.get(store.latest.remote())
-            if method.first_round_before_training and version == 0:
-                # ReMix: the first pseudo-labels come from the initial momentum encoder before training
-                ray.get(coordinator.publish_weights.remote(0, [ray.put(_initial_momentum_state(cfg))]))
-                # every video once, so each rank starts with pseudo-labelled videos; later rounds take the quota
-                ray.get(coordinator.request.remote(0, 0, ray.get(coordinator.video_ids.remote())))
-                _wait_first_round(coordinator, store, cfg.labeling.first_round_timeout_s, progress)
-        trainer = TorchTrainer(
-            method.worker_loop(),
-            train_loop_config={"job": job},
-            scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-            run_config=RunConfig(name=cfg.run.name, **ray_storage(run.root),
-                                 failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
-        )
-        repair_checkpoints(run_dir, echo=print if progress else silent)  # resume from the newest intact one
-        with ProgressPrinter(storage.join(run_dir, "history.jsonl"), cfg.run.max_steps) if progress \
-                else contextlib.nullcontext():
-            result = trainer.fit()
-        labeling = {} if coordinator is None else ray.get(coordinator.stats.remote())
-    except BaseException:
-        tracker.close(status="FAILED")
-        raise
-    finally:
-        # on every exit path: stop the run's labeling actors (their state is on disk; a re-run
-        # recreates them), so a failed run leaves no detached actor behind
-        if cfg.uses_labeling_pool:
-            stop_labeling_actors(cfg.run.name)
-    history = list(read_history(run_dir))
+
+def _trainer(cfg: TrainConfig, method, run: RunFolder, job: WorkerJob):
+    """The ``TorchTrainer`` of the run: the method's worker loop, the run's storage and cadences."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        method.worker_loop(),
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.run.name, **ray_storage(run.root),
+                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
+    )
+
+
+def _finish(cfg: TrainConfig, run: RunFolder, tracker, tracking_uri: str, result, labeling: dict) -> TrainResult:
+    """Export f~ of the last checkpoint, close the MLflow run, write ``result.json``, register."""
+    history = list(read_history(run.dir))
     metrics = dict(result.metrics or {})
     weights_path = None
     if result.checkpoint is not None:
-        weights_path = _export_momentum(result.checkpoint, run_dir, local_dir)
+        weights_path = _export_momentum(result.checkpoint, run.dir, run.local)
         tracker.log_artifact(str(weights_path))
     tracker.close()
-    storage.write_bytes_atomic(storage.join(run_dir, "result.json"),
+    storage.write_bytes_atomic(storage.join(run.dir, "result.json"),
                                json.dumps({"metrics": metrics, "labeling": labeling}, indent=2, default=float))
     registered = None
     if cfg.tracking.registered_model and weights_path is not None:
         from pipelines.train.registration import register_trained
 
         registered = register_trained(cfg, weights_path, tracking_uri, tracker.run_id, metrics)
-    return TrainResult(run_dir, metrics, history, weights_path, tracker.run_id, labeling, registered, tracking_uri)
+    return TrainResult(run.dir, metrics, history, weights_path, tracker.run_id, labeling, registered, tracking_uri)
+
+
+class LabelingService:
+    """The run's label store and labelling pool (DynaMix, ReMix) as a context manager: entering
+    writes the run's single-camera index, starts the store (version 0 from the index) and the pool,
+    and for ReMix waits for the first round; every exit stops the run's labelling actors (their
+    state is on disk; a re-run recreates them), so a failed run leaves no detached actor behind."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path | str, progress: bool):
+        from pipelines.train.methods import METHODS
+
+        self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
+        self.method = METHODS[cfg.method]
+        self.coordinator, self._reported_errors = None, 0
+
+    def __enter__(self) -> "LabelingService":
+        try:
+            self._start()
+        except BaseException:
+            stop_labeling_actors(self.cfg.run.name)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stop_labeling_actors(self.cfg.run.name)
+
+    def _start(self) -> None:
+        import ray
+
+        from dynamix_core.data.run_index_writer import write_single_camera_index
+        from services.label_store import get_or_create_store
+        from services.labeling_pool import start_coordinator
+
+        cfg = self.cfg
+        label_root = storage.join(self.run_dir, "labels")
+        self.index_path = storage.join(label_root, "index.parquet")
+        storage.makedirs(label_root)
+        # the run's fixed row order (read by every worker and the pool), written shard by shard: the
+        # driver holds per-video figures, never the rows
+        info = write_single_camera_index(cfg.data.single, self.index_path, cfg.labeling.ground_truth)
+        # each rank streams its own videos (video % num_workers == rank) straight from the shards,
+        # by the index: a seekable stream, so a restart resumes where its checkpoint was
+        per_rank = info.videos_per_rank(cfg.scaling.num_workers)
+        if (per_rank == 0).any():
+            raise ValueError(f"data.single: {int(per_rank.sum())} videos cannot feed {cfg.scaling.num_workers} "
+                             "workers (each needs at least one); lower scaling.num_workers")
+        store = get_or_create_store(cfg.run.name, label_root, snapshot_every=cfg.labeling.snapshot_every,
+                                    keep_versions=cfg.labeling.keep_versions)
+        # version 0, one label per row of the index: read by the store itself from the index
+        ray.get(store.initialise_from_index.remote(self.index_path, self.method.starts_from_given_labels))
+        quota = cfg.labeling.quota or _multi_train_size(cfg.data.multi)  # SPEC 2.2: default = |multi train|
+        self.coordinator = start_coordinator(_labeling_cfg(cfg, self.run_dir, self.index_path, quota))
+        self.num_single = info.num_labels if self.method.single_centroids else 0
+        version, _ = ray.get(store.latest.remote())
+        if self.method.first_round_before_training and version == 0:
+            # ReMix: the first pseudo-labels come from the initial momentum encoder before training
+            ray.get(self.coordinator.publish_weights.remote(0, [ray.put(_initial_momentum_state(cfg))]))
+            # every video once, so each rank starts with pseudo-labelled videos; later rounds take the quota
+            ray.get(self.coordinator.request.remote(0, 0, ray.get(self.coordinator.video_ids.remote())))
+            _wait_first_round(self.coordinator, store, cfg.labeling.first_round_timeout_s, self.progress)
+
+    def worker_job(self, job: WorkerJob) -> WorkerJob:
+        """``job`` with the service's actors, the run's index and the bank's single identities."""
+        from services.label_store import store_actor_name
+        from services.labeling_pool import coordinator_name
+
+        return dataclasses.replace(job, num_single_identities=self.num_single,
+                                   store_name=store_actor_name(self.cfg.run.name),
+                                   coordinator_name=coordinator_name(self.cfg.run.name), index_path=str(self.index_path))
+
+    def stats(self) -> dict:
+        import ray
+
+        return ray.get(self.coordinator.stats.remote())
+
+    def new_errors(self) -> list[str]:
+        """The causes of the labelling rounds failed since the last call (for the console)."""
+        import ray
+
+        from services.labeling_pool import new_round_errors
+
+        try:
+            stats = ray.get(self.coordinator.stats.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - a busy or restarting coordinator: ask again next time
+            return []
+        causes, self._reported_errors = new_round_errors(stats, self._reported_errors)
+        return causes
 
 
 def ray_storage(root: Path | str) -> dict:
@@ -316,9 +424,25 @@ def _wait_first_round(coordinator, store, timeout_s: float, progress: bool) -> N
             print(f"[labels] first ReMix round: {stats['chunks_done']}/{stats['chunks']} chunks", flush=True)
     version, _ = ray.get(store.latest.remote())
     if stats["counters"].get("round_errors") or not version:
-        cause = stats["errors"][-1] if stats["errors"] else "no version was published"
-        raise RuntimeError(f"labeling: the first ReMix round failed ({cause}); training would start with no "
-                           "pseudo-label. See the labeling actors' log above")
+        from dynamix_core.errors import StopRun
+        from pipelines.console import ray_logs_dir
+
+        cause = stats["errors"][-1] if stats["errors"] else "no label version was published"
+        raise StopRun(f"labeling: the first ReMix round failed, so training would start with no pseudo-label: "
+                      f"{cause} (the labeling actors' logs: {ray_logs_dir()})")
+
+
+def _log_labeling_outcome(tracker, stats: dict, step: int) -> None:
+    """The labeling service's final counters as MLflow metrics at the run's last step (rank 0 sends
+    them with each metric report, which a round failing after the last one would miss), and its last
+    failure's cause as the tag ``labeling.last_error``: MLflow then says what ``result.json`` says."""
+    from pipelines.train.worker import LABELING_COUNTERS
+
+    if not stats:
+        return
+    tracker.log_metrics({f"labeling/{k}": float(stats["counters"].get(k, 0)) for k in LABELING_COUNTERS}, step=step)
+    if stats["errors"]:
+        tracker.set_tags({"labeling.last_error": stats["errors"][-1]})
 
 
 def stop_labeling_actors(run_name: str, namespace: str = "dynamix") -> None:
@@ -344,10 +468,11 @@ class ProgressPrinter:
 
     prefix = "train"
 
-    def __init__(self, history: Path | str, max_steps: int):
+    def __init__(self, history: Path | str, max_steps: int, labeling=None):
         import threading
 
         self.history, self.max_steps = history, max_steps
+        self.labeling = labeling  # returns the causes of newly failed labelling rounds (or None: no service)
         self.interval_s = 5.0 if storage.is_remote(history) else 1.0  # one GET per look on an object store
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -375,6 +500,8 @@ class ProgressPrinter:
             for m in lines[printed:]:
                 print(self.format(m), flush=True)
             printed = len(lines)
+            for cause in self.labeling() if self.labeling is not None else ():
+                print(f"[labels] labelling round failed: {cause}", flush=True)
 
     def format(self, m: dict) -> str:
         """One console line for the history row ``m``."""

@@ -211,10 +211,10 @@ def _forward_labeling_health(stats: dict, metrics: dict, errors_logged: int, tra
     """Add the labeling service's counters to ``metrics`` (``labeling/<counter>``), log the cause
     of every round that failed since the last call (console, and the MLflow tag
     ``labeling.last_error``); returns the failures logged so far."""
-    counters = stats["counters"]
-    metrics.update({f"labeling/{k}": float(counters.get(k, 0)) for k in LABELING_COUNTERS})
-    failed = int(counters.get("round_errors", 0))
-    new_causes = stats["errors"][-(failed - errors_logged):] if failed > errors_logged else []
+    from services.labeling_pool import new_round_errors
+
+    metrics.update({f"labeling/{k}": float(stats["counters"].get(k, 0)) for k in LABELING_COUNTERS})
+    new_causes, failed = new_round_errors(stats, errors_logged)
     for cause in new_causes:
         log.error("labeling round failed: %s", cause)
     if new_causes:
