@@ -113,21 +113,24 @@ def wait_for_nodes(gcs: str, count: int, env: dict, timeout: float = 300) -> Non
 
 
 def wait_until_runs_a_job(address: str, timeout: float = 300) -> bool:
-    """Whether a trivial job runs to SUCCEEDED: the raylet and the job agent are up, not only the
-    dashboard (on a loaded box the raylet can abort while waiting for the dashboard agent)."""
+    """Whether a trivial job runs to SUCCEEDED within ``timeout``: the raylet and the job agent are
+    up, not only the dashboard (on a loaded box the raylet can abort while waiting for the dashboard
+    agent). A submission the job agent refuses because it is still starting is tried again."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     deadline = time.monotonic() + timeout
-    try:
-        client = JobSubmissionClient(address)
-        job = client.submit_job(entrypoint="true")
-        while time.monotonic() < deadline:
+    job = None
+    while time.monotonic() < deadline:
+        try:
+            client = JobSubmissionClient(address)
+            if job is None:
+                job = client.submit_job(entrypoint="true")
             status = client.get_job_status(job)
             if status.is_terminal():
                 return status == JobStatus.SUCCEEDED
-            time.sleep(1)
-    except Exception:
-        return False
+        except Exception:  # noqa: BLE001 - the job agent is not up yet: ask again
+            pass
+        time.sleep(1)
     return False
 
 
