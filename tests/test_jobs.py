@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster_box import wait_until_runs_a_job
 from conftest import REPO_ROOT
 
 pytestmark = pytest.mark.ray
@@ -57,25 +58,6 @@ def _start_head(env: dict, temp_dir: str):
     return head, address, log
 
 
-def _runs_a_job(address: str, timeout: float = 180) -> bool:
-    """Whether a trivial job runs to SUCCEEDED: the raylet and the job agent are up, not only the
-    dashboard (on a loaded box the raylet can abort while waiting for the dashboard agent)."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    try:
-        client = JobSubmissionClient(address)
-        job = client.submit_job(entrypoint="true")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            status = client.get_job_status(job)
-            if status.is_terminal():
-                return status == JobStatus.SUCCEEDED
-            time.sleep(1)
-    except Exception:
-        return False
-    return False
-
-
 def _stop_head(head: subprocess.Popen, log) -> None:
     os.killpg(head.pid, signal.SIGTERM)
     try:
@@ -95,7 +77,7 @@ def ray_head():
            "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "600"}
     for attempt in range(3):  # a head whose raylet died during startup is started again
         head, address, log = _start_head(env, temp_dir)
-        if _runs_a_job(address):
+        if wait_until_runs_a_job(address):
             break
         _stop_head(head, log)
     else:
