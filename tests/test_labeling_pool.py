@@ -165,6 +165,15 @@ def assert_centroids_of_version(pool: Pool, version: int, labels: dict[str, int]
         assert set(np.asarray(index["video"])[members].tolist()) == {int(video)}
 
 
+def _counters_after_restart(pool) -> dict | None:
+    """The restarted coordinator's counters, or None while it is still starting (a call to it can
+    outwait a short timeout on a loaded box)."""
+    try:
+        return ray.get(pool.coordinator.stats.remote(), timeout=30)["counters"]
+    except ray.exceptions.GetTimeoutError:
+        return None
+
+
 def wait_until(condition, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -457,7 +466,7 @@ def test_a_restarted_coordinator_keeps_its_relabel_pass(ray_local, shards, tmp_p
         assert pool.history()[-1]["videos_relabeled"] == done
 
         ray.kill(pool.coordinator, no_restart=False)
-        wait_until(lambda: ray.get(pool.coordinator.stats.remote(), timeout=30)["counters"] == {}, timeout_s=120)
+        wait_until(lambda: _counters_after_restart(pool) == {}, timeout_s=300)
         pool.publish(step)  # the restarted actor has no weights until the trainers publish again
         pool.run_round(step, done)  # all of them done in this pass: no round
         assert ray.get(pool.store.latest.remote())[0] == version
