@@ -113,6 +113,12 @@ class Reporter(Protocol):
     def close(self) -> None: ...
 
 
+def checkpoint_due(done: int, checkpoint_every: int, max_steps: int) -> bool:
+    """Whether a checkpoint is written after ``done`` finished steps (every ``checkpoint_every`` and
+    at the last step); prefetching producers keep their sampler state for exactly these steps."""
+    return done % checkpoint_every == 0 or done == max_steps
+
+
 class Engine:
     """Runs ``step_fn`` for steps ``start_step .. max_steps - 1`` with the hooks, the metric
     window, the checkpoint cadence and the reporter. A report happens every ``log_every`` finished
@@ -131,8 +137,14 @@ class Engine:
         for hook in self.hooks:
             hook.engine = self
 
+    @classmethod
+    def for_run(cls, step_fn: Callable[[int], StepResult], run, **kwargs) -> "Engine":
+        """An engine with the cadences of a config's ``run`` section (max_steps, log_every, checkpoint_every)."""
+        return cls(step_fn, max_steps=run.max_steps, log_every=run.log_every,
+                   checkpoint_every=run.checkpoint_every, **kwargs)
+
     def is_checkpoint_step(self, done: int) -> bool:
-        return done % self.checkpoint_every == 0 or done == self.max_steps
+        return checkpoint_due(done, self.checkpoint_every, self.max_steps)
 
     def is_report_step(self, done: int) -> bool:
         return done % self.log_every == 0 or self.is_checkpoint_step(done)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dynamix_core.engine import Checkpointer, Engine, EvalHook, Hook
+from dynamix_core.engine import Checkpointer, Engine, EvalHook, Hook, checkpoint_due
 
 
 class PairStep(Hook):
@@ -70,7 +70,7 @@ def run_pretrain(cfg, rt, *, videos, reporter, restore_dir=None, video_stream=No
     start_step = ckpt.load(restore_dir) if restore_dir is not None else 0
 
     def is_checkpoint_step(s: int) -> bool:
-        return s % cfg.run.checkpoint_every == 0 or s == cfg.run.max_steps
+        return checkpoint_due(s, cfg.run.checkpoint_every, cfg.run.max_steps)
 
     producer = PairProducer(sampler, feed, cfg.data.view1, cfg.data.view2, seed=cfg.run.seed * 1000003 + rt.rank,
                             prefetch=cfg.data.prefetch_batches, threads=cfg.data.decode_threads,
@@ -85,9 +85,8 @@ def run_pretrain(cfg, rt, *, videos, reporter, restore_dir=None, video_stream=No
         if start_step == 0 and record_baseline is not None:
             record_baseline(monitor)  # the untrained backbone: the baseline of the curve
         hooks.append(EvalHook(monitor, cfg.run.monitor_every, prefix=""))
-    engine = Engine(step, max_steps=cfg.run.max_steps, log_every=cfg.run.log_every,
-                    checkpoint_every=cfg.run.checkpoint_every, hooks=hooks, checkpointer=ckpt, reporter=reporter,
-                    world_size=rt.world)
+    engine = Engine.for_run(step, cfg.run, hooks=hooks, checkpointer=ckpt, reporter=reporter,
+                            world_size=rt.world)
     try:
         engine.run(start_step)
     finally:

@@ -164,9 +164,8 @@ def run_clustering(cfg, rt, *, reporter, restore_dir=None):
     if cfg.data.target and rt.rank == 0:
         target = TargetSet.load(cfg.data.target, cfg.data.transform)
         hooks.append(EvalHook(lambda: evaluate_target(momentum, target, cfg.eval, rt.device), cfg.run.eval_every))
-    engine = Engine(step, max_steps=cfg.run.max_steps, log_every=cfg.run.log_every,
-                    checkpoint_every=cfg.run.checkpoint_every, hooks=hooks, checkpointer=ckpt, reporter=reporter,
-                    world_size=rt.world)
+    engine = Engine.for_run(step, cfg.run, hooks=hooks, checkpointer=ckpt, reporter=reporter,
+                            world_size=rt.world)
     try:
         engine.run(start_step)
     finally:

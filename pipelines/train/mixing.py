@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dynamix_core.engine import Checkpointer, Engine, EvalHook, Hook, StepResult
+from dynamix_core.engine import Checkpointer, Engine, EvalHook, Hook, StepResult, checkpoint_due
 from dynamix_core.engine.checkpoint import load_json, verify_checkpoint
 
 log = logging.getLogger("dynamix.train")
@@ -181,7 +181,7 @@ def run_mixing(cfg, rt: Runtime, inputs: MixingInputs):
                                 rank=rt.rank, world_size=rt.world)
 
     def is_checkpoint_step(s: int) -> bool:
-        return s % cfg.run.checkpoint_every == 0 or s == cfg.run.max_steps
+        return checkpoint_due(s, cfg.run.checkpoint_every, cfg.run.max_steps)
 
     ckpt = Checkpointer(rt.rank, device=rt.device,
                         progress=lambda: {"label_version": None if client is None else client.version})
@@ -217,9 +217,8 @@ def run_mixing(cfg, rt: Runtime, inputs: MixingInputs):
         target = TargetSet.load(cfg.data.target, cfg.data.transform)
         hooks.append(EvalHook(lambda: evaluate_target(trainer.momentum, target, cfg.eval, rt.device),
                               cfg.run.eval_every))
-    engine = Engine(step, max_steps=cfg.run.max_steps, log_every=cfg.run.log_every,
-                    checkpoint_every=cfg.run.checkpoint_every, hooks=hooks, checkpointer=ckpt,
-                    reporter=inputs.reporter, world_size=rt.world)
+    engine = Engine.for_run(step, cfg.run, hooks=hooks, checkpointer=ckpt, reporter=inputs.reporter,
+                            world_size=rt.world)
     try:
         engine.run(start_step)
     finally:
