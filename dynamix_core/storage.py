@@ -350,7 +350,14 @@ def listdir(uri: str | Path) -> dict[str, int]:
         folder = local_path(uri)
         if not os.path.isdir(folder):
             return {}
-        return {e.name: e.stat().st_size for e in os.scandir(folder) if e.is_file()}
+        sizes = {}
+        for entry in os.scandir(folder):
+            try:  # another process may rename or delete a file between the scan and its stat
+                if entry.is_file():
+                    sizes[entry.name] = entry.stat().st_size
+            except FileNotFoundError:
+                continue
+        return sizes
     fs, path = resolve(uri)
     with _Errors(str(uri), "list"):
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
@@ -456,8 +463,15 @@ def _tree_infos(uri: str | Path) -> dict[str, tuple[int, int | None]]:
         folder = Path(local_path(uri))
         if not folder.is_dir():
             return {}
-        stats = {p.relative_to(folder).as_posix(): p.stat() for p in folder.rglob("*") if p.is_file()}
-        return {rel: (st.st_size, st.st_mtime_ns) for rel, st in stats.items()}
+        infos = {}
+        for p in folder.rglob("*"):
+            try:  # a file renamed or deleted by another process after the walk saw it is not listed
+                if p.is_file():
+                    st = p.stat()
+                    infos[p.relative_to(folder).as_posix()] = (st.st_size, st.st_mtime_ns)
+            except FileNotFoundError:
+                continue
+        return infos
     fs, path = resolve(str(uri).rstrip("/"))
     with _Errors(str(uri), "list"):
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))

@@ -196,3 +196,24 @@ def test_merge_newest_keeps_the_highest_version_of_each_identity():
                                                   [2, 1, 3, 1])
     assert ids.tolist() == [1, 5] and versions.tolist() == [1, 3]
     assert rows.tolist() == [[6, 7], [4, 5]] and videos.tolist() == [3, 2]  # tie at v1: the later row wins
+
+
+def test_listing_survives_a_file_that_another_process_renames_away(tmp_path, monkeypatch):
+    """The label folder is shared: the labelling coordinator writes its state file there atomically
+    (a temporary file, then a rename) while the store lists the folder. A name seen by the scan and
+    gone before its size is read is not part of the folder; the listing must not fail on it."""
+    table = LabelTable(tmp_path, snapshot_every=2, keep_versions=2)
+    table.write(0, rows=np.zeros(0, np.int64), pids_after=np.arange(4, dtype=np.int32), parent=None, step=0)
+    tmp_state = tmp_path / ".coordinator_state.json.tmp-1"
+    tmp_state.write_text("{}")
+    real_scandir = lt.storage.os.scandir
+
+    def scandir_then_rename(folder):  # the rename lands between the scan and the stat
+        entries = list(real_scandir(folder))
+        if tmp_state.exists():
+            tmp_state.replace(tmp_path / "coordinator_state.json")
+        return iter(entries)
+
+    monkeypatch.setattr(lt.storage.os, "scandir", scandir_then_rename)
+    assert table.latest_version() == 0
+    assert ".coordinator_state.json.tmp-1" not in table.listing()
