@@ -57,10 +57,9 @@ def run_suite(suite: str, out: Path, *, steps: int, seeds: int = 3, overrides: l
     out = out.resolve()
     prepare_data(out, preset=preset)
     t0 = time.perf_counter()
-    rows = []
-    for name, recipe in SUITES[suite]:
-        runs = []
-        for seed in range(seeds):
+    runs: dict[str, list[dict]] = {name: [] for name, _ in SUITES[suite]}
+    for seed in range(seeds):  # seed by seed: an interrupted suite has whole pairs for the seeds it finished
+        for name, recipe in SUITES[suite]:
             settings = list(overrides) + seed_overrides(seed) + [f"recipe:{(RECIPES_DIR / recipe).read_text()}"]
             run_name = run_name_for(name, seed, steps, settings)
             storage = out / "experiments" / "runs"
@@ -76,8 +75,8 @@ def run_suite(suite: str, out: Path, *, steps: int, seeds: int = 3, overrides: l
                 print(f"[experiment] {name} seed {seed}: {cfg.method}, {steps} steps on {cfg.scaling.num_workers} "
                       "workers", flush=True)
                 metrics = run_training(cfg).metrics
-            runs.append({"seed": seed, "mAP": float(metrics["eval/mAP"]), "rank1": float(metrics["eval/rank1"])})
-        rows.append(aggregate(name, recipe, runs))
+            runs[name].append({"seed": seed, "mAP": float(metrics["eval/mAP"]), "rank1": float(metrics["eval/rank1"])})
+    rows = [aggregate(name, recipe, runs[name]) for name, recipe in SUITES[suite]]
     folder = out / "experiments"
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{suite}_{preset}_{steps}_{seeds}seeds"
