@@ -162,6 +162,27 @@ def test_progress_lines_of_a_clustering_recipe_have_no_label_version(tmp_path, c
     assert "labels v3" in with_labels
 
 
+def test_progress_prints_every_row_written_before_training_returns(tmp_path, capsys):
+    """A short job finishes within one look of the printer (5 s on an object store): the rows
+    written since the last look are printed when the printer stops, not dropped (a cluster job's
+    log once had no `[train] step` line at all). Rows from an earlier attempt are not repeated."""
+    from pipelines.runs.files import MetricHistory
+    from pipelines.train.driver import ProgressPrinter
+
+    row = {"loss/total": 3.2, "lr": 3.5e-4, "images_per_s": 41.0, "data_wait_fraction": 0.1}
+    history = MetricHistory(tmp_path / "history.jsonl")
+    history.append({"step": 4, **row})  # the interrupted attempt's
+    printer = ProgressPrinter(tmp_path / "history.jsonl", max_steps=12)
+    printer.interval_s = 3600.0  # no look while the job runs
+    with printer:
+        for step in (8, 12):
+            history.append({"step": step, **row})
+    history.close()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("[train] continuing the run (recorded up to step 4)")
+    assert [line.split()[2] for line in out[1:]] == ["8/12", "12/12"]
+
+
 # ----------------------------------------------------------------------- behaving like its peers
 
 

@@ -142,3 +142,40 @@ def test_changed_settings_of_a_resumed_run(tmp_path):
     again = load_config(TrainConfig, None, [*base, "run.max_steps=160", "data.transform.crop_scale=[0.4,1.0]"])
     assert changed_settings(saved, again) == {"run.max_steps": ("150", "160"),
                                               "data.transform.crop_scale": ("[0.5, 1.0]", "[0.4, 1.0]")}
+
+
+def test_history_on_object_storage_writes_each_record_a_bounded_number_of_times(s3_bucket, monkeypatch):
+    """An object cannot be appended to. Rewriting history.jsonl whole at every record uploads
+    1 + 2 + ... + N lines (quadratic in the run's length); the history must upload each record a
+    bounded number of times: into the current part (at most PART_RECORDS lines, rewritten per
+    record) and once more when the parts are folded into history.jsonl. A writer killed without
+    closing loses no record, and its successor records each step once."""
+    import pipelines.runs.files as files
+    from dynamix_core import storage
+    from pipelines.runs.listing import list_runs
+
+    storage.write_bytes_atomic(storage.join(s3_bucket, "runs", "r", "config.yaml"), b"run: {name: r}\n")
+    uploaded = []
+    real_write = storage.write_bytes_atomic
+    monkeypatch.setattr(storage, "write_bytes_atomic", lambda uri, data: (uploaded.append(len(data)), real_write(uri, data))[1])
+    path = storage.join(s3_bucket, "runs", "r", "history.jsonl")
+    line = len(json.dumps({"step": 0, "loss/total": 0.5}) + "\n") + 2  # steps up to 4 digits
+    n = 400
+    history = MetricHistory(path)
+    for step in range(n // 2):
+        history.append({"step": step, "loss/total": 0.5})
+    # killed here (no close): every record is readable, and a restart replays steps from 150
+    assert [r["step"] for r in files.read_history_file(path)] == list(range(n // 2))
+    [listed] = list_runs(storage.join(s3_bucket, "runs"))  # `dynamix runs` sees them too
+    assert (listed.name, listed.status, listed.last_step) == ("r", "unfinished", n // 2 - 1)
+    history = MetricHistory(path)
+    for step in range(150, n):
+        history.append({"step": step, "loss/total": 0.5})
+    history.close()
+    rows = read_jsonl(path)  # closed: one object again
+    assert [r["step"] for r in rows] == list(range(n))
+    assert files.read_history_file(path) == rows
+    whole_rewrites = sum(range(1, n + 1)) * line  # what rewriting the whole object per record uploads
+    bound = (files.PART_RECORDS + 3) * n * line  # each record: <= PART_RECORDS rewrites of its part + folds
+    assert sum(uploaded) <= bound < whole_rewrites / 2, (sum(uploaded), bound, whole_rewrites)
+    assert max(uploaded) <= n * line  # no upload larger than the whole history

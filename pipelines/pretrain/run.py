@@ -97,9 +97,9 @@ def run_pretrain(cfg, rt, *, videos, reporter, restore_dir=None, video_stream=No
 
 def has_step_zero(run_dir: str) -> bool:
     from dynamix_core import storage
-    from pipelines.runs.files import read_jsonl
+    from pipelines.runs.files import read_history_file
 
-    return any(row.get("step") == 0 for row in read_jsonl(storage.join(run_dir, "history.jsonl")))
+    return any(row.get("step") == 0 for row in read_history_file(storage.join(run_dir, "history.jsonl")))
 
 
 def build_backbone(cfg) -> nn.Module:

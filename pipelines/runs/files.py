@@ -3,8 +3,9 @@ the metric history that tolerates a torn line and records each step once across 
 record of every (re)start. Checkpoints are :mod:`dynamix_core.engine.checkpoint`'s.
 
 The run folder may be an object-store URI (``s3://bucket/runs/NAME``, :mod:`dynamix_core.storage`).
-An object cannot be appended to, so there the JSON-lines files are rewritten whole (one upload, seen
-whole or not at all) at every record; they stay small (one line per metric report or restart).
+An object cannot be appended to: the metric history is written there in bounded parts that are
+folded into ``history.jsonl`` when the writer opens and closes (:class:`MetricHistory`); the record of
+(re)starts is rewritten whole (one upload, seen whole or not at all; one line per restart).
 What cannot live in a bucket stays in a local folder of the run (:func:`local_run_dir`).
 """
 
@@ -63,28 +64,78 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
+#: records per part of a history on an object store (each record rewrites its part, at most this many lines)
+PART_RECORDS = 64
+
+
+def _parts_dir(path: str | Path) -> str:
+    return f"{str(path).rstrip('/')}.parts"
+
+
+def _part_names(path: str | Path) -> list[str]:
+    """The parts of a history on an object store, in write order (none for a local history)."""
+    if not storage.is_remote(path):
+        return []
+    return sorted(n for n in storage.listdir(_parts_dir(path)) if n.endswith(".jsonl"))
+
+
+def read_history_file(path: str | Path) -> list[dict]:
+    """The records of a metric history: ``path`` (``history.jsonl``) and, on an object store, the parts
+    a writer appended since it last folded them into ``path`` (a step found twice, after a writer died
+    between folding and deleting its parts, is kept once)."""
+    rows = read_jsonl(path)
+    parts = _part_names(path)
+    if not parts:
+        return rows
+    seen = {r.get("step") for r in rows if "step" in r}
+    for name in parts:
+        for r in read_jsonl(storage.join(_parts_dir(path), name)):
+            if "step" in r and r["step"] in seen:
+                continue
+            seen.add(r.get("step"))
+            rows.append(r)
+    return rows
+
+
 class MetricHistory:
     """``history.jsonl`` of rank 0: one JSON line per metric report, each step recorded once.
 
     A restart replays the steps after its checkpoint; their rows (and MLflow values) from the
     attempt that first reached them are kept, and the replay does not write them again. Opening
-    cuts a torn last line off (rewriting the file atomically). On an object store every record
-    rewrites the whole object (it holds one line per report)."""
+    cuts a torn last line off (rewriting the file atomically).
+
+    An object cannot be appended to: on an object store each record rewrites only the current part,
+    ``history.jsonl.parts/NNNNNN.jsonl`` (at most :data:`PART_RECORDS` lines), and opening and closing
+    fold the parts into ``history.jsonl`` (one upload of the whole history each). A record is thus
+    uploaded a bounded number of times, not once per later record; readers use
+    :func:`read_history_file`, which sees the parts of a writer that died before closing."""
 
     def __init__(self, path: str | Path):
         self.remote = storage.is_remote(path)
         self.path = str(path) if self.remote else Path(path)
-        rows = read_jsonl(self.path)
+        rows = read_history_file(self.path)
         self.steps = {int(r["step"]) for r in rows if "step" in r}
-        self._text = "".join(json.dumps(r) + "\n" for r in rows)  # what an object store holds
+        self._text = "".join(json.dumps(r) + "\n" for r in rows)  # the whole history (folded at open and close)
+        self._file = None
         if self.remote:
-            self._file = None
+            self._part, self._part_text, self._part_lines = 0, "", 0
+            self._fold()
             return
         if self.path.is_file():
             text = self.path.read_text(errors="replace")
             if len([ln for ln in text.splitlines() if ln.strip()]) != len(rows) or not text.endswith("\n"):
                 write_atomic(self.path, self._text)
         self._file = open(self.path, "a")
+
+    def _fold(self) -> None:
+        """history.jsonl := every record; then the parts are deleted (a reader meeting both keeps each step once)."""
+        parts = _part_names(self.path)
+        if not parts and self._part_lines == 0:
+            return
+        storage.write_bytes_atomic(self.path, self._text.encode())
+        for name in parts:
+            storage.delete(storage.join(_parts_dir(self.path), name))
+        self._part, self._part_text, self._part_lines = 0, "", 0
 
     def __contains__(self, step: int) -> bool:
         return step in self.steps
@@ -96,7 +147,12 @@ class MetricHistory:
             return
         line = json.dumps(metrics) + "\n"
         if self.remote:
-            storage.write_bytes_atomic(self.path, self._text + line)
+            if self._part_lines == PART_RECORDS:
+                self._part, self._part_text, self._part_lines = self._part + 1, "", 0
+            self._part_text += line
+            self._part_lines += 1
+            storage.write_bytes_atomic(storage.join(_parts_dir(self.path), f"{self._part:06d}.jsonl"),
+                                       self._part_text.encode())
             self._text += line
         else:
             self._file.write(line)
@@ -107,6 +163,8 @@ class MetricHistory:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+        elif self.remote:
+            self._fold()
 
 
 def record_start(run_dir: str | Path, start_step: int) -> None:

@@ -50,12 +50,35 @@ def _entries(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
         return []
 
 
+def _history(fs: pafs.FileSystem, path: str, entries: dict) -> tuple[list[dict], list]:
+    """The run's metric reports: history.jsonl, then the parts a writer on an object store has not
+    folded into it yet (pipelines.runs.files.MetricHistory), each step once; and the modification
+    times of the files that hold them."""
+    texts = [_read_text(fs, f"{path}/history.jsonl") or ""]
+    parts = sorted((i for i in _entries(fs, f"{path}/history.jsonl.parts") if i.base_name.endswith(".jsonl")),
+                   key=lambda i: i.base_name)
+    texts += [_read_text(fs, part.path) or "" for part in parts]
+    mtimes = [i.mtime for i in parts] + ([entries["history.jsonl"].mtime] if "history.jsonl" in entries else [])
+    rows, steps = [], set()
+    for text in texts:
+        for line in text.splitlines():
+            try:
+                row = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:  # torn by a crash
+                continue
+            if row is None or ("step" in row and row["step"] in steps):
+                continue
+            steps.add(row.get("step"))
+            rows.append(row)
+    return rows, mtimes
+
+
 def summarise_run(fs: pafs.FileSystem, path: str, name: str) -> RunInfo:
     entries = {info.base_name: info for info in _entries(fs, path)}
-    history = [json.loads(line) for line in (_read_text(fs, f"{path}/history.jsonl") or "").splitlines() if line.strip()]
+    history, history_mtimes = _history(fs, path, entries)
     result_text = _read_text(fs, f"{path}/result.json") if "result.json" in entries else None
-    finished = result_text is not None and (
-        "history.jsonl" not in entries or entries["result.json"].mtime >= entries["history.jsonl"].mtime)
+    # finished: its result is newer than every report (a resumed run trains on after an older result)
+    finished = result_text is not None and all(entries["result.json"].mtime >= t for t in history_mtimes)
     metrics: dict[str, float] = {}
     for report in history:  # the latest value of each metric over the run
         metrics.update({k: float(v) for k, v in report.items() if k in SHOWN_METRICS})

@@ -29,7 +29,7 @@ from dynamix_core.config import dump_yaml, to_dict
 from dynamix_core.engine import load_tensors
 from pipelines.checkpoints import repair_checkpoints
 from pipelines.ray_cluster import require_resources, training_demands
-from pipelines.runs.files import local_run_dir, read_jsonl, write_atomic
+from pipelines.runs.files import local_run_dir, read_history_file, write_atomic
 from pipelines.runs.folder import RunFolder, WorkerJob, open_tracker
 from pipelines.train.config import TrainConfig
 from pipelines.train.failures import fit
@@ -478,30 +478,36 @@ class ProgressPrinter:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self):
+        # a re-run of a finished or interrupted run: its earlier rows are not news
+        earlier = read_history_file(self.history)
+        self.printed = len(earlier)
+        if earlier:
+            last = earlier[-1].get("step", "?")
+            print(f"[{self.prefix}] continuing the run (recorded up to step {last}): it resumes from its last "
+                  "checkpoint", flush=True)
         self.thread.start()
         return self
 
     def __exit__(self, *exc):
         self.stop.set()
-        self.thread.join(timeout=5)
+        self.thread.join(timeout=30)
 
     def _run(self) -> None:
-        # a re-run of a finished or interrupted run: its earlier rows are not news
-        earlier = read_jsonl(self.history)
-        printed = len(earlier)
-        if earlier:
-            last = earlier[-1].get("step", "?")
-            print(f"[{self.prefix}] continuing the run (recorded up to step {last}): it resumes from its last "
-                  "checkpoint", flush=True)
-        while not self.stop.wait(self.interval_s):
-            lines = read_jsonl(self.history)
-            if len(lines) < printed:  # a torn line was cut off
-                printed = len(lines)
-            for m in lines[printed:]:
-                print(self.format(m), flush=True)
-            printed = len(lines)
-            for cause in self.labeling() if self.labeling is not None else ():
-                print(f"[labels] labelling round failed: {cause}", flush=True)
+        while True:
+            stopping = self.stop.wait(self.interval_s)
+            self._print_new()  # once more after the stop: the rows written since the last look
+            if stopping:
+                return
+
+    def _print_new(self) -> None:
+        lines = read_history_file(self.history)
+        if len(lines) < self.printed:  # a torn line was cut off
+            self.printed = len(lines)
+        for m in lines[self.printed:]:
+            print(self.format(m), flush=True)
+        self.printed = len(lines)
+        for cause in self.labeling() if self.labeling is not None else ():
+            print(f"[labels] labelling round failed: {cause}", flush=True)
 
     def format(self, m: dict) -> str:
         """One console line for the history row ``m``."""
@@ -516,7 +522,7 @@ class ProgressPrinter:
 
 
 def read_history(run_dir: Path | str) -> list[dict]:
-    return read_jsonl(storage.join(run_dir, "history.jsonl"))
+    return read_history_file(storage.join(run_dir, "history.jsonl"))
 
 
 def _export_momentum(checkpoint, run_dir: Path | str, local_dir: Path) -> Path:
