@@ -367,17 +367,31 @@ def listdir(uri: str | Path) -> dict[str, int]:
 
 
 def read_table(uri: str | Path, **kwargs) -> pa.Table:
-    """A parquet file as a table (``kwargs`` go to :func:`pyarrow.parquet.read_table`)."""
+    """A parquet file as a table (``kwargs`` go to :func:`pyarrow.parquet.read_table`). On an object
+    store a read of some ``columns`` fetches the footer and those columns' chunks (ranged GETs), not
+    the whole object; a whole table is one GET."""
     if not is_remote(uri):
         return pq.read_table(local_path(uri), **kwargs)
+    if kwargs.get("columns") is not None:
+        with open_random(uri) as fh:
+            return pq.read_table(fh, **kwargs)
     return pq.read_table(pa.BufferReader(read_bytes(uri)), **kwargs)
 
 
+def read_parquet_metadata(uri: str | Path) -> pq.FileMetaData:
+    """The footer of a parquet file (schema, rows, row groups and their statistics): on an object
+    store a few ranged GETs at the end of the object, whatever its size."""
+    if not is_remote(uri):
+        return pq.read_metadata(local_path(uri))
+    with open_random(uri) as fh:
+        return pq.ParquetFile(fh).metadata
+
+
 def read_schema(uri: str | Path) -> pa.Schema:
-    """The schema (with its metadata) of a parquet file."""
+    """The schema (with its metadata) of a parquet file (its footer only)."""
     if not is_remote(uri):
         return pq.read_schema(local_path(uri))
-    return pq.read_schema(pa.BufferReader(read_bytes(uri)))
+    return read_parquet_metadata(uri).schema.to_arrow_schema()
 
 
 # ------------------------------------------------------------------------------------------- writes

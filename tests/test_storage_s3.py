@@ -343,3 +343,64 @@ def test_cached_copies_of_objects_follow_the_store(s3_bucket, tmp_path, monkeypa
     assert [c[0] for c in calls] == [f"{s3_bucket}/raw/list.txt"]  # only the changed file is fetched
     with pytest.raises(FileNotFoundError, match="nothing"):
         storage.local_tree(f"{s3_bucket}/nothing")
+
+
+class _CountingFile:
+    """A random-access file that counts the bytes read through it."""
+
+    def __init__(self, inner, counter: list):
+        self.inner, self.counter = inner, counter
+
+    def read(self, n=-1):
+        data = self.inner.read() if n is None or n < 0 else self.inner.read(n)
+        self.counter.append(len(data))
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.inner.close()
+
+
+def test_a_column_or_a_manifest_check_reads_a_fraction_of_a_large_parquet(s3_bucket, monkeypatch):
+    """The label store's start needs one column of the run's index and the driver's ingest check
+    needs the manifest's footer: on an object store neither may download the whole object (a
+    10M-row manifest is gigabytes). Bytes fetched are counted at the storage layer."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dynamix_core.data.reader import check_dataset_manifest
+    from dynamix_core.data.shards import DATASET_SCHEMA, MANIFEST_NAME
+
+    n = 200_000
+    text = pa.array([f"synth_video/v{i // 64:06d}/f{i % 64:03d}_{i * 7919 % 100003:06d}" for i in range(n)])
+    columns = {f.name: (pa.array(np.arange(n, dtype=np.int64)) if pa.types.is_integer(f.type) else text)
+               for f in DATASET_SCHEMA}
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table(columns, schema=DATASET_SCHEMA), buf, row_group_size=50_000)
+    data = buf.getvalue().to_pybytes()
+    root = storage.join(s3_bucket, "shards", "big")
+    storage.write_bytes_atomic(storage.join(root, MANIFEST_NAME), data)
+
+    fetched: list[int] = []
+    real_read_bytes, real_open_random = storage.read_bytes, storage.open_random
+    monkeypatch.setattr(storage, "read_bytes", lambda uri: (lambda b: (fetched.append(len(b)), b)[1])(real_read_bytes(uri)))
+    monkeypatch.setattr(storage, "open_random", lambda uri: _CountingFile(real_open_random(uri), fetched))
+
+    pids = storage.read_table(storage.join(root, MANIFEST_NAME), columns=["pid"])["pid"].to_numpy()
+    assert np.array_equal(pids, np.arange(n))
+    assert sum(fetched) < len(data) / 4, (sum(fetched), len(data))
+    fetched.clear()
+    assert check_dataset_manifest(root) == n
+    assert sum(fetched) < 64 * 1024, (sum(fetched), len(data))
+    bad = storage.join(s3_bucket, "shards", "bad")
+    storage.write_bytes_atomic(storage.join(bad, MANIFEST_NAME), data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"{MANIFEST_NAME}.*re-run `dynamix ingest"):
+        check_dataset_manifest(bad)
+    with pytest.raises(FileNotFoundError, match="not a finished ingest"):
+        check_dataset_manifest(storage.join(s3_bucket, "shards", "none"))
