@@ -42,17 +42,20 @@ log = logging.getLogger(__name__)
 class LabelingWorkerService:
     """Embeds a chunk of videos with the published momentum encoder and labels them."""
 
-    def __init__(self, model_cfg: dict, transform_cfg: dict, embed_batch_size: int = 128):
-        import dynamix_core  # noqa: F401  (torchvision shim before timm)
-        from dynamix_core.config import from_dict
-        from dynamix_core.data.transforms import TransformConfig, ViewTransform
-        from dynamix_core.model import ModelConfig, build_encoder
+    def __init__(self, model_cfg, transform_cfg, embed_batch_size: int):
+        """``model_cfg``: a :class:`~dynamix_core.model.ModelConfig`; ``transform_cfg``: a
+        :class:`~dynamix_core.data.transforms.TransformConfig` (its test view embeds)."""
+        import dataclasses
 
-        model_cfg = {**model_cfg, "weights": None}  # weights always come from the trainers
-        self.model = build_encoder(from_dict(ModelConfig, model_cfg)).eval()
+        import dynamix_core  # noqa: F401  (torchvision shim before timm)
+        from dynamix_core.data.transforms import ViewTransform
+        from dynamix_core.model import build_encoder
+
+        model_cfg = dataclasses.replace(model_cfg, weights=None)  # weights always come from the trainers
+        self.model = build_encoder(model_cfg).eval()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
-        self.view = ViewTransform(from_dict(TransformConfig, transform_cfg), "test")
+        self.view = ViewTransform(transform_cfg, "test")
         self.size = (self.view.cfg.height, self.view.cfg.width)
         self.embed_batch_size = embed_batch_size
         self.weights_step = -1
@@ -78,8 +81,6 @@ class LabelingWorkerService:
     def process(self, chunk: dict, weights_step: int, weights: list) -> dict:
         """Label one chunk. ``weights`` is ``[ObjectRef of a state_dict]``: nested in a list, Ray passes
         the reference through unresolved, so the weights are fetched only when the step changed."""
-        from dynamix_core.config import from_dict
-        from dynamix_core.labeling.config import ClusterConfig, RelabelConfig
         from dynamix_core.labeling.pseudo_labels import assign_pseudo_labels
         from dynamix_core.labeling.relabel import relabel_videos
 
@@ -94,13 +95,13 @@ class LabelingWorkerService:
         report: dict[str, float] = {}
         if chunk["mode"] == "dynamix":
             result = relabel_videos(feat_ND, video, before, np.asarray(chunk["frames"]),
-                                    from_dict(RelabelConfig, chunk["relabel"]), next_id)
+                                    chunk["relabel"], next_id)
             after = result.labels
             report.update({"num_splits": float(len(result.changes.splits)),
                            "num_merges": float(len(result.changes.merges)),
                            "num_dropped": float(result.changes.num_dropped)})
         else:
-            pseudo = assign_pseudo_labels(feat_ND, video, from_dict(ClusterConfig, chunk["cluster"]), id_offset=next_id)
+            pseudo = assign_pseudo_labels(feat_ND, video, chunk["cluster"], id_offset=next_id)
             after = pseudo.labels
         used = after >= 0
         ids, inverse = np.unique(after[used], return_inverse=True)
@@ -117,6 +118,35 @@ class LabelingWorkerService:
 
 # --------------------------------------------------------------------------------------------------
 # coordinator
+
+
+@dataclass(frozen=True)
+class LabelingJob:
+    """What the labelling service of one run is given: typed sections, built by the driver from the
+    run's config (``pipelines.train.driver.labeling_job``; the defaults live there, in the config)."""
+
+    mode: str  # "dynamix" (relabel the tracker labels) or "remix" (DBSCAN pseudo-labels)
+    run_name: str
+    label_root: str  # the run's label folder (the store's table)
+    index_path: str  # the run's single-camera index
+    total_steps: int
+    seed: int
+    quota: int  # ReMix: images pseudo-labelled per round
+    use_gpu: bool
+    pool_size: int
+    cpus_per_actor: float
+    queue_size: int
+    max_chunk_retries: int
+    max_staleness: int
+    embed_batch_size: int
+    chunk_videos: int
+    commit_videos: int
+    keep_versions: int
+    snapshot_every: int
+    model: object  # ModelConfig
+    transform: object  # TransformConfig
+    relabel: object  # RelabelConfig
+    cluster: object  # ClusterConfig
 
 
 @dataclass
@@ -142,34 +172,34 @@ class _Round:
 class LabelingCoordinatorService:
     """Queue, dispatch, retry, staleness and publication of labeling rounds (one writer)."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, job: LabelingJob):
         from dynamix_core.labeling.pseudo_labels import VideoQuotaSampler
         from dynamix_core.labeling.relabel_schedule import RelabelScheduler
         from services.label_store import get_or_create_store
 
-        self.cfg = cfg
-        self.mode = cfg["mode"]
-        self.store = get_or_create_store(cfg["run_name"], cfg["label_root"], snapshot_every=cfg.get("snapshot_every", 32),
-                                         keep_versions=cfg.get("keep_versions", 8))
+        self.job = job
+        self.mode = job.mode
+        self.store = get_or_create_store(job.run_name, job.label_root, snapshot_every=job.snapshot_every,
+                                         keep_versions=job.keep_versions)
         # the index per video, nothing per image: a chunk's rows are read from the index when it is sent
         from dynamix_core.data.run_index import VideoTable
 
-        self.index = VideoTable(cfg["index_path"])
+        self.index = VideoTable(job.index_path)
         video_ids = self.index.video
-        self.scheduler = RelabelScheduler(video_ids, cfg["total_steps"], cfg["relabel"]["warmup_fraction"])
-        self.quota = VideoQuotaSampler(video_ids, self.index.count, cfg["quota"], seed=cfg["seed"])
+        self.scheduler = RelabelScheduler(video_ids, job.total_steps, job.relabel.warmup_fraction)
+        self.quota = VideoQuotaSampler(video_ids, self.index.count, job.quota, seed=job.seed)
         # which videos this relabel pass has done and where the ReMix quota stands survive a
         # restart of this actor or of the run (saved after every published round)
-        self.state_path = storage.join(cfg["label_root"], "coordinator_state.json")
+        self.state_path = storage.join(job.label_root, "coordinator_state.json")
         if storage.exists(self.state_path):
             saved = json.loads(storage.read_bytes(self.state_path))
             self.scheduler.load_state_dict(saved["scheduler"])
             self.quota.load_state_dict(saved["quota"])
             log.info("labeling coordinator: resumed its schedule at label version %d", saved["version"])
-        resources = {"num_gpus": 1} if cfg["use_gpu"] else {"num_cpus": cfg["cpus_per_actor"]}
+        resources = {"num_gpus": 1} if job.use_gpu else {"num_cpus": job.cpus_per_actor}
         self.worker_cls = ray.remote(max_restarts=-1, max_task_retries=0, **resources)(LabelingWorkerService)
-        self.workers = [self.worker_cls.remote(cfg["model"], cfg["transform"], cfg["embed_batch_size"])
-                        for _ in range(cfg["pool_size"])]
+        self.workers = [self.worker_cls.remote(job.model, job.transform, job.embed_batch_size)
+                        for _ in range(job.pool_size)]
         self.queue: collections.deque = collections.deque()
         self.lock = threading.Lock()
         self.weights: tuple[int, ray.ObjectRef] | None = None
@@ -216,7 +246,7 @@ class LabelingCoordinatorService:
         queue is full (backpressure: the newest requests are kept, they are about to be sampled)."""
         with self.lock:
             self.latest_step = max(self.latest_step, step)
-            dropped = len(self.queue) >= self.cfg["queue_size"]
+            dropped = len(self.queue) >= self.job.queue_size
             if dropped:
                 self.queue.popleft()
                 self.counters["requests_dropped"] += 1
@@ -249,7 +279,7 @@ class LabelingCoordinatorService:
         return False
 
     def label_root(self) -> str:
-        return self.cfg["label_root"]
+        return self.job.label_root
 
     def video_ids(self) -> list[int]:
         return self.index.video.tolist()
@@ -297,11 +327,11 @@ class LabelingCoordinatorService:
         chunk = self.index.read_chunk(rnd.videos[chunk_id * per_chunk:(chunk_id + 1) * per_chunk])
         _, labels = ray.get(self.store.read_rows.remote(chunk["rows"]))
         chunk.update({"chunk_id": chunk_id, "mode": self.mode, "labels": labels.astype(np.int64),
-                      "relabel": self.cfg["relabel"], "cluster": self.cfg["cluster"]})
+                      "relabel": self.job.relabel, "cluster": self.job.cluster})
         return chunk
 
     def _chunk_videos(self) -> int:
-        return max(1, int(self.cfg.get("chunk_videos", 64)))
+        return max(1, self.job.chunk_videos)
 
     def _start_round(self) -> bool:
         picked = self._pick_videos()
@@ -328,9 +358,9 @@ class LabelingCoordinatorService:
         """Send the round's chunks as the pool frees up (at most two per actor out at once) and commit
         the finished ones each time they cover ``commit_videos`` videos, and at the end. A commit
         found stale ends the round: its other chunks are not sent."""
-        max_retries = self.cfg["max_chunk_retries"]
+        max_retries = self.job.max_chunk_retries
         max_out = 2 * len(self.workers)
-        commit_videos = max(1, int(self.cfg.get("commit_videos", 256)))
+        commit_videos = max(1, self.job.commit_videos)
         pending: dict = {}
         next_chunk = 0
         while not self._stop.is_set():
@@ -387,10 +417,10 @@ class LabelingCoordinatorService:
             self.counters["rounds_stale"] += 1
             log.info("labeling round %d discarded: started before the trainers restarted", rnd.round_id)
             return False
-        if rnd.weights_step < latest - self.cfg["max_staleness"]:
+        if rnd.weights_step < latest - self.job.max_staleness:
             self.counters["rounds_stale"] += 1
             log.info("labeling round %d discarded: weights of step %d, trainers at %d (max_staleness %d)",
-                     rnd.round_id, rnd.weights_step, latest, self.cfg["max_staleness"])
+                     rnd.round_id, rnd.weights_step, latest, self.job.max_staleness)
             return False
         with self.lock:
             results = sorted(rnd.results.items())
@@ -493,15 +523,15 @@ def coordinator_name(run_name: str) -> str:
     return f"dynamix-labeling-{run_name}"
 
 
-def start_coordinator(cfg: dict, namespace: str = "dynamix"):
+def start_coordinator(job: LabelingJob, namespace: str = "dynamix"):
     """The run's coordinator actor (threaded: trainers' calls are served while a round runs)."""
     actor = ray.remote(num_cpus=0, max_concurrency=8, max_restarts=-1, max_task_retries=-1)(
         LabelingCoordinatorService)
-    coordinator = actor.options(name=coordinator_name(cfg["run_name"]), namespace=namespace,
-                                get_if_exists=True).remote(cfg)
+    coordinator = actor.options(name=coordinator_name(job.run_name), namespace=namespace,
+                                get_if_exists=True).remote(job)
     serving = ray.get(coordinator.label_root.remote())
-    if serving != cfg["label_root"]:
-        raise ValueError(f"labeling coordinator {coordinator_name(cfg['run_name'])!r} is live for {serving}, not "
-                         f"{cfg['label_root']}: another run with this name is running or was left behind; stop it "
+    if serving != job.label_root:
+        raise ValueError(f"labeling coordinator {coordinator_name(job.run_name)!r} is live for {serving}, not "
+                         f"{job.label_root}: another run with this name is running or was left behind; stop it "
                          "(dynamix stop) or choose another run.name")
     return coordinator

@@ -22,12 +22,12 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from dynamix_core.config import load_config, to_dict
+from dynamix_core.config import load_config
 from dynamix_core.data.synth import SynthConfig, generate
 from pipelines.ingest import IngestConfig, run_ingest
 from pipelines.train.config import TrainConfig
 from dynamix_core.data.run_index_writer import write_single_camera_index
-from pipelines.train.driver import _initial_momentum_state, _labeling_cfg
+from pipelines.train.driver import _initial_momentum_state, labeling_job
 from dynamix_core.labeling.label_table import LabelTable
 from services.label_store import get_or_create_store
 from services.labeling_pool import LabelingWorkerService, start_coordinator
@@ -101,7 +101,7 @@ def start_pool(shards: Path, tmp: Path, method: str, *overrides: str) -> Pool:
     store = get_or_create_store(name, str(label_dir))
     initial = index["label"].to_numpy() if method == "dynamix" else np.full(index.num_rows, -1)
     ray.get(store.initialise.remote(initial))
-    coordinator = start_coordinator(_labeling_cfg(cfg, tmp / name, index_path, quota=100))
+    coordinator = start_coordinator(labeling_job(cfg, tmp / name, index_path, quota=100))
     return Pool(cfg, label_dir, index["key"].to_pylist(), index["video"].to_numpy(), store, coordinator)
 
 
@@ -154,7 +154,7 @@ def assert_centroids_of_version(pool: Pool, version: int, labels: dict[str, int]
 
     index = pq.read_table(pool.label_dir / "index.parquet").to_pydict()
     assert len(set(index["tar"])) == 1  # one shard: one read covers the whole index, in index order
-    worker = LabelingWorkerService(to_dict(pool.cfg.model), to_dict(pool.cfg.data.transform))
+    worker = LabelingWorkerService(pool.cfg.model, pool.cfg.data.transform, pool.cfg.labeling.embed_batch_size)
     worker.model.load_state_dict(_initial_momentum_state(pool.cfg))
     feat_ND = worker.embed({"reads": [(index["tar"][0], index["offset"], index["size"])]})
     label_N = np.array([labels[k] for k in index["key"]])

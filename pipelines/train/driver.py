@@ -25,7 +25,7 @@ from pathlib import Path
 
 
 from dynamix_core import storage
-from dynamix_core.config import dump_yaml, to_dict
+from dynamix_core.config import dump_yaml
 from dynamix_core.engine import load_tensors
 from pipelines.checkpoints import repair_checkpoints
 from pipelines.ray_cluster import require_resources, training_demands
@@ -75,20 +75,20 @@ def _multi_train_size(roots: list[str]) -> int:
     return sum(read_dataset_manifest(r).filter(pc.equal(pc.field("split"), "train")).num_rows for r in roots)
 
 
-def _labeling_cfg(cfg: TrainConfig, run_dir: Path | str, index_path: str, quota: int) -> dict:
-    return {
-        "mode": cfg.method, "run_name": cfg.run.name, "label_root": storage.join(run_dir, "labels"),
-        "index_path": str(index_path), "total_steps": cfg.run.max_steps, "seed": cfg.run.seed,
-        "quota": quota, "pool_size": cfg.labeling.pool_size, "cpus_per_actor": cfg.labeling.cpus_per_actor,
-        "use_gpu": cfg.scaling.use_gpu, "queue_size": cfg.labeling.queue_size,
-        "max_chunk_retries": cfg.labeling.max_chunk_retries,
-        "max_staleness": cfg.labeling.max_staleness, "embed_batch_size": cfg.labeling.embed_batch_size,
-        "chunk_videos": cfg.labeling.chunk_videos,
-        "commit_videos": cfg.labeling.commit_videos, "keep_versions": cfg.labeling.keep_versions,
-        "snapshot_every": cfg.labeling.snapshot_every,
-        "model": to_dict(cfg.model), "transform": to_dict(cfg.data.transform),
-        "relabel": to_dict(cfg.labeling.relabel), "cluster": to_dict(cfg.labeling.cluster),
-    }
+def labeling_job(cfg: TrainConfig, run_dir: Path | str, index_path: str, quota: int):
+    """The labelling service's typed settings for this run (its config's labeling section, model and
+    test view, and where the run's labels and index are)."""
+    from services.labeling_pool import LabelingJob
+
+    lab = cfg.labeling
+    return LabelingJob(
+        mode=cfg.method, run_name=cfg.run.name, label_root=storage.join(run_dir, "labels"), index_path=str(index_path),
+        total_steps=cfg.run.max_steps, seed=cfg.run.seed, quota=quota, use_gpu=cfg.scaling.use_gpu,
+        pool_size=lab.pool_size, cpus_per_actor=lab.cpus_per_actor, queue_size=lab.queue_size,
+        max_chunk_retries=lab.max_chunk_retries, max_staleness=lab.max_staleness,
+        embed_batch_size=lab.embed_batch_size, chunk_videos=lab.chunk_videos, commit_videos=lab.commit_videos,
+        keep_versions=lab.keep_versions, snapshot_every=lab.snapshot_every, model=cfg.model,
+        transform=cfg.data.transform, relabel=lab.relabel, cluster=lab.cluster)
 
 
 def _initial_momentum_state(cfg: TrainConfig) -> dict:
@@ -356,7 +356,7 @@ class LabelingService:
         # version 0, one label per row of the index: read by the store itself from the index
         ray.get(store.initialise_from_index.remote(self.index_path, self.method.starts_from_given_labels))
         quota = cfg.labeling.quota or _multi_train_size(cfg.data.multi)  # SPEC 2.2: default = |multi train|
-        self.coordinator = start_coordinator(_labeling_cfg(cfg, self.run_dir, self.index_path, quota))
+        self.coordinator = start_coordinator(labeling_job(cfg, self.run_dir, self.index_path, quota))
         self.num_single = info.num_labels if self.method.single_centroids else 0
         version, _ = ray.get(store.latest.remote())
         if self.method.first_round_before_training and version == 0:
