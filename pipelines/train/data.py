@@ -5,16 +5,13 @@ plans into augmented tensors (identities as bank ids, see :mod:`dynamix_core.dat
 
 from __future__ import annotations
 
-import queue
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from dynamix_core.data.images import decode_image
+from dynamix_core.engine import Prefetcher
 from dynamix_core.data.train_sets import MultiCameraSet, RankVideos, VideoFeed
 from dynamix_core.data.transforms import TransformConfig, ViewTransform, sample_generator
 from dynamix_core.sampling import BatchPlan
@@ -100,9 +97,9 @@ class BadImageError(ValueError):
     """An image of a shard that does not decode; the message names the shard and the key."""
 
 
-class BatchProducer:
-    """A background thread that asks the sampler for the next plan and decodes + augments it, so
-    the training step does not wait for JPEG decoding; ``get()`` reports the time it blocked.
+class BatchProducer(Prefetcher):
+    """The mixing recipes' prefetcher (:class:`~dynamix_core.engine.Prefetcher`): a sampler plan ->
+    standard and strong views of every image, identities as bank ids, cameras, videos.
 
     An image that does not decode stops the run with a :class:`BadImageError` naming its shard and
     key (``bad_images="stop"``), or is left out of its batch, printed in one line and counted in
@@ -113,25 +110,16 @@ class BatchProducer:
                  bad_images: str = "stop"):
         if bad_images not in BAD_IMAGE_POLICIES:
             raise ValueError(f"data.bad_images: {bad_images!r} is not one of {list(BAD_IMAGE_POLICIES)}")
+        super().__init__(sampler, feed=feed, prefetch=prefetch, threads=threads, snapshot_at=snapshot_at)
         self.bad_images = bad_images
         self.bad_images_skipped = 0
-        self.sampler = sampler  # a MixedBatchSampler (or anything with next_batch/state_dict/step)
-        self.snapshot_at = snapshot_at
-        self.snapshots: dict[int, dict] = {}
         self.multi = multi
         self.multi_index = {k: i for i, k in enumerate(multi.keys)}
-        self.feed = feed
         self.standard = ViewTransform(transform, "standard")
         self.strong = ViewTransform(transform, "strong")
         self.size = (transform.height, transform.width)
         self.seed = seed
-        self.lock = threading.Lock()  # guards the sampler (label updates arrive from the main thread)
-        self.pool = ThreadPoolExecutor(threads)
-        self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="batch-producer", daemon=True)
-        self.thread.start()
+        self.start()
 
     def _decode_one(self, item: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
         data, key, step_seed, shard = item
@@ -149,7 +137,7 @@ class BatchProducer:
         return (self.standard(img, sample_generator(step_seed, key, "standard")),
                 self.strong(img, sample_generator(step_seed, key, "strong")))
 
-    def _materialise(self, plan: BatchPlan, step: int) -> StepBatch:
+    def materialise(self, plan: BatchPlan, step: int) -> StepBatch:
         """Decode + augment; views are seeded by (seed, step, key), so a resumed run sees the same."""
         items, camid = [], []
         step_seed = self.seed + 7919 * step
@@ -175,45 +163,7 @@ class BatchProducer:
             video_B=torch.as_tensor(video[kept]),
         )
 
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                with self.lock:
-                    if self.snapshot_at(self.sampler.step):
-                        # prefetching runs ahead of training: keep the sampler state as it was before
-                        # planning this step, so a checkpoint at this step resumes exactly here
-                        self.snapshots[self.sampler.step] = self.sampler.state_dict()
-                    plan = self.sampler.next_batch()
-                if self.feed is not None:
-                    self.feed.note_progress()
-                batch = self._materialise(plan, plan.step)
-                while not self._stop.is_set():
-                    try:
-                        self.queue.put(batch, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as exc:  # surfaced to the training loop by get()
-            self.error = exc
-            self.queue.put(None)
-
-    def state_at(self, step: int) -> dict:
-        """Sampler state from just before ``step``'s batch was planned (a checkpoint step)."""
-        state = self.snapshots.pop(step)
-        for old in [s for s in self.snapshots if s < step]:
-            del self.snapshots[old]
-        return state
-
-    def get(self) -> tuple[StepBatch, float]:
-        t0 = time.perf_counter()
-        batch = self.queue.get()
-        if batch is None:
-            if isinstance(self.error, BadImageError):
-                raise BadImageError(str(self.error))
-            raise RuntimeError(f"batch producer failed: {self.error!r}") from self.error
-        return batch, time.perf_counter() - t0
-
-    def close(self) -> None:
-        self._stop.set()
-        self.thread.join(timeout=5)
-        self.pool.shutdown(wait=False, cancel_futures=True)
+    def failure(self, error: BaseException) -> BaseException:
+        if isinstance(error, BadImageError):
+            return BadImageError(str(error))
+        return super().failure(error)
