@@ -68,15 +68,18 @@ def read_jsonl(path: str | Path) -> list[dict]:
 PART_RECORDS = 64
 
 
-def _parts_dir(path: str | Path) -> str:
-    return f"{str(path).rstrip('/')}.parts"
+def _part_path(path: str | Path, number: int) -> str:
+    return f"{str(path).rstrip('/')}.part-{number:06d}"
 
 
 def _part_names(path: str | Path) -> list[str]:
-    """The parts of a history on an object store, in write order (none for a local history)."""
+    """The parts of a history on an object store (``history.jsonl.part-NNNNNN``, beside it: a folder
+    of their own would leave an empty-folder marker behind once they are folded), in write order;
+    none for a local history."""
     if not storage.is_remote(path):
         return []
-    return sorted(n for n in storage.listdir(_parts_dir(path)) if n.endswith(".jsonl"))
+    folder, name = str(path).rstrip("/").rsplit("/", 1)
+    return sorted(n for n in storage.listdir(folder) if n.startswith(f"{name}.part-"))
 
 
 def read_history_file(path: str | Path) -> list[dict]:
@@ -88,8 +91,9 @@ def read_history_file(path: str | Path) -> list[dict]:
     if not parts:
         return rows
     seen = {r.get("step") for r in rows if "step" in r}
+    folder = str(path).rstrip("/").rsplit("/", 1)[0]
     for name in parts:
-        for r in read_jsonl(storage.join(_parts_dir(path), name)):
+        for r in read_jsonl(storage.join(folder, name)):
             if "step" in r and r["step"] in seen:
                 continue
             seen.add(r.get("step"))
@@ -105,7 +109,7 @@ class MetricHistory:
     cuts a torn last line off (rewriting the file atomically).
 
     An object cannot be appended to: on an object store each record rewrites only the current part,
-    ``history.jsonl.parts/NNNNNN.jsonl`` (at most :data:`PART_RECORDS` lines), and opening and closing
+    ``history.jsonl.part-NNNNNN`` (at most :data:`PART_RECORDS` lines), and opening and closing
     fold the parts into ``history.jsonl`` (one upload of the whole history each). A record is thus
     uploaded a bounded number of times, not once per later record; readers use
     :func:`read_history_file`, which sees the parts of a writer that died before closing."""
@@ -133,8 +137,9 @@ class MetricHistory:
         if not parts and self._part_lines == 0:
             return
         storage.write_bytes_atomic(self.path, self._text.encode())
+        folder = self.path.rstrip("/").rsplit("/", 1)[0]
         for name in parts:
-            storage.delete(storage.join(_parts_dir(self.path), name))
+            storage.delete(storage.join(folder, name))
         self._part, self._part_text, self._part_lines = 0, "", 0
 
     def __contains__(self, step: int) -> bool:
@@ -151,8 +156,7 @@ class MetricHistory:
                 self._part, self._part_text, self._part_lines = self._part + 1, "", 0
             self._part_text += line
             self._part_lines += 1
-            storage.write_bytes_atomic(storage.join(_parts_dir(self.path), f"{self._part:06d}.jsonl"),
-                                       self._part_text.encode())
+            storage.write_bytes_atomic(_part_path(self.path, self._part), self._part_text.encode())
             self._text += line
         else:
             self._file.write(line)

@@ -55,7 +55,7 @@ def _history(fs: pafs.FileSystem, path: str, entries: dict) -> tuple[list[dict],
     folded into it yet (pipelines.runs.files.MetricHistory), each step once; and the modification
     times of the files that hold them."""
     texts = [_read_text(fs, f"{path}/history.jsonl") or ""]
-    parts = sorted((i for i in _entries(fs, f"{path}/history.jsonl.parts") if i.base_name.endswith(".jsonl")),
+    parts = sorted((i for i in entries.values() if i.base_name.startswith("history.jsonl.part-")),
                    key=lambda i: i.base_name)
     texts += [_read_text(fs, part.path) or "" for part in parts]
     mtimes = [i.mtime for i in parts] + ([entries["history.jsonl"].mtime] if "history.jsonl" in entries else [])
