@@ -74,11 +74,14 @@ class LabelStore:
 
     #: deltas kept for re-serving (every rank asks for the same one within a step)
     cache_size = 4
-    #: newest commits whose changed rows and centroids stay in memory
+    #: newest commits whose changed rows and centroids stay in memory, at least (and at least the
+    #: retained ``keep_versions`` + 2): a trainer lagging within the retention window switches from
+    #: memory, in time proportional to what changed, without reading the centroid base
     recent_versions = 4
 
     def __init__(self, root: str, snapshot_every: int = 32, keep_versions: int = 8):
         self.table = LabelTable(root, snapshot_every=snapshot_every, keep_versions=keep_versions)
+        self.recent_versions = max(type(self).recent_versions, keep_versions + 2)
         self.version: int | None = None
         self.pids: np.ndarray | None = None  # int32, the latest version
         self.step = 0

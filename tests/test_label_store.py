@@ -262,3 +262,32 @@ def test_free_ids_are_the_retired_identities_but_not_the_newest_commits(tmp_path
         want = sorted(set(range(num_ids)) - set(table.tolist()) - retired_now)
         assert svc.free_ids().tolist() == want
     assert svc.free_ids().tolist(), "this sequence retires identities: the check above compared something"
+
+
+def test_a_trainer_lagging_within_the_retention_window_catches_up_without_reading_storage(tmp_path, monkeypatch):
+    """A trainer 9 versions behind (keep_versions 8: its version's centroid files were merged into the
+    base meanwhile) gets the rows changed since and the centroids published since from the store's
+    memory, without reading any file (reading the base made that switch cost seconds at 1M
+    identities), and exactly what a store reading everything from storage answers."""
+    import dynamix_core.labeling.label_table as lt
+
+    svc = LabelStore(str(tmp_path), snapshot_every=4, keep_versions=8)
+    svc.initialise(np.arange(40, dtype=np.int32) % 7)
+    rng = np.random.default_rng(5)
+    for step in range(1, 15):
+        rows = rng.choice(40, size=6, replace=False)
+        ids = rng.choice(60, size=3, replace=False)
+        svc.commit(rows, rng.integers(0, 60, size=6), step=step, centroid_ids=ids,
+                   centroids=rng.normal(size=(3, DIM)).astype(np.float32), centroid_videos=ids % 5)
+    latest = svc.version
+    assert svc.table.base_version() > latest - 9  # the lagging trainer's publications were merged
+    reference = LabelStore(str(tmp_path), snapshot_every=4, keep_versions=8)  # everything from storage
+    expected = reference.changes_since(latest - 9)
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("the lagging trainer's switch read storage")
+
+    monkeypatch.setattr(lt.storage, "read_bytes", no_reads)
+    got = svc.changes_since(latest - 9)
+    assert not got.full and labels_of(got) == labels_of(expected)
+    assert_centroids(got, centroid_rows(expected))
