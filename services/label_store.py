@@ -30,7 +30,7 @@ import ray
 
 from dynamix_core import storage
 from dynamix_core.centroids.sharded import owner_rank
-from dynamix_core.labeling.label_table import LabelTable, LabelTableError, merge_newest
+from dynamix_core.labeling.label_table import KEEP_VERSIONS, SNAPSHOT_EVERY, LabelTable, LabelTableError, merge_newest
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class LabelStore:
     #: memory, in time proportional to what changed, without reading the centroid base
     recent_versions = 4
 
-    def __init__(self, root: str, snapshot_every: int = 32, keep_versions: int = 8):
+    def __init__(self, root: str, snapshot_every: int = SNAPSHOT_EVERY, keep_versions: int = KEEP_VERSIONS):
         self.table = LabelTable(root, snapshot_every=snapshot_every, keep_versions=keep_versions)
         self.recent_versions = max(type(self).recent_versions, keep_versions + 2)
         self.version: int | None = None
@@ -373,8 +373,8 @@ def store_actor_name(run_name: str) -> str:
     return f"dynamix-labels-{run_name}"
 
 
-def get_or_create_store(run_name: str, root: str, namespace: str = "dynamix", *, snapshot_every: int = 32,
-                        keep_versions: int = 8):
+def get_or_create_store(run_name: str, root: str, namespace: str = "dynamix", *,
+                        snapshot_every: int = SNAPSHOT_EVERY, keep_versions: int = KEEP_VERSIONS):
     """The run's label store actor (created on first use, found by name afterwards). A live store
     of the same run name that serves another folder is refused: its labels belong to another run."""
     store = LabelStoreActor.options(name=store_actor_name(run_name), namespace=namespace, get_if_exists=True,

@@ -63,6 +63,9 @@ BASE_DIR = "centroids-base"
 MANIFEST_FILE = "manifest.json"
 LEGACY_BASE_FILE = "centroids-base.npz"  # one whole K x D file (tables written before partitions)
 PARTITION_IDS = 256
+#: the defaults of a label table (the run config's labeling.snapshot_every / keep_versions use them)
+SNAPSHOT_EVERY = 32  # every this many versions the whole table is stored, the others only their changed rows
+KEEP_VERSIONS = 8  # newest versions kept readable besides pinned ones
 MERGE_THREADS = 8  # partitions merged at once (their I/O overlaps)
 
 
@@ -84,7 +87,7 @@ def merge_newest(ids, rows, videos, versions) -> tuple[np.ndarray, np.ndarray, n
 class LabelTable:
     """A folder of row-addressed label versions, their published centroids and the audit log."""
 
-    def __init__(self, root: str | Path, *, snapshot_every: int = 32, keep_versions: int = 8,
+    def __init__(self, root: str | Path, *, snapshot_every: int = SNAPSHOT_EVERY, keep_versions: int = KEEP_VERSIONS,
                  partition_ids: int = PARTITION_IDS):
         """``root``: a local folder or an object-store URI (``s3://bucket/run/labels``).
         ``partition_ids``: identities per centroid-base partition of a new table (an existing base

@@ -14,6 +14,7 @@ from dynamix_core.config import ConfigError, field
 from dynamix_core.data.transforms import TransformConfig
 from dynamix_core.evaluation import EvalConfig
 from dynamix_core.labeling.config import ClusterConfig, RelabelConfig
+from dynamix_core.labeling.label_table import KEEP_VERSIONS, SNAPSHOT_EVERY
 from dynamix_core.losses import LossConfig
 from dynamix_core.model import ModelConfig
 from dynamix_core.sampling import SamplerConfig
@@ -63,8 +64,8 @@ class LabelingSection:
     embed_batch_size: int = field(128, min=1, help="images embedded at once by a labeling actor")
     chunk_videos: int = field(64, help="videos per labeling task: an actor holds the images and features of one chunk at a time")
     commit_videos: int = field(256, help="a round's finished chunks are published as one label version each time they cover this many videos (and at the round's end): a big round streams its results instead of holding them")
-    keep_versions: int = field(8, help="label versions kept readable besides those a kept checkpoint references (older ones are deleted)")
-    snapshot_every: int = field(32, help="every this many label versions the whole table is stored; the others store only their changed rows")
+    keep_versions: int = field(KEEP_VERSIONS, help="label versions kept readable besides those a kept checkpoint references (older ones are deleted)")
+    snapshot_every: int = field(SNAPSHOT_EVERY, help="every this many label versions the whole table is stored; the others store only their changed rows")
     quota: int | None = field(None, min=1, help="ReMix: single-camera images pseudo-labelled per round (default: size of the multi-camera train set)")
     ground_truth: list[str] = field(default_factory=list, help="SynthReID ground_truth.parquet files: pseudo-label quality (pairwise F, purity) is measured against them")
     cluster: ClusterConfig = field(default_factory=ClusterConfig, help="ReMix: DBSCAN inside each video")
