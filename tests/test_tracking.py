@@ -223,3 +223,38 @@ def test_server_killed_mid_run_every_metric_lands_exactly_once(tmp_path, caplog)
         assert _history(client, tracker.run_id, key) == values
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
     assert len(list((tmp_path / "artifacts").rglob("during_outage.txt"))) == 1
+
+
+def test_a_new_runs_embedded_store_is_a_copy_of_a_migrated_template(tmp_path, monkeypatch):
+    """Migrating a fresh sqlite store runs MLflow's whole migration chain (about 6 s, every new run).
+    A new run's store is copied from an empty store migrated once per MLflow version: it must be at
+    the schema revision MLflow's own migration reaches, hold no run, and take a run's records."""
+    import sqlite3
+
+    from pipelines.runs.folder import RunFolder, tracking_target
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def revision(db: Path) -> str:
+        with sqlite3.connect(db) as con:
+            return con.execute("select version_num from alembic_version").fetchone()[0]
+
+    reference = tmp_path / "reference.db"
+    MlflowClient(f"sqlite:///{reference}").search_experiments()  # MLflow migrates it itself
+    uris = []
+    for name in ("a", "b"):
+        run = RunFolder.create(str(tmp_path / "runs"), name)
+        uri, _ = tracking_target(run, None)
+        uris.append(uri)
+        db = Path(uri.removeprefix("sqlite:///"))
+        assert db.is_file() and revision(db) == revision(reference)
+    assert [p.name for p in (tmp_path / "cache" / "dynamix" / "mlflow").iterdir()] != []  # migrated once, kept
+    client = MlflowClient(uris[0])
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+    tracker = ResilientTracker(uris[0], "dynamix", "r", tmp_path / "spool")
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.close()
+    [run] = client.search_runs([client.get_experiment_by_name("dynamix").experiment_id])
+    assert run.data.metrics == {"loss": 1.0}
+    assert MlflowClient(uris[1]).get_experiment_by_name("dynamix") is None  # the copies are separate

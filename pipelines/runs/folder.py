@@ -82,7 +82,36 @@ def tracking_target(run: RunFolder, uri: str | None) -> tuple[str, str | None]:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri, None
-    return f"sqlite:///{run.local / 'mlflow.db'}", str(run.path(ARTIFACTS_DIR))
+    db = run.local / "mlflow.db"
+    if not db.exists():
+        _copy_atomic(_migrated_template(), db)
+    return f"sqlite:///{db}", str(run.path(ARTIFACTS_DIR))
+
+
+def _migrated_template() -> Path:
+    """An empty MLflow sqlite store at the installed MLflow's schema revision, made once per MLflow
+    version in the local cache. Migrating a fresh store runs MLflow's whole migration chain (about
+    6 s); a new run's embedded store is a copy of this one instead."""
+    import tempfile
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    template = storage.cache_dir("mlflow") / f"empty-{mlflow.__version__}.db"
+    if not template.is_file():
+        with tempfile.TemporaryDirectory(dir=template.parent) as tmp:
+            fresh = Path(tmp) / "mlflow.db"
+            MlflowClient(f"sqlite:///{fresh}").search_experiments()  # MLflow creates and migrates it
+            os.replace(fresh, template)  # whole or not at all, whoever finishes first
+    return template
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    import shutil
+
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def open_tracker(run: RunFolder, tracking, run_name: str, spool: str = "spool_driver"):
