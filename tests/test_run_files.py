@@ -159,17 +159,18 @@ def test_history_on_object_storage_writes_each_record_a_bounded_number_of_times(
     real_write = storage.write_bytes_atomic
     monkeypatch.setattr(storage, "write_bytes_atomic", lambda uri, data: (uploaded.append(len(data)), real_write(uri, data))[1])
     path = storage.join(s3_bucket, "runs", "r", "history.jsonl")
-    line = len(json.dumps({"step": 0, "loss/total": 0.5}) + "\n") + 2  # steps up to 4 digits
-    n = 400
+    monkeypatch.setattr(files, "PART_RECORDS", 8)  # small parts: several of them in a short history
+    line = len(json.dumps({"step": 0, "loss/total": 0.5}) + "\n") + 2  # steps up to 3 digits
+    n = 120
     history = MetricHistory(path)
     for step in range(n // 2):
         history.append({"step": step, "loss/total": 0.5})
-    # killed here (no close): every record is readable, and a restart replays steps from 150
+    # killed here (no close): every record is readable, and a restart replays steps from 45
     assert [r["step"] for r in files.read_history_file(path)] == list(range(n // 2))
     [listed] = list_runs(storage.join(s3_bucket, "runs"))  # `dynamix runs` sees them too
     assert (listed.name, listed.status, listed.last_step) == ("r", "unfinished", n // 2 - 1)
     history = MetricHistory(path)
-    for step in range(150, n):
+    for step in range(45, n):
         history.append({"step": step, "loss/total": 0.5})
     history.close()
     rows = read_jsonl(path)  # closed: one object again
