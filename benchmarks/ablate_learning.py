@@ -36,15 +36,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="run.seed and sampler.seed (init and data order)")
     args = ap.parse_args()
 
-    import numpy as np
     import torch
 
     from dynamix_core.config import load_config
-    from dynamix_core.data.images import decode_image
-    from dynamix_core.evaluation import evaluate_features
-    from dynamix_core.evaluation.baselines import colour_histogram
     from pipelines.train.config import TrainConfig
-    from dynamix_core.evaluation.target import TargetSet, evaluate_target
+    from dynamix_core.evaluation.target import TargetSet, colour_baseline, evaluate_target
     from pipelines.train.local import train_local
 
     torch.set_num_threads(args.threads)
@@ -64,9 +60,7 @@ def main() -> int:
     for name, root in (("in_domain", shards / SETS[0]), ("target", shards / "synth_target")):
         target = TargetSet.load(str(root), cfg.data.transform)
         row[f"{name}_mAP"] = evaluate_target(run.encoder, target, cfg.eval, torch.device("cpu"))["mAP"]
-        q, g = ([np.asarray(decode_image(b, size)) for b in data] for data in (target.q_data, target.g_data))
-        row[f"{name}_colour_mAP"] = float(evaluate_features(colour_histogram(q), colour_histogram(g), target.q_pid,
-                                                            target.g_pid, target.q_cam, target.g_cam)["mAP"])
+        row[f"{name}_colour_mAP"] = float(colour_baseline(target, size)["mAP"])
     print(json.dumps(row))
     print(f"| {' '.join(args.overrides) or 'recipe'} | {args.steps} | {row['train_seconds']} | "
           f"{100 * row['in_domain_mAP']:.1f} | {100 * row['target_mAP']:.1f} |")

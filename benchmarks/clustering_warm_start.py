@@ -53,18 +53,10 @@ def target_map(encoder, shards: Path, cfg) -> float:
 
 
 def colour_map(shards: Path, transform) -> float:
-    import numpy as np
-
-    from dynamix_core.data.images import decode_image
-    from dynamix_core.evaluation import evaluate_features
-    from dynamix_core.evaluation.baselines import colour_histogram
-    from dynamix_core.evaluation.target import TargetSet
+    from dynamix_core.evaluation.target import TargetSet, colour_baseline
 
     target = TargetSet.load(str(shards / "synth_target"), transform)
-    size = (transform.height, transform.width)
-    q, g = ([np.asarray(decode_image(b, size)) for b in data] for data in (target.q_data, target.g_data))
-    return float(evaluate_features(colour_histogram(q), colour_histogram(g), target.q_pid, target.g_pid,
-                                   target.q_cam, target.g_cam)["mAP"])
+    return float(colour_baseline(target, (transform.height, transform.width))["mAP"])
 
 
 def main() -> int:

@@ -122,17 +122,13 @@ def target_references(cfg: TrainConfig) -> dict[str, float]:
     histogram, and the same encoder before training (the workers' rank-0 initialisation)."""
     import torch
 
-    from dynamix_core.data.images import decode_image
-    from dynamix_core.evaluation.baselines import colour_histogram, random_ranking
-    from dynamix_core.evaluation.features import evaluate_features
+    from dynamix_core.evaluation.baselines import random_ranking
     from dynamix_core.model import MomentumEncoder, build_encoder
-    from dynamix_core.evaluation.target import TargetSet, evaluate_target
+    from dynamix_core.evaluation.target import TargetSet, colour_baseline, evaluate_target
 
     target = TargetSet.load(cfg.data.target, cfg.data.transform)
     chance = random_ranking(target.q_pid, target.g_pid, target.q_cam, target.g_cam)
-    q, g = ([decode_image(b) for b in target.images(w)] for w in ("query", "gallery"))
-    colour = evaluate_features(colour_histogram(q), colour_histogram(g), target.q_pid, target.g_pid, target.q_cam,
-                               target.g_cam)
+    colour = colour_baseline(target)
     torch.manual_seed(cfg.run.seed)  # the worker seeds (seed + rank) before it builds the encoder
     untrained = evaluate_target(MomentumEncoder(build_encoder(cfg.model)), target, cfg.eval, torch.device("cpu"))
     return {"chance_mAP": chance["mAP"], "colour_hist_mAP": float(colour["mAP"]), "untrained_mAP": untrained["mAP"]}

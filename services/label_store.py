@@ -74,9 +74,9 @@ class LabelStore:
 
     #: deltas kept for re-serving (every rank asks for the same one within a step)
     cache_size = 4
-    #: newest commits whose changed rows and centroids stay in memory, at least (and at least the
-    #: retained ``keep_versions`` + 2): a trainer lagging within the retention window switches from
-    #: memory, in time proportional to what changed, without reading the centroid base
+    #: newest commits whose changed rows and centroids stay in memory: at least this many, and at
+    #: least the retained ``keep_versions`` + 2, so a trainer lagging within the retention window
+    #: switches from memory, in time proportional to what changed, without reading the centroid base
     recent_versions = 4
 
     def __init__(self, root: str, snapshot_every: int = SNAPSHOT_EVERY, keep_versions: int = KEEP_VERSIONS):

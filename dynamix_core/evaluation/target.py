@@ -91,3 +91,14 @@ def evaluate_target(encoder, target: TargetSet, cfg: EvalConfig, device, return_
                "rank10": float(res["cmc"][min(9, len(res["cmc"]) - 1)]),
                "valid_queries": float(res["num_valid_queries"])}
     return (metrics, q, g) if return_features else metrics
+
+
+def colour_baseline(target: TargetSet, size: tuple[int, int] | None = None) -> dict:
+    """The colour histogram's retrieval metrics on ``target`` (the bar a learned model must clear;
+    :mod:`dynamix_core.evaluation.baselines`), images decoded at ``size`` (H, W; None: as stored)."""
+    from dynamix_core.evaluation.baselines import colour_histogram
+    from dynamix_core.evaluation.features import evaluate_features
+
+    q, g = ([decode_image(b, size) for b in data] for data in (target.q_data, target.g_data))
+    return evaluate_features(colour_histogram(q), colour_histogram(g), target.q_pid, target.g_pid,
+                             target.q_cam, target.g_cam)

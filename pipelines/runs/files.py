@@ -51,8 +51,11 @@ def _read_text(path: str | Path) -> str | None:
 def read_jsonl(path: str | Path) -> list[dict]:
     """The records of a JSON-lines file; a torn or garbled line (a crash mid-append) is skipped with a warning."""
     text = _read_text(path)
-    if text is None:
-        return []
+    return [] if text is None else parse_jsonl(text, path)
+
+
+def parse_jsonl(text: str, source: str | Path) -> list[dict]:
+    """The records of JSON-lines ``text`` read from ``source`` (named in the warning for a torn line)."""
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -60,7 +63,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            log.warning("%s: line %d is not a JSON record (torn by a crash?); skipped", path, number)
+            log.warning("%s: line %d is not a JSON record (torn by a crash?); skipped", source, number)
     return rows
 
 
@@ -72,33 +75,34 @@ def _part_path(path: str | Path, number: int) -> str:
     return f"{str(path).rstrip('/')}.part-{number:06d}"
 
 
-def _part_names(path: str | Path) -> list[str]:
+def _part_uris(path: str | Path) -> list[str]:
     """The parts of a history on an object store (``history.jsonl.part-NNNNNN``, beside it: a folder
     of their own would leave an empty-folder marker behind once they are folded), in write order;
     none for a local history."""
     if not storage.is_remote(path):
         return []
     folder, name = str(path).rstrip("/").rsplit("/", 1)
-    return sorted(n for n in storage.listdir(folder) if n.startswith(f"{name}.part-"))
+    return [storage.join(folder, n) for n in sorted(storage.listdir(folder)) if n.startswith(f"{name}.part-")]
+
+
+def merge_history(parts: list[list[dict]]) -> list[dict]:
+    """The records of ``history.jsonl`` and then of its unfolded parts, each step once (a step found
+    twice, after a writer died between folding and deleting its parts, keeps its first record)."""
+    rows, steps = [], set()
+    for part in parts:
+        for r in part:
+            if "step" in r:
+                if r["step"] in steps:
+                    continue
+                steps.add(r["step"])
+            rows.append(r)
+    return rows
 
 
 def read_history_file(path: str | Path) -> list[dict]:
     """The records of a metric history: ``path`` (``history.jsonl``) and, on an object store, the parts
-    a writer appended since it last folded them into ``path`` (a step found twice, after a writer died
-    between folding and deleting its parts, is kept once)."""
-    rows = read_jsonl(path)
-    parts = _part_names(path)
-    if not parts:
-        return rows
-    seen = {r.get("step") for r in rows if "step" in r}
-    folder = str(path).rstrip("/").rsplit("/", 1)[0]
-    for name in parts:
-        for r in read_jsonl(storage.join(folder, name)):
-            if "step" in r and r["step"] in seen:
-                continue
-            seen.add(r.get("step"))
-            rows.append(r)
-    return rows
+    a writer appended since it last folded them into ``path`` (:func:`merge_history`)."""
+    return merge_history([read_jsonl(path)] + [read_jsonl(part) for part in _part_uris(path)])
 
 
 class MetricHistory:
@@ -122,7 +126,7 @@ class MetricHistory:
         self._text = "".join(json.dumps(r) + "\n" for r in rows)  # the whole history (folded at open and close)
         self._file = None
         if self.remote:
-            self._part, self._part_text, self._part_lines = 0, "", 0
+            self._part, self._part_text = 0, ""  # the part being written and its lines
             self._fold()
             return
         if self.path.is_file():
@@ -133,14 +137,13 @@ class MetricHistory:
 
     def _fold(self) -> None:
         """history.jsonl := every record; then the parts are deleted (a reader meeting both keeps each step once)."""
-        parts = _part_names(self.path)
-        if not parts and self._part_lines == 0:
+        parts = _part_uris(self.path)
+        if not parts and not self._part_text:
             return
         storage.write_bytes_atomic(self.path, self._text.encode())
-        folder = self.path.rstrip("/").rsplit("/", 1)[0]
-        for name in parts:
-            storage.delete(storage.join(folder, name))
-        self._part, self._part_text, self._part_lines = 0, "", 0
+        for part in parts:
+            storage.delete(part)
+        self._part, self._part_text = 0, ""
 
     def __contains__(self, step: int) -> bool:
         return step in self.steps
@@ -152,10 +155,9 @@ class MetricHistory:
             return
         line = json.dumps(metrics) + "\n"
         if self.remote:
-            if self._part_lines == PART_RECORDS:
-                self._part, self._part_text, self._part_lines = self._part + 1, "", 0
+            if self._part_text.count("\n") == PART_RECORDS:
+                self._part, self._part_text = self._part + 1, ""
             self._part_text += line
-            self._part_lines += 1
             storage.write_bytes_atomic(_part_path(self.path, self._part), self._part_text.encode())
             self._text += line
         else:

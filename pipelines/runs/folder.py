@@ -84,7 +84,7 @@ def tracking_target(run: RunFolder, uri: str | None) -> tuple[str, str | None]:
         return uri, None
     db = run.local / "mlflow.db"
     if not db.exists():
-        _copy_atomic(_migrated_template(), db)
+        write_atomic(db, _migrated_template().read_bytes())  # a few hundred kB
     return f"sqlite:///{db}", str(run.path(ARTIFACTS_DIR))
 
 
@@ -104,14 +104,6 @@ def _migrated_template() -> Path:
             MlflowClient(f"sqlite:///{fresh}").search_experiments()  # MLflow creates and migrates it
             os.replace(fresh, template)  # whole or not at all, whoever finishes first
     return template
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    import shutil
-
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def open_tracker(run: RunFolder, tracking, run_name: str, spool: str = "spool_driver"):

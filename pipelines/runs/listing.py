@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
+from pipelines.runs.files import merge_history, parse_jsonl
+
 #: the deployment's shared storage root: the Helm chart sets it (its ``storage.uri``) on every Ray pod
 STORAGE_URI_ENV = "DYNAMIX_STORAGE_URI"
 _LABEL_VERSION_RE = re.compile(r"v(\d{8})\.(?:delta\.npz|snap\.npy)")
@@ -52,25 +54,13 @@ def _entries(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
 
 def _history(fs: pafs.FileSystem, path: str, entries: dict) -> tuple[list[dict], list]:
     """The run's metric reports: history.jsonl, then the parts a writer on an object store has not
-    folded into it yet (pipelines.runs.files.MetricHistory), each step once; and the modification
-    times of the files that hold them."""
-    texts = [_read_text(fs, f"{path}/history.jsonl") or ""]
+    folded into it yet (:func:`pipelines.runs.files.merge_history`); and the modification times of
+    the files that hold them."""
     parts = sorted((i for i in entries.values() if i.base_name.startswith("history.jsonl.part-")),
                    key=lambda i: i.base_name)
-    texts += [_read_text(fs, part.path) or "" for part in parts]
+    files = [f"{path}/history.jsonl"] + [part.path for part in parts]
     mtimes = [i.mtime for i in parts] + ([entries["history.jsonl"].mtime] if "history.jsonl" in entries else [])
-    rows, steps = [], set()
-    for text in texts:
-        for line in text.splitlines():
-            try:
-                row = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:  # torn by a crash
-                continue
-            if row is None or ("step" in row and row["step"] in steps):
-                continue
-            steps.add(row.get("step"))
-            rows.append(row)
-    return rows, mtimes
+    return merge_history([parse_jsonl(_read_text(fs, f) or "", f) for f in files]), mtimes
 
 
 def summarise_run(fs: pafs.FileSystem, path: str, name: str) -> RunInfo:
