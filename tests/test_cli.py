@@ -330,3 +330,16 @@ def test_run_files_are_written_with_the_mode_of_any_other_file(tmp_path):
         assert want == 0o666 & ~mask
         for name in ("backbone.safetensors", WEIGHTS_FILE):
             assert stat.S_IMODE((folder / name).stat().st_mode) == want, (name, oct(mask))
+
+
+@pytest.mark.parametrize("manifest", [b"garbage, not parquet\n", None], ids=["unreadable", "missing"])
+def test_a_data_set_that_is_not_a_finished_ingest_is_one_line_naming_the_field_and_the_file(tmp_path, capsys, manifest):
+    bad = tmp_path / "set"
+    bad.mkdir()
+    if manifest is not None:
+        (bad / "manifest.parquet").write_bytes(manifest)
+    code = main(["train", "--config", str(REPO / "recipes" / "multicam_baseline_demo.yaml"), "--set", f"data.multi=[{bad}]",
+                 "--set", "data.target=null", "--set", f"run.storage={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert err.startswith("dynamix train: error: data.multi: ") and str(bad) in err and "dynamix ingest" in err

@@ -48,7 +48,7 @@ def read_dataset_manifest(root: str | Path) -> pa.Table:
 def check_dataset_manifest(root: str | Path) -> int:
     """The number of images of the finished ingest at ``root``, from its manifest's footer alone (a
     few kilobytes whatever the set's size): a :class:`FileNotFoundError` when there is no manifest, a
-    :class:`ValueError` naming the file when it is not a readable manifest of this project."""
+    :class:`BadInputError` naming the file when it is not a readable manifest of this project."""
     import pyarrow.lib
 
     path = storage.join(root, MANIFEST_NAME)
@@ -58,11 +58,11 @@ def check_dataset_manifest(root: str | Path) -> int:
         meta = storage.read_parquet_metadata(path)
         schema = meta.schema.to_arrow_schema()
     except (OSError, pyarrow.lib.ArrowException) as exc:
-        raise ValueError(f"{path} is not a readable parquet file ({str(exc).splitlines()[0]}): re-run "
+        raise BadInputError(f"{path} is not a readable parquet file ({str(exc).splitlines()[0]}): re-run "
                          f"`dynamix ingest --out {root}`") from None
     missing = [name for name in DATASET_SCHEMA.names if name not in schema.names]
     if missing:
-        raise ValueError(f"{path} lacks the columns {missing} of a shard set's manifest: re-run "
+        raise BadInputError(f"{path} lacks the columns {missing} of a shard set's manifest: re-run "
                          f"`dynamix ingest --out {root}`")
     return meta.num_rows
 

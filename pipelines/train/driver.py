@@ -104,14 +104,15 @@ def check_ingest(root: str, field_name: str) -> str:
     """``root`` as an absolute path (Ray workers run elsewhere), checked to be a finished ingest, so
     a typo fails in the driver with ``field_name`` and the path named instead of inside every worker."""
     from dynamix_core.data.reader import check_dataset_manifest
+    from dynamix_core.data.records import BadInputError
 
     path = root if "://" in root else str(Path(root).resolve())  # a URI (s3://...) is checked as it is
     try:
         check_dataset_manifest(path)  # its footer: O(1) in the set's size
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{field_name}: {exc}") from None
-    except ValueError as exc:
-        raise ValueError(f"{field_name}: {exc}") from None
+    except BadInputError as exc:
+        raise BadInputError(f"{field_name}: {exc}") from None
     return path
 
 
