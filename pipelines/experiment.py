@@ -10,7 +10,10 @@ plot under ``OUT/experiments/``; the ``mixing`` suite also prints the paired per
 with 95 % t-intervals and writes them with the per-seed mAPs as JSON (``--json``). Runs are named by
 recipe, seed, steps and a hash of the recipe file, the seed settings and any ``--set`` overrides (not
 by suite), so a re-run skips the runs that already finished and resumes an interrupted one, and
-``recipes`` reuses the three runs per seed that ``mixing`` already trained.
+``recipes`` reuses the three runs per seed that ``mixing`` already trained. The ``--json`` file is
+rewritten after every finished run and lists each run's result by name, so a suite longer than one
+sitting continues on another machine from that file alone (committed with the repository, say):
+the runs it names are not trained again.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import statistics
 import time
 from pathlib import Path
 
+from dynamix_core.atomic import write_atomic
 from pipelines.demo import demo_config, prepare_data
 from pipelines.recipes import RECIPES_DIR
 
@@ -55,6 +59,7 @@ def run_suite(suite: str, out: Path, *, steps: int, seeds: int = 3, overrides: l
     if seeds < 1:
         raise ValueError(f"--seeds {seeds}: must be >= 1")
     out = out.resolve()
+    recorded = read_recorded_runs(json_path, preset=preset, steps=steps) if suite == "mixing" else {}
     prepare_data(out, preset=preset)
     t0 = time.perf_counter()
     runs: dict[str, list[dict]] = {name: [] for name, _ in SUITES[suite]}
@@ -64,7 +69,10 @@ def run_suite(suite: str, out: Path, *, steps: int, seeds: int = 3, overrides: l
             run_name = run_name_for(name, seed, steps, settings)
             storage = out / "experiments" / "runs"
             done = storage / run_name / "result.json"
-            if done.is_file() and "eval/mAP" in json.loads(done.read_text())["metrics"]:
+            if run_name in recorded:  # finished in an earlier sitting, perhaps on another machine
+                metrics = {"eval/mAP": recorded[run_name]["mAP"], "eval/rank1": recorded[run_name]["rank1"]}
+                print(f"[experiment] {name} seed {seed}: recorded in {json_path}", flush=True)
+            elif done.is_file() and "eval/mAP" in json.loads(done.read_text())["metrics"]:
                 metrics = json.loads(done.read_text())["metrics"]  # finished earlier: a resumed run reports nothing
                 print(f"[experiment] {name} seed {seed}: finished earlier ({done})", flush=True)
             else:
@@ -76,6 +84,11 @@ def run_suite(suite: str, out: Path, *, steps: int, seeds: int = 3, overrides: l
                       "workers", flush=True)
                 metrics = run_training(cfg).metrics
             runs[name].append({"seed": seed, "mAP": float(metrics["eval/mAP"]), "rank1": float(metrics["eval/rank1"])})
+            if suite == "mixing" and json_path:
+                recorded[run_name] = {"row": name, **runs[name][-1]}
+                Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(json_path, json.dumps(partial_mixing_result(runs, recorded, preset=preset, steps=steps,
+                                                                         seeds=seeds), indent=2) + "\n")
     rows = [aggregate(name, recipe, runs[name]) for name, recipe in SUITES[suite]]
     folder = out / "experiments"
     folder.mkdir(parents=True, exist_ok=True)
@@ -84,9 +97,10 @@ def run_suite(suite: str, out: Path, *, steps: int, seeds: int = 3, overrides: l
     if suite == "mixing":
         result = mixing_result(rows, preset=preset, steps=steps)
         table += "\n\n" + format_differences(result)
+        result.update(finished=True, seeds_planned=seeds, runs=recorded)
         for path in [folder / f"{stem}_paired.json"] + ([Path(json_path)] if json_path else []):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result, indent=2) + "\n")
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, json.dumps(result, indent=2) + "\n")
     (folder / f"{stem}.md").write_text(table + "\n")
     (folder / f"{stem}.json").write_text(json.dumps(rows, indent=2))
     plot_rows(rows, folder / f"{stem}.png",
@@ -94,6 +108,33 @@ def run_suite(suite: str, out: Path, *, steps: int, seeds: int = 3, overrides: l
     print(table, flush=True)
     print(f"[experiment] table and plot: {folder / stem}.md / .png", flush=True)
     return rows
+
+
+def read_recorded_runs(json_path: Path | None, *, preset: str, steps: int) -> dict[str, dict]:
+    """The runs a mixing suite's ``--json`` file already records (``{run name: {row, seed, mAP, rank1}}``);
+    none when the file does not exist. A file of another preset or budget is refused, not mixed in."""
+    if not json_path or not Path(json_path).is_file():
+        return {}
+    try:
+        got = json.loads(Path(json_path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--json {json_path}: not a readable mixing-suite JSON ({e}); move it away to start afresh") from e
+    if (got.get("preset"), got.get("steps")) != (preset, steps):
+        raise ValueError(f"--json {json_path}: it records preset {got.get('preset')!r} and {got.get('steps')} steps, "
+                         f"this suite is preset {preset!r} and {steps} steps; pass another --json file")
+    return dict(got.get("runs", {}))
+
+
+def partial_mixing_result(runs: dict[str, list[dict]], recorded: dict[str, dict], *, preset: str, steps: int,
+                          seeds: int) -> dict:
+    """The mixing JSON of an unfinished suite: the differences over the seeds every arm has finished
+    (none yet: an empty ``seeds``), the planned seed count and every recorded run."""
+    done = set.intersection(*({r["seed"] for r in arm} for arm in runs.values()))
+    rows = [{"row": name, "runs": [r for r in arm if r["seed"] in done]} for name, arm in runs.items()]
+    result = mixing_result(rows, preset=preset, steps=steps) if done else {
+        "preset": preset, "steps": steps, "seeds": [], "target_mAP": {}, "paired_differences": {}}
+    result.update(finished=False, seeds_planned=seeds, runs=recorded)
+    return result
 
 
 def seed_overrides(seed: int) -> list[str]:

@@ -115,3 +115,41 @@ def test_only_dynamix_masks_its_own_videos_centroids(recipe, mask, monkeypatch, 
 
     monkeypatch.setenv("DYNAMIX_STORAGE_URI", str(tmp_path))
     assert load_config(TrainConfig, RECIPES_DIR / recipe, []).centroids.mask_same_video is mask
+
+
+def test_an_interrupted_suite_continues_elsewhere_from_its_json_alone(monkeypatch, tmp_path):
+    """The JSON is rewritten after each run; a later sitting with only that file (another machine: no
+    run folders) trains just the runs it does not record, and the final differences equal one sitting's."""
+    import pipelines.train.driver as driver
+    from pipelines.experiment import run_suite
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    seen = _capture_runs(monkeypatch, first)
+    trained = driver.run_training
+
+    def dies_after_four(cfg):
+        if len(seen) == 4:
+            raise KeyboardInterrupt
+        return trained(cfg)
+
+    monkeypatch.setattr(driver, "run_training", dies_after_four)
+    path = tmp_path / "mixing-real.json"
+    with pytest.raises(KeyboardInterrupt):
+        run_suite("mixing", first, steps=5, seeds=2, preset="real", json_path=path)
+    partial = json.loads(path.read_text())
+    assert partial["finished"] is False and partial["seeds_planned"] == 2
+    assert len(partial["runs"]) == 4  # multicam, remix, dynamix of seed 0, multicam of seed 1
+    assert partial["seeds"] == [0]  # only seed 0 has all three arms
+    assert partial["target_mAP"]["dynamix"] == [FAKE_MAP["dynamix"][0]]
+
+    seen = _capture_runs(monkeypatch, second)
+    run_suite("mixing", second, steps=5, seeds=2, preset="real", json_path=path)
+    assert [(c.method, c.run.seed) for c in seen] == [("remix", 1), ("dynamix", 1)]
+    done = json.loads(path.read_text())
+    assert done["finished"] is True and done["seeds"] == [0, 1] and len(done["runs"]) == 6
+    assert done["target_mAP"]["multi_only"] == FAKE_MAP["multicam"][:2]
+    assert done["paired_differences"]["dynamix - remix"]["per_seed"] == pytest.approx([0.04, -0.01])
+
+    with pytest.raises(ValueError, match="preset 'real' and 5 steps"):
+        run_suite("mixing", second, steps=6, seeds=2, preset="real", json_path=path)
