@@ -305,12 +305,12 @@ def read_range(uri: str | Path, offset: int, length: int) -> bytes:
     return read_ranges(uri, [(offset, length)])[0]
 
 
-def _coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int, list[int]]]:
-    """Spans ``(start, end, [range indices])`` covering ``ranges``, nearby ones merged."""
+def _coalesce(ranges: list[tuple[int, int]], gap: int = COALESCE_GAP) -> list[tuple[int, int, list[int]]]:
+    """Spans ``(start, end, [range indices])`` covering ``ranges``, those at most ``gap`` bytes apart merged."""
     spans: list[tuple[int, int, list[int]]] = []
     for i in sorted(range(len(ranges)), key=lambda i: ranges[i][0]):
         start, end = ranges[i][0], ranges[i][0] + ranges[i][1]
-        if spans and start - spans[-1][1] <= COALESCE_GAP and max(end, spans[-1][1]) - spans[-1][0] <= COALESCE_MAX:
+        if spans and start - spans[-1][1] <= gap and max(end, spans[-1][1]) - spans[-1][0] <= COALESCE_MAX:
             s, e, members = spans[-1]
             spans[-1] = (s, max(e, end), members + [i])
         else:
@@ -318,9 +318,11 @@ def _coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int, list[int]]]
     return spans
 
 
-def read_ranges(uri: str | Path, ranges: Iterable[tuple[int, int]]) -> list[bytes]:
+def read_ranges(uri: str | Path, ranges: Iterable[tuple[int, int]], *, gap: int = COALESCE_GAP,
+                threads: int = 1) -> list[bytes]:
     """The bytes of each ``(offset, length)`` of ``uri``, in the given order (shorter where the
-    file ends first). On an object store nearby ranges share one ranged GET."""
+    file ends first). On an object store ranges at most ``gap`` bytes apart share one ranged GET
+    (fewer requests, at the price of the bytes between them), and ``threads`` GETs run at once."""
     ranges = list(ranges)
     if not is_remote(uri):
         out = []
@@ -334,9 +336,20 @@ def read_ranges(uri: str | Path, ranges: Iterable[tuple[int, int]]) -> list[byte
     with _Errors(str(uri), "read"):
         with fs.open_input_file(path) as fh:
             total = fh.size()
-            for start, end, members in _coalesce(ranges):
-                lo, hi = min(start, total), min(end, total)
-                span = fh.read_at(hi - lo, lo) if hi > lo else b""
+            spans = _coalesce(ranges, gap)
+
+            def fetch(span: tuple[int, int, list[int]]) -> bytes:
+                lo, hi = min(span[0], total), min(span[1], total)
+                return fh.read_at(hi - lo, lo) if hi > lo else b""  # Arrow's ReadAt is thread-safe
+
+            if threads > 1 and len(spans) > 1:
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(min(threads, len(spans))) as pool:
+                    data = list(pool.map(fetch, spans))
+            else:
+                data = [fetch(span) for span in spans]
+            for (start, _, members), span in zip(spans, data):
                 for i in members:  # every member starts at or after the span's start
                     offset, length = ranges[i]
                     out[i] = span[offset - start:offset - start + length]

@@ -51,11 +51,12 @@ def _sampler_cfg(**extra) -> SamplerConfig:
     return load_config(SamplerConfig, None, [f"{k}={v}" for k, v in {**base, **extra}.items()])
 
 
-def _make(tiny, *, rank=0, world=1, labels=None, cache_videos=12, state=None, snapshot_at=lambda s: False, **cfg):
+def _make(tiny, *, rank=0, world=1, labels=None, cache_videos=12, state=None, snapshot_at=lambda s: False,
+          reads="videos", **cfg):
     """feed + sampler (+ restored state) + producer, built in the worker's order."""
     multi = tiny["multi"]
     feed = VideoFeed(RankVideos.load(tiny["index_path"], rank, world), by_row(tiny, tiny["labels"] if labels is None else labels),
-                     multi.num_identities, cache_videos=cache_videos)
+                     multi.num_identities, cache_videos=cache_videos, reads=reads)
     sampler = MixedBatchSampler(_sampler_cfg(**cfg), refs=multi.keys, pids=multi.pid, camids=multi.camid,
                                 datasets=multi.dataset, video_stream=feed, total_steps=TOTAL_STEPS,
                                 rank=rank, world_size=world)
@@ -267,3 +268,75 @@ def test_video_table_reads_a_chunk_as_the_whole_index_says(tiny, tmp_path):
     assert read_members(tar_path, offsets, sizes) == [by_offset[o] for o in offsets]
     with pytest.raises(KeyError, match="not in the run's index"):
         table.read_chunk(np.array([int(table.video.max()) + 1]))
+
+
+class _CountingReads:
+    """Bytes of the single-camera shards read through the storage layer (``read_ranges``: what a
+    ranged GET would fetch, the tar headers included), wrapped around the real function."""
+
+    def __init__(self, monkeypatch):
+        from dynamix_core import storage
+
+        self.bytes = 0
+        real = storage.read_ranges
+
+        def counting(uri, ranges, **kw):
+            out = real(uri, ranges, **kw)
+            if "synth_video" in str(uri):
+                self.bytes += sum(len(b) for b in out)
+            return out
+
+        monkeypatch.setattr(storage, "read_ranges", counting)
+
+
+def _image_sizes(tiny) -> dict[str, int]:
+    """Size of every single-camera image in the tar, by key (read with :mod:`tarfile`)."""
+    with tarfile.open(RankVideos.load(tiny["index_path"], 0, 1).tar[0]) as tar:
+        return {m.name.rsplit(".", 1)[0]: m.size for m in tar.getmembers() if m.name.endswith(".jpg")}
+
+
+def test_planned_reads_give_the_batches_of_whole_video_reads_and_read_only_what_they_use(tiny, monkeypatch):
+    """``reads="planned"`` reads each batch's single-camera images, not their videos: the batches are
+    those of whole-video reads, tensor for tensor, and the bytes read are exactly the planned images
+    with their 512-byte tar headers, where whole videos read several times the images used."""
+    from pipelines.train import data
+
+    used: list[str] = []
+    real = data.BatchProducer.materialise
+
+    def noting(self, plan, step):
+        used.extend(plan.single_refs)
+        return real(self, plan, step)
+
+    monkeypatch.setattr(data.BatchProducer, "materialise", noting)
+    size = _image_sizes(tiny)
+    counted = _CountingReads(monkeypatch)
+    _, _, producer = _make(tiny, max_video_uses=1)
+    whole = _take(producer, TOTAL_STEPS)
+    whole_bytes, whole_used = counted.bytes, sum(size[k] for k in used)
+    used.clear()
+    counted.bytes = 0
+    feed, _, producer = _make(tiny, max_video_uses=1, reads="planned")
+    planned = _take(producer, TOTAL_STEPS)
+    _assert_same_batches(planned, whole)
+    assert sum(size[k] for k in used) == whole_used
+    assert counted.bytes == sum(512 + size[k] for k in used)  # header + image of each planned image, nothing else
+    assert whole_bytes >= 3 * whole_used, whole_bytes / whole_used  # the tiny videos: ~45 images, a few used
+    assert all(isinstance(where, tuple) for v in feed.images.values() for where in v.values())  # no bytes held
+
+
+def test_planned_reads_resume_with_the_batches_of_the_uninterrupted_run(tiny):
+    """The checkpointed sampler buffer holds keys only; restored into a planned-reads feed, the
+    buffered videos' addresses are read from the index and the batches continue as uninterrupted."""
+    checkpoint = 5
+    _, _, producer = _make(tiny, rank=1, world=2, snapshot_at=lambda s: s == checkpoint, reads="planned")
+    full = _take(producer, TOTAL_STEPS)
+    state = producer.state_at(checkpoint)
+    feed, _, resumed = _make(tiny, rank=1, world=2, state=state, reads="planned")
+    _assert_same_batches(_take(resumed, TOTAL_STEPS - checkpoint), full[checkpoint:])
+    assert 0 < feed.videos_read <= len(state["single"]["buffer"])
+
+
+def test_an_unknown_single_reads_value_is_named():
+    with pytest.raises(ValueError, match="data.single_reads: 'some' is not one of"):
+        VideoFeed(None, None, 0, reads="some")

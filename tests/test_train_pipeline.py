@@ -60,7 +60,8 @@ def test_training_run_end_to_end(ray_local, tiny_data):
 
     # relabeling starts at half time; learning is judged on the target domain below
     cfg = tiny_config(tiny_data, "e2e", run__max_steps=16, run__checkpoint_every=8, run__eval_every=8,
-                      labeling__relabel__warmup_fraction=0.5, tracking__registered_model="reid-e2e")
+                      labeling__relabel__warmup_fraction=0.5, tracking__registered_model="reid-e2e",
+                      data__single_reads="planned")  # the Ray Data stream of whole videos: the cluster jobs' demo recipe
     result = run_training(cfg)
     history = _history(result.run_dir)
     assert [h["step"] for h in history] == [4, 8, 12, 16]

@@ -87,7 +87,8 @@ def test_train_with_shards_and_storage_on_s3_keeps_the_run_there_and_resumes_fro
                            run__storage=f"{s3_bucket}/runs", tracking__uri="null",
                            tracking__registered_model="reid-s3",
                            data__multi=f"[{shards['synth_m0']},{shards['synth_m1']}]",
-                           data__single=f"[{shards['synth_video']}]", data__target=shards["synth_target"])
+                           data__single=f"[{shards['synth_video']}]", data__target=shards["synth_target"],
+                           data__single_reads="planned")  # each planned image a ranged GET
 
     with caplog.at_level("WARNING", logger="dynamix.train"):
         first = run_training(config(8), progress=False)

@@ -41,11 +41,17 @@ def _forget(index_path: str) -> None:
     cached = _INDEX_FILES.pop(index_path, None)
     if cached is not None:
         cached[0].close()
+    for k in [k for k in _GROUPS if k[0] == index_path]:
+        del _GROUPS[k]
 
 
 _INDEX_FILES: dict[str, tuple] = {}
 _CACHE_LOCK = threading.Lock()
 _OPEN_INDEXES = 4
+#: the newest decoded row groups, ``(index_path, group, columns) -> pa.Table``: a stream reads its
+#: videos in index order, several to a row group, and reads each group once
+_GROUPS: dict[tuple, object] = {}
+_KEEP_GROUPS = 8
 
 
 def read_index_rows(index_path: str, start: int, stop: int, columns: list[str]):
@@ -56,8 +62,22 @@ def read_index_rows(index_path: str, start: int, stop: int, columns: list[str]):
     last = int(np.searchsorted(starts, stop - 1, side="right") - 1)
     if not 0 <= first <= last < pf.metadata.num_row_groups:
         return None
-    with lock:  # one file handle: row-group reads do not interleave
-        t = pf.read_row_groups(list(range(first, last + 1)), columns=columns)
+    import pyarrow as pa
+
+    parts = []
+    for g in range(first, last + 1):
+        key = (index_path, g, tuple(columns))
+        with _CACHE_LOCK:
+            part = _GROUPS.pop(key, None)
+        if part is None:
+            with lock:  # one file handle: row-group reads do not interleave
+                part = pf.read_row_group(g, columns=columns)
+        with _CACHE_LOCK:
+            _GROUPS[key] = part  # newest last
+            while len(_GROUPS) > _KEEP_GROUPS:
+                del _GROUPS[next(iter(_GROUPS))]
+        parts.append(part)
+    t = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
     return t.slice(start - int(starts[first]), stop - start)
 
 
@@ -89,6 +109,14 @@ def read_video(index_path: str, item: dict) -> tuple[list[str], list[bytes]]:
     s = item["row_start"]
     t = read_video_rows(index_path, item["video"], s, s + item["count"], ["key", "offset", "size"])
     return t["key"].to_pylist(), read_members(item["tar"], t["offset"].to_pylist(), t["size"].to_pylist())
+
+
+def read_video_addresses(index_path: str, item: dict) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Keys, member offsets and sizes of one video's images (``item`` as for :func:`read_video`),
+    from the index alone: nothing of the shard is read."""
+    s = item["row_start"]
+    t = read_video_rows(index_path, item["video"], s, s + item["count"], ["key", "offset", "size"])
+    return t["key"].to_pylist(), t["offset"].to_numpy().astype(np.int64), t["size"].to_numpy().astype(np.int64)
 
 
 class VideoTable:

@@ -397,13 +397,14 @@ def _member_at(header: bytes, data_size: int, key: str | None) -> str | None:
 
 
 def read_members(tar_path: str | Path, offsets: Iterable[int], sizes: Iterable[int],
-                 keys: Iterable[str] | None = None) -> list[bytes]:
+                 keys: Iterable[str] | None = None, **read_options) -> list[bytes]:
     """The data of the members at ``offsets`` (manifest ``offset``/``size`` columns) of one shard.
 
     Each read also takes the 512-byte tar header in front of the data and checks it (checksum, size,
     and the member name when ``keys`` are given): a shard rewritten since its manifest was read
     raises :class:`StaleShardError` instead of handing out another image's bytes. ``tar_path`` may
-    be a URI: header and data are one ranged read, and nearby members share one GET."""
+    be a URI: header and data are one ranged read, and nearby members share one GET
+    (``read_options``: ``gap`` and ``threads`` of :func:`dynamix_core.storage.read_ranges`)."""
     offsets, sizes = list(offsets), list(sizes)
     names = list(keys) if keys is not None else [None] * len(offsets)
     if len(sizes) != len(offsets) or len(names) != len(offsets):
@@ -411,7 +412,8 @@ def read_members(tar_path: str | Path, offsets: Iterable[int], sizes: Iterable[i
     for offset in offsets:
         if offset < BLOCK:
             raise StaleShardError(f"{tar_path}: offset {offset} leaves no room for a tar header")
-    blocks = storage.read_ranges(tar_path, [(offset - BLOCK, BLOCK + size) for offset, size in zip(offsets, sizes)])
+    blocks = storage.read_ranges(tar_path, [(offset - BLOCK, BLOCK + size) for offset, size in zip(offsets, sizes)],
+                                 **read_options)
     out = []
     for block, offset, size, key in zip(blocks, offsets, sizes, names):
         if len(block) != BLOCK + size:

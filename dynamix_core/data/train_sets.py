@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from dynamix_core.data.reader import read_dataset_manifest
 from dynamix_core.data.records import IdentityMap
-from dynamix_core.data.run_index import read_video, videos_path
+from dynamix_core.data.run_index import read_video, read_video_addresses, videos_path
 from dynamix_core.data.shards import read_members  # validates each tar header before reading
 from dynamix_core.errors import StopRun
 from dynamix_core.sampling import VideoSamples
@@ -127,6 +127,19 @@ def local_video_stream(videos: RankVideos, position: int) -> Iterator[tuple[int,
         yield (pos, *read_video(videos.index_path, videos.item(pos % n)))
 
 
+def local_video_addresses(videos: RankVideos, position: int) -> Iterator[tuple[int, list[str], tuple]]:
+    """``(position, keys, (offsets, sizes))`` from ``position`` on: where each video's images lie in
+    its shard, read from the run's index only (the stream of a feed with ``reads="planned"``)."""
+    n = len(videos)
+    for pos in itertools.count(position):
+        keys, offsets, sizes = read_video_addresses(videos.index_path, videos.item(pos % n))
+        yield pos, keys, (offsets, sizes)
+
+
+#: bytes between two planned images of one shard up to which they are fetched by one GET
+PLANNED_GAP = 0
+
+
 class VideoFeed:
     """This rank's single-camera stream (the sampler's ``VideoStream``), seekable.
 
@@ -138,7 +151,14 @@ class VideoFeed:
     enters the stream. A streamed video's images go into an LRU cache of ``cache_videos`` videos;
     a buffered video that left the cache (or was restored from a checkpoint into the sampler's
     buffer) is read again on its own, so no eviction can lose a buffered video. What this feed
-    holds grows with its videos and the cache, not with the images of the pass."""
+    holds grows with its videos and the cache, not with the images of the pass.
+
+    ``reads`` says what is read of a video: ``"videos"``, its whole images as the stream hands them
+    out; ``"planned"``, only where they lie (the stream is :func:`local_video_addresses`, the index's
+    rows), and then only the images the sampler planned into a batch (:meth:`read_images`: one ranged
+    read per image of a shard, ``read_threads`` at once). A tracker's video holds hundreds of images
+    and a batch uses a few dozen of each: reading whole videos reads each used image's bytes many
+    times over (``benchmarks/bench_stream_reads.py``)."""
 
     #: videos handed out in a row without a batch being planned, in passes over this rank's videos,
     #: before the feed gives up: labels cannot change meanwhile (they are applied between steps,
@@ -146,7 +166,12 @@ class VideoFeed:
     max_idle_passes = 3
 
     def __init__(self, videos: RankVideos | None, labels: np.ndarray | None, bank_offset: int, cache_videos: int = 256,
-                 stream: Callable[[RankVideos, int], Iterator[tuple]] = local_video_stream):
+                 stream: Callable[[RankVideos, int], Iterator[tuple]] | None = None, reads: str = "videos",
+                 read_threads: int = 8, read_gap: int = PLANNED_GAP):
+        if reads not in ("videos", "planned"):
+            raise ValueError(f"data.single_reads: {reads!r} is not one of ['videos', 'planned']")
+        self.reads, self.read_threads, self.read_gap = reads, read_threads, read_gap
+        stream = stream or (local_video_addresses if reads == "planned" else local_video_stream)
         self.videos = videos if videos is not None else RankVideos("", [], [], [], [])
         self.labels = labels
         self.bank_offset = bank_offset
@@ -197,7 +222,11 @@ class VideoFeed:
             idle += 1
             i = pos % num_videos
             video = int(self.videos.video[i])
-            self._cache(video, dict(zip(keys, images)))
+            if self.reads == "planned":  # where the images lie, not their bytes
+                offsets, sizes = images
+                self._cache(video, {k: (int(o), int(z)) for k, o, z in zip(keys, offsets, sizes)})
+            else:
+                self._cache(video, dict(zip(keys, images)))
             labels = self._labels_of(i)
             pids = np.where(labels >= 0, labels + self.bank_offset, -1)
             yield VideoSamples(video_id=video, refs=np.array(keys), pids=pids)
@@ -227,13 +256,64 @@ class VideoFeed:
         i = self.videos.ordinal(video)
         return self.videos.tar[i] if i is not None else "?"
 
+    def read_images(self, wanted: list[tuple[int, str]]) -> list[bytes]:
+        """Encoded bytes of each ``(video, key)``; with ``reads="planned"`` these images alone are read,
+        shard by shard, one ranged read each."""
+        if self.reads == "videos":
+            return [self.image(video, key) for video, key in wanted]
+        by_tar: dict[str, list[tuple[int, int, int]]] = {}
+        for n, (video, key) in enumerate(wanted):
+            offset, size = self._address(int(video), key)
+            by_tar.setdefault(self.shard_of(int(video)), []).append((n, offset, size))
+        out: list[bytes] = [b""] * len(wanted)
+
+        def read(tar: str) -> None:
+            items = by_tar[tar]
+            data = read_members(tar, [o for _, o, _ in items], [z for _, _, z in items], gap=self.read_gap,
+                                threads=self.read_threads)
+            for (n, _, _), blob in zip(items, data):
+                out[n] = blob
+
+        if len(by_tar) > 1 and self.read_threads > 1:  # the shards' reads at once, too
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(len(by_tar), self.read_threads)) as pool:
+                list(pool.map(read, by_tar))
+        else:
+            for tar in by_tar:
+                read(tar)
+        return out
+
+    def _address(self, video: int, key: str) -> tuple[int, int]:
+        """Offset and size of image ``key`` of ``video`` in its shard (``reads="planned"``)."""
+        return self._video_entry(video)[key]
+
     def image(self, video: int, key: str) -> bytes:
         """Encoded bytes of image ``key`` of ``video`` (read with its whole video on a cache miss)."""
+        if self.reads == "planned":
+            return self.read_images([(video, key)])[0]
+        return self._video_entry(video)[key]
+
+    def _video_entry(self, video: int) -> dict:
+        """The cached ``key -> bytes`` (``reads="videos"``) or ``key -> (offset, size)`` (``"planned"``)
+        of one of this rank's videos; on a miss the whole video, or its index rows, read again."""
         with self.lock:
-            images = self.images.get(video)
-            if images is not None:
+            entry = self.images.get(video)
+            if entry is not None:
                 self.images.move_to_end(video)
-                return images[key]
+                return entry
+        i = self.videos.ordinal(video)
+        if i is None:
+            raise KeyError(f"video {video} is not one of this rank's videos")
+        if self.reads == "planned":
+            keys, offsets, sizes = read_video_addresses(self.videos.index_path, self.videos.item(i))
+            entry = {k: (int(o), int(z)) for k, o, z in zip(keys, offsets, sizes)}
+        else:
+            keys, data = read_video(self.videos.index_path, self.videos.item(i))
+            entry = dict(zip(keys, data))
+        self.videos_read += 1
+        self._cache(video, entry)
+        return entry
         i = self.videos.ordinal(video)
         if i is None:
             raise KeyError(f"video {video} is not one of this rank's videos")

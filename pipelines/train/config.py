@@ -43,7 +43,8 @@ class RunSection:
 @dataclass(kw_only=True)
 class DataSection:
     multi: list[str] = field(default_factory=list, help="ingested multi-camera shard sets (train split is used)")
-    single: list[str] = field(default_factory=list, help="ingested single-camera shard sets (streamed as whole videos)")
+    single: list[str] = field(default_factory=list, help="ingested single-camera shard sets")
+    single_reads: Literal["videos", "planned"] = field("videos", help="what a trainer reads of the single-camera shards: whole videos streamed ahead by Ray Data tasks, or only the images the sampler planned into a batch (ranged reads by the prefetcher: for long videos, e.g. LUPerson's hundreds of images each, of which a batch uses a few dozen)")
     target: str | None = field(None, help="ingested shard set with the target domain's query/gallery")
     transform: TransformConfig = field(default_factory=TransformConfig, help="augmentation views")
     prefetch_batches: int = field(2, min=1, help="batches decoded ahead of the step in a background thread")

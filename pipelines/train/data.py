@@ -145,9 +145,10 @@ class BatchProducer(Prefetcher):
             i = self.multi_index[ref]
             items.append((self.multi.data[i], ref, step_seed, self.multi.shards[i] if self.multi.shards else "?"))
             camid.append(int(self.multi.camid[i]))
-        for ref, vid in zip(plan.single_refs, plan.single_video_ids):
-            items.append((self.feed.image(int(vid), ref), ref, step_seed, self.feed.shard_of(int(vid))))
-            camid.append(-1 - int(vid))  # single-camera images: one camera per video, never a multi camera
+        wanted = [(int(vid), ref) for ref, vid in zip(plan.single_refs, plan.single_video_ids)]
+        for (vid, ref), data in zip(wanted, self.feed.read_images(wanted) if wanted else []):
+            items.append((data, ref, step_seed, self.feed.shard_of(vid)))
+            camid.append(-1 - vid)  # single-camera images: one camera per video, never a multi camera
         views = list(self.pool.map(self._decode_one, items))
         num_multi = len(plan.multi_refs)
         video = np.concatenate([np.full(num_multi, -1), np.asarray(plan.single_video_ids, dtype=np.int64)])

@@ -173,7 +173,7 @@ def run_mixing(cfg, rt: Runtime, inputs: MixingInputs):
     if inputs.open_labels is not None:
         client, labels = inputs.open_labels(bank, progress)
         feed = VideoFeed(inputs.videos, labels, bank_offset, cache_videos=4 * cfg.sampler.video_buffer_size,
-                         **({"stream": inputs.video_stream} if inputs.video_stream is not None else {}))
+                         stream=inputs.video_stream, reads=cfg.data.single_reads)
     else:
         feed = VideoFeed(None, labels, bank_offset)
     sampler = MixedBatchSampler(cfg.sampler, refs=multi.keys, pids=multi.pid, camids=multi.camid,

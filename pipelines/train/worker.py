@@ -128,7 +128,9 @@ def train_loop_per_worker(config: dict) -> None:
         if cfg.uses_labeling_pool:
             inputs.open_labels = _label_opener(job, rt, multi.num_identities)
             inputs.videos = RankVideos.load(job.index_path, rt.rank, rt.world)
-            inputs.video_stream = ray_video_stream
+            # whole videos through Ray Data tasks, or (planned reads) the index rows read here and
+            # each planned image fetched by the prefetcher
+            inputs.video_stream = ray_video_stream if cfg.data.single_reads == "videos" else None
             inputs.num_single_identities = job.num_single_identities
             inputs.health = LabelingHealth(inputs.reporter.tracker) if rt.rank == 0 else None
         run_mixing(cfg, rt, inputs)
