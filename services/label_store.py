@@ -333,6 +333,14 @@ class LabelStore:
     def history(self) -> list[dict]:
         return self.table.history()
 
+    def version_for_step(self, step: int) -> int | None:
+        """The newest version committed for training step ``step`` after version 0 (None: none yet):
+        with ``labeling.deterministic`` each publish step's round commits exactly one."""
+        if self.version is None or self.step == step and self.version > 0:
+            return self.version if self.version else None
+        found = [r["version"] for r in self.table.history() if r.get("step") == step and r["version"] > 0]
+        return max(found) if found else None
+
     def resources(self) -> dict:
         """This process's resident memory and the store folder's size (MiB), for monitoring."""
         rss_kb = peak_kb = 0

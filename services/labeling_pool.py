@@ -147,6 +147,10 @@ class LabelingJob:
     transform: object  # TransformConfig
     relabel: object  # RelabelConfig
     cluster: object  # ClusterConfig
+    #: DynaMix, ``labeling.deterministic``: one round per publish step, on that step's weights and every
+    #: rank's request of that step, published as one version tagged with the step (see _pick_step_round)
+    deterministic: bool = False
+    world_size: int = 1
 
 
 @dataclass
@@ -167,6 +171,7 @@ class _Round:
     versions: list[int] = field(default_factory=list)  # label versions this round published
     started: float = field(default_factory=time.perf_counter)
     generation: int = 0  # the trainer group it was started for (see ``trainers_restarted``)
+    weights_ref: object = None  # deterministic rounds: the weights of their own step, not the newest
 
 
 class LabelingCoordinatorService:
@@ -203,6 +208,9 @@ class LabelingCoordinatorService:
         self.queue: collections.deque = collections.deque()
         self.lock = threading.Lock()
         self.weights: tuple[int, ray.ObjectRef] | None = None
+        # deterministic rounds: weights and requests by publish step (requests: rank -> videos)
+        self.step_weights: dict[int, ray.ObjectRef] = {}
+        self.step_requests: dict[int, dict[int, list[int]]] = collections.defaultdict(dict)
         self.latest_step = 0
         self.generation = 0  # +1 each time the trainers restart from a checkpoint
         self.next_global_id: int | None = None
@@ -227,6 +235,8 @@ class LabelingCoordinatorService:
             if self.weights is None or step >= self.weights[0]:
                 self.weights = (step, weights[0])
             self.latest_step = max(self.latest_step, step)
+            if self.job.deterministic:
+                self.step_weights[step] = weights[0]
 
     def trainers_restarted(self, step: int) -> None:
         """The trainer group restarted from its checkpoint of ``step``: forget the dead group's
@@ -237,6 +247,8 @@ class LabelingCoordinatorService:
             self.weights = None
             self.latest_step = step
             self.queue.clear()
+            self.step_weights.clear()  # the dead group's: the resumed trainers publish those steps again
+            self.step_requests.clear()
             self.generation += 1
             self.counters["trainer_restarts"] += 1
         log.info("labeling coordinator: trainers restarted at step %d", step)
@@ -246,6 +258,10 @@ class LabelingCoordinatorService:
         queue is full (backpressure: the newest requests are kept, they are about to be sampled)."""
         with self.lock:
             self.latest_step = max(self.latest_step, step)
+            if self.job.deterministic:  # every rank's request of a step makes one round: none is dropped
+                self.step_requests[step][rank] = list(video_ids)
+                self.counters["requests"] += 1
+                return True
             dropped = len(self.queue) >= self.job.queue_size
             if dropped:
                 self.queue.popleft()
@@ -272,7 +288,7 @@ class LabelingCoordinatorService:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self.lock:
-                idle = not self.busy and not self.queue
+                idle = not self.busy and not self.queue and not self.step_requests
             if idle:
                 return True
             time.sleep(0.1)
@@ -302,6 +318,8 @@ class LabelingCoordinatorService:
             return picked
 
     def _pick_videos_locked(self) -> tuple[int, np.ndarray] | None:
+        if self.job.deterministic:
+            return self._pick_step_round()
         if self.weights is None:
             return None
         if self.mode == "remix":
@@ -318,6 +336,18 @@ class LabelingCoordinatorService:
             if len(due):
                 return step, due
         return None
+
+    def _pick_step_round(self) -> tuple[int, np.ndarray] | None:
+        """``labeling.deterministic``: the earliest publish step whose weights and every rank's request
+        are in: its round relabels the due videos among the union of the requests, in order (and
+        is published even when none is due, so that the trainers waiting for that step go on)."""
+        ready = [s for s, by_rank in self.step_requests.items()
+                 if len(by_rank) >= self.job.world_size and s in self.step_weights]
+        if not ready:
+            return None
+        step = min(ready)
+        videos = sorted({v for vids in self.step_requests.pop(step).values() for v in vids})
+        return step, self.scheduler.due(step, np.asarray(videos, dtype=np.int64))
 
     def _chunk(self, rnd: _Round, chunk_id: int) -> dict:
         """Chunk ``chunk_id`` of the round: at most ``chunk_videos`` videos (an actor holds one chunk's
@@ -338,16 +368,29 @@ class LabelingCoordinatorService:
         if picked is None:
             return False
         step, videos = picked
+        if self.job.deterministic and ray.get(self.store.version_for_step.remote(step)) is not None:
+            # published before the run restarted (the same weights and requests: the same labels)
+            with self.lock:
+                self.step_weights.pop(step, None)
+                self.counters["rounds_reused"] += 1
+                self.busy = False
+            return False
         if self.next_global_id is None:
             self.next_global_id = int(ray.get(self.store.current.remote())["num_identities"])
         with self.lock:
-            weights_step, _ = self.weights
+            if self.job.deterministic:
+                weights_step, ref = step, self.step_weights.pop(step)
+            else:
+                (weights_step, _), ref = self.weights, None
             self.round_counter += 1
             self.round = _Round(self.round_counter, step, weights_step, np.asarray(videos, dtype=np.int64),
-                                -(-len(videos) // self._chunk_videos()), generation=self.generation)
+                                -(-len(videos) // self._chunk_videos()), generation=self.generation, weights_ref=ref)
         return True
 
     def _submit(self, rnd: _Round, chunk_id: int, worker_index: int):
+        if rnd.weights_ref is not None:  # a deterministic round: its own step's weights
+            worker = self.workers[worker_index % len(self.workers)]
+            return worker.process.remote(rnd.chunks[chunk_id], rnd.weights_step, [rnd.weights_ref])
         with self.lock:
             weights_step, ref = self.weights
         rnd.weights_step = min(rnd.weights_step, weights_step)
@@ -360,7 +403,11 @@ class LabelingCoordinatorService:
         found stale ends the round: its other chunks are not sent."""
         max_retries = self.job.max_chunk_retries
         max_out = 2 * len(self.workers)
-        commit_videos = max(1, self.job.commit_videos)
+        # a deterministic round is one version, its chunks in order, whatever order they finish in
+        commit_videos = len(rnd.videos) + 1 if self.job.deterministic else max(1, self.job.commit_videos)
+        if rnd.num_chunks == 0:  # nothing due: an empty version marks the step as done
+            self._commit(rnd)
+            return
         pending: dict = {}
         next_chunk = 0
         while not self._stop.is_set():
@@ -417,7 +464,7 @@ class LabelingCoordinatorService:
             self.counters["rounds_stale"] += 1
             log.info("labeling round %d discarded: started before the trainers restarted", rnd.round_id)
             return False
-        if rnd.weights_step < latest - self.job.max_staleness:
+        if rnd.weights_step < latest - self.job.max_staleness and not self.job.deterministic:
             self.counters["rounds_stale"] += 1
             log.info("labeling round %d discarded: weights of step %d, trainers at %d (max_staleness %d)",
                      rnd.round_id, rnd.weights_step, latest, self.job.max_staleness)
@@ -446,6 +493,10 @@ class LabelingCoordinatorService:
             if rnd.chunks[cid]["truth"] is not None:
                 truth.append(np.asarray(rnd.chunks[cid]["truth"], dtype=np.int64))
             counts.update({k: v for k, v in res["report"].items() if k.startswith("num_")})
+        if not results:  # an empty round
+            rows, labels, before, ids, cents, cvideos = ([np.zeros(0, np.int64)], [np.zeros(0, np.int64)],
+                                                         [np.zeros(0, np.int64)], [np.zeros(0, np.int64)],
+                                                         [np.zeros((0, 0), np.float32)], [np.zeros(0, np.int64)])
         after_N, before_N = np.concatenate(labels), np.concatenate(before)
         report = {**quality.cluster_stats(after_N), **{k: float(v) for k, v in counts.items()}}
         if truth:

@@ -26,11 +26,16 @@ class Prefetcher:
     name = "batch producer"
 
     def __init__(self, sampler, *, feed=None, prefetch: int = 2, threads: int = 2,
-                 snapshot_at: Callable[[int], bool] = lambda step: False):
+                 snapshot_at: Callable[[int], bool] = lambda step: False,
+                 before_plan: Callable[[int], None] | None = None, lock: threading.Lock | None = None):
         self.sampler, self.feed = sampler, feed
         self.snapshot_at = snapshot_at
+        # called in this thread before a step's batch is planned, after its snapshot, without the
+        # lock (it may wait; it takes the lock to change labels): step-locked label versions
+        self.before_plan = before_plan
         self.snapshots: dict[int, dict] = {}
-        self.lock = threading.Lock()  # guards the sampler (label updates arrive from the training thread)
+        # guards the sampler (label updates arrive from the training thread)
+        self.lock = lock if lock is not None else threading.Lock()
         self.pool = ThreadPoolExecutor(threads)
         self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self.error: BaseException | None = None
@@ -56,7 +61,12 @@ class Prefetcher:
                     step = self.sampler.step
                     if self.snapshot_at(step):
                         self.snapshots[step] = self.sampler.state_dict()
-                    plan = self.sampler.next_batch()
+                    if self.before_plan is None:
+                        plan = self.sampler.next_batch()
+                if self.before_plan is not None:
+                    self.before_plan(step)
+                    with self.lock:
+                        plan = self.sampler.next_batch()
                 if self.feed is not None:
                     self.feed.note_progress()
                 batch = self.materialise(plan, step)

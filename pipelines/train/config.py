@@ -68,6 +68,8 @@ class LabelingSection:
     keep_versions: int = field(KEEP_VERSIONS, help="label versions kept readable besides those a kept checkpoint references (older ones are deleted)")
     snapshot_every: int = field(SNAPSHOT_EVERY, help="every this many label versions the whole table is stored; the others store only their changed rows")
     quota: int | None = field(None, min=1, help="ReMix: single-camera images pseudo-labelled per round (default: size of the multi-camera train set)")
+    deterministic: bool = field(False, help="DynaMix: a run that is a function of its seed, and a resumed run that equals an uninterrupted one step by step: the round of publish step p (its weights and the videos every rank held then) is one label version, applied by every trainer at step p + apply_after, which waits for it when the round is slower")
+    apply_after: int = field(10, min=1, help="labeling.deterministic: steps between a publish and the step that applies its labels (the round's time budget before the trainers wait)")
     ground_truth: list[str] = field(default_factory=list, help="SynthReID ground_truth.parquet files: pseudo-label quality (pairwise F, purity) is measured against them")
     cluster: ClusterConfig = field(default_factory=ClusterConfig, help="ReMix: DBSCAN inside each video")
     relabel: RelabelConfig = field(default_factory=RelabelConfig, help="DynaMix: the Relabeling Module")
@@ -156,6 +158,9 @@ class TrainConfig:
                 raise ConfigError(f"labeling.{name}: {getattr(self.labeling, name)} must be >= 1")
         if self.labeling.max_chunk_retries < 0:
             raise ConfigError(f"labeling.max_chunk_retries: {self.labeling.max_chunk_retries} must be >= 0")
+        if self.labeling.deterministic and self.method != "dynamix":
+            raise ConfigError(f"labeling.deterministic: step-locked label versions are DynaMix's relabelling rounds; "
+                              f"method={self.method} has none (remove it)")
         if self.centroids.loss_mode == "sharded" and self.scaling.num_workers < 2:
             raise ConfigError("centroids.loss_mode=sharded needs scaling.num_workers >= 2")
 

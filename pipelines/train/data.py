@@ -107,10 +107,11 @@ class BatchProducer(Prefetcher):
 
     def __init__(self, sampler, multi: MultiCameraSet, feed: VideoFeed | None, transform: TransformConfig,
                  seed: int, prefetch: int = 2, threads: int = 2, snapshot_at: Callable[[int], bool] = lambda s: False,
-                 bad_images: str = "stop"):
+                 bad_images: str = "stop", before_plan: Callable[[int], None] | None = None, lock=None):
         if bad_images not in BAD_IMAGE_POLICIES:
             raise ValueError(f"data.bad_images: {bad_images!r} is not one of {list(BAD_IMAGE_POLICIES)}")
-        super().__init__(sampler, feed=feed, prefetch=prefetch, threads=threads, snapshot_at=snapshot_at)
+        super().__init__(sampler, feed=feed, prefetch=prefetch, threads=threads, snapshot_at=snapshot_at,
+                         before_plan=before_plan, lock=lock)
         self.bad_images = bad_images
         self.bad_images_skipped = 0
         self.multi = multi

@@ -88,7 +88,8 @@ def labeling_job(cfg: TrainConfig, run_dir: Path | str, index_path: str, quota: 
         max_chunk_retries=lab.max_chunk_retries, max_staleness=lab.max_staleness,
         embed_batch_size=lab.embed_batch_size, chunk_videos=lab.chunk_videos, commit_videos=lab.commit_videos,
         keep_versions=lab.keep_versions, snapshot_every=lab.snapshot_every, model=cfg.model,
-        transform=cfg.data.transform, relabel=lab.relabel, cluster=lab.cluster)
+        transform=cfg.data.transform, relabel=lab.relabel, cluster=lab.cluster, deterministic=lab.deterministic,
+        world_size=cfg.scaling.num_workers)
 
 
 def _initial_momentum_state(cfg: TrainConfig) -> dict:

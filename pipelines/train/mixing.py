@@ -12,6 +12,7 @@ it with Ray's rank, model wrapping, video stream, labelling client and reporter;
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -95,15 +96,27 @@ class Relabelling(Hook):
     (rank 0) forward the service's relabel quality and health to the reports."""
 
     def __init__(self, client, sampler, feed, bank, producer, trainer, *, publish_every: int, keep_checkpoints: int,
-                 rank: int, health: Callable[[dict, dict], None] | None = None):
+                 rank: int, health: Callable[[dict, dict], None] | None = None, locked=None):
         self.client, self.sampler, self.feed, self.bank = client, sampler, feed, bank
         self.producer, self.trainer = producer, trainer
         self.publish_every, self.keep_checkpoints, self.rank = publish_every, keep_checkpoints, rank
         self.health = health  # rank 0: (client, metrics) -> None, adds the service's numbers
+        self.locked = locked  # labeling.deterministic: a StepLockedLabels (versions at fixed steps)
+        self.saving: int | None = None  # the step of the checkpoint being written
+
+    def checkpoint_label_version(self) -> int | None:
+        if self.client is None:
+            return None
+        return self.locked.checkpoint_version(self.saving) if self.locked is not None else self.client.version
 
     def before_step(self, step: int) -> None:
         if self.client is None:
             self.engine.window.time("label_wait", 0.0)
+            return
+        if self.locked is not None:
+            t0 = time.perf_counter()
+            self.locked.before_step(step, self.bank, lambda: self.trainer.momentum.model.state_dict())
+            self.engine.window.time("label_wait", time.perf_counter() - t0)
             return
         waited = self.client.wait_s
         self.client.poll(self.sampler, self.feed, self.bank, self.producer.lock, step)
@@ -115,11 +128,17 @@ class Relabelling(Hook):
 
     def at_report(self, done: int, metrics: dict) -> None:
         version = self.client.version if self.client is not None else None
+        if self.locked is not None:  # the version the steps up to ``done`` trained with, not the prefetcher's
+            version = self.locked.checkpoint_version(done)
         metrics["label_version"] = float(version if version is not None else 0)
         if self.client is None:
             return
         if self.engine.is_checkpoint_step(done):
-            self.client.pin(self.keep_checkpoints)  # the store keeps this checkpoint's label version
+            self.saving = done
+            if self.locked is not None:
+                self.locked.before_checkpoint(done)
+            # the store keeps this checkpoint's label version
+            self.client.pin(self.keep_checkpoints, self.checkpoint_label_version())
         if self.health is not None:
             self.health(self.client, metrics)
 
@@ -183,8 +202,9 @@ def run_mixing(cfg, rt: Runtime, inputs: MixingInputs):
     def is_checkpoint_step(s: int) -> bool:
         return checkpoint_due(s, cfg.run.checkpoint_every, cfg.run.max_steps)
 
+    relabelling = None  # the hook below; the checkpoint records the label version it says
     ckpt = Checkpointer(rt.rank, device=rt.device,
-                        progress=lambda: {"label_version": None if client is None else client.version})
+                        progress=lambda: {"label_version": relabelling.checkpoint_label_version()})
     ckpt.add("trainer.pt", trainer, shared=True)
     ckpt.add("bank_rank{rank}.pt", bank)
     producer = None
@@ -201,18 +221,27 @@ def run_mixing(cfg, rt: Runtime, inputs: MixingInputs):
         start_step = ckpt.load(inputs.restore_dir)
         log.info("rank %d resumed at step %d", rt.rank, start_step)
 
+    locked = None
+    if client is not None and cfg.labeling.deterministic:
+        import threading
+
+        from pipelines.train.labels import StepLockedLabels
+
+        locked = StepLockedLabels(client, sampler, feed, threading.Lock(), publish_every=cfg.labeling.publish_every,
+                                  apply_after=cfg.labeling.apply_after)
     producer = BatchProducer(sampler, multi, feed, cfg.data.transform, seed=cfg.run.seed * 1000003 + rt.rank,
                              prefetch=cfg.data.prefetch_batches, threads=cfg.data.decode_threads,
-                             snapshot_at=is_checkpoint_step, bad_images=cfg.data.bad_images)
+                             snapshot_at=is_checkpoint_step, bad_images=cfg.data.bad_images,
+                             before_plan=None if locked is None else locked.before_plan,
+                             lock=None if locked is None else locked.lock)
     step = MixingStep(trainer, producer, rt.device)
     refresh_every = cfg.data.camera_centroid_every or max(1, len(multi.keys) // max(1, cfg.sampler.batch_size))
     refresh = CentroidRefresh(trainer, bank, multi, cfg, rt.device, refresh_every)
     refresh.restored = inputs.restore_dir is not None and trainer.camera_centroids is not None
-    hooks: list[Hook] = [refresh, step,
-                         Relabelling(client, sampler, feed, bank, producer, trainer,
-                                     publish_every=cfg.labeling.publish_every,
-                                     keep_checkpoints=cfg.run.keep_checkpoints, rank=rt.rank,
-                                     health=inputs.health)]
+    relabelling = Relabelling(client, sampler, feed, bank, producer, trainer, publish_every=cfg.labeling.publish_every,
+                              keep_checkpoints=cfg.run.keep_checkpoints, rank=rt.rank, health=inputs.health,
+                              locked=locked)
+    hooks: list[Hook] = [refresh, step, relabelling]
     if cfg.data.target and rt.rank == 0:
         target = TargetSet.load(cfg.data.target, cfg.data.transform)
         hooks.append(EvalHook(lambda: evaluate_target(trainer.momentum, target, cfg.eval, rt.device),
