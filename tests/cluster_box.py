@@ -98,16 +98,20 @@ def start_worker_node(gcs: str, temp_dir: Path, env: dict, cwd: Path, num_cpus: 
     return _spawn(cmd, env, log_path, cwd)
 
 
-def wait_for_nodes(gcs: str, count: int, env: dict, timeout: float = 300) -> None:
+def wait_for_nodes(gcs: str, count: int, env: dict, timeout: float = 300, node: Process | None = None) -> bool:
     """Until ``count`` nodes are alive in the cluster (asked through the GCS by ``ray list nodes``-like
-    code in a separate process, so this test process never joins the cluster)."""
+    code in a separate process, so this test process never joins the cluster); False as soon as
+    ``node`` (the node being waited for) has exited: ``ray start`` gives up when its raylet does
+    not register within 30 s, which a loaded machine can miss."""
     code = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False, logging_level='ERROR');"
             "print(sum(1 for n in ray.nodes() if n['Alive']))")
     deadline = time.monotonic() + timeout
     while True:
+        if node is not None and not node.alive():
+            return False
         out = subprocess.run([sys.executable, "-c", code, gcs], env=env, capture_output=True, text=True, timeout=120)
         if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
-            return
+            return True
         assert time.monotonic() < deadline, f"{count} nodes not alive after {timeout} s: {out.stdout[-500:]}{out.stderr[-1500:]}"
         time.sleep(2)
 

@@ -152,9 +152,13 @@ def box(tmp_path_factory, s3_server):
         else:
             pytest.fail(f"three Ray heads in a row could not run a job; the last one's log:\n{head.log_tail()}")
         started.append(head)
-        worker = start_worker_node(gcs, Path(f"/tmp/rbw{os.getpid()}"), node_env, cwd, 2, root / "worker.log")
-        started.append(worker)
-        wait_for_nodes(gcs, 2, node_env)
+        for attempt in range(3):  # `ray start` gives a raylet 30 s to register: a loaded box can miss it
+            worker = start_worker_node(gcs, Path(f"/tmp/rbw{os.getpid()}"), node_env, cwd, 2, root / f"worker{attempt}.log")
+            started.append(worker)
+            if wait_for_nodes(gcs, 2, node_env, node=worker):
+                break
+        else:
+            pytest.fail(f"three Ray worker nodes in a row did not join; the last one's log:\n{worker.log_tail()}")
         yield {"address": address, "ray_tmpdir": f"/tmp/rbh{os.getpid()}", "gcs": gcs, "bucket": bucket, "prod": prod, "endpoint": s3_server,
                "tracking_uri": tracking_uri, "docs": docs, "values": values, "cwd": cwd, "root": root,
                "truth": truth, "env": node_env}
