@@ -86,9 +86,7 @@ def run_suite(suite: str, out: Path, *, steps: int, seeds: int = 3, overrides: l
             runs[name].append({"seed": seed, "mAP": float(metrics["eval/mAP"]), "rank1": float(metrics["eval/rank1"])})
             if suite == "mixing" and json_path:
                 recorded[run_name] = {"row": name, **runs[name][-1]}
-                Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(json_path, json.dumps(partial_mixing_result(runs, recorded, preset=preset, steps=steps,
-                                                                         seeds=seeds), indent=2) + "\n")
+                _write_json(json_path, partial_mixing_result(runs, recorded, preset=preset, steps=steps, seeds=seeds))
     rows = [aggregate(name, recipe, runs[name]) for name, recipe in SUITES[suite]]
     folder = out / "experiments"
     folder.mkdir(parents=True, exist_ok=True)
@@ -99,8 +97,7 @@ def run_suite(suite: str, out: Path, *, steps: int, seeds: int = 3, overrides: l
         table += "\n\n" + format_differences(result)
         result.update(finished=True, seeds_planned=seeds, runs=recorded)
         for path in [folder / f"{stem}_paired.json"] + ([Path(json_path)] if json_path else []):
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, json.dumps(result, indent=2) + "\n")
+            _write_json(path, result)
     (folder / f"{stem}.md").write_text(table + "\n")
     (folder / f"{stem}.json").write_text(json.dumps(rows, indent=2))
     plot_rows(rows, folder / f"{stem}.png",
@@ -108,6 +105,11 @@ def run_suite(suite: str, out: Path, *, steps: int, seeds: int = 3, overrides: l
     print(table, flush=True)
     print(f"[experiment] table and plot: {folder / stem}.md / .png", flush=True)
     return rows
+
+
+def _write_json(path: str | Path, obj: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_recorded_runs(json_path: Path | None, *, preset: str, steps: int) -> dict[str, dict]:

@@ -92,6 +92,7 @@ class LabelStore:
         #: switch to them reads nothing from storage: version -> (rows, (ids, centroids, videos))
         self._recent: collections.OrderedDict = collections.OrderedDict()
         self._held: int | None = None  # the version trainers last switched to (kept by retention)
+        self._step_versions: dict[int, int] | None = None  # step -> newest version committed for it
         self._recover()
 
     def _share(self, payload):
@@ -213,6 +214,8 @@ class LabelStore:
             raise
         self.version, self.step, self.num_identities = version, step, num_identities
         self._identities_at[version] = num_identities
+        if self._step_versions is not None:
+            self._step_versions[int(step)] = version
         cents = np.asarray(centroids, np.float32)
         self._recent[version] = (changed, before, (ids, cents.reshape(len(ids), cents.shape[-1] if cents.ndim == 2 else 0),
                                            np.asarray(centroid_videos, np.int64)))
@@ -335,11 +338,12 @@ class LabelStore:
 
     def version_for_step(self, step: int) -> int | None:
         """The newest version committed for training step ``step`` after version 0 (None: none yet):
-        with ``labeling.deterministic`` each publish step's round commits exactly one."""
-        if self.version is None or self.step == step and self.version > 0:
-            return self.version if self.version else None
-        found = [r["version"] for r in self.table.history() if r.get("step") == step and r["version"] > 0]
-        return max(found) if found else None
+        with ``labeling.deterministic`` each publish step's round commits exactly one. Trainers poll
+        it while they wait: answered from memory, the audit log read once per process."""
+        if self._step_versions is None:
+            records = sorted((r for r in self.table.history() if r["version"] > 0), key=lambda r: r["version"])
+            self._step_versions = {int(r.get("step", 0)): r["version"] for r in records}  # the newest wins
+        return self._step_versions.get(step)
 
     def resources(self) -> dict:
         """This process's resident memory and the store folder's size (MiB), for monitoring."""

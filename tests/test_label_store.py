@@ -291,3 +291,18 @@ def test_a_trainer_lagging_within_the_retention_window_catches_up_without_readin
     got = svc.changes_since(latest - 9)
     assert not got.full and labels_of(got) == labels_of(expected)
     assert_centroids(got, centroid_rows(expected))
+
+
+def test_the_version_of_a_training_step_is_found_before_and_after_a_restart(tmp_path):
+    """Step-locked labels wait for the version committed for a publish step: the newest one of that
+    step, none before its commit, the same from a store recovered from the folder."""
+    from services.label_store import LabelStore
+
+    store = LabelStore(str(tmp_path))
+    store.initialise(np.zeros(10, np.int32))
+    assert store.version_for_step(4) is None
+    for rows, pids, step in (([1], [2], 4), ([2], [3], 8), ([3], [4], 8)):
+        store.commit(rows, pids, step=step, centroid_ids=[], centroids=np.zeros((0, 3)), centroid_videos=[])
+    assert (store.version_for_step(4), store.version_for_step(8), store.version_for_step(0)) == (1, 3, None)
+    again = LabelStore(str(tmp_path))
+    assert (again.version_for_step(4), again.version_for_step(8)) == (1, 3)
