@@ -18,7 +18,7 @@ column chunks, from the parquet metadata). The ``videos`` mode reads in-process 
 :func:`dynamix_core.data.train_sets.local_video_stream`, the same ``read_video`` a Ray Data read
 task runs in a training worker; Ray Data itself is not started (its tasks read the same bytes, in
 other processes). ``used`` is the bytes of the images the batches hold, an image counted each time
-a batch holds it. Goal (issue 28): planned <= 1.5 bytes read per byte used.
+a batch holds it. Goal: planned <= 1.5 bytes read per byte used.
 """
 
 from __future__ import annotations
