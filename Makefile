@@ -24,14 +24,14 @@ install: $(STAMP)  ## create .venv and install the pinned dependencies
 demo: $(STAMP)  ## synthesize SynthReID, ingest it, train + evaluate DynaMix on local Ray
 	$(VENV)/bin/dynamix demo --out $(DEMO_DIR)
 
-test: $(STAMP)  ## run the test suite (CPU), without the long scenarios (`make scenarios`)
-	$(VPY) -m pytest -q -m "not slow" --durations=30
+test: $(STAMP)  ## run the test suite (CPU), without the long scenarios (`make scenarios`): the Ray tier in one worker, the Ray-free tests in the other
+	$(VPY) -m pytest -q -m "not slow" -n 2 --durations=30
 
 scenarios: $(STAMP)  ## the long end-to-end scenarios (kill/restart matrices, S3 and cluster variants, every clustering recipe)
 	$(VPY) -m pytest -q -m slow --durations=15
 
 test-fast: $(STAMP)  ## the tests that start no Ray and are not long scenarios (a few minutes)
-	$(VPY) -m pytest -q -m "not ray and not slow" --durations=10
+	$(VPY) -m pytest -q -m "not ray and not slow" -n 2 --durations=10
 
 bench: $(STAMP)  ## run every benchmark (each prints its ratio against a reference measured in the same run), then the long scenarios
 	$(VPY) benchmarks/run_all.py

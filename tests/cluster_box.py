@@ -37,18 +37,34 @@ class Process:
             return ""
 
     def stop(self) -> None:
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        if self._log is not None:
-            self._log.close()
+        stop_all([self])
+
+
+def stop_all(processes: list[Process], grace_s: float = 10.0) -> None:
+    """SIGTERM to every process group at once, up to ``grace_s`` for them to exit, then SIGKILL to
+    what is left of each group (a node's raylet, GCS and workers are in its group): a test's
+    teardown never waits on one service after another."""
+    for p in processes:
+        try:
+            os.killpg(p.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    for p in processes:
+        try:
+            p.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(p.proc.pid, signal.SIGKILL)  # whatever of the group outlived its leader
+        except ProcessLookupError:
+            pass
+        try:
+            p.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        if p._log is not None:
+            p._log.close()
 
 
 def _spawn(cmd: list[str], env: dict, log_path: Path, cwd: Path | None = None) -> Process:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -45,15 +47,59 @@ def init_local_ray(env_vars: dict[str, str] | None = None) -> None:
 
 
 #: fixtures that start Ray (or a cluster): a test using one is in the ``ray`` tier
-RAY_FIXTURES = {"ray_local", "box", "train_job", "ray_head"}
+RAY_FIXTURES = {"ray_local", "box", "train_job"}
+
+
+#: test files whose tests start a cluster of their own (``ray start`` processes) and never join the
+#: session's Ray instance: xdist runs each beside the tests that do
+OWN_CLUSTER_FILES = {"tests/test_cluster_jobs.py"}
+_RAY_FILE = re.compile(r"\b(ray_local|box|train_job)\b|pytest\.mark\.ray\b")
+
+
+@functools.lru_cache(maxsize=None)
+def starts_ray(path: str) -> bool:
+    """Whether the test file at ``path`` (relative to the repository) holds a test of the ``ray``
+    tier: it names a Ray fixture or the marker. Decided from the file's text, so that xdist's
+    controller, which collects nothing, can schedule by it."""
+    try:
+        return bool(_RAY_FILE.search((REPO_ROOT / path).read_text()))
+    except OSError:
+        return False
 
 
 def pytest_collection_modifyitems(config, items):
     """Tests that use a Ray fixture carry the ``ray`` marker, so ``make test-fast`` (-m "not ray and
-    not slow") leaves them out without each file having to say so."""
+    not slow") leaves them out without each file having to say so. A file holding a ``ray`` test
+    must be recognised by :func:`starts_ray` (the scheduler below keeps such files in one worker)."""
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
+        if item.get_closest_marker("ray") is not None and not starts_ray(item.nodeid.split("::")[0]):
+            raise pytest.UsageError(f"{item.nodeid} is in the ray tier but its file names neither a Ray fixture "
+                                    f"nor pytest.mark.ray: add `pytestmark = pytest.mark.ray` to it")
+
+
+try:  # `make test` runs `-n 2`: the Ray tier in one worker, on one Ray instance, beside the Ray-free tests
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # pragma: no cover - xdist is in requirements.lock
+    LoadScopeScheduling = None
+
+if LoadScopeScheduling is not None:
+    class RayTierScheduling(LoadScopeScheduling):
+        """Every test of a file that uses the session's Ray instance is in one unit of work (one worker
+        runs them in order, on one Ray instance); the cluster box's file is another (its nodes are
+        processes of their own, so it can run beside that unit); every other test is a unit of its own. (xdist's
+        own ``--dist loadgroup`` does not group under pytest 9.2: it renames ``item._nodeid``, which
+        pytest 9.2 no longer reads.)"""
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::")[0]
+            if path in OWN_CLUSTER_FILES:
+                return "cluster-box"
+            return "ray-tier" if starts_ray(path) else nodeid
+
+    def pytest_xdist_make_scheduler(config, log):
+        return RayTierScheduling(config, log)
 
 
 @pytest.fixture(autouse=True)

@@ -42,20 +42,35 @@ def _newest(run_dir: Path) -> Path:
     return run_dir / snap["latest_checkpoint_result"]["checkpoint_dir_name"]
 
 
-def test_truncated_then_deleted_newest_checkpoint_resumes_from_the_previous(ray_local, tiny, capsys):
+def _truncated_newest_resumes_from_the_previous(root: Path, capsys) -> Path:
     from pipelines.train.driver import run_training
 
-    run_dir = run_training(_cfg(tiny, 4), progress=False).run_dir
+    run_dir = run_training(_cfg(root, 4), progress=False).run_dir
     newest = _newest(run_dir)
     assert json.loads((newest / "progress.json").read_text())["step"] == 4
     (newest / "trainer.pt").write_bytes((newest / "trainer.pt").read_bytes()[:1000])  # truncated
 
-    result = run_training(_cfg(tiny, 6), progress=True)
+    result = run_training(_cfg(root, 6), progress=True)
     assert f"checkpoint {newest} cannot be used: trainer.pt has 1000 bytes" in capsys.readouterr().out
     assert _starts(run_dir) == [0, 2]  # resumed from the checkpoint at step 2, not from scratch
     assert result.metrics["step"] == 6 and not newest.exists()
+    return run_dir
 
+
+def test_truncated_newest_checkpoint_resumes_from_the_previous(ray_local, tiny, tmp_path, capsys):
+    shutil.copytree(tiny / "shards", tmp_path / "shards")
+    _truncated_newest_resumes_from_the_previous(tmp_path, capsys)
+
+
+@pytest.mark.slow
+def test_truncated_then_deleted_newest_checkpoint_resumes_from_the_previous(ray_local, tiny, tmp_path, capsys):
+    """The same, then the newest folder deleted by hand (each case is also caught without Ray by
+    tests/test_checkpoint_repair.py)."""
+    from pipelines.train.driver import run_training
+
+    shutil.copytree(tiny / "shards", tmp_path / "shards")
+    run_dir = _truncated_newest_resumes_from_the_previous(tmp_path, capsys)
     shutil.rmtree(_newest(run_dir))  # the newest folder deleted by hand
-    result = run_training(_cfg(tiny, 8), progress=False)
+    result = run_training(_cfg(tmp_path, 8), progress=False)
     assert _starts(run_dir) == [0, 2, 4]
     assert result.metrics["step"] == 8

@@ -2,7 +2,8 @@
 node, :mod:`cluster_box`), whose only shared storage is an S3 API on loopback (moto's server), with a
 real ``mlflow server`` whose artifacts go to that bucket. Jobs are submitted with Ray's own job
 client and CLI (and ``dynamix submit``), with the entrypoints and runtime environment the Helm chart
-renders for values pointing at the loopback bucket.
+renders for values pointing at the loopback bucket. The job commands (``dynamix submit / status /
+logs / stop``) are tested against the same cluster.
 
 What a job stored is read back with boto3 and MLflow's client (independent of the code under test).
 The nodes start in an empty folder, the jobs' working directory: it must stay empty (no ``mlruns``,
@@ -15,12 +16,14 @@ import json
 import os
 import shlex
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cluster_box import (VENV_BIN, start_head, start_mlflow_server, start_worker_node, wait_for_job,
+from cluster_box import (VENV_BIN, start_head, start_mlflow_server, start_worker_node, stop_all, wait_for_job,
                          wait_for_nodes, wait_until_runs_a_job)
 from conftest import REPO_ROOT, TINY_SYNTH, s3_test_env
 
@@ -163,8 +166,7 @@ def box(tmp_path_factory, s3_server):
                "tracking_uri": tracking_uri, "docs": docs, "values": values, "cwd": cwd, "root": root,
                "truth": truth, "env": node_env}
     finally:
-        for proc in reversed(started):
-            proc.stop()
+        stop_all(list(reversed(started)))
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -313,3 +315,89 @@ def test_a_command_beside_a_ray_start_head_runs_locally_unless_it_is_told_to_joi
         out = subprocess.run([str(VENV_BIN / "python"), "-c", code, address], env=env, cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == expected, (address, out.stdout, out.stderr[-2000:])
+
+
+# ---- the job commands (`dynamix submit / status / logs / stop`) against the same cluster ----
+
+
+def _dynamix(box, args, timeout=300):
+    return subprocess.run([str(VENV_BIN / "dynamix"), *args], env=box["env"], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO_ROOT)
+
+
+def _submit_when_the_agent_is_up(client, entrypoint: str) -> str:
+    deadline = time.monotonic() + 120
+    while True:  # the job agent may still be starting (see services.jobs.submit_job)
+        try:
+            return client.submit_job(entrypoint=entrypoint)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
+def test_submit_wait_status_logs(box):
+    address = box["address"]
+    out = _dynamix(box, ["submit", "--address", address, "--working-dir", str(REPO_ROOT), "--env", "DX_MARK=hello-job",
+                         "--wait", "--", "status", "--help"])
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.splitlines()[0].strip()
+    assert "the id printed by dynamix submit" in out.stdout  # the job's own output, streamed back
+    st = _dynamix(box, ["status", "--address", address, job_id])
+    assert st.returncode == 0 and "SUCCEEDED" in st.stdout and "dynamix status --help" in st.stdout
+    logs = _dynamix(box, ["logs", "--address", address, job_id])
+    assert "show the status of a submitted job" in logs.stdout.lower()
+
+
+def test_failing_job_reports_failed(box):
+    out = _dynamix(box, ["submit", "--address", box["address"], "--wait", "--", "status", "--address",
+                         "http://127.0.0.1:9", "nojob"])
+    assert out.returncode == 1
+    assert "FAILED" in out.stderr
+
+
+def test_stop_a_running_job(box):
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(box["address"])
+    job_id = _submit_when_the_agent_is_up(
+        client, f"{sys.executable} -c 'import time; print(\"started\", flush=True); time.sleep(600)'")
+    deadline = time.monotonic() + 60
+    while "started" not in client.get_job_logs(job_id):
+        assert time.monotonic() < deadline, client.get_job_info(job_id)
+        time.sleep(0.5)
+    out = _dynamix(box, ["stop", "--address", box["address"], job_id])
+    assert out.returncode == 0 and "stop requested" in out.stdout
+    deadline = time.monotonic() + 60
+    while str(client.get_job_status(job_id)) not in ("STOPPED", "JobStatus.STOPPED"):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+
+
+def test_bad_input_is_a_clear_error(box, tmp_path):
+    unpinned = tmp_path / "req.txt"
+    unpinned.write_text("numpy\n")
+    out = _dynamix(box, ["submit", "--address", box["address"], "--requirements", str(unpinned), "--", "status", "x"])
+    assert out.returncode == 2 and "pin every package" in out.stderr
+    out = _dynamix(box, ["submit", "--address", box["address"], "--", "rm", "-rf", "/"])
+    assert out.returncode == 2 and "dynamix subcommand" in out.stderr
+    out = _dynamix(box, ["status", "--address", "http://127.0.0.1:9", "raysubmit_x"])
+    assert out.returncode == 2 and "127.0.0.1:9" in out.stderr
+
+
+def test_follow_streams_only_new_output(box, monkeypatch):
+    """`dynamix logs --follow` reads the log-tail stream: while following, the full log is never
+    fetched again (job_logs is made to fail), and every line arrives once, in order."""
+    import services.jobs as jobs
+    from ray.job_submission import JobSubmissionClient
+
+    script = "import time\nfor i in range(4):\n    print(f'line-{i}', flush=True); time.sleep(0.5)"
+    job_id = _submit_when_the_agent_is_up(JobSubmissionClient(box["address"]),
+                                          f"{sys.executable} -c {shlex.quote(script)}")
+
+    def no_full_fetch(*_):
+        raise AssertionError("follow fetched the whole log again")
+
+    monkeypatch.setattr(jobs, "job_logs", no_full_fetch)
+    text = "".join(jobs.follow_logs(box["address"], job_id))
+    assert [ln for ln in text.splitlines() if ln.startswith("line-")] == [f"line-{i}" for i in range(4)]

@@ -91,46 +91,18 @@ def test_recipe_trains_evaluates_tracks_and_exports(ray_local, tiny_data, method
     model = build_encoder(ModelConfig(backbone="test_resnet", img_size=(32, 16), num_stripes=cfg.model.num_stripes,
                                       ibn=True))
     load_weights(model, result.weights_path)  # strict: the export is exactly the encoder
-    if method == "cluster_contrast":
-        # the same run, longer (one method: each run costs a Ray Train start): it restarts from the
-        # step-6 checkpoint, clusters again there, and trains only the new steps
-        longer = tiny_config(tiny_data, recipe, f"{method}-e2e", *extra, "run.max_steps=9",
-                             "cluster_method.cluster_contrast.num_epochs=3")
-        resumed = run_training(longer)
-        assert [h["step"] for h in _history(resumed.run_dir)] == [3, 6, 9]
-        assert resumed.metrics["step"] == 9 and resumed.metrics["epoch"] == 2.0
 
 
-def test_draw_batch_repeats_draws_when_an_epoch_has_few_clusters():
-    labels = np.repeat(np.arange(3), 4)  # 3 clusters of 4 images
-    camid = np.tile([0, 1], 6)
-    batches = []
-    for rank in range(2):
-        sampler = cluster_sampler(labels, camid, images_per_id=2, seed=5, rank=rank, world_size=2)
-        batches.append(draw_batch(sampler, num_ids=4, world=2))
-    for refs, lab in batches:
-        assert len(refs) == len(lab) == 8  # the batch keeps its size: 4 draws of 1 cluster x 2 images
-        np.testing.assert_array_equal(labels[refs], lab)
-    # each draw hands the two ranks different clusters (3 clusters: one each per draw)
-    for d in range(4):
-        assert batches[0][1][2 * d] != batches[1][1][2 * d]
-    with pytest.raises(RuntimeError, match="only 1 clusters this epoch for 2 workers"):
-        draw_batch(cluster_sampler(np.zeros(4, dtype=np.int64), camid[:4], images_per_id=2, rank=0, world_size=2), 4, 2)
+@pytest.mark.slow
+def test_a_clustering_run_made_longer_resumes_and_clusters_again_at_its_checkpoint(ray_local, tiny_data):
+    """Cluster-Contrast for 6 steps, then the same run to 9: it restarts from the step-6 checkpoint,
+    clusters again there, and trains only the new steps."""
+    from pipelines.train.driver import run_training
 
-
-def test_cluster_method_section_rules():
-    base = ["data.multi=[m]", "model.img_size=[32,16]", "data.transform.height=32", "data.transform.width=16"]
-    cfg = load_config(TrainConfig, None, base + ["method=cluster_contrast", "run.max_steps=120"])
-    assert cfg.cluster_method.steps_per_epoch("cluster_contrast", 120) == 3  # default 50 epochs: ceil(120 / 50)
-    calr = load_config(TrainConfig, None, base + ["method=calr", "run.max_steps=120"])
-    assert calr.cluster_method.steps_per_epoch("calr", 120) == 2  # 10 local + 50 global epochs
-    multicam = ["method=multicam", "sampler.schedule=[{step_fraction: 0.0, multi_fraction: 1.0, ids_per_video: 1}]"]
-    assert load_config(TrainConfig, None, base + multicam).cluster_method is None
-    with pytest.raises(ConfigError, match="cluster_method: read only by"):
-        load_config(TrainConfig, None, base + multicam + ["cluster_method.images_per_id=2"])
-    with pytest.raises(ConfigError, match=r"num_epochs = 50: must lie in \[1, run.max_steps=10\]"):
-        load_config(TrainConfig, None, base + ["method=cluster_contrast", "run.max_steps=10"])
-    with pytest.raises(ConfigError, match="local_epochs=0"):
-        load_config(TrainConfig, None, base + ["method=calr", "cluster_method.calr.local_epochs=0"])
-    with pytest.raises(ConfigError, match="data.single: method=domainmix"):
-        load_config(TrainConfig, None, base + ["method=domainmix"])
+    recipe, extra, _ = RECIPES["cluster_contrast"]
+    run_training(tiny_config(tiny_data, recipe, "cluster_contrast-longer", *extra))
+    longer = tiny_config(tiny_data, recipe, "cluster_contrast-longer", *extra, "run.max_steps=9",
+                         "cluster_method.cluster_contrast.num_epochs=3")
+    resumed = run_training(longer)
+    assert [h["step"] for h in _history(resumed.run_dir)] == [3, 6, 9]
+    assert resumed.metrics["step"] == 9 and resumed.metrics["epoch"] == 2.0

@@ -387,6 +387,7 @@ def test_killing_a_pool_actor_mid_round_loses_nothing(remix_pool, tmp_path):
     assert changed_keys(pool, latest) == changed_keys(pool, reference)
 
 
+@pytest.mark.slow
 def test_a_chunk_that_keeps_losing_its_actor_fails_the_round_with_its_cause(ray_local, shards, tmp_path):
     """Retries are capped (labeling.max_chunk_retries): the round fails, is counted and its cause is
     kept, and the driver's wait for the first ReMix round stops with that cause instead of training
@@ -452,6 +453,7 @@ def test_first_remix_round_timeout_fails_the_run_and_stops_its_actors(ray_local,
             ray.get_actor(actor, namespace="dynamix")
 
 
+@pytest.mark.slow
 def test_a_restarted_coordinator_keeps_its_relabel_pass(ray_local, shards, tmp_path):
     """The coordinator is killed (and restarts by itself) after relabelling part of a pass: the
     videos done in that pass are not relabelled again, the others still are."""
