@@ -50,9 +50,6 @@ def init_local_ray(env_vars: dict[str, str] | None = None) -> None:
 RAY_FIXTURES = {"ray_local", "box", "train_job"}
 
 
-#: test files whose tests start a cluster of their own (``ray start`` processes) and never join the
-#: session's Ray instance: xdist runs each beside the tests that do
-OWN_CLUSTER_FILES = {"tests/test_cluster_jobs.py"}
 _RAY_FILE = re.compile(r"\b(ray_local|box|train_job)\b|pytest\.mark\.ray\b")
 
 
@@ -86,17 +83,16 @@ except ImportError:  # pragma: no cover - xdist is in requirements.lock
 
 if LoadScopeScheduling is not None:
     class RayTierScheduling(LoadScopeScheduling):
-        """Every test of a file that uses the session's Ray instance is in one unit of work (one worker
-        runs them in order, on one Ray instance); the cluster box's file is another (its nodes are
-        processes of their own, so it can run beside that unit); every other test is a unit of its own. (xdist's
+        """Every test of a file that starts Ray is in one unit of work: one worker runs them in order,
+        on one Ray instance, and the cluster box never starts its nodes beside another Ray training
+        run of the suite (run beside the Ray tier, on a box loaded by a `make demo`, the box's worker
+        node missed Ray's fixed 30 s raylet registration three times in a row). Every other test is
+        a unit of its own. (xdist's
         own ``--dist loadgroup`` does not group under pytest 9.2: it renames ``item._nodeid``, which
         pytest 9.2 no longer reads.)"""
 
         def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::")[0]
-            if path in OWN_CLUSTER_FILES:
-                return "cluster-box"
-            return "ray-tier" if starts_ray(path) else nodeid
+            return "ray-tier" if starts_ray(nodeid.split("::")[0]) else nodeid
 
     def pytest_xdist_make_scheduler(config, log):
         return RayTierScheduling(config, log)

@@ -32,6 +32,8 @@ helm = pytest.importorskip("helm_python")
 
 CHART = REPO_ROOT / "helm" / "dynamix"
 MODEL_NAME = "box-reid"
+#: `ray start --address` attempts for the box's second node (each gets Ray's fixed 30 s to register)
+WORKER_NODE_ATTEMPTS = 5
 SETS = {"synth_m0": "multi", "synth_m1": "multi", "synth_video": "single", "synth_target": "target"}
 
 
@@ -155,13 +157,15 @@ def box(tmp_path_factory, s3_server):
         else:
             pytest.fail(f"three Ray heads in a row could not run a job; the last one's log:\n{head.log_tail()}")
         started.append(head)
-        for attempt in range(3):  # `ray start` gives a raylet 30 s to register: a loaded box can miss it
+        for attempt in range(WORKER_NODE_ATTEMPTS):  # `ray start` gives a raylet 30 s to register: a loaded box can miss it
             worker = start_worker_node(gcs, Path(f"/tmp/rbw{os.getpid()}"), node_env, cwd, 2, root / f"worker{attempt}.log")
             started.append(worker)
             if wait_for_nodes(gcs, 2, node_env, node=worker):
                 break
+            time.sleep(15)  # a load spike (another job's start) passes before the next try
         else:
-            pytest.fail(f"three Ray worker nodes in a row did not join; the last one's log:\n{worker.log_tail()}")
+            pytest.fail(f"{WORKER_NODE_ATTEMPTS} Ray worker nodes in a row did not join; the last one's log:\n"
+                        f"{worker.log_tail()}")
         yield {"address": address, "ray_tmpdir": f"/tmp/rbh{os.getpid()}", "gcs": gcs, "bucket": bucket, "prod": prod, "endpoint": s3_server,
                "tracking_uri": tracking_uri, "docs": docs, "values": values, "cwd": cwd, "root": root,
                "truth": truth, "env": node_env}
