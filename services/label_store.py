@@ -19,6 +19,7 @@ Trainers never block on it: they poll ``latest()`` with ``ray.wait(timeout=0)`` 
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import time
@@ -35,24 +36,17 @@ from dynamix_core.labeling.label_table import KEEP_VERSIONS, SNAPSHOT_EVERY, Lab
 log = logging.getLogger(__name__)
 
 
-def _return_freed_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; a no-op elsewhere).
-    A commit frees arrays of tens of MB; glibc keeps such freed blocks in its heap once its
-    adaptive mmap threshold has grown, so without this the store's RSS carries every commit's
-    transient copies."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None where there is no glibc). A commit frees arrays of tens of MB;
+    glibc keeps such freed blocks in its heap once its adaptive mmap threshold has grown, so
+    without a trim the store's RSS carries every commit's transient copies."""
+    try:
+        import ctypes
 
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 @dataclass
@@ -243,7 +237,8 @@ class LabelStore:
             self._recent.popitem(last=False)
         # the trainers' current version stays too: a checkpoint pins it only when one is written
         self.table.collect(version, held=[self._held])
-        _return_freed_memory()
+        if _malloc_trim() is not None:
+            _malloc_trim()(0)  # hand the heap's free pages back to the system
         return version
 
     def pin(self, version: int, keep: int) -> list[int]:

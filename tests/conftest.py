@@ -50,7 +50,7 @@ def init_local_ray(env_vars: dict[str, str] | None = None) -> None:
 RAY_FIXTURES = {"ray_local", "box", "train_job"}
 
 
-_RAY_FILE = re.compile(r"\b(ray_local|box|train_job)\b|pytest\.mark\.ray\b")
+_RAY_FILE = re.compile(rf"\b({'|'.join(sorted(RAY_FIXTURES))})\b|pytest\.mark\.ray\b")
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,9 +87,8 @@ if LoadScopeScheduling is not None:
         on one Ray instance, and the cluster box never starts its nodes beside another Ray training
         run of the suite (run beside the Ray tier, on a box loaded by a `make demo`, the box's worker
         node missed Ray's fixed 30 s raylet registration three times in a row). Every other test is
-        a unit of its own. (xdist's
-        own ``--dist loadgroup`` does not group under pytest 9.2: it renames ``item._nodeid``, which
-        pytest 9.2 no longer reads.)"""
+        a unit of its own. (xdist's own ``--dist loadgroup`` does not group under pytest 9.2: it
+        renames ``item._nodeid``, which pytest 9.2 no longer reads.)"""
 
         def _split_scope(self, nodeid: str) -> str:
             return "ray-tier" if starts_ray(nodeid.split("::")[0]) else nodeid

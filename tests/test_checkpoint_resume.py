@@ -21,12 +21,13 @@ def tiny(tmp_path_factory):
     return make_tiny_reid(tmp_path_factory.mktemp("resume"), num_videos=1)
 
 
-def _cfg(root: Path, max_steps: int):
+def _cfg(data: Path, runs: Path, max_steps: int):
+    """The multi-camera demo recipe on the tiny shards under ``data``, its run folder under ``runs``."""
     from pipelines.train.config import TrainConfig
 
-    shards = root / "shards"
+    shards = data / "shards"
     return load_config(TrainConfig, REPO / "recipes" / "multicam_baseline_demo.yaml", [
-        "run.name=damaged", f"run.storage={root / 'runs'}", f"run.max_steps={max_steps}", "run.log_every=2",
+        "run.name=damaged", f"run.storage={runs}", f"run.max_steps={max_steps}", "run.log_every=2",
         "run.checkpoint_every=2", "run.eval_every=0", "run.keep_checkpoints=3",
         f"data.multi=[{shards / 'synth_m0'},{shards / 'synth_m1'}]", "data.target=null",
         "data.transform.height=32", "data.transform.width=16", "model.img_size=[32,16]", "sampler.num_multi_ids=4",
@@ -42,15 +43,15 @@ def _newest(run_dir: Path) -> Path:
     return run_dir / snap["latest_checkpoint_result"]["checkpoint_dir_name"]
 
 
-def _truncated_newest_resumes_from_the_previous(root: Path, capsys) -> Path:
+def _truncated_newest_resumes_from_the_previous(data: Path, runs: Path, capsys) -> Path:
     from pipelines.train.driver import run_training
 
-    run_dir = run_training(_cfg(root, 4), progress=False).run_dir
+    run_dir = run_training(_cfg(data, runs, 4), progress=False).run_dir
     newest = _newest(run_dir)
     assert json.loads((newest / "progress.json").read_text())["step"] == 4
     (newest / "trainer.pt").write_bytes((newest / "trainer.pt").read_bytes()[:1000])  # truncated
 
-    result = run_training(_cfg(root, 6), progress=True)
+    result = run_training(_cfg(data, runs, 6), progress=True)
     assert f"checkpoint {newest} cannot be used: trainer.pt has 1000 bytes" in capsys.readouterr().out
     assert _starts(run_dir) == [0, 2]  # resumed from the checkpoint at step 2, not from scratch
     assert result.metrics["step"] == 6 and not newest.exists()
@@ -58,8 +59,7 @@ def _truncated_newest_resumes_from_the_previous(root: Path, capsys) -> Path:
 
 
 def test_truncated_newest_checkpoint_resumes_from_the_previous(ray_local, tiny, tmp_path, capsys):
-    shutil.copytree(tiny / "shards", tmp_path / "shards")
-    _truncated_newest_resumes_from_the_previous(tmp_path, capsys)
+    _truncated_newest_resumes_from_the_previous(tiny, tmp_path, capsys)
 
 
 @pytest.mark.slow
@@ -68,9 +68,8 @@ def test_truncated_then_deleted_newest_checkpoint_resumes_from_the_previous(ray_
     tests/test_checkpoint_repair.py)."""
     from pipelines.train.driver import run_training
 
-    shutil.copytree(tiny / "shards", tmp_path / "shards")
-    run_dir = _truncated_newest_resumes_from_the_previous(tmp_path, capsys)
+    run_dir = _truncated_newest_resumes_from_the_previous(tiny, tmp_path, capsys)
     shutil.rmtree(_newest(run_dir))  # the newest folder deleted by hand
-    result = run_training(_cfg(tmp_path, 8), progress=False)
+    result = run_training(_cfg(tiny, tmp_path, 8), progress=False)
     assert _starts(run_dir) == [0, 2, 4]
     assert result.metrics["step"] == 8

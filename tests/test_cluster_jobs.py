@@ -329,17 +329,6 @@ def _dynamix(box, args, timeout=300):
                           timeout=timeout, cwd=REPO_ROOT)
 
 
-def _submit_when_the_agent_is_up(client, entrypoint: str) -> str:
-    deadline = time.monotonic() + 120
-    while True:  # the job agent may still be starting (see services.jobs.submit_job)
-        try:
-            return client.submit_job(entrypoint=entrypoint)
-        except RuntimeError as exc:
-            if "No available agent" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(2)
-
-
 def test_submit_wait_status_logs(box):
     address = box["address"]
     out = _dynamix(box, ["submit", "--address", address, "--working-dir", str(REPO_ROOT), "--env", "DX_MARK=hello-job",
@@ -364,8 +353,9 @@ def test_stop_a_running_job(box):
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(box["address"])
-    job_id = _submit_when_the_agent_is_up(
-        client, f"{sys.executable} -c 'import time; print(\"started\", flush=True); time.sleep(600)'")
+    # the box ran a job before any test (wait_until_runs_a_job): its job agent is up
+    job_id = client.submit_job(
+        entrypoint=f"{sys.executable} -c 'import time; print(\"started\", flush=True); time.sleep(600)'")
     deadline = time.monotonic() + 60
     while "started" not in client.get_job_logs(job_id):
         assert time.monotonic() < deadline, client.get_job_info(job_id)
@@ -396,8 +386,7 @@ def test_follow_streams_only_new_output(box, monkeypatch):
     from ray.job_submission import JobSubmissionClient
 
     script = "import time\nfor i in range(4):\n    print(f'line-{i}', flush=True); time.sleep(0.5)"
-    job_id = _submit_when_the_agent_is_up(JobSubmissionClient(box["address"]),
-                                          f"{sys.executable} -c {shlex.quote(script)}")
+    job_id = JobSubmissionClient(box["address"]).submit_job(entrypoint=f"{sys.executable} -c {shlex.quote(script)}")
 
     def no_full_fetch(*_):
         raise AssertionError("follow fetched the whole log again")
